@@ -1,0 +1,37 @@
+"""convnext_keras: the ConvNeXt family for Keras 3 (TensorFlow, JAX and PyTorch backends).
+
+import convnext_keras as ck
+ck.list_models()
+model = ck.load_model("convnext_tiny_1k_224")
+"""
+
+from . import registry
+from .api import OFFICIAL, convert_checkpoint, count_params, list_models, load_model
+from .checkpoints import CheckpointError, UnsafeCheckpointError, convert_state_dict, read_state_dict
+from .hub import DownloadError
+
+# Importing the layers registers them with Keras, so keras.saving.load_model("m.keras") needs no
+# custom_objects once this package is imported.
+from .layers import LayerScale, StochasticDepth
+from .model import build_model
+from .registry import UnknownModelError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "OFFICIAL",
+    "CheckpointError",
+    "DownloadError",
+    "LayerScale",
+    "StochasticDepth",
+    "UnknownModelError",
+    "UnsafeCheckpointError",
+    "build_model",
+    "convert_checkpoint",
+    "convert_state_dict",
+    "count_params",
+    "list_models",
+    "load_model",
+    "read_state_dict",
+    "registry",
+]

@@ -1,0 +1,157 @@
+"""The user-facing entry points: list, load and convert models by name."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import checkpoints, hub, registry
+from .model import build_model
+
+#: ``weights=`` value meaning "the official checkpoint of this name" (downloaded and cached).
+OFFICIAL = "official"
+_FEATURES = {
+    None: None,
+    "classifier": "classifier",
+    "logits": "classifier",
+    "pooled": "pooled",
+    "fe": "pooled",
+    "features": "pooled",
+    "pyramid": "pyramid",
+    "all": "all",
+}
+
+
+def list_models(pattern: str | None = None, *, include_fe: bool = True) -> list[str]:
+    """Names of the collection's models (checkpoints and their ``_fe`` twins).
+
+    ``pattern`` is a shell-style filter such as ``"*base*384*"``; without wildcards it matches
+    as a substring (``"base"``).
+    """
+    import fnmatch
+
+    names = registry.model_names(include_fe=include_fe)
+    if pattern:
+        pattern = registry.canonical_name(pattern)
+        if not any(c in pattern for c in "*?["):
+            pattern = f"*{pattern}*"
+        names = [n for n in names if fnmatch.fnmatch(n, pattern)]
+    return names
+
+
+def count_params(variant: str | registry.Variant, num_classes: int | None = None) -> int:
+    """Parameter count of a variant with an optional ``num_classes`` head, without building it."""
+    spec = registry.VARIANTS[variant] if isinstance(variant, str) else variant
+    p = registry.STEM_PATCH
+    total = 3 * p * p * spec.dims[0] + spec.dims[0] + 2 * spec.dims[0]  # stem conv + norm
+    for i, (depth, dim) in enumerate(zip(spec.depths, spec.dims)):
+        if i > 0:
+            prev, s = spec.dims[i - 1], registry.DOWNSAMPLE_STRIDE
+            total += 2 * prev + prev * dim * s * s + dim
+        hidden = registry.MLP_RATIO * dim
+        k = registry.DWCONV_KERNEL
+        per_block = (
+            (k * k * dim + dim) + 2 * dim + (dim * hidden + hidden) + (hidden * dim + dim) + dim
+        )
+        total += depth * per_block
+    total += 2 * spec.num_features
+    if num_classes:
+        total += spec.num_features * num_classes + num_classes
+    return total
+
+
+def load_model(
+    name: str,
+    *,
+    weights: str | os.PathLike | None = OFFICIAL,
+    features: str | None = None,
+    num_classes: int | None = None,
+    input_shape: tuple = (None, None, 3),
+    drop_path_rate: float = 0.0,
+):
+    """Build a ConvNeXt by name and load its weights.
+
+    Args:
+        name: a collection name (``convnext_tiny_1k_224``; ``22k`` is accepted for ``21k``), its
+            feature-extractor twin (``..._fe``), or an architecture (``convnext_atto``).
+        weights: ``"official"`` (download -> verify -> convert -> cache on first use),
+            ``None`` (random initialisation) or a local checkpoint file in the official, timm
+            or Hugging Face layout (``.pth``, ``.bin``, ``.safetensors``).
+        features: ``None`` (as the name says), ``"classifier"``, ``"pooled"`` (pooled features
+            after the head LayerNorm), ``"pyramid"`` (the 4 stage outputs, strides 4-32) or
+            ``"all"`` (a dict with all of them).
+        num_classes: head size. Default: the registry entry's (1000 for architecture names).
+            A value other than the checkpoint's head size starts a fresh head (fine-tuning)
+            on top of the loaded backbone.
+        input_shape: NHWC input shape without batch; any size by default.
+        drop_path_rate: stochastic depth for training (0 at inference anyway).
+    """
+    resolved = registry.resolve(name)
+    if features not in _FEATURES:
+        raise ValueError(
+            f"features must be one of {sorted(k for k in _FEATURES if k)} or None, "
+            f"got {features!r}."
+        )
+    head = _FEATURES[features] or resolved.head
+    classes = resolved.num_classes if num_classes is None else num_classes
+    model_name = registry.canonical_name(name)
+    model = build_model(
+        resolved.variant,
+        num_classes=classes,
+        head=head,
+        input_shape=input_shape,
+        drop_path_rate=drop_path_rate,
+        name=model_name,
+    )
+    if weights is None:
+        return model
+    if isinstance(weights, str) and weights == OFFICIAL:
+        if resolved.checkpoint is None:
+            official = registry.checkpoints_for(resolved.variant.name)
+            raise ValueError(
+                f"{name!r} is an architecture without an official checkpoint: pass weights=None "
+                "for random initialisation or weights='FILE' for a local checkpoint."
+                + (f" Names with official weights: {', '.join(official)}." if official else "")
+            )
+        converted = hub.official_weights(resolved.checkpoint)
+        source = resolved.checkpoint.url
+    else:
+        path = Path(weights).expanduser()
+        converted = checkpoints.convert_state_dict(
+            checkpoints.read_state_dict(path), resolved.variant
+        )
+        source = str(path)
+    # An explicit num_classes other than the checkpoint's head means "start a new head".
+    ckpt_classes = converted["head_fc"][1].shape[0] if "head_fc" in converted else None
+    load_head = num_classes is None or num_classes == ckpt_classes
+    checkpoints.assign_weights(model, converted, load_head=load_head, source=source)
+    return model
+
+
+def convert_checkpoint(
+    checkpoint: str | os.PathLike,
+    name: str,
+    out: str | os.PathLike,
+    *,
+    features: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Convert a checkpoint file (any supported layout) to a ``.keras`` model file.
+
+    The file is written to a temporary name and renamed only when complete; an existing
+    ``out`` is refused unless ``overwrite=True``.
+    """
+    out = Path(out)
+    if out.suffix != ".keras":
+        raise ValueError(f"Output must end in .keras (Keras 3's model format), got {out}.")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it.")
+    model = load_model(name, weights=checkpoint, features=features)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.part.keras")
+    try:
+        model.save(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

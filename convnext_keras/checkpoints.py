@@ -1,0 +1,457 @@
+"""Read checkpoints safely, detect their layout, and map them onto the Keras model.
+
+Conversion is a chain of pure functions on ``{name: numpy array}`` dictionaries:
+
+    read_state_dict(path)            file -> state dict (never executes pickled code)
+    to_official_layout(sd)           official | timm | Hugging Face names -> official names
+    convert_state_dict(sd, variant)  official names -> {keras layer name: [weights]}
+    assign_weights(model, weights)   set them on a built model, checking every layer
+
+Every tensor is accounted for: missing, unexpected or wrongly shaped tensors raise a
+``CheckpointError`` naming the key, both shapes and what to do about it.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from . import registry
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used for the requested model."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint whose pickle wants to run code or build objects other than tensors."""
+
+
+LAYOUTS = ("official", "timm", "huggingface")
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+# ---------------------------------------------------------------------------------------------
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = b"\x80"
+
+
+def sniff_format(path: str | Path) -> str:
+    """``"safetensors"``, ``"torch-zip"`` or ``"torch-pickle"`` from the first bytes of a file."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(_ZIP_MAGIC):
+        return "torch-zip"
+    if head.startswith(_PICKLE_PROTO):
+        return "torch-pickle"
+    if len(head) >= 9:
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if head[8:9] == b"{" and 0 < header_len < 100_000_000:
+            return "safetensors"
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype", b"<html", b"<?xml", b"{")):
+        what = "an HTML/XML/JSON document (an error page?)"
+    elif not head:
+        what = "empty"
+    else:
+        what = f"not a checkpoint (first bytes {head[:16]!r})"
+    raise CheckpointError(
+        f"{path} is {what}. Expected a PyTorch checkpoint (.pth/.bin) or a .safetensors file."
+    )
+
+
+def _torch_to_numpy(tensor) -> np.ndarray:
+    import torch
+
+    tensor = tensor.detach().cpu()
+    if tensor.is_floating_point() and tensor.dtype != torch.float32:
+        tensor = tensor.float()
+    return tensor.numpy()
+
+
+def _load_torch(path: Path):
+    try:
+        import torch
+    except ImportError as e:
+        raise CheckpointError(
+            f"Reading {path.name} (a PyTorch checkpoint) needs PyTorch: "
+            "pip install 'convnext-keras[torch]'. Safetensors files need no PyTorch."
+        ) from e
+    import argparse
+    import pickle
+
+    # weights_only=True: the unpickler builds tensors and plain containers only and refuses any
+    # other global, so a crafted file cannot run code. argparse.Namespace is allowed because the
+    # original training script stores its arguments in full checkpoints.
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"Refused to load {path}: its pickle asks for objects other than tensors and plain "
+            f"containers, which could run arbitrary code ({str(e).splitlines()[0]}). "
+            "Only load checkpoints from sources you trust; if you trust this one, re-save its "
+            "state dict with torch.save(model.state_dict(), ...) or as .safetensors."
+        ) from e
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {e}") from e
+
+
+def _unwrap(obj, path: Path) -> dict:
+    """Find the state dict inside a checkpoint container (official ``{"model": ...}`` etc.)."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(
+            f"{path} holds a {type(obj).__name__}, not a dict of tensors; save the model's "
+            "state_dict() rather than the model object."
+        )
+    for key in ("model", "state_dict", "model_ema", "state_dict_ema", "module"):
+        inner = obj.get(key)
+        if isinstance(inner, dict) and inner and _looks_like_tensors(inner):
+            return inner
+    if _looks_like_tensors(obj):
+        return obj
+    raise CheckpointError(
+        f"{path} holds no state dict: top-level keys are {sorted(map(str, obj))[:10]}; expected "
+        "tensors, or a 'model' / 'state_dict' entry holding them."
+    )
+
+
+def _looks_like_tensors(d: dict) -> bool:
+    values = list(d.values())
+    return bool(values) and all(hasattr(v, "shape") for v in values)
+
+
+def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """Read ``.pth`` / ``.bin`` / ``.safetensors`` into ``{name: float32 numpy array}``.
+
+    PyTorch pickles are read with ``torch.load(weights_only=True)`` (crafted files are refused
+    with ``UnsafeCheckpointError``); safetensors files are read without PyTorch.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint file not found: {path}")
+    fmt = sniff_format(path)
+    if fmt == "safetensors":
+        from safetensors.numpy import load_file
+
+        try:
+            raw = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from e
+        state = {k: np.asarray(v, dtype=np.float32) for k, v in raw.items()}
+    else:
+        state = {}
+        for key, value in _unwrap(_load_torch(path), path).items():
+            if not hasattr(value, "detach"):
+                raise CheckpointError(
+                    f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor."
+                )
+            state[str(key)] = _torch_to_numpy(value)
+    if not state:
+        raise CheckpointError(f"{path} contains no tensors.")
+    # DistributedDataParallel wraps names in "module."
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts
+# ---------------------------------------------------------------------------------------------
+
+# (pattern, replacement) applied in order; the first match wins.
+_TIMM_RULES = [
+    (r"^stem\.0\.", "downsample_layers.0.0."),
+    (r"^stem\.1\.", "downsample_layers.0.1."),
+    (r"^stages\.(\d+)\.downsample\.(\d)\.", r"downsample_layers.\1.\2."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.", r"stages.\1.\2.dwconv."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc1\.", r"stages.\1.\2.pwconv1."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc2\.", r"stages.\1.\2.pwconv2."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2."),  # norm, gamma
+    (r"^head\.norm\.", "norm."),
+    (r"^head\.fc\.", "head."),
+]
+_HF_RULES = [
+    (r"^embeddings\.patch_embeddings\.", "downsample_layers.0.0."),
+    (r"^embeddings\.layernorm\.", "downsample_layers.0.1."),
+    (r"^encoder\.stages\.(\d+)\.downsampling_layer\.(\d)\.", r"downsample_layers.\1.\2."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layernorm\.", r"stages.\1.\2.norm."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer_scale_parameter$", r"stages.\1.\2.gamma"),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.", r"stages.\1.\2."),  # dwconv, pwconv1/2
+    (r"^layernorm\.", "norm."),
+    (r"^classifier\.", "head."),
+]
+
+
+def detect_layout(state_dict: dict) -> str:
+    """``"official"``, ``"timm"`` or ``"huggingface"``, from the tensor names."""
+    keys = list(state_dict)
+    if any(k.startswith(("convnext.embeddings.", "embeddings.patch_embeddings.")) for k in keys):
+        return "huggingface"
+    if any(k.startswith("stem.0.") for k in keys) or any(".blocks." in k for k in keys):
+        return "timm"
+    if any(k.startswith("downsample_layers.0.0.") for k in keys):
+        return "official"
+    raise CheckpointError(
+        "Not a ConvNeXt checkpoint in a known layout (official facebookresearch/ConvNeXt, timm "
+        f"or Hugging Face transformers). First keys: {keys[:5]}"
+    )
+
+
+def to_official_layout(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rename a timm or Hugging Face state dict to the official names (detected, not asked)."""
+    layout = detect_layout(state_dict)
+    if layout == "official":
+        return dict(state_dict)
+    rules = _TIMM_RULES if layout == "timm" else _HF_RULES
+    out = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix("convnext.") if layout == "huggingface" else key
+        for pattern, repl in rules:
+            new, n = re.subn(pattern, repl, name)
+            if n:
+                name = new
+                break
+        else:
+            name = f"<{layout}>{key}"  # kept so it is reported as unexpected, by its own name
+        # timm's conv_mlp variants store the MLP as 1x1 convolutions.
+        if re.search(r"\.pwconv[12]\.weight$", name) and value.ndim == 4:
+            value = value.reshape(value.shape[:2])
+        out[name] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Official names -> Keras layers
+# ---------------------------------------------------------------------------------------------
+
+
+def _conv(w):  # torch (out, in, kh, kw) -> keras (kh, kw, in, out)
+    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+
+
+def _dwconv(w):  # torch (C, 1, kh, kw) -> keras (kh, kw, C, 1)
+    return np.ascontiguousarray(w.transpose(2, 3, 0, 1))
+
+
+def _linear(w):  # torch (out, in) -> keras (in, out)
+    return np.ascontiguousarray(w.T)
+
+
+def _identity(w):
+    return w
+
+
+def _official_plan(spec: registry.Variant):
+    """Yield (keras layer, [(official key, expected torch shape, transform), ...])."""
+    d0 = spec.dims[0]
+    k, p, s = registry.DWCONV_KERNEL, registry.STEM_PATCH, registry.DOWNSAMPLE_STRIDE
+    yield (
+        "stem_conv",
+        [
+            ("downsample_layers.0.0.weight", (d0, 3, p, p), _conv),
+            ("downsample_layers.0.0.bias", (d0,), _identity),
+        ],
+    )
+    yield (
+        "stem_norm",
+        [
+            ("downsample_layers.0.1.weight", (d0,), _identity),
+            ("downsample_layers.0.1.bias", (d0,), _identity),
+        ],
+    )
+    for i, (depth, dim) in enumerate(zip(spec.depths, spec.dims)):
+        if i > 0:
+            prev = spec.dims[i - 1]
+            yield (
+                f"stage{i}_downsample_norm",
+                [
+                    (f"downsample_layers.{i}.0.weight", (prev,), _identity),
+                    (f"downsample_layers.{i}.0.bias", (prev,), _identity),
+                ],
+            )
+            yield (
+                f"stage{i}_downsample_conv",
+                [
+                    (f"downsample_layers.{i}.1.weight", (dim, prev, s, s), _conv),
+                    (f"downsample_layers.{i}.1.bias", (dim,), _identity),
+                ],
+            )
+        hidden = registry.MLP_RATIO * dim
+        for j in range(depth):
+            src, dst = f"stages.{i}.{j}", f"stage{i}_block{j}"
+            yield (
+                f"{dst}_dwconv",
+                [
+                    (f"{src}.dwconv.weight", (dim, 1, k, k), _dwconv),
+                    (f"{src}.dwconv.bias", (dim,), _identity),
+                ],
+            )
+            yield (
+                f"{dst}_norm",
+                [
+                    (f"{src}.norm.weight", (dim,), _identity),
+                    (f"{src}.norm.bias", (dim,), _identity),
+                ],
+            )
+            yield (
+                f"{dst}_pwconv1",
+                [
+                    (f"{src}.pwconv1.weight", (hidden, dim), _linear),
+                    (f"{src}.pwconv1.bias", (hidden,), _identity),
+                ],
+            )
+            yield (
+                f"{dst}_pwconv2",
+                [
+                    (f"{src}.pwconv2.weight", (dim, hidden), _linear),
+                    (f"{src}.pwconv2.bias", (dim,), _identity),
+                ],
+            )
+            yield f"{dst}_layer_scale", [(f"{src}.gamma", (dim,), _identity)]
+    c = spec.num_features
+    yield "head_norm", [("norm.weight", (c,), _identity), ("norm.bias", (c,), _identity)]
+
+
+def infer_architecture(official: dict[str, np.ndarray]) -> tuple[tuple, tuple, int | None]:
+    """(depths, dims, num_classes or None) of an official-layout state dict."""
+    depths, dims = [], []
+    for i in range(4):
+        blocks = {int(m.group(1)) for k in official if (m := re.match(rf"stages\.{i}\.(\d+)\.", k))}
+        depths.append(max(blocks) + 1 if blocks else 0)
+        w = official.get(f"stages.{i}.0.dwconv.weight")
+        dims.append(int(w.shape[0]) if w is not None else 0)
+    head = official.get("head.weight")
+    return tuple(depths), tuple(dims), (int(head.shape[0]) if head is not None else None)
+
+
+def _describe_architecture(official) -> str:
+    depths, dims, classes = infer_architecture(official)
+    for v in registry.VARIANTS.values():
+        if v.depths == depths and v.dims == dims:
+            names = registry.checkpoints_for(v.name, classes) or [f"convnext_{v.name}"]
+            return (
+                f"it is a ConvNeXt-{v.name} (depths {list(depths)}, dims {list(dims)}"
+                f"{f', {classes} classes' if classes else ''}): use {' or '.join(names)}"
+            )
+    return f"it has depths {list(depths)} and dims {list(dims)}, which no known variant has"
+
+
+def convert_state_dict(
+    state_dict: dict[str, np.ndarray], variant: str | registry.Variant
+) -> dict[str, list[np.ndarray]]:
+    """Map a state dict in any supported layout to ``{keras layer name: [weights]}``.
+
+    The classification head (``head_fc``) is included when the checkpoint has one; its size is
+    whatever the checkpoint holds (checked against the model by :func:`assign_weights`).
+    """
+    spec = registry.VARIANTS[variant] if isinstance(variant, str) else variant
+    official = to_official_layout(state_dict)
+    weights: dict[str, list[np.ndarray]] = {}
+    missing, wrong = [], []
+    used = set()
+    for layer, entries in _official_plan(spec):
+        arrays = []
+        for key, shape, transform in entries:
+            if key not in official:
+                missing.append(key)
+                continue
+            used.add(key)
+            value = official[key]
+            if tuple(value.shape) != shape:
+                wrong.append(f"{key}: checkpoint {tuple(value.shape)}, model expects {shape}")
+                continue
+            arrays.append(transform(value).astype(np.float32, copy=False))
+        if len(arrays) == len(entries):
+            weights[layer] = arrays
+    head_keys = {"head.weight", "head.bias"} & set(official)
+    if head_keys:
+        used |= head_keys
+        hw, hb = official.get("head.weight"), official.get("head.bias")
+        if hw is None or hb is None:
+            missing.append(({"head.weight", "head.bias"} - head_keys).pop())
+        elif hw.ndim != 2 or hw.shape[1] != spec.num_features or hb.shape != (hw.shape[0],):
+            wrong.append(
+                f"head.weight/head.bias: checkpoint {tuple(hw.shape)}/"
+                f"{tuple(hb.shape)}, model expects (classes, {spec.num_features})/"
+                "(classes,)"
+            )
+        else:
+            weights["head_fc"] = [
+                _linear(hw).astype(np.float32, copy=False),
+                hb.astype(np.float32, copy=False),
+            ]
+    unexpected = sorted(set(official) - used)
+    if missing or wrong or unexpected:
+        lines = [f"The checkpoint does not fit ConvNeXt-{spec.name}:"]
+        for title, items in (
+            ("missing", missing),
+            ("wrong shape", wrong),
+            ("unexpected", unexpected),
+        ):
+            if items:
+                shown = "; ".join(items[:6]) + (
+                    f"; ... ({len(items)} in all)" if len(items) > 6 else ""
+                )
+                lines.append(f"  {title}: {shown}")
+        lines.append(f"  Hint: {_describe_architecture(official)}.")
+        raise CheckpointError("\n".join(lines))
+    return weights
+
+
+def assign_weights(
+    model, weights: dict[str, list[np.ndarray]], *, load_head: bool = True, source: str = ""
+) -> None:
+    """Set converted weights on every weight-carrying layer of ``model``.
+
+    ``load_head=False`` leaves ``head_fc`` at its fresh initialisation (a new head for
+    fine-tuning); layers absent from the model (the head of a feature extractor) are skipped.
+    A model layer with no converted weights, or with a different shape, is an error.
+    """
+    where = f" from {source}" if source else ""
+    for layer in model.layers:
+        if not layer.weights:
+            continue
+        if layer.name == "head_fc" and not load_head:
+            continue
+        if layer.name not in weights:
+            if layer.name == "head_fc":
+                raise CheckpointError(
+                    f"The checkpoint{where} has no classification head; load it as a feature "
+                    "extractor ('_fe' name / features='pooled') or pass num_classes=N to start "
+                    "a new head."
+                )
+            raise CheckpointError(f"No weights for layer {layer.name!r}{where}.")
+        arrays = weights[layer.name]
+        expected = [tuple(w.shape) for w in layer.weights]
+        got = [tuple(a.shape) for a in arrays]
+        if expected != got:
+            if layer.name == "head_fc":
+                ckpt_classes, model_classes = got[-1][0], expected[-1][0]
+                hint = (
+                    registry.checkpoints_for(_variant_of(model), ckpt_classes)
+                    if _variant_of(model)
+                    else []
+                )
+                raise CheckpointError(
+                    f"The checkpoint{where} has a {ckpt_classes}-class head but the model has "
+                    f"{model_classes} classes. "
+                    + (f"Use {' or '.join(hint)} for this checkpoint, or " if hint else "Use ")
+                    + "num_classes=N to start a new head for fine-tuning."
+                )
+            raise CheckpointError(
+                f"Layer {layer.name!r}: checkpoint shapes {got}, model expects {expected}{where}."
+            )
+        layer.set_weights(arrays)
+
+
+def _variant_of(model) -> str | None:
+    from .model import variant_of
+
+    spec = variant_of(model)
+    return spec.name if spec else None

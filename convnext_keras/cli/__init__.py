@@ -1,0 +1,16 @@
+"""The ``convnext`` command line: argument parsing only; every command calls the library.
+
+Each sub-module registers its commands on :data:`main`.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Quiet TensorFlow's C++ start-up chatter before any backend is imported.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from . import core  # noqa: E402,F401  (registers list / convert)
+from ._app import main  # noqa: E402
+
+__all__ = ["main"]

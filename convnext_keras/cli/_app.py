@@ -1,0 +1,71 @@
+"""The root ``convnext`` command group and the error handling every command shares."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from .. import __version__
+
+
+class ConvnextGroup(click.Group):
+    """Turns the library's user errors into one readable line and exit status 2, not a trace."""
+
+    def invoke(self, ctx):
+        from ..checkpoints import CheckpointError
+        from ..hub import DownloadError
+
+        try:
+            return super().invoke(ctx)
+        except (
+            CheckpointError,
+            DownloadError,
+            ValueError,
+            FileNotFoundError,
+            FileExistsError,
+        ) as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=ConvnextGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="convnext")
+def main():
+    """ConvNeXt for Keras 3: official checkpoints, conversion, prediction, export, training."""
+
+
+def echo_table(title: str, columns: list[str], rows: list[list], justify=None):
+    """Print a table with rich (aligned on a terminal, plain when piped)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify=(justify or {}).get(i, "left"))
+    for row in rows:
+        table.add_row(*[str(c) for c in row])
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+def backend_option(f):
+    """``--backend tensorflow|jax|torch``: sets KERAS_BACKEND before Keras is imported."""
+
+    @click.option(
+        "--backend",
+        type=click.Choice(["tensorflow", "jax", "torch"]),
+        default=None,
+        help="Keras backend (default: $KERAS_BACKEND, else tensorflow).",
+    )
+    @functools.wraps(f)
+    def wrapper(*args, backend=None, **kwargs):
+        import os
+
+        if backend:
+            if "keras" in sys.modules and os.environ.get("KERAS_BACKEND", "tensorflow") != backend:
+                raise click.UsageError("--backend must be chosen before Keras is imported.")
+            os.environ["KERAS_BACKEND"] = backend
+        return f(*args, **kwargs)
+
+    return wrapper

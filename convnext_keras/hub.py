@@ -1,0 +1,229 @@
+"""Download, verify and cache official checkpoints and their converted Keras weights.
+
+Cache layout under ``CONVNEXT_HOME`` (default ``~/.cache/convnext_keras``)::
+
+    checkpoints/<official file name>      the downloaded file, exactly as published
+    keras/<model name>.safetensors        converted Keras weights ({layer/index: array})
+
+A file only ever appears under its final name complete and verified: downloads go to a
+temporary file in the same directory, are checked (length, readable, every tensor fits the
+architecture) and then atomically renamed.  A per-file lock makes concurrent processes share
+one download instead of racing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from . import checkpoints, registry
+
+T = TypeVar("T")
+
+#: Bumped when the converted-weights format changes, so stale caches are rebuilt.
+CONVERTED_FORMAT = "1"
+_CHUNK = 1 << 20
+
+
+class DownloadError(RuntimeError):
+    """A checkpoint could not be downloaded or what arrived is not the checkpoint."""
+
+
+def cache_dir() -> Path:
+    """The cache root: ``$CONVNEXT_HOME`` or ``~/.cache/convnext_keras``."""
+    return Path(os.environ.get("CONVNEXT_HOME") or "~/.cache/convnext_keras").expanduser()
+
+
+def checkpoint_cache_path(ckpt: registry.Checkpoint) -> Path:
+    return cache_dir() / "checkpoints" / ckpt.filename
+
+
+def converted_cache_path(ckpt: registry.Checkpoint) -> Path:
+    return cache_dir() / "keras" / f"{ckpt.name}.safetensors"
+
+
+def is_cached(ckpt: registry.Checkpoint) -> bool:
+    """True when the model loads offline (converted weights or the checkpoint are cached)."""
+    return converted_cache_path(ckpt).is_file() or checkpoint_cache_path(ckpt).is_file()
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        yield
+
+
+@contextlib.contextmanager
+def atomic_path(dest: Path):
+    """Yield a temp path beside ``dest``; it is renamed onto ``dest`` only if the block succeeds."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _offline_help(url: str, reason: str) -> str:
+    return (
+        f"Could not download {url} ({reason}).\n"
+        "Ways out: pass a local copy of the checkpoint (weights='FILE' in Python, --weights FILE "
+        "on the command line), or set CONVNEXT_BASE_URL to a mirror that serves the official "
+        "file names."
+    )
+
+
+def _progress(total: int | None, description: str):
+    """A rich progress bar on a terminal, nothing otherwise."""
+    if not sys.stderr.isatty() or os.environ.get("CONVNEXT_NO_PROGRESS"):
+        return None
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+    )
+    bar.start()
+    task = bar.add_task(description, total=total)
+    return bar, task
+
+
+def fetch(url: str, dest: Path, *, verify: Callable[[Path], T], timeout: float = 60.0) -> T:
+    """Download ``url`` to ``dest`` atomically, keeping it only if ``verify(tmp_path)`` passes.
+
+    Returns what ``verify`` returned.  Any failure leaves ``dest`` untouched and raises
+    ``DownloadError`` naming the URL and the way out.
+    """
+    import requests
+
+    with atomic_path(dest) as tmp:
+        try:
+            response = requests.get(url, stream=True, timeout=timeout)
+        except requests.RequestException as e:
+            raise DownloadError(_offline_help(url, type(e).__name__ + ": " + str(e))) from e
+        with response:
+            if response.status_code != 200:
+                raise DownloadError(
+                    _offline_help(url, f"HTTP {response.status_code} {response.reason}")
+                )
+            expected = response.headers.get("Content-Length")
+            expected = int(expected) if expected and expected.isdigit() else None
+            bar = _progress(expected, dest.name)
+            received = 0
+            try:
+                with open(tmp, "wb") as f:
+                    for chunk in response.iter_content(_CHUNK):
+                        f.write(chunk)
+                        received += len(chunk)
+                        if bar:
+                            bar[0].update(bar[1], completed=received)
+            except requests.RequestException as e:
+                raise DownloadError(
+                    _offline_help(url, f"connection broke after {received} bytes: {e}")
+                ) from e
+            finally:
+                if bar:
+                    bar[0].stop()
+        if expected is not None and received != expected:
+            raise DownloadError(
+                f"Download of {url} is incomplete: {received} of {expected} bytes arrived. "
+                "Nothing was cached; try again, or pass a local file with weights=FILE."
+            )
+        try:
+            result = verify(tmp)
+        except checkpoints.CheckpointError as e:
+            raise DownloadError(
+                f"{url} did not deliver a usable checkpoint, so nothing was cached:\n{e}"
+            ) from e
+    return result
+
+
+def _check_head(ckpt: registry.Checkpoint, weights: dict, source: str) -> None:
+    head = weights.get("head_fc")
+    classes = head[1].shape[0] if head else None
+    if classes != ckpt.num_classes:
+        raise checkpoints.CheckpointError(
+            f"{source} has {'no' if classes is None else classes} head classes; registry entry "
+            f"{ckpt.name} expects {ckpt.num_classes}."
+        )
+
+
+def save_converted(weights: dict[str, list[np.ndarray]], dest: Path, metadata: dict) -> None:
+    from safetensors.numpy import save_file
+
+    flat = {
+        f"{layer}/{i}": np.ascontiguousarray(a)
+        for layer, arrays in weights.items()
+        for i, a in enumerate(arrays)
+    }
+    with atomic_path(dest) as tmp:
+        save_file(flat, str(tmp), metadata={**metadata, "format": CONVERTED_FORMAT})
+
+
+def load_converted(path: Path) -> dict[str, list[np.ndarray]] | None:
+    """Read a converted-weights cache file; None if it is unreadable or of an old format."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            if (f.metadata() or {}).get("format") != CONVERTED_FORMAT:
+                return None
+            flat = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception:
+        return None
+    weights: dict[str, list[np.ndarray]] = {}
+    for key in sorted(flat, key=lambda k: (k.rsplit("/", 1)[0], int(k.rsplit("/", 1)[1]))):
+        weights.setdefault(key.rsplit("/", 1)[0], []).append(flat[key])
+    return weights
+
+
+def official_weights(ckpt: registry.Checkpoint) -> dict[str, list[np.ndarray]]:
+    """Converted Keras weights of an official checkpoint: from cache, else download + convert.
+
+    The second call for the same model reads only the converted cache (fast, offline).
+    """
+    converted = converted_cache_path(ckpt)
+    with _locked(converted):
+        if converted.is_file():
+            weights = load_converted(converted)
+            if weights is not None:
+                return weights
+        source = checkpoint_cache_path(ckpt)
+
+        def convert(path: Path):
+            weights = checkpoints.convert_state_dict(
+                checkpoints.read_state_dict(path), ckpt.variant
+            )
+            _check_head(ckpt, weights, ckpt.filename)
+            return weights
+
+        with _locked(source):
+            if source.is_file():
+                weights = convert(source)
+            else:
+                weights = fetch(ckpt.url, source, verify=convert)
+        save_converted(weights, converted, {"source": ckpt.filename, "model": ckpt.name})
+        return weights

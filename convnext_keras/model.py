@@ -1,0 +1,187 @@
+"""The ConvNeXt network as a Keras 3 functional model, built from ``keras.layers`` only.
+
+Layer names are deterministic (``stage2_block5_pwconv1`` ...) so that checkpoint conversion,
+layer-wise learning-rate decay and weight caching can address every weight by name; see
+:func:`layer_names` for the full scheme.
+
+Inputs are NHWC float RGB, already normalised with the ImageNet mean/std (as in the TF-Hub
+collection's SavedModels); :mod:`convnext_keras.preprocess` does the normalisation.
+"""
+
+from __future__ import annotations
+
+import re
+
+import keras
+import numpy as np
+
+from . import registry
+from .layers import LayerScale, StochasticDepth
+
+HEADS = ("classifier", "pooled", "pyramid", "all")
+#: Names of the pyramid outputs; strides 4, 8, 16, 32.
+PYRAMID_OUTPUTS = ("stage1", "stage2", "stage3", "stage4")
+
+# torch.nn.init.trunc_normal_(std=.02) in the original truncates at +-2 *absolute*, i.e. it is a
+# plain normal with std 0.02.  Keras' TruncatedNormal cuts at 2 standard deviations, which
+# shrinks the std by this factor; dividing by it gives std 0.02 with bounded tails.
+_TRUNCATED_STD_FACTOR = 0.8796256610342398
+
+
+def _kernel_init():
+    return keras.initializers.TruncatedNormal(
+        stddev=registry.KERNEL_INIT_STD / _TRUNCATED_STD_FACTOR
+    )
+
+
+def _norm(name):
+    return keras.layers.LayerNormalization(epsilon=registry.LAYER_NORM_EPSILON, name=name)
+
+
+def _block(x, dim, prefix, drop_path, layer_scale_init):
+    shortcut = x
+    x = keras.layers.DepthwiseConv2D(
+        registry.DWCONV_KERNEL,
+        padding="same",
+        depthwise_initializer=_kernel_init(),
+        bias_initializer="zeros",
+        name=f"{prefix}_dwconv",
+    )(x)
+    x = _norm(f"{prefix}_norm")(x)
+    # Exact (erf) GELU, as torch.nn.GELU's default.
+    x = keras.layers.Dense(
+        registry.MLP_RATIO * dim,
+        activation="gelu",
+        kernel_initializer=_kernel_init(),
+        name=f"{prefix}_pwconv1",
+    )(x)
+    x = keras.layers.Dense(dim, kernel_initializer=_kernel_init(), name=f"{prefix}_pwconv2")(x)
+    if layer_scale_init is not None and layer_scale_init > 0:
+        x = LayerScale(layer_scale_init, name=f"{prefix}_layer_scale")(x)
+    if drop_path > 0:
+        x = StochasticDepth(drop_path, name=f"{prefix}_drop_path")(x)
+    return keras.layers.Add(name=f"{prefix}_add")([shortcut, x])
+
+
+def build_model(
+    variant: str | registry.Variant = "tiny",
+    *,
+    num_classes: int = registry.NUM_CLASSES_1K,
+    head: str = "classifier",
+    input_shape: tuple = (None, None, 3),
+    drop_path_rate: float = 0.0,
+    layer_scale_init: float | None = registry.LAYER_SCALE_INIT,
+    name: str | None = None,
+) -> keras.Model:
+    """Build a randomly initialised ConvNeXt.
+
+    Args:
+        variant: ``"tiny"``, ``"base"``, ... (see ``registry.VARIANTS``) or a ``Variant``.
+        num_classes: size of the classification head (``head="classifier"`` only).
+        head: ``"classifier"`` (logits), ``"pooled"`` (features after the head LayerNorm, as
+            the TF-Hub ``_fe`` models) or ``"pyramid"`` (dict of the 4 stage outputs,
+            strides 4/8/16/32) or ``"all"`` (dict of logits, pooled features and the pyramid in
+            one pass; what Grad-CAM and multi-task users need).
+        input_shape: NHWC shape without the batch axis; ``(None, None, 3)`` takes any size.
+        drop_path_rate: stochastic-depth rate of the last block; rates rise linearly from 0.
+        layer_scale_init: initial layer-scale value; ``None`` or 0 disables layer scale.
+        name: model name (default ``convnext_<variant>``).
+
+    Logits and pooled features are float32 under any mixed-precision policy; pyramid outputs
+    keep the compute dtype.
+    """
+    spec = registry.VARIANTS[variant] if isinstance(variant, str) else variant
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}.")
+    if head == "classifier" and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}.")
+    if len(input_shape) != 3 or input_shape[-1] != 3:
+        raise ValueError(f"input_shape must be (height, width, 3) NHWC RGB, got {input_shape}.")
+
+    rates = np.linspace(0.0, drop_path_rate, spec.num_blocks).tolist()
+    inputs = keras.Input(shape=input_shape, name="images")
+    x = keras.layers.Conv2D(
+        spec.dims[0],
+        registry.STEM_PATCH,
+        strides=registry.STEM_PATCH,
+        kernel_initializer=_kernel_init(),
+        name="stem_conv",
+    )(inputs)
+    x = _norm("stem_norm")(x)
+    stage_outputs = {}
+    block_index = 0
+    for stage, (depth, dim) in enumerate(zip(spec.depths, spec.dims)):
+        if stage > 0:
+            x = _norm(f"stage{stage}_downsample_norm")(x)
+            x = keras.layers.Conv2D(
+                dim,
+                registry.DOWNSAMPLE_STRIDE,
+                strides=registry.DOWNSAMPLE_STRIDE,
+                kernel_initializer=_kernel_init(),
+                name=f"stage{stage}_downsample_conv",
+            )(x)
+        for b in range(depth):
+            x = _block(x, dim, f"stage{stage}_block{b}", rates[block_index], layer_scale_init)
+            block_index += 1
+        stage_outputs[PYRAMID_OUTPUTS[stage]] = x
+
+    model_name = name or f"convnext_{spec.name}"
+    if head == "pyramid":
+        return keras.Model(inputs, stage_outputs, name=model_name)
+    x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
+    pooled = keras.layers.LayerNormalization(
+        epsilon=registry.LAYER_NORM_EPSILON, dtype="float32", name="head_norm"
+    )(x)
+    if head == "pooled":
+        return keras.Model(inputs, pooled, name=model_name)
+    logits = keras.layers.Dense(
+        num_classes, kernel_initializer=_kernel_init(), dtype="float32", name="head_fc"
+    )(pooled)
+    if head == "all":
+        return keras.Model(
+            inputs, {"logits": logits, "pooled": pooled, **stage_outputs}, name=model_name
+        )
+    return keras.Model(inputs, logits, name=model_name)
+
+
+def layer_names(variant: str | registry.Variant) -> dict[str, list[str]]:
+    """The weight-carrying layer names of a variant, grouped by part of the network.
+
+    Returns ``{"stem": [...], "stage0": [...], ..., "stage3": [...], "head": [...]}``; each
+    stage lists its downsampling layers (stages 1-3) then its blocks' layers in order.
+    """
+    spec = registry.VARIANTS[variant] if isinstance(variant, str) else variant
+    groups = {"stem": ["stem_conv", "stem_norm"]}
+    for stage, depth in enumerate(spec.depths):
+        names = []
+        if stage > 0:
+            names += [f"stage{stage}_downsample_norm", f"stage{stage}_downsample_conv"]
+        for b in range(depth):
+            p = f"stage{stage}_block{b}"
+            names += [
+                f"{p}_dwconv",
+                f"{p}_norm",
+                f"{p}_pwconv1",
+                f"{p}_pwconv2",
+                f"{p}_layer_scale",
+            ]
+        groups[f"stage{stage}"] = names
+    groups["head"] = ["head_norm", "head_fc"]
+    return groups
+
+
+def variant_of(model: keras.Model) -> registry.Variant | None:
+    """The registry variant a built ConvNeXt model has, read off its layers (None if none)."""
+    depths, dims = [0, 0, 0, 0], [0, 0, 0, 0]
+    for layer in model.layers:
+        m = re.fullmatch(r"stage(\d)_block(\d+)_dwconv", layer.name)
+        if m:
+            stage, block = int(m.group(1)), int(m.group(2))
+            depths[stage] = max(depths[stage], block + 1)
+            dims[stage] = int(layer.kernel.shape[2])
+    for spec in registry.VARIANTS.values():
+        if spec.depths == tuple(depths) and spec.dims == tuple(dims):
+            return spec
+    return None

@@ -239,6 +239,17 @@ def denormalize(x) -> np.ndarray:
     return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
 
 
+def _resize_crop_geometry(size, config: PreprocessConfig) -> tuple[int, int, int, int]:
+    """``(new_w, new_h, left, top)``: the resized size and the crop's corner, as torchvision."""
+    # Resize(int): shorter side -> size, longer side int(size * long / short).
+    short = config.resize_size
+    w, h = size
+    new_w, new_h = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    # CenterCrop: offsets rounded with Python's round (half to even).
+    res = config.resolution
+    return new_w, new_h, int(round((new_w - res) / 2.0)), int(round((new_h - res) / 2.0))
+
+
 def resize_and_crop(
     image: Image.Image,
     resolution: int,
@@ -251,19 +262,23 @@ def resize_and_crop(
     res = config.resolution
     if config.squash:
         return image.resize((res, res), resample) if image.size != (res, res) else image
-    # torchvision Resize(int): shorter side -> size, longer side int(size * long / short).
-    size = config.resize_size
-    w, h = image.size
-    if w <= h:
-        new_w, new_h = size, int(size * h / w)
-    else:
-        new_w, new_h = int(size * w / h), size
-    if (new_w, new_h) != (w, h):
+    new_w, new_h, left, top = _resize_crop_geometry(image.size, config)
+    if (new_w, new_h) != image.size:
         image = image.resize((new_w, new_h), resample)
-    # torchvision CenterCrop: offsets rounded with Python's round (half to even).
-    top = int(round((new_h - res) / 2.0))
-    left = int(round((new_w - res) / 2.0))
     return image.crop((left, top, left + res, top + res))
+
+
+def crop_box(size: tuple[int, int], config) -> tuple[float, float, float, float]:
+    """The region ``(left, top, right, bottom)`` of an image of ``size = (width, height)`` that
+    the model sees after :func:`resize_and_crop`, in the image's own pixel coordinates."""
+    config = as_config(config)
+    w, h = size
+    if config.squash:
+        return (0.0, 0.0, float(w), float(h))
+    new_w, new_h, left, top = _resize_crop_geometry(size, config)
+    res = config.resolution
+    sx, sy = w / new_w, h / new_h
+    return (left * sx, top * sy, (left + res) * sx, (top + res) * sy)
 
 
 def eval_transform(

@@ -68,6 +68,7 @@ def load_model(
     num_classes: int | None = None,
     input_shape: tuple = (None, None, 3),
     drop_path_rate: float = 0.0,
+    head_init_scale: float = 1.0,
 ):
     """Build a ConvNeXt by name and load its weights.
 
@@ -85,6 +86,8 @@ def load_model(
             on top of the loaded backbone.
         input_shape: NHWC input shape without batch; any size by default.
         drop_path_rate: stochastic depth for training (0 at inference anyway).
+        head_init_scale: factor on a freshly initialised head's weights (the original's
+            ``--head_init_scale``; its fine-tuning recipe uses 0.001). A loaded head is kept.
     """
     resolved = registry.resolve(name)
     if features not in _FEATURES:
@@ -104,6 +107,7 @@ def load_model(
         name=model_name,
     )
     if weights is None:
+        _scale_head(model, head_init_scale)
         return model
     if isinstance(weights, str) and weights == OFFICIAL:
         if resolved.checkpoint is None:
@@ -125,7 +129,15 @@ def load_model(
     ckpt_classes = converted["head_fc"][1].shape[0] if "head_fc" in converted else None
     load_head = num_classes is None or num_classes == ckpt_classes
     checkpoints.assign_weights(model, converted, load_head=load_head, source=source)
+    if not load_head:
+        _scale_head(model, head_init_scale)
     return model
+
+
+def _scale_head(model, scale: float) -> None:
+    if scale != 1.0 and any(layer.name == "head_fc" for layer in model.layers):
+        head = model.get_layer("head_fc")
+        head.set_weights([w * scale for w in head.get_weights()])
 
 
 def convert_checkpoint(

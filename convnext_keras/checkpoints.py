@@ -352,6 +352,12 @@ def convert_state_dict(
     """
     spec = registry.VARIANTS[variant] if isinstance(variant, str) else variant
     official = to_official_layout(state_dict)
+    depths, dims, _ = infer_architecture(official)
+    if (depths, dims) != (spec.depths, spec.dims) and all(depths) and all(dims):
+        raise CheckpointError(
+            f"The checkpoint is not a ConvNeXt-{spec.name} (depths {list(spec.depths)}, dims "
+            f"{list(spec.dims)}): {_describe_architecture(official)}."
+        )
     weights: dict[str, list[np.ndarray]] = {}
     missing, wrong = [], []
     used = set()

@@ -141,8 +141,13 @@ def fetch(url: str, dest: Path, *, verify: Callable[[Path], T], timeout: float =
                         if bar:
                             bar[0].update(bar[1], completed=received)
             except requests.RequestException as e:
+                of = f" of {expected}" if expected else ""
                 raise DownloadError(
-                    _offline_help(url, f"connection broke after {received} bytes: {e}")
+                    _offline_help(
+                        url,
+                        f"incomplete: the connection broke after {received}{of} "
+                        f"bytes; nothing was cached ({type(e).__name__})",
+                    )
                 ) from e
             finally:
                 if bar:

@@ -1,0 +1,219 @@
+"""Reading checkpoints safely, layout detection, and errors that say what is wrong."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch_reference as ref
+
+import convnext_keras as ck
+from convnext_keras import checkpoints, registry
+
+ATTO = registry.VARIANTS["atto"]
+
+
+@pytest.fixture(scope="module")
+def atto_torch():
+    return ref.hf_model(ATTO.depths, ATTO.dims, 10, seed=5)
+
+
+def _same_as_official(state, official):
+    converted = ck.convert_state_dict(state, ATTO)
+    expected = ck.convert_state_dict(official, ATTO)
+    assert converted.keys() == expected.keys()
+    for layer in expected:
+        for a, b in zip(converted[layer], expected[layer], strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_layouts_are_detected(atto_torch, tmp_path):
+    official = ck.read_state_dict(ref.save_official(atto_torch, tmp_path / "o.pth"))
+    hf = ck.read_state_dict(ref.save_hf(atto_torch, tmp_path / "hf"))
+    hf_bin = ck.read_state_dict(ref.save_hf_bin(atto_torch, tmp_path / "pytorch_model.bin"))
+    timm = ck.read_state_dict(ref.save_timm(atto_torch, tmp_path / "t.safetensors", True))
+    assert checkpoints.detect_layout(official) == "official"
+    assert checkpoints.detect_layout(hf) == "huggingface"
+    assert checkpoints.detect_layout(hf_bin) == "huggingface"
+    assert checkpoints.detect_layout(timm) == "timm"
+    for state in (hf, hf_bin, timm):
+        _same_as_official(state, official)
+
+
+def test_containers_and_prefixes(atto_torch, tmp_path):
+    state = ref.official_state_dict(atto_torch)
+    official = {k: v.numpy() for k, v in state.items()}
+    variants = {
+        "plain.pth": state,
+        "state_dict.pth": {"state_dict": state, "epoch": 3},
+        "ddp.pth": {"model": {f"module.{k}": v for k, v in state.items()}},
+        # Full training checkpoints of the original's main.py carry an argparse.Namespace.
+        "training.pth": {
+            "model": state,
+            "epoch": 299,
+            "args": argparse.Namespace(model="convnext_atto", lr=4e-3),
+        },
+    }
+    for name, obj in variants.items():
+        torch.save(obj, tmp_path / name)
+        _same_as_official(ck.read_state_dict(tmp_path / name), official)
+    # the legacy (pre-1.6, non-zip) torch.save format and half-precision tensors
+    half = {k: v.half() for k, v in state.items()}
+    torch.save({"model": half}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    read = ck.read_state_dict(tmp_path / "legacy.pth")
+    assert all(v.dtype == np.float32 for v in read.values())
+    np.testing.assert_allclose(read["head.weight"], official["head.weight"], atol=1e-2)
+
+
+class _Exploit:
+    """Unpickling this object would run a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"x": torch.zeros(1)}, "payload": _Exploit(marker)}, path)
+    with pytest.raises(ck.UnsafeCheckpointError, match="Refused to load"):
+        ck.read_state_dict(path)
+    assert not marker.exists()
+    # load_model goes through the same reader
+    with pytest.raises(ck.UnsafeCheckpointError):
+        ck.load_model("convnext_atto", weights=path)
+    assert not marker.exists()
+
+
+def test_safetensors_are_read_without_pytorch(atto_torch, tmp_path):
+    path = ref.save_timm(atto_torch, tmp_path / "model.safetensors")
+    code = (
+        "import sys\n"
+        "class NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ImportError('PyTorch is blocked in this test')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "from convnext_keras.checkpoints import read_state_dict, convert_state_dict\n"
+        f"w = convert_state_dict(read_state_dict({str(path)!r}), 'atto')\n"
+        "print(len(w), 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "KERAS_BACKEND": "jax"},
+        check=True,
+    )
+    assert out.stdout.split()[-2:] == [str(2 + 2 * 3 + 12 * 5 + 1 + 1), "False"]
+
+
+def test_not_a_checkpoint(tmp_path):
+    html = tmp_path / "page.pth"
+    html.write_text("<!DOCTYPE html><html>404</html>")
+    with pytest.raises(ck.CheckpointError, match="HTML"):
+        ck.read_state_dict(html)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(ck.CheckpointError, match="empty"):
+        ck.read_state_dict(empty)
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        ck.read_state_dict(tmp_path / "nowhere.pth")
+    torch.save({"optimizer": {"lr": 0.1}}, tmp_path / "opt.pth")
+    with pytest.raises(ck.CheckpointError, match="no state dict"):
+        ck.read_state_dict(tmp_path / "opt.pth")
+    torch.save({"layer.weight": torch.zeros(2)}, tmp_path / "other.pth")
+    with pytest.raises(ck.CheckpointError, match="known layout"):
+        ck.convert_state_dict(ck.read_state_dict(tmp_path / "other.pth"), "atto")
+
+
+def test_every_tensor_is_accounted_for(atto_torch):
+    official = {k: v.numpy() for k, v in ref.official_state_dict(atto_torch).items()}
+
+    missing = dict(official)
+    del missing["stages.2.3.pwconv1.bias"]
+    with pytest.raises(ck.CheckpointError, match=r"missing: stages\.2\.3\.pwconv1\.bias"):
+        ck.convert_state_dict(missing, "atto")
+
+    unexpected = {**official, "stages.2.3.extra": np.zeros(3, "float32")}
+    with pytest.raises(ck.CheckpointError, match=r"unexpected: stages\.2\.3\.extra"):
+        ck.convert_state_dict(unexpected, "atto")
+
+    wrong = {**official, "stages.1.0.dwconv.weight": np.zeros((80, 1, 5, 5), "float32")}
+    with pytest.raises(
+        ck.CheckpointError,
+        match=r"stages\.1\.0\.dwconv\.weight: checkpoint \(80, 1, 5, 5\), model expects "
+        r"\(80, 1, 7, 7\)",
+    ):
+        ck.convert_state_dict(wrong, "atto")
+
+
+def test_wrong_variant_names_the_right_one(atto_torch):
+    official = {k: v.numpy() for k, v in ref.official_state_dict(atto_torch).items()}
+    with pytest.raises(ck.CheckpointError, match="ConvNeXt-atto.*use convnext_atto"):
+        ck.convert_state_dict(official, "femto")
+
+
+def test_head_size_mismatch_suggests_the_right_model(tmp_path):
+    tiny = registry.VARIANTS["tiny"]
+    torch_model = ref.hf_model(tiny.depths, tiny.dims, registry.NUM_CLASSES_21K, seed=2)
+    path = ref.save_official(torch_model, tmp_path / "convnext_tiny_22k_224.pth")
+    with pytest.raises(ck.CheckpointError, match="21841-class head.*convnext_tiny_21k_224"):
+        ck.load_model("convnext_tiny_1k_224", weights=path)
+    # the suggested name loads it, and the _fe twin / a new head for fine-tuning need no head
+    assert ck.load_model("convnext_tiny_21k_224", weights=path).output.shape[-1] == 21841
+    assert ck.load_model("convnext_tiny_21k_224_fe", weights=path).output.shape[-1] == 768
+    model = ck.load_model("convnext_tiny_1k_224", weights=path, num_classes=7)
+    assert model.output.shape[-1] == 7
+
+
+def test_headless_checkpoint(tmp_path, atto_torch):
+    state = {k: v for k, v in ref.official_state_dict(atto_torch).items() if "head" not in k}
+    torch.save(state, tmp_path / "backbone.pth")
+    with pytest.raises(ck.CheckpointError, match="no classification head"):
+        ck.load_model("convnext_atto", weights=tmp_path / "backbone.pth")
+    fe = ck.load_model("convnext_atto_fe", weights=tmp_path / "backbone.pth")
+    assert fe.output.shape[-1] == 320
+
+
+def test_unknown_names_are_explained():
+    with pytest.raises(ck.UnknownModelError, match="Did you mean convnext_tiny_1k_224"):
+        ck.load_model("convnext_tiny_1k_244", weights=None)
+    with pytest.raises(ValueError, match="without an official checkpoint"):
+        ck.load_model("convnext_atto")
+    with pytest.raises(ValueError, match="features must be one of"):
+        ck.load_model("convnext_atto", weights=None, features="boxes")
+
+
+def test_names_accept_both_spellings():
+    assert registry.resolve("convnext_base_22k_1k_384").checkpoint.name == (
+        "convnext_base_21k_1k_384"
+    )
+    assert registry.resolve("ConvNeXt-Base-21k-224_fe").head == "pooled"
+    assert registry.resolve("convnext_xlarge_21k_1k_224").checkpoint.filename == (
+        "convnext_xlarge_22k_1k_224_ema.pth"
+    )
+
+
+def test_convert_to_keras_file(tmp_path, tiny_reference):
+    import keras
+
+    _, path = tiny_reference
+    out = ck.convert_checkpoint(path, "convnext_tiny_1k_224", tmp_path / "tiny.keras")
+    loaded = keras.saving.load_model(out)
+    expected = ck.load_model("convnext_tiny_1k_224", weights=path)
+    x = np.random.default_rng(0).standard_normal((1, 64, 64, 3)).astype("float32")
+    np.testing.assert_allclose(loaded.predict_on_batch(x), expected.predict_on_batch(x), atol=1e-5)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        ck.convert_checkpoint(path, "convnext_tiny_1k_224", out)
+    with pytest.raises(ValueError, match=r"\.keras"):
+        ck.convert_checkpoint(path, "convnext_tiny_1k_224", tmp_path / "tiny.h5")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.keras"]

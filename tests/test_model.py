@@ -1,0 +1,156 @@
+"""The network: shapes, heads, parameters, initialisation, serialisation, precision, training."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+import convnext_keras as ck
+from convnext_keras import registry
+from convnext_keras.model import layer_names, variant_of
+
+
+def test_tiny_parameter_count_matches_original():
+    # facebookresearch/ConvNeXt ConvNeXt-T with a 1000-class head: 28,589,128 parameters.
+    assert ck.build_model("tiny").count_params() == 28_589_128
+
+
+@pytest.mark.parametrize("variant", ["atto", "femto", "pico", "nano"])
+def test_edge_variant_parameter_counts(variant):
+    model = ck.build_model(variant, num_classes=10)
+    assert model.count_params() == ck.count_params(variant, 10)
+
+
+@pytest.mark.backends
+def test_any_input_size_and_every_head():
+    images = np.random.default_rng(0).standard_normal((2, 96, 160, 3)).astype("float32")
+    logits = ck.build_model("atto", num_classes=7)(images)
+    assert tuple(logits.shape) == (2, 7)
+    pooled = ck.build_model("atto", head="pooled")(images)
+    assert tuple(pooled.shape) == (2, 320)
+    pyramid = ck.build_model("atto", head="pyramid")(images)
+    assert {k: tuple(v.shape) for k, v in pyramid.items()} == {
+        "stage1": (2, 24, 40, 40),
+        "stage2": (2, 12, 20, 80),
+        "stage3": (2, 6, 10, 160),
+        "stage4": (2, 3, 5, 320),
+    }
+    everything = ck.build_model("atto", num_classes=7, head="all")(images)
+    assert set(everything) == {"logits", "pooled", "stage1", "stage2", "stage3", "stage4"}
+
+
+def test_block_uses_depthwise_conv_and_exact_gelu():
+    model = ck.build_model("atto")
+    dw = model.get_layer("stage0_block0_dwconv")
+    assert isinstance(dw, keras.layers.DepthwiseConv2D)
+    assert dw.kernel_size == (7, 7) and dw.padding == "same"
+    fc1 = model.get_layer("stage0_block0_pwconv1")
+    x = np.linspace(-3, 3, 7).astype("float32")
+    exact = 0.5 * x * (1 + np.vectorize(__import__("math").erf)(x / np.sqrt(2)))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(fc1.activation(x)), exact, atol=1e-6)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.LayerNormalization):
+            assert layer.epsilon == registry.LAYER_NORM_EPSILON
+
+
+def test_bad_arguments_are_explained():
+    with pytest.raises(ValueError, match="head must be one of"):
+        ck.build_model("atto", head="logits")
+    with pytest.raises(ValueError, match="num_classes"):
+        ck.build_model("atto", num_classes=0)
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        ck.build_model("atto", drop_path_rate=1.5)
+    with pytest.raises(ValueError, match="NHWC"):
+        ck.build_model("atto", input_shape=(3, 224, 224))
+
+
+def test_initialisation_matches_original():
+    """Kernels ~ truncated normal with std 0.02, biases zero, layer scale 1e-6, LN (1, 0)."""
+    keras.utils.set_random_seed(0)
+    model = ck.build_model("tiny")
+    kernel = keras.ops.convert_to_numpy(model.get_layer("stage2_block0_pwconv1").kernel)
+    assert abs(kernel.std() - 0.02) < 0.001
+    assert abs(kernel.mean()) < 0.001
+    # Truncated at 2 standard deviations (Keras' torch backend redraws only 4 times, so a few
+    # in a million may pass the bound there).
+    assert (np.abs(kernel) > 2 * 0.02 / 0.8796256610342398 + 1e-6).mean() < 1e-4
+    bias = keras.ops.convert_to_numpy(model.get_layer("stage2_block0_pwconv1").bias)
+    assert not bias.any()
+    gamma = keras.ops.convert_to_numpy(model.get_layer("stage2_block0_layer_scale").gamma)
+    np.testing.assert_array_equal(gamma, np.full(384, 1e-6, "float32"))
+
+
+def test_layer_names_cover_every_weight():
+    model = ck.build_model("nano")
+    named = {n for group in layer_names("nano").values() for n in group}
+    weighted = {layer.name for layer in model.layers if layer.weights}
+    assert named == weighted
+    assert variant_of(model) is registry.VARIANTS["nano"]
+
+
+@pytest.mark.backends
+def test_stochastic_depth_per_sample_only_in_training():
+    layer = ck.StochasticDepth(0.5, seed=1)
+    x = np.ones((64, 2, 2, 3), "float32")
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(x, training=False)), x)
+    y = keras.ops.convert_to_numpy(layer(x, training=True))
+    per_sample = y.reshape(64, -1)
+    # each sample is dropped (0) or kept and rescaled (1 / 0.5) as a whole
+    assert set(np.unique(per_sample)) <= {0.0, 2.0}
+    assert all(len(set(row)) == 1 for row in per_sample)
+    assert 10 < (per_sample[:, 0] == 0).sum() < 54
+
+
+def test_drop_path_rates_rise_linearly():
+    model = ck.build_model("atto", drop_path_rate=0.3)
+    rates = [layer.rate for layer in model.layers if isinstance(layer, ck.StochasticDepth)]
+    # atto has 12 blocks: the first block's rate is 0 (no layer), the last one's 0.3
+    np.testing.assert_allclose(rates, np.linspace(0, 0.3, 12)[1:], rtol=1e-6)
+
+
+@pytest.mark.backends
+def test_save_and_load_keras_file_without_custom_objects(tmp_path):
+    model = ck.build_model("atto", num_classes=5, drop_path_rate=0.1)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    x = np.random.default_rng(0).standard_normal((2, 64, 64, 3)).astype("float32")
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(loaded(x)), keras.ops.convert_to_numpy(model(x)), atol=1e-6
+    )
+
+
+@pytest.mark.backends
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision(policy):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = ck.build_model("atto", num_classes=10, head="all")
+        x = np.random.default_rng(0).standard_normal((2, 64, 64, 3)).astype("float32")
+        out = model(x, training=False)
+        assert keras.backend.standardize_dtype(out["logits"].dtype) == "float32"
+        assert keras.backend.standardize_dtype(out["pooled"].dtype) == "float32"
+        logits = keras.ops.convert_to_numpy(out["logits"])
+        assert np.isfinite(logits).all()
+        gamma = model.get_layer("stage0_block0_layer_scale").gamma
+        assert keras.backend.standardize_dtype(gamma.dtype) == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.backends
+def test_a_training_step_reduces_the_loss():
+    keras.utils.set_random_seed(0)
+    model = ck.build_model("atto", num_classes=3, drop_path_rate=0.1)
+    model.compile(
+        optimizer=keras.optimizers.AdamW(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 32, 32, 3)).astype("float32")
+    y = np.array([0, 1, 2, 0, 1, 2])
+    first = float(model.train_on_batch(x, y))
+    for _ in range(15):
+        last = float(model.train_on_batch(x, y))
+    assert np.isfinite(first) and last < first

@@ -39,6 +39,26 @@ def list_models(pattern: str | None = None, *, include_fe: bool = True) -> list[
     return names
 
 
+def model_table(pattern: str | None = None) -> list[dict]:
+    """One row per checkpoint: name, params, resolution, classes, dataset, acc1, cached, url."""
+    rows = []
+    for name in list_models(pattern, include_fe=False):
+        c = registry.CHECKPOINTS[name]
+        rows.append(
+            {
+                "name": name,
+                "params": count_params(c.variant, c.num_classes),
+                "resolution": c.resolution,
+                "classes": c.num_classes,
+                "dataset": c.dataset,
+                "acc1": c.reported_acc1,
+                "cached": hub.is_cached(c),
+                "url": c.url,
+            }
+        )
+    return rows
+
+
 def count_params(variant: str | registry.Variant, num_classes: int | None = None) -> int:
     """Parameter count of a variant with an optional ``num_classes`` head, without building it."""
     spec = registry.VARIANTS[variant] if isinstance(variant, str) else variant

@@ -21,6 +21,7 @@ import convnext_keras as ck
 from convnext_keras import registry
 
 TOLERANCE = 1e-4
+LAYOUTS_SKIPPED_FOR = ("large", "xlarge")
 pytestmark = pytest.mark.equality
 
 
@@ -85,11 +86,12 @@ def test_registry_architecture_matches_pytorch(names, tmp_path):
         .astype(np.float32)
     )
     expected = ref.hf_outputs(torch_model, images)
-    files = {
-        "official": ref.save_official(torch_model, tmp_path / entry.filename),
-        "huggingface": ref.save_hf(torch_model, tmp_path / "hf"),
-        "timm": ref.save_timm(torch_model, tmp_path / "timm.safetensors"),
-    }
+    files = {"official": ref.save_official(torch_model, tmp_path / entry.filename)}
+    # The renaming of the other layouts does not depend on the size; checking it up to base
+    # keeps the gigabyte-sized large/xlarge files to one layout.
+    if spec.name not in LAYOUTS_SKIPPED_FOR:
+        files["huggingface"] = ref.save_hf(torch_model, tmp_path / "hf")
+        files["timm"] = ref.save_timm(torch_model, tmp_path / "timm.safetensors")
     assert ck.count_params(spec, entry.num_classes) == sum(
         p.numel() for p in torch_model.parameters()
     )
@@ -100,7 +102,7 @@ def test_registry_architecture_matches_pytorch(names, tmp_path):
     model = ck.load_model(names[0], weights=files["official"], features="all")
     assert model.count_params() == ck.count_params(spec, entry.num_classes)
     _assert_outputs_equal(_run(model, images), expected, entry.resolution, spec.dims, "official")
-    for layout in ("huggingface", "timm"):
+    for layout in sorted(set(files) - {"official"}):
         weights = ck.convert_state_dict(ck.read_state_dict(files[layout]), spec)
         ck.checkpoints.assign_weights(model, weights)
         _assert_outputs_equal(_run(model, images), expected, entry.resolution, spec.dims, layout)

@@ -10,49 +10,43 @@ from ._app import echo_table, main
 @main.command("list")
 @click.argument("pattern", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def list_command(pattern, as_json):
+@click.option("--markdown", is_flag=True, help="A Markdown table (the README's model table).")
+def list_command(pattern, as_json, markdown):
     """Show the collection: name, params, resolution, classes, reported acc@1, cached?
 
-    PATTERN filters names shell-style, e.g. 'convnext_base*384'.
+    PATTERN filters names: shell-style ('convnext_base*384') or a substring ('xlarge').
     """
-    from .. import api, hub, registry
+    from .. import api
 
-    rows = []
-    for name in api.list_models(pattern, include_fe=False):
-        c = registry.CHECKPOINTS[name]
-        rows.append(
-            {
-                "name": name,
-                "params": api.count_params(c.variant, c.num_classes),
-                "resolution": c.resolution,
-                "classes": c.num_classes,
-                "dataset": c.dataset,
-                "acc1": c.reported_acc1,
-                "cached": hub.is_cached(c),
-                "url": c.url,
-            }
-        )
+    rows = api.model_table(pattern)
     if as_json:
         import json
 
         click.echo(json.dumps(rows, indent=2))
         return
+    header = ["name", "params", "res", "classes", "pre-training", "acc@1"]
+    cells = [
+        [
+            r["name"],
+            f"{r['params'] / 1e6:.1f}M",
+            r["resolution"],
+            r["classes"],
+            r["dataset"],
+            "-" if r["acc1"] is None else f"{r['acc1']:.1f}",
+        ]
+        for r in rows
+    ]
+    if markdown:
+        click.echo("| " + " | ".join(header) + " |")
+        click.echo("|" + "|".join(["---", "---:", "---:", "---:", "---", "---:"]) + "|")
+        for row in cells:
+            click.echo("| " + " | ".join(str(c) for c in row) + " |")
+        return
     echo_table(
         f"ConvNeXt collection ({len(rows)} checkpoints; add '_fe' to a name for its feature "
         "extractor)",
-        ["name", "params", "res", "classes", "pre-training", "acc@1", "cached"],
-        [
-            [
-                r["name"],
-                f"{r['params'] / 1e6:.1f}M",
-                r["resolution"],
-                r["classes"],
-                r["dataset"],
-                "-" if r["acc1"] is None else f"{r['acc1']:.1f}",
-                "yes" if r["cached"] else "no",
-            ]
-            for r in rows
-        ],
+        [*header, "cached"],
+        [[*row, "yes" if r["cached"] else "no"] for row, r in zip(cells, rows)],
         justify={1: "right", 2: "right", 3: "right", 5: "right"},
     )
 

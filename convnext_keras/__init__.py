@@ -8,12 +8,15 @@ model = ck.load_model("convnext_tiny_1k_224")
 from . import registry
 from .api import OFFICIAL, convert_checkpoint, count_params, list_models, load_model
 from .checkpoints import CheckpointError, UnsafeCheckpointError, convert_state_dict, read_state_dict
+from .export import ExportError, VerificationError, export
 from .hub import DownloadError
 
 # Importing the layers registers them with Keras, so keras.saving.load_model("m.keras") needs no
 # custom_objects once this package is imported.
 from .layers import LayerScale, StochasticDepth
 from .model import build_model
+from .predict import decode_predictions, predict_files
+from .preprocess import ImageError, eval_transform, load_image
 from .registry import UnknownModelError
 
 __version__ = "0.1.0"
@@ -22,16 +25,24 @@ __all__ = [
     "OFFICIAL",
     "CheckpointError",
     "DownloadError",
+    "ExportError",
+    "ImageError",
     "LayerScale",
     "StochasticDepth",
     "UnknownModelError",
     "UnsafeCheckpointError",
+    "VerificationError",
     "build_model",
     "convert_checkpoint",
     "convert_state_dict",
     "count_params",
+    "decode_predictions",
+    "eval_transform",
+    "export",
     "list_models",
+    "load_image",
     "load_model",
+    "predict_files",
     "read_state_dict",
     "registry",
 ]

@@ -1,0 +1,157 @@
+"""``convnext predict`` and ``convnext eval``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ._app import backend_option, main
+
+_WEIGHTS_HELP = (
+    "'official' (download once, then cached) or a local checkpoint file (.pth/.bin/"
+    ".safetensors, official/timm/Hugging Face layout)."
+)
+_MODEL_HELP = "Model name (convnext_tiny_1k_224, ...; see `convnext list`) or a .keras file."
+
+
+def _weights(value: str):
+    return value if value == "official" else Path(value)
+
+
+def _read_labels(path):
+    if path is None:
+        return None
+    names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not names:
+        raise click.BadParameter(f"{path} holds no class names.", param_hint="--labels")
+    return names
+
+
+@main.command("predict")
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model", "model_name", required=True, help=_MODEL_HELP)
+@click.option("--weights", default="official", show_default=True, help=_WEIGHTS_HELP)
+@click.option("--top", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+@click.option(
+    "--cam",
+    "cam_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write a Grad-CAM overlay <image>_cam.png of each image's top class to this folder.",
+)
+@click.option(
+    "--labels",
+    "labels_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Class names, one per line, for heads that are neither ImageNet-1k nor -21k.",
+)
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--no-exif", is_flag=True, help="Ignore EXIF orientation (default: photos turned upright)."
+)
+@backend_option
+def predict_command(
+    images, model_name, weights, top, as_json, cam_dir, labels_file, batch_size, no_exif
+):
+    """Classify IMAGES: top-k labels with probabilities (softmax of the logits).
+
+    Unreadable files are reported and skipped; the exit status is 1 if any failed.
+    """
+    from ..predict import predict_files
+
+    results = predict_files(
+        model_name,
+        images,
+        weights=_weights(weights),
+        top=top,
+        labels=_read_labels(labels_file),
+        batch_size=batch_size,
+        cam_dir=cam_dir,
+        exif_transpose=not no_exif,
+    )
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        for r in results:
+            if not r.ok:
+                continue
+            click.echo(r.path)
+            width = max(len(p.name) for p in r.predictions)
+            for rank, p in enumerate(r.predictions, 1):
+                wnid = f"  {p.wnid}" if p.wnid else ""
+                click.echo(f"  {rank}. {p.name:<{width}}  {100 * p.probability:6.2f}%{wnid}")
+            if r.cam_path:
+                click.echo(f"  Grad-CAM: {r.cam_path}")
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        click.echo(f"skipped: {r.error}", err=True)
+    if failed:
+        click.echo(f"{len(failed)} of {len(results)} images could not be read.", err=True)
+        sys.exit(1)
+
+
+@main.command("eval")
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--model", "model_name", required=True, help=_MODEL_HELP)
+@click.option("--weights", default="official", show_default=True, help=_WEIGHTS_HELP)
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--limit", type=click.IntRange(min=1), help="Evaluate a fixed random subset of N images."
+)
+@click.option(
+    "--report",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a JSON report: per-class accuracy, unreadable files, per-image top-5.",
+)
+@click.option(
+    "--ground-truth",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Ground truth of the flat ILSVRC2012 layout, if not found beside DATA.",
+)
+@click.option("--real", is_flag=True, help="Also report ImageNet-ReaL acc@1.")
+@click.option("--workers", type=click.IntRange(min=1), help="Decoding threads (default: CPUs).")
+@click.option(
+    "--single-device", is_flag=True, help="Do not replicate the model over several devices."
+)
+@backend_option
+def eval_command(
+    data, model_name, weights, batch_size, limit, report, ground_truth, real, workers,
+    single_device,
+):  # fmt: skip
+    """Accuracy on ImageNet-1k validation DATA (class folders or flat ILSVRC2012 layout)."""
+    from ..evaluate import evaluate
+
+    result = evaluate(
+        model_name,
+        data,
+        weights=_weights(weights),
+        batch_size=batch_size,
+        limit=limit,
+        ground_truth=ground_truth,
+        real=real,
+        workers=workers,
+        data_parallel=not single_device,
+    )
+    click.echo(
+        f"model     {result.model}  ({result.config['backend']}, {result.devices} device(s))"
+    )
+    click.echo(f"data      {result.data}  [{result.layout}]")
+    click.echo(f"images    {result.evaluated} evaluated, {len(result.unreadable)} unreadable")
+    click.echo(f"acc@1     {result.acc1:.3f}%")
+    click.echo(f"acc@5     {result.acc5:.3f}%")
+    if result.real_acc1 is not None:
+        click.echo(f"ReaL@1    {result.real_acc1:.3f}%")
+    pre = result.preprocess_images_per_s
+    click.echo(
+        f"speed     {result.images_per_s:.1f} img/s overall; model {result.model_images_per_s:.1f}"
+        f" img/s; preprocessing {'-' if pre is None else f'{pre:.1f}'} img/s"
+    )
+    for item in result.unreadable[:10]:
+        click.echo(f"unreadable: {item['file']}: {item['error']}", err=True)
+    if len(result.unreadable) > 10:
+        click.echo(f"... and {len(result.unreadable) - 10} more (see --report)", err=True)
+    if report:
+        click.echo(f"report    {result.write(report)}")

@@ -1,0 +1,200 @@
+"""Classify image files: official preprocessing, softmax, top-k ImageNet labels, Grad-CAM.
+
+import convnext_keras as ck
+results = ck.predict_files("convnext_tiny_1k_224", ["cat.jpg"], top=5)
+ck.decode_predictions(logits, top=5)   # works for 1k and 21k heads
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from . import hub, preprocess, registry
+from . import labels as labels_mod
+from .gradcam import GradCAM, overlay, save_png
+
+
+class Prediction(NamedTuple):
+    """One ranked class; unpacks like Keras' ``(wnid, name, score)`` for the first three."""
+
+    wnid: str
+    name: str
+    probability: float
+    index: int
+
+
+def softmax(logits, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax in float64, returned as float32."""
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(axis=axis, keepdims=True)
+    e = np.exp(x)
+    return (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
+
+
+def _as_labels(labels, num_classes: int) -> labels_mod.Labels:
+    if labels is None:
+        return labels_mod.for_num_classes(num_classes)
+    if not isinstance(labels, labels_mod.Labels):
+        names = [str(n) for n in labels]
+        labels = labels_mod.Labels("custom", tuple("" for _ in names), tuple(names))
+    if len(labels) != num_classes:
+        raise ValueError(
+            f"The model has {num_classes} classes but {len(labels)} labels were given."
+        )
+    return labels
+
+
+def decode_predictions(
+    logits, top: int = 5, *, labels=None, from_logits: bool = True
+) -> list[list[Prediction]]:
+    """Top-``top`` classes of each row of ``logits`` (``(n, classes)`` or ``(classes,)``).
+
+    Probabilities are the softmax of the logits (pass ``from_logits=False`` for probabilities).
+    The label list follows the head size: 1000 -> ImageNet-1k, 21841 -> ImageNet-21k; other
+    heads need ``labels`` (a list of class names or a :class:`labels.Labels`).
+    """
+    scores = np.asarray(logits, dtype=np.float32)
+    if scores.ndim == 1:
+        scores = scores[None]
+    if scores.ndim != 2:
+        raise ValueError(f"Expected logits of shape (batch, classes), got {scores.shape}.")
+    if not isinstance(top, (int, np.integer)) or top < 1:
+        raise ValueError(f"top must be a positive integer, got {top!r}.")
+    names = _as_labels(labels, scores.shape[1])
+    probs = softmax(scores) if from_logits else scores
+    k = min(int(top), scores.shape[1])
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [
+        [Prediction(names.wnids[i], names.names[i], float(p[i]), int(i)) for i in row]
+        for p, row in zip(probs, order)
+    ]
+
+
+def load_classifier(model, *, weights="official", config=None):
+    """``(keras_model, preprocess_config)`` from a model name, a ``.keras`` file or a model.
+
+    Names load via :func:`convnext_keras.load_model` (``weights="official"`` downloads; a path
+    loads a local checkpoint).  A ``.keras`` file or a model object takes ``config`` (default:
+    224 / 0.875 / bicubic, the original's evaluation settings).
+    """
+    import keras
+
+    from . import api
+
+    if isinstance(model, (str, os.PathLike)) and str(model).endswith(".keras"):
+        path = Path(model)
+        if not path.is_file():
+            raise FileNotFoundError(f"No such model file: {path}")
+        return keras.saving.load_model(path), preprocess.as_config(config or "convnext_tiny")
+    if isinstance(model, (str, os.PathLike)):
+        name = str(model)
+        ckpt = registry.resolve(name).checkpoint
+        if isinstance(weights, str) and weights == api.OFFICIAL and ckpt is not None:
+            # Download (or fail) before spending time building the network.
+            hub.official_weights(ckpt)
+        return api.load_model(name, weights=weights), preprocess.as_config(config or name)
+    if isinstance(model, keras.Model):
+        return model, preprocess.as_config(config or "convnext_tiny")
+    raise ValueError(f"Expected a model name, a .keras file or a keras.Model, got {model!r}.")
+
+
+@dataclasses.dataclass
+class ImageResult:
+    """What happened to one input file."""
+
+    path: str
+    predictions: list[Prediction] | None = None
+    error: str | None = None
+    cam_path: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict:
+        out: dict = {"file": self.path}
+        if self.error is not None:
+            out["error"] = self.error
+        else:
+            out["predictions"] = [
+                {"rank": r + 1, "index": p.index, "wnid": p.wnid, "label": p.name,
+                 "probability": p.probability}
+                for r, p in enumerate(self.predictions or [])
+            ]  # fmt: skip
+            if self.cam_path:
+                out["cam"] = self.cam_path
+        return out
+
+
+def _cam_names(paths: Sequence[Path], out_dir: Path) -> list[Path]:
+    """``<stem>_cam.png`` per input; inputs sharing a stem get ``_2``, ``_3``... suffixes."""
+    seen: dict[str, int] = {}
+    names = []
+    for p in paths:
+        stem = p.stem
+        seen[stem] = seen.get(stem, 0) + 1
+        suffix = "" if seen[stem] == 1 else f"_{seen[stem]}"
+        names.append(out_dir / f"{stem}{suffix}_cam.png")
+    return names
+
+
+def predict_files(
+    model,
+    paths,
+    *,
+    weights="official",
+    top: int = 5,
+    labels=None,
+    batch_size: int = 8,
+    cam_dir=None,
+    config=None,
+    exif_transpose: bool = True,
+) -> list[ImageResult]:
+    """Classify image files; unreadable ones come back with ``error`` set, never raise.
+
+    Args:
+        model: a model name (``"convnext_tiny_1k_224"``), a ``.keras`` file or a keras.Model.
+        paths: image files (any format PIL reads).
+        weights: for names: ``"official"`` or a local checkpoint file.
+        top: classes per image.
+        labels: class names for heads that are neither 1k nor 21k.
+        cam_dir: write a Grad-CAM overlay ``<stem>_cam.png`` of each image's top class here.
+        config: preprocessing settings (default: the model name's registry entry).
+        exif_transpose: turn photos upright by their EXIF orientation first (default True).
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    paths = [Path(p) for p in paths]
+    keras_model, config = load_classifier(model, weights=weights, config=config)
+    num_classes = int(keras_model.output_shape[-1])
+    names = _as_labels(labels, num_classes)
+    cam = None
+    if cam_dir is not None:
+        cam = GradCAM(keras_model)
+        cam_dir = Path(cam_dir)
+        cam_paths = _cam_names(paths, cam_dir)
+    results = [ImageResult(str(p)) for p in paths]
+    batches = preprocess.ImageBatches(
+        paths, config, batch_size, exif_transpose=exif_transpose, skip_errors=True
+    )
+    for images, indices in batches:
+        logits = np.asarray(keras_model.predict_on_batch(images), dtype=np.float32)
+        decoded = decode_predictions(logits, top, labels=names)
+        for i, preds in zip(indices, decoded):
+            results[i].predictions = preds
+        if cam is not None:
+            maps, _ = cam(images, class_index=np.argmax(logits, axis=-1))
+            for i, heat in zip(indices, maps):
+                photo = preprocess.load_image(paths[i], exif_transpose=exif_transpose)
+                results[i].cam_path = str(save_png(overlay(photo, heat, config), cam_paths[i]))
+    by_path = {e.path: str(e) for e in batches.errors}
+    for r in results:
+        if r.predictions is None:
+            r.error = by_path.get(r.path, f"{r.path}: not processed")
+    return results

@@ -1,0 +1,251 @@
+"""predict / decode / Grad-CAM against an independent reference, and ``convnext predict``.
+
+The reference is Hugging Face transformers' PyTorch ConvNext with the same random weights
+(tests/torch_reference.py), fed by the PIL preprocessing written in tests/test_preprocess.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch_reference as ref
+from click.testing import CliRunner
+from PIL import Image
+from test_preprocess import SKIMAGE, reference
+
+from convnext_keras import decode_predictions, labels, preprocess, registry
+from convnext_keras.cli import main
+from convnext_keras.gradcam import GradCAM
+from convnext_keras.predict import load_classifier, predict_files, softmax
+
+EXAMPLES = Path(__file__).parent.parent / "examples" / "images"
+PHOTOS = sorted(EXAMPLES.glob("*.jpg"))
+ATTO = registry.VARIANTS["atto"]
+
+
+@pytest.fixture(scope="module")
+def atto(tmp_path_factory):
+    """A transformers ConvNext-atto (1000 classes, random weights) and its official file."""
+    model = ref.hf_model(ATTO.depths, ATTO.dims, 1000, seed=3)
+    path = ref.save_official(model, tmp_path_factory.mktemp("atto") / "atto.pth")
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def keras_atto(atto):
+    """The same network converted by the library (built once for the tests that can share it)."""
+    return load_classifier("convnext_atto", weights=atto[1])[0]
+
+
+def _reference_probs(model, photos) -> np.ndarray:
+    batch = np.stack([reference(preprocess.load_image(p), 224, 0.875, "bicubic") for p in photos])
+    return softmax(ref.hf_outputs(model, batch)["logits"])
+
+
+# --- decode_predictions -------------------------------------------------------------------------
+
+
+def test_decode_predictions_1k():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 1000)).astype(np.float32)
+    logits[0, 281] = 9.0  # tabby
+    logits[1, 967] = 9.0  # espresso
+    decoded = decode_predictions(logits, top=5)
+    assert [len(d) for d in decoded] == [5, 5]
+    assert decoded[0][0].name == "tabby" and decoded[0][0].wnid == "n02123045"
+    assert decoded[1][0].name == "espresso" and decoded[1][0].index == 967
+    expected = np.exp(logits[0].astype(np.float64)) / np.exp(logits[0].astype(np.float64)).sum()
+    order = np.argsort(-expected)[:5]
+    assert [p.index for p in decoded[0]] == order.tolist()
+    np.testing.assert_allclose([p.probability for p in decoded[0]], expected[order], rtol=1e-5)
+    wnid, name, score = decoded[0][0][:3]  # Keras' (wnid, name, score) order
+    assert (wnid, name) == ("n02123045", "tabby") and score == decoded[0][0].probability
+    # A single row and probabilities.
+    probs = expected.astype(np.float32)
+    single = decode_predictions(probs, top=2, from_logits=False)[0]
+    np.testing.assert_allclose([p.probability for p in single], expected[order[:2]], rtol=1e-6)
+
+
+def test_decode_predictions_21k():
+    names = labels.imagenet_21k()
+    logits = np.zeros((1, 21841), np.float32)
+    logits[0, names.index("n02123045")] = 20.0
+    logits[0, names.index("n07920052")] = 19.0
+    top = decode_predictions(logits, top=3)[0]
+    assert [p.wnid for p in top[:2]] == ["n02123045", "n07920052"]
+    assert top[0].name == "tabby" and top[1].name == "espresso"
+    assert top[0].probability > top[1].probability > top[2].probability
+
+
+def test_decode_predictions_errors_and_custom_labels():
+    logits = np.array([[0.0, 3.0, 1.0]], np.float32)
+    with pytest.raises(ValueError, match="labels="):
+        decode_predictions(logits)
+    top = decode_predictions(logits, top=10, labels=["ant", "bee", "cat"])[0]
+    assert [p.name for p in top] == ["bee", "cat", "ant"]
+    with pytest.raises(ValueError, match="3 classes but 2 labels"):
+        decode_predictions(logits, labels=["a", "b"])
+    with pytest.raises(ValueError, match="top"):
+        decode_predictions(logits, top=0, labels=["a", "b", "c"])
+    with pytest.raises(ValueError, match="batch, classes"):
+        decode_predictions(np.zeros((1, 2, 3)))
+
+
+# --- predict_files ------------------------------------------------------------------------------
+
+
+@pytest.mark.backends
+def test_predict_files_equals_reference(atto, tmp_path):
+    model, ckpt = atto
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"GIF89a but not really")
+    paths = [*PHOTOS, broken, SKIMAGE / "camera.png"]
+    results = predict_files("convnext_atto", paths, weights=ckpt, top=5, batch_size=3)
+    assert [r.path for r in results] == [str(p) for p in paths]
+    assert not results[len(PHOTOS)].ok and "broken.jpg" in results[len(PHOTOS)].error
+    good = [r for r in results if r.ok]
+    want = _reference_probs(model, [Path(r.path) for r in good])
+    for r, probs in zip(good, want):
+        order = np.argsort(-probs)[:5]
+        assert [p.index for p in r.predictions] == order.tolist(), r.path
+        np.testing.assert_allclose([p.probability for p in r.predictions], probs[order], atol=1e-5)
+        assert r.predictions[0].name == labels.imagenet_1k().names[order[0]]
+
+
+def test_predict_honours_exif_orientation(keras_atto, tmp_path):
+    upright = Image.open(EXAMPLES / "cat.jpg")
+    upright.save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 8  # stored turned; "rotate 270 CW to view"
+    upright.transpose(Image.Transpose.ROTATE_270).save(tmp_path / "phone.png", exif=exif)
+    a, b = predict_files(keras_atto, [tmp_path / "upright.png", tmp_path / "phone.png"], top=1000)
+    (c,) = predict_files(keras_atto, [tmp_path / "phone.png"], top=1000, exif_transpose=False)
+
+    def probs(result):
+        return np.array([p.probability for p in sorted(result.predictions, key=lambda p: p.index)])
+
+    np.testing.assert_allclose(probs(a), probs(b), rtol=1e-4, atol=1e-7)
+    assert np.abs(probs(c) - probs(a)).max() > 100 * np.abs(probs(b) - probs(a)).max()
+
+
+# --- Grad-CAM -----------------------------------------------------------------------------------
+
+
+def _reference_cam(model, images: np.ndarray, classes) -> np.ndarray:
+    """Grad-CAM computed on the PyTorch reference with torch.autograd."""
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    out = model(pixel_values=x, output_hidden_states=True)
+    stage4 = out.hidden_states[-1]
+    target = out.logits.gather(1, torch.as_tensor(classes)[:, None]).sum()
+    (grad,) = torch.autograd.grad(target, stage4)
+    alpha = grad.mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((alpha * stage4).sum(dim=1)).detach().numpy()
+    peak = cam.max(axis=(1, 2), keepdims=True)
+    return cam / np.where(peak > 0, peak, 1)
+
+
+@pytest.mark.backends
+def test_gradcam_equals_torch_reference(atto, keras_atto):
+    model, keras_model = atto[0], keras_atto
+    images = np.stack(
+        [reference(preprocess.load_image(p), 224, 0.875, "bicubic") for p in PHOTOS[:3]]
+    )
+    cams, classes = GradCAM(keras_model)(images)
+    top1 = np.argmax(ref.hf_outputs(model, images)["logits"], axis=1)
+    np.testing.assert_array_equal(classes, top1)
+    assert cams.shape == (3, 7, 7) and cams.dtype == np.float32
+    np.testing.assert_allclose(cams, _reference_cam(model, images, top1), atol=2e-3)
+    assert np.allclose(cams.max(axis=(1, 2)), 1.0)
+    # An explicit class (the same for every image).
+    cams_c, classes_c = GradCAM(keras_model)(images, class_index=967)
+    assert classes_c.tolist() == [967] * 3
+    np.testing.assert_allclose(cams_c, _reference_cam(model, images, [967] * 3), atol=2e-3)
+
+
+def test_gradcam_refuses_other_models():
+    import keras
+
+    inputs = keras.Input((32, 32, 3))
+    other = keras.Model(inputs, keras.layers.Dense(4)(keras.layers.Flatten()(inputs)))
+    with pytest.raises(ValueError, match="head_pool"):
+        GradCAM(other)
+
+
+def test_cam_pictures_are_written(keras_atto, tmp_path):
+    twin = tmp_path / "b" / "cat.jpg"
+    twin.parent.mkdir()
+    twin.write_bytes((EXAMPLES / "cat.jpg").read_bytes())
+    results = predict_files(keras_atto, [EXAMPLES / "cat.jpg", twin], cam_dir=tmp_path / "cams")
+    assert [Path(r.cam_path).name for r in results] == ["cat_cam.png", "cat_2_cam.png"]
+    picture = Image.open(results[0].cam_path)
+    assert picture.format == "PNG" and picture.mode == "RGB"
+    # The region the model saw, at the photo's own resolution (224/256 of the shorter side).
+    box = preprocess.crop_box((451, 300), "convnext_atto")
+    assert picture.size == (round(box[2]) - round(box[0]), round(box[3]) - round(box[1]))
+    assert all(abs(side - 224 / 256 * 300) <= 1 for side in picture.size)
+    mode = stat.S_IMODE(os.stat(results[0].cam_path).st_mode)
+    assert mode & 0o044, "CAM pictures are user files, readable as the umask allows"
+    assert not list((tmp_path / "cams").glob(".*"))  # no temp files left
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def _invoke(args, env=None):
+    return CliRunner().invoke(main, args, env=env, catch_exceptions=False)
+
+
+def test_cli_predict_json_and_failures(atto, tmp_path):
+    _, ckpt = atto
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("not a photo")
+    args = ["predict", str(PHOTOS[0]), str(notes), str(PHOTOS[1]), "--model", "convnext_atto"]
+    result = _invoke([*args, "--weights", str(ckpt), "--top", "3", "--json"])
+    assert result.exit_code == 1, result.output
+    rows = json.loads(result.stdout)
+    assert [r["file"] for r in rows] == [str(PHOTOS[0]), str(notes), str(PHOTOS[1])]
+    assert "error" in rows[1] and "notes.jpg" in rows[1]["error"]
+    assert [len(r["predictions"]) for r in (rows[0], rows[2])] == [3, 3]
+    first = rows[0]["predictions"][0]
+    assert set(first) == {"rank", "index", "wnid", "label", "probability"}
+    assert first["label"] == labels.imagenet_1k().names[first["index"]]
+    assert "skipped:" in result.stderr and "1 of 3 images" in result.stderr
+
+    ok = _invoke(["predict", str(PHOTOS[0]), "--model", "convnext_atto", "--weights", str(ckpt)])
+    assert ok.exit_code == 0, ok.output
+    lines = ok.stdout.splitlines()
+    assert lines[0] == str(PHOTOS[0]) and len(lines) == 6
+    assert lines[1].lstrip().startswith("1. ") and "%" in lines[1]
+
+
+def test_cli_predict_cam(atto, tmp_path):
+    _, ckpt = atto
+    out = tmp_path / "cams"
+    result = _invoke(
+        ["predict", str(EXAMPLES / "rocket.jpg"), "--model", "convnext_atto", "--weights",
+         str(ckpt), "--top", "1", "--cam", str(out)]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (out / "rocket_cam.png").is_file()
+    assert f"Grad-CAM: {out / 'rocket_cam.png'}" in result.stdout
+
+
+def test_make_demo_fails_fast_offline(loopback_server, monkeypatch):
+    """The README's main job without reachable weights: the download error, never random
+    weights."""
+    monkeypatch.setenv("CONVNEXT_BASE_URL", loopback_server.url)
+    args = ["predict", *map(str, PHOTOS), "--model", "convnext_tiny_1k_224", "--top", "3"]
+    result = _invoke(args)
+    assert result.exit_code == 2
+    assert result.stdout == ""  # no predictions at all
+    message = result.stderr
+    url = loopback_server.url + "convnext_tiny_1k_224_ema.pth"
+    assert message.startswith("error: Could not download " + url)
+    assert "404" in message and "--weights FILE" in message and "CONVNEXT_BASE_URL" in message
+    assert loopback_server.requests == ["/convnext_tiny_1k_224_ema.pth"]

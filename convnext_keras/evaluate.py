@@ -1,0 +1,464 @@
+"""ImageNet-1k validation accuracy, exactly as the original evaluates.
+
+Layouts found automatically (:func:`find_dataset`):
+
+* class folders: ``DATA/<wnid>/*.JPEG`` (or ``DATA/val/<wnid>/...``);
+* the flat ILSVRC2012 layout ``DATA/ILSVRC2012_val_00000001.JPEG`` ... with its ground truth:
+  Kaggle's ``LOC_val_solution.csv``, the devkit's ``ILSVRC2012_validation_ground_truth.txt``
+  (+ the devkit's ``meta.mat`` beside it, read with scipy) or a text file of one wnid per image
+  (TF-slim's ``imagenet_2012_validation_synset_labels.txt``), in ``DATA`` or a folder above it.
+
+Images go through the official evaluation transform (no EXIF rotation, as the original) in a
+thread pool that decodes ahead of the model.  Unreadable files are counted and listed in the
+report, never dropped silently and never a crash.  With several local accelerators (or virtual
+CPU devices) the model runs data-parallel: ``keras.distribution.DataParallel`` on JAX,
+``tf.distribute.MirroredStrategy`` on TensorFlow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import labels as labels_mod
+from . import preprocess, registry
+
+_WNID = re.compile(r"^n\d{8}$")
+_VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})", re.IGNORECASE)
+GROUND_TRUTH_FILES = (
+    "LOC_val_solution.csv",
+    "ILSVRC2012_validation_ground_truth.txt",
+    "imagenet_2012_validation_synset_labels.txt",
+)
+#: How many folders above DATA are searched for a ground-truth file.
+_SEARCH_UP = 3
+
+
+@dataclasses.dataclass
+class EvalSet:
+    """Files to evaluate and their ImageNet-1k class indices."""
+
+    root: Path
+    layout: str  # "class-folders" or "flat (<ground truth file>)"
+    paths: list[Path]
+    targets: np.ndarray  # int64, 1k head index of each path
+    #: Files that cannot be evaluated before reading them (e.g. no ground-truth label).
+    unlabeled: list[dict] = dataclasses.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, limit: int | None, seed: int = 0) -> EvalSet:
+        """A reproducible random subset of ``limit`` images (all classes represented evenly
+        in expectation), kept in file order."""
+        if limit is None or limit >= len(self.paths):
+            return self
+        if limit < 1:
+            raise ValueError(f"limit must be a positive integer, got {limit}.")
+        keep = np.sort(np.random.default_rng(seed).choice(len(self.paths), limit, replace=False))
+        return dataclasses.replace(
+            self, paths=[self.paths[i] for i in keep], targets=self.targets[keep]
+        )
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _class_folders(root: Path) -> EvalSet | None:
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and _WNID.match(p.name))
+    if not dirs:
+        return None
+    names = labels_mod.imagenet_1k()
+    unknown = [d.name for d in dirs if d.name not in names.wnids]
+    if unknown:
+        raise ValueError(
+            f"{root}: {len(unknown)} class folder(s) are not ImageNet-1k classes "
+            f"({', '.join(unknown[:5])}{'...' if len(unknown) > 5 else ''}); eval measures "
+            "the 1000-class ImageNet-1k validation set."
+        )
+    paths, targets = [], []
+    for d in dirs:
+        files = _files(d)
+        paths += files
+        targets += [names.index(d.name)] * len(files)
+    return EvalSet(root, "class-folders", paths, np.asarray(targets, np.int64))
+
+
+def _find_ground_truth(root: Path) -> Path | None:
+    folders = [root, *list(root.parents)[:_SEARCH_UP]]
+    for folder in folders:
+        for sub in (folder, folder / "ILSVRC2012_devkit_t12" / "data"):
+            for name in GROUND_TRUTH_FILES:
+                if (sub / name).is_file():
+                    return sub / name
+    return None
+
+
+def _read_loc_csv(path: Path) -> dict[int, str]:
+    out = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            m = _VAL_NUMBER.search(row.get("ImageId", ""))
+            words = (row.get("PredictionString") or "").split()
+            if m and words:
+                out[int(m.group(1))] = words[0]
+    if not out:
+        raise ValueError(
+            f"{path}: no rows of the form 'ImageId,PredictionString' (Kaggle's "
+            "LOC_val_solution.csv) were found."
+        )
+    return out
+
+
+def _devkit_wnids(meta: Path) -> dict[int, str]:
+    """ILSVRC2012_ID -> wnid from the devkit's meta.mat (its IDs are not the head order)."""
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise ValueError(
+            f"Reading {meta} needs scipy (pip install scipy); or use class folders or "
+            "LOC_val_solution.csv."
+        ) from None
+    synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
+    return {
+        int(s["ILSVRC2012_ID"]): str(s["WNID"])
+        for s in synsets
+        if int(s["num_children"]) == 0 and 1 <= int(s["ILSVRC2012_ID"]) <= 1000
+    }
+
+
+def _read_line_file(path: Path) -> dict[int, str]:
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if lines and all(_WNID.match(line) for line in lines):  # one wnid per image
+        return {i + 1: w for i, w in enumerate(lines)}
+    meta = path.parent / "meta.mat"
+    if not meta.is_file():
+        raise ValueError(
+            f"{path} holds the devkit's ILSVRC2012_IDs, which need the devkit's meta.mat "
+            f"beside it ({meta} is missing) to map to classes."
+        )
+    ids = _devkit_wnids(meta)
+    try:
+        return {i + 1: ids[int(line)] for i, line in enumerate(lines)}
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path}: line is not an ILSVRC2012_ID of {meta} ({e}).") from None
+
+
+def _flat(root: Path, ground_truth: Path | None) -> EvalSet | None:
+    files = [p for p in _files(root) if _VAL_NUMBER.search(p.name)]
+    if not files:
+        return None
+    gt = Path(ground_truth) if ground_truth else _find_ground_truth(root)
+    if gt is None:
+        raise ValueError(
+            f"{root} holds ILSVRC2012_val_* images but no ground truth was found in it or "
+            f"the {_SEARCH_UP} folders above ({', '.join(GROUND_TRUTH_FILES)}); pass "
+            "--ground-truth FILE (ground_truth=...)."
+        )
+    if not gt.is_file():
+        raise FileNotFoundError(f"Ground-truth file not found: {gt}")
+    wnid_of = _read_loc_csv(gt) if gt.suffix.lower() == ".csv" else _read_line_file(gt)
+    names = labels_mod.imagenet_1k()
+    paths, targets, unlabeled = [], [], []
+    for p in files:
+        wnid = wnid_of.get(int(_VAL_NUMBER.search(p.name).group(1)))
+        if wnid is None or wnid not in names.wnids:
+            unlabeled.append({"file": str(p), "error": f"no ImageNet-1k label in {gt.name}"})
+            continue
+        paths.append(p)
+        targets.append(names.index(wnid))
+    return EvalSet(root, f"flat ({gt.name})", paths, np.asarray(targets, np.int64), unlabeled)
+
+
+def find_dataset(data, *, ground_truth=None) -> EvalSet:
+    """Find the images and labels of an ImageNet-1k validation folder (layouts: module doc)."""
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"Validation data folder not found: {root}")
+    for candidate in (root, root / "val"):
+        if not candidate.is_dir():
+            continue
+        found = _class_folders(candidate)
+        if found is None:
+            found = _flat(candidate, ground_truth)
+        if found is not None:
+            return found
+    raise ValueError(
+        f"{root} is not an ImageNet validation folder: expected class folders "
+        "(<wnid>/*.JPEG, e.g. n01440764/) or flat ILSVRC2012_val_*.JPEG files with a "
+        "ground-truth file."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """Accuracy and everything behind it; :meth:`to_dict` is the JSON report."""
+
+    model: str
+    data: str
+    layout: str
+    acc1: float
+    acc5: float
+    evaluated: int
+    seconds: float
+    images_per_s: float
+    preprocess_images_per_s: float | None
+    model_images_per_s: float
+    devices: int
+    per_class: dict[str, dict]
+    unreadable: list[dict]
+    predictions: list[dict]
+    real_acc1: float | None = None
+    config: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def write(self, path) -> Path:
+        """Write the JSON report atomically."""
+        from .gradcam import atomic_output
+
+        path = Path(path)
+        with atomic_output(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+
+def _local_devices() -> list[str]:
+    """Accelerators of the running backend, else its CPU devices (virtual ones count)."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        devices = jax.local_devices()
+        return [f"{d.platform}:{d.id}" for d in devices]
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_logical_devices("GPU")
+        return [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+    return ["default"]  # torch: one device (see docs: data-parallel eval is JAX/TF only)
+
+
+@contextlib.contextmanager
+def _data_parallel(devices: list[str]):
+    """A scope in which models are created and run replicated over ``devices``."""
+    import keras
+
+    if len(devices) < 2:
+        yield
+        return
+    backend = keras.backend.backend()
+    if backend == "jax":
+        distribution = keras.distribution.DataParallel(devices=devices)
+        with distribution.scope():
+            yield
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.distribute.MirroredStrategy(devices).scope():
+            yield
+    else:
+        yield
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(
+        TextColumn("eval"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeRemainingColumn(),
+        transient=False,
+    )
+    bar.start()
+    return bar, bar.add_task("eval", total=total, status="")
+
+
+def evaluate(
+    model,
+    data,
+    *,
+    weights="official",
+    batch_size: int = 32,
+    limit: int | None = None,
+    ground_truth=None,
+    real: bool = False,
+    workers: int | None = None,
+    progress: bool | None = None,
+    config=None,
+    data_parallel: bool = True,
+) -> EvalResult:
+    """acc@1 / acc@5 of a 1000-class model on ImageNet-1k validation data.
+
+    Args:
+        model: a model name (``"convnext_tiny_1k_224"``), a ``.keras`` file or a keras.Model.
+        data: the validation folder (class folders or the flat ILSVRC2012 layout).
+        weights: for names: ``"official"`` (downloaded once) or a local checkpoint.
+        batch_size: images per model call (split over the devices when data-parallel).
+        limit: evaluate a reproducible random subset of this many images.
+        ground_truth: the flat layout's ground-truth file when not found automatically.
+        real: also report ImageNet-ReaL acc@1 (needs ILSVRC2012_val_<number> file names).
+        workers: decoding threads (default: the usable CPUs).
+        progress: show a progress bar (default: when stderr is a terminal).
+        config: preprocessing settings (default: the model name's registry entry).
+        data_parallel: replicate the model over all local devices when there are several.
+    """
+    import keras
+
+    from .predict import load_classifier
+
+    dataset = find_dataset(data, ground_truth=ground_truth).subset(limit)
+    if len(dataset) == 0:
+        raise ValueError(f"{data}: no images to evaluate.")
+    real_labels = _real_targets(dataset) if real else None
+    devices = _local_devices() if data_parallel else ["default"]
+    with _data_parallel(devices):
+        keras_model, config = load_classifier(model, weights=weights, config=config)
+        classes = int(keras_model.output_shape[-1])
+        if classes != registry.NUM_CLASSES_1K:
+            raise ValueError(
+                f"eval measures ImageNet-1k accuracy, but the model has {classes} classes; "
+                "use a 1k model (for the 21k-pre-trained ones: convnext_*_21k_1k_*)."
+            )
+        batches = preprocess.ImageBatches(
+            dataset.paths, config, batch_size, workers=workers, skip_errors=True
+        )
+        show = sys.stderr.isatty() if progress is None else progress
+        bar = _progress(len(dataset), show)
+        top5 = np.full((len(dataset), 5), -1, np.int64)
+        done = np.zeros(len(dataset), bool)
+        model_seconds = 0.0
+        start = time.perf_counter()
+        try:
+            for images, indices in batches:
+                t = time.perf_counter()
+                logits = _predict(keras_model, images, len(devices))
+                model_seconds += time.perf_counter() - t
+                top5[indices] = np.argsort(-logits, axis=1, kind="stable")[:, :5]
+                done[indices] = True
+                if bar:
+                    n = int(done.sum())
+                    correct = int((top5[done, 0] == dataset.targets[done]).sum())
+                    bar[0].update(
+                        bar[1],
+                        completed=n + len(batches.errors),
+                        status=f"acc@1 {100 * correct / n:.2f}%",
+                    )
+        finally:
+            if bar:
+                bar[0].stop()
+        seconds = time.perf_counter() - start
+    timing = {
+        "seconds": seconds,
+        "model_seconds": model_seconds,
+        "devices": len(devices),
+        "preprocess_images_per_s": batches.images_per_second,
+    }
+    unreadable = dataset.unlabeled + [{"file": e.path, "error": e.reason} for e in batches.errors]
+    settings = {**config._asdict(), "backend": keras.backend.backend()}
+    return _result(
+        keras_model.name, str(data), dataset, top5, done, real_labels, unreadable, settings, timing
+    )
+
+
+def _predict(model, images: np.ndarray, n_devices: int) -> np.ndarray:
+    """Logits; batches are padded to a multiple of the device count, then trimmed."""
+    import keras
+
+    n = len(images)
+    pad = (-n) % n_devices
+    if pad:
+        images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
+    if n_devices > 1 and keras.backend.backend() == "tensorflow":
+        # TensorFlow: predict_on_batch would run the whole batch on every replica; predict()
+        # splits it over the MirroredStrategy's replicas.
+        logits = model.predict(images, batch_size=len(images), verbose=0)
+    else:
+        logits = model.predict_on_batch(images)
+    return np.asarray(logits, dtype=np.float32)[:n]
+
+
+def _real_targets(dataset: EvalSet) -> list[tuple[int, ...]]:
+    real = labels_mod.imagenet_real()
+    out = []
+    for p in dataset.paths:
+        m = _VAL_NUMBER.search(p.name)
+        if not m or not 1 <= int(m.group(1)) <= len(real):
+            raise ValueError(
+                f"ImageNet-ReaL labels are indexed by the validation file number; {p.name} "
+                "has none (expected ILSVRC2012_val_<8 digits>.JPEG)."
+            )
+        out.append(real[int(m.group(1)) - 1])
+    return out
+
+
+def _result(
+    model_name, data, dataset, top5, done, real_labels, unreadable, config, timing
+) -> EvalResult:
+    names = labels_mod.imagenet_1k()
+    targets = dataset.targets
+    hit1 = top5[:, 0] == targets
+    hit5 = (top5 == targets[:, None]).any(axis=1)
+    n = int(done.sum())
+    per_class = {}
+    for c in np.unique(targets[done]):
+        mask = done & (targets == c)
+        per_class[names.wnids[c]] = {
+            "name": names.names[c],
+            "images": int(mask.sum()),
+            "acc1": float(100 * hit1[mask].mean()),
+            "acc5": float(100 * hit5[mask].mean()),
+        }
+    real_acc1 = None
+    if real_labels is not None:
+        scored = [i for i in np.flatnonzero(done) if real_labels[i]]
+        if scored:
+            real_acc1 = float(100 * np.mean([top5[i, 0] in real_labels[i] for i in scored]))
+    predictions = [
+        {"file": str(dataset.paths[i]), "label": int(targets[i]), "top5": top5[i].tolist()}
+        for i in np.flatnonzero(done)
+    ]
+    seconds, model_seconds = timing["seconds"], timing["model_seconds"]
+    return EvalResult(
+        model=model_name,
+        data=data,
+        layout=dataset.layout,
+        acc1=float(100 * hit1[done].mean()) if n else 0.0,
+        acc5=float(100 * hit5[done].mean()) if n else 0.0,
+        evaluated=n,
+        seconds=seconds,
+        images_per_s=n / seconds if seconds > 0 else 0.0,
+        preprocess_images_per_s=timing["preprocess_images_per_s"],
+        model_images_per_s=n / model_seconds if model_seconds > 0 else 0.0,
+        devices=timing["devices"],
+        per_class=per_class,
+        unreadable=unreadable,
+        predictions=predictions,
+        real_acc1=real_acc1,
+        config=config,
+    )

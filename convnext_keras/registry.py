@@ -41,6 +41,11 @@ SQUASH_RESOLUTION = 384
 NUM_CLASSES_1K = 1000
 NUM_CLASSES_21K = 21841
 
+#: Stochastic-depth rates of the original's ImageNet-22k -> 1k fine-tuning commands
+#: (facebookresearch/ConvNeXt TRAINING.md, "Fine-tune from ImageNet-22K pre-training"; the same
+#: at 224 and 384).  Variants without an entry have no published fine-tuning rate.
+FINETUNE_DROP_PATH = {"base": 0.2, "large": 0.3, "xlarge": 0.4}
+
 
 @dataclasses.dataclass(frozen=True)
 class Variant:

@@ -1,0 +1,422 @@
+"""Image folders in, reproducible training and validation batches out.
+
+A data directory holds one sub-folder per class, optionally inside ``train/`` and ``val/``
+(or ``validation/``); without them a seeded, stratified validation split is drawn.  Every file
+is checked once when the folder is scanned: files PIL cannot read are skipped, counted and
+reported, never fed to the model.
+
+Batches are :class:`keras.utils.PyDataset` objects (no TensorFlow needed): batch ``b`` of epoch
+``e`` is a pure function of ``(seed, e, b)`` - the order of the epoch, the random resized crop,
+the flip, RandAugment and mixup/cutmix - so a run resumed at any batch sees exactly the batches
+the uninterrupted run would have seen, whatever the number of devices or loader threads.
+
+Training augmentation follows the original (timm ``create_transform`` + ``Mixup``):
+random resized crop (scale 0.08-1, ratio 3/4-4/3, bicubic) and horizontal flip, optionally
+RandAugment (Keras' ``RandAugment`` layer) and batch-wise mixup/cutmix with the partner being
+the batch reversed.  Validation uses the official evaluation transform
+(:func:`convnext_keras.preprocess.eval_transform`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+import os
+from pathlib import Path
+
+import keras
+import numpy as np
+from PIL import Image
+
+from .. import preprocess
+
+#: Names accepted for the split folders.
+TRAIN_DIRS = ("train",)
+VAL_DIRS = ("val", "validation")
+
+# Stream ids that keep the random draws of different purposes independent.
+_ORDER, _BATCH, _SPLIT = 1, 2, 3
+
+
+class DataError(ValueError):
+    """A data directory that cannot be trained on; the message says what to fix."""
+
+
+@dataclasses.dataclass
+class ImageFolder:
+    """A scanned data directory: class names and (path, label) samples of each split."""
+
+    root: Path
+    classes: list[str]
+    train: list[tuple[str, int]]
+    val: list[tuple[str, int]]
+    #: Files that could not be read as images: (path, reason).
+    skipped: list[tuple[str, str]]
+    #: "folders" (train/ and val/ given) or "split" (validation drawn from one folder).
+    layout: str
+
+    def summary(self) -> dict:
+        counts = np.bincount([y for _, y in self.train], minlength=len(self.classes))
+        return {
+            "root": str(self.root),
+            "layout": self.layout,
+            "classes": len(self.classes),
+            "train": len(self.train),
+            "val": len(self.val),
+            "skipped": len(self.skipped),
+            "min_per_class": int(counts.min()),
+            "max_per_class": int(counts.max()),
+        }
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _files(folder: Path) -> list[Path]:
+    """Every non-hidden file below ``folder``, sorted (torchvision ImageFolder walks too)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
+    return found
+
+
+def _check_image(path: Path) -> str | None:
+    """None if PIL can read the file as an image, else the reason."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Image.UnidentifiedImageError:
+        return "not an image format PIL knows"
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on corrupt files
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _read_split(folder: Path, classes: list[str] | None, workers: int):
+    """(classes, samples, skipped) of a folder with one sub-folder per class."""
+    dirs = _class_dirs(folder)
+    names = [d.name for d in dirs]
+    if classes is not None and names != classes:
+        missing = sorted(set(classes) - set(names))
+        extra = sorted(set(names) - set(classes))
+        raise DataError(
+            f"{folder} has other classes than the training folder: "
+            + (f"missing {missing}" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"unexpected {extra}" if extra else "")
+            + ". Give train/ and val/ the same class folders."
+        )
+    per_class = [_files(d) for d in dirs]
+    flat = [p for files in per_class for p in files]
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+        reasons = list(pool.map(_check_image, flat))
+    bad = {p: r for p, r in zip(flat, reasons) if r is not None}
+    samples, skipped = [], [(str(p), r) for p, r in bad.items()]
+    for label, (d, files) in enumerate(zip(dirs, per_class)):
+        good = [str(p) for p in files if p not in bad]
+        if not good:
+            what = "is empty" if not files else f"has no readable image ({len(files)} skipped)"
+            raise DataError(
+                f"Class folder {d} {what}. Every class needs at least one image: add images or "
+                "remove the folder."
+            )
+        samples += [(p, label) for p in good]
+    return names, samples, skipped
+
+
+def scan(
+    data_dir: str | os.PathLike,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    workers: int = 4,
+) -> ImageFolder:
+    """Read a data directory (see the module docstring) and check every file once.
+
+    Raises:
+        DataError: no such directory, fewer than two classes, an empty class folder,
+            train/ and val/ with different classes, or too few images to split.
+    """
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"Data directory {root} does not exist (or is not a directory).")
+    train_dir = next((root / n for n in TRAIN_DIRS if (root / n).is_dir()), None)
+    val_dir = next((root / n for n in VAL_DIRS if (root / n).is_dir()), None)
+    source = train_dir or root
+    if not _class_dirs(source):
+        raise DataError(
+            f"{source} has no class folders. Expected DATA_DIR/<class>/<image files> (optionally "
+            "DATA_DIR/train/<class>/... and DATA_DIR/val/<class>/...)."
+        )
+    classes, train, skipped = _read_split(source, None, workers)
+    if len(classes) < 2:
+        raise DataError(
+            f"{source} has a single class ({classes[0]!r}); a classifier needs at least two "
+            "class folders."
+        )
+    if train_dir is not None and val_dir is not None:
+        _, val, skipped_val = _read_split(val_dir, classes, workers)
+        return ImageFolder(root, classes, train, val, skipped + skipped_val, "folders")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+    train, val = stratified_split(train, val_fraction, seed)
+    return ImageFolder(root, classes, train, val, skipped, "split")
+
+
+def stratified_split(samples, val_fraction: float, seed: int):
+    """Split (path, label) samples per class: ``round(n * fraction)`` of each class (at least
+    one when the class has two or more images and the fraction is positive) go to validation."""
+    rng = np.random.default_rng([seed, _SPLIT])
+    by_class: dict[int, list] = {}
+    for sample in samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    train, val = [], []
+    for label in sorted(by_class):
+        items = by_class[label]
+        order = rng.permutation(len(items))
+        n_val = round(len(items) * val_fraction)
+        if val_fraction > 0 and len(items) >= 2:
+            n_val = min(max(n_val, 1), len(items) - 1)
+        val += [items[i] for i in sorted(order[:n_val])]
+        train += [items[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation (numpy + PIL; one numpy Generator per batch)
+
+
+def crop_box(
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """torchvision's ``RandomResizedCrop.get_params``: ``(left, top, width, height)``.
+
+    Ten tries at a box of ``scale`` of the area with a log-uniform aspect ``ratio``; failing
+    that, the largest centred box with the aspect clamped into ``ratio``.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def random_resized_crop(
+    image: Image.Image,
+    rng: np.random.Generator,
+    resolution: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    interpolation: str = "bicubic",
+) -> Image.Image:
+    """torchvision's ``RandomResizedCrop``: a :func:`crop_box` resized to a square."""
+    left, top, w, h = crop_box(*image.size, rng, scale, ratio)
+    return image.resize(
+        (resolution, resolution),
+        preprocess.INTERPOLATIONS[interpolation],
+        box=(left, top, left + w, top + h),
+    )
+
+
+def mix_batch(
+    x: np.ndarray,
+    y: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    mixup: float = 0.0,
+    cutmix: float = 0.0,
+    prob: float = 1.0,
+    switch_prob: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """timm's batch-mode ``Mixup``: one lambda per batch, partner = the batch reversed.
+
+    With both alphas positive, cutmix is chosen with ``switch_prob``; the cutmix box is
+    clipped at the border and lambda corrected to the pasted area.  ``y`` are one-hot (or
+    soft) targets; label smoothing is left to the loss, which gives the same targets.
+    """
+    if (mixup <= 0 and cutmix <= 0) or rng.random() >= prob:
+        return x, y
+    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < switch_prob)
+    lam = float(rng.beta(cutmix, cutmix) if use_cutmix else rng.beta(mixup, mixup))
+    flipped = x[::-1]
+    if use_cutmix:
+        height, width = x.shape[1:3]
+        cut = math.sqrt(1.0 - lam)
+        cut_h, cut_w = int(height * cut), int(width * cut)
+        cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
+        y0, y1 = np.clip([cy - cut_h // 2, cy + cut_h // 2], 0, height)
+        x0, x1 = np.clip([cx - cut_w // 2, cx + cut_w // 2], 0, width)
+        x = x.copy()
+        x[:, y0:y1, x0:x1] = flipped[:, y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
+    else:
+        x = x * np.float32(lam) + flipped * np.float32(1.0 - lam)
+    y = y * np.float32(lam) + y[::-1] * np.float32(1.0 - lam)
+    return x.astype(np.float32, copy=False), y.astype(np.float32, copy=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """Training augmentation settings (see :func:`convnext_keras.finetune.run`)."""
+
+    resolution: int
+    interpolation: str = "bicubic"
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    hflip: float = 0.5
+    randaugment: int = 0  # number of ops; 0 = off
+    randaugment_magnitude: float = 0.9
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_prob: float = 1.0
+    mix_switch_prob: float = 0.5
+
+
+def _randaugment(images: np.ndarray, aug: Augment, seed: int) -> np.ndarray:
+    # A fresh layer per batch: its seed makes the draw a function of the batch alone.
+    layer = keras.layers.RandAugment(
+        value_range=(0, 255),
+        num_ops=aug.randaugment,
+        factor=aug.randaugment_magnitude,
+        interpolation="bilinear",
+        seed=seed,
+    )
+    out = keras.ops.convert_to_numpy(layer(images.astype(np.float32), training=True))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _load(path: str) -> Image.Image:
+    try:
+        return preprocess.load_image(path)
+    except preprocess.ImageError as e:
+        raise DataError(
+            f"{e} It passed the scan at the start of the run but no longer decodes; remove or "
+            "replace it (resume continues, in a different data order)."
+        ) from e
+
+
+class TrainBatches(keras.utils.PyDataset):
+    """Training batches of one epoch, starting at batch ``start`` (for a resumed run).
+
+    The epoch's order is a permutation drawn from ``(seed, epoch)``; incomplete last batches
+    are dropped (as the original's ``drop_last=True``).  Yields ``(images, one-hot targets)``.
+    """
+
+    def __init__(
+        self,
+        samples: list[tuple[str, int]],
+        num_classes: int,
+        aug: Augment,
+        *,
+        batch_size: int,
+        epoch: int,
+        seed: int,
+        start: int = 0,
+        workers: int = 1,
+    ):
+        super().__init__(workers=workers, use_multiprocessing=False)
+        self.samples, self.num_classes, self.aug = samples, num_classes, aug
+        self.batch_size, self.epoch, self.seed, self.start = batch_size, epoch, seed, start
+        self.steps = len(samples) // batch_size
+        self.order = np.random.default_rng([seed, _ORDER, epoch]).permutation(len(samples))
+
+    def __len__(self):
+        return self.steps - self.start
+
+    def batch(self, index: int):
+        """Batch ``index`` of the epoch (counting from the epoch's start, not ``start``)."""
+        aug = self.aug
+        rng = np.random.default_rng([self.seed, _BATCH, self.epoch, index])
+        chosen = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+        images, labels = [], []
+        for i in chosen:
+            path, label = self.samples[i]
+            image = random_resized_crop(
+                _load(path), rng, aug.resolution, aug.crop_scale, interpolation=aug.interpolation
+            )
+            if rng.random() < aug.hflip:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            images.append(np.asarray(image, dtype=np.uint8))
+            labels.append(label)
+        batch = np.stack(images)
+        if aug.randaugment:
+            batch = _randaugment(batch, aug, int(rng.integers(1, 2**31 - 1)))
+        x = preprocess.normalize(batch)
+        y = np.eye(self.num_classes, dtype=np.float32)[labels]
+        return mix_batch(
+            x,
+            y,
+            rng,
+            mixup=aug.mixup,
+            cutmix=aug.cutmix,
+            prob=aug.mix_prob,
+            switch_prob=aug.mix_switch_prob,
+        )
+
+    def __getitem__(self, i):
+        if i >= len(self):
+            raise IndexError(i)
+        return self.batch(self.start + i)
+
+
+class EvalBatches(keras.utils.PyDataset):
+    """Validation images through the official eval transform, in folder order.
+
+    Every batch has ``batch_size`` rows (the last one padded by repeating its first image) so
+    that it splits evenly over devices; :attr:`sizes` says how many rows are real.
+    """
+
+    def __init__(
+        self,
+        samples: list[tuple[str, int]],
+        *,
+        resolution: int,
+        crop_pct: float,
+        interpolation: str,
+        batch_size: int,
+        workers: int = 1,
+    ):
+        super().__init__(workers=workers, use_multiprocessing=False)
+        self.samples = samples
+        self.config = (resolution, crop_pct, interpolation)
+        self.batch_size = batch_size
+        n = len(samples)
+        self.sizes = [min(batch_size, n - s) for s in range(0, n, batch_size)]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray([label for _, label in self.samples], dtype=np.int64)
+
+    def __len__(self):
+        return len(self.sizes)
+
+    def __getitem__(self, i):
+        if i >= len(self):
+            raise IndexError(i)
+        chosen = self.samples[i * self.batch_size : i * self.batch_size + self.sizes[i]]
+        x = np.stack([preprocess.eval_transform(_load(p), *self.config) for p, _ in chosen])
+        if len(x) < self.batch_size:
+            x = np.concatenate([x, np.repeat(x[:1], self.batch_size - len(x), axis=0)])
+        return (x,)

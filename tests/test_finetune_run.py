@@ -1,0 +1,278 @@
+"""``convnext finetune`` / ``ck.finetune.run`` end to end: outputs, kill -9 + resume, faults.
+
+The runs train ConvNeXt-atto at 32x32 on four digit classes of scikit-learn's digits, with
+EMA, gradient accumulation and mixup/cutmix switched on so that every piece of state a resume
+has to restore (EMA, accumulators, step counter, seed generators, running metrics) is in play.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from test_finetune_data import digits_folder
+
+from convnext_keras import preprocess
+from convnext_keras.cli import main
+from convnext_keras.finetune import loop, state
+
+RECIPE = [
+    "--model", "convnext_atto",
+    "--epochs", "3",
+    "--batch-size", "8",
+    "--accum-steps", "2",
+    "--resolution", "32",
+    "--lr", "2e-3",
+    "--layer-decay", "0.9",
+    "--weight-decay", "0.05",
+    "--ema", "0.8",
+    "--mixup", "0.8",
+    "--cutmix", "1.0",
+    "--val-fraction", "0.25",
+    "--seed", "3",
+]  # fmt: skip
+RUNTIME = ["--checkpoint-every", "3", "--no-export", "--workers", "1"]
+COMPARED = ("train_loss", "train_acc", "val_loss", "val_acc1", "lr")
+
+
+@pytest.fixture(scope="module")
+def digits4(tmp_path_factory):
+    """64 digit images of 4 classes (48 train / 16 val): 6 steps per epoch at batch 8."""
+    return digits_folder(tmp_path_factory.mktemp("digits4"), per_class=16, classes=4)
+
+
+@pytest.fixture(scope="module")
+def reference(digits4, tmp_path_factory):
+    """An uninterrupted run through the command line (in-process)."""
+    out = tmp_path_factory.mktemp("runs") / "reference"
+    result = CliRunner().invoke(
+        main, ["finetune", str(digits4), "--out", str(out)] + RECIPE + RUNTIME
+    )
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return out, result.output
+
+
+def _metrics(out: Path) -> list[dict]:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_cli_run_writes_every_output(reference):
+    out, output = reference
+    for name in (
+        "run.json",
+        "labels.txt",
+        "checkpoint.safetensors",
+        "best.weights.safetensors",
+        "metrics.csv",
+        "metrics.json",
+        "curves.png",
+        "best.keras",
+        "last.keras",
+    ):
+        assert (out / name).is_file(), name
+    assert "epoch 3/3" in output and "best: epoch" in output and "not exported" in output
+    assert (out / "labels.txt").read_text().split() == [f"digit{i}" for i in range(4)]
+    info = json.loads((out / "run.json").read_text())
+    assert info["recipe"]["accumulation"] == 2 and info["recipe"]["ema"] == 0.8
+    assert info["recipe"]["drop_path"] == loop.DEFAULT_DROP_PATH  # atto: no published rate
+    assert info["data"]["train"] == 48 and info["data"]["val"] == 16
+    history = _metrics(out)
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert all(np.isfinite(row[k]) for row in history for k in COMPARED)
+    csv_rows = (out / "metrics.csv").read_text().splitlines()
+    assert csv_rows[0].split(",") == list(loop.METRIC_COLUMNS) and len(csv_rows) == 4
+    assert float(csv_rows[2].split(",")[1]) == pytest.approx(history[1]["train_loss"])
+    with Image.open(out / "curves.png") as png:
+        assert png.format == "PNG" and png.size[0] > 400
+    meta = state.read_meta(out / "checkpoint.safetensors")
+    assert (meta["epoch"], meta["step"], meta["complete"]) == (3, 0, True)
+    assert not list(out.glob(".*part*"))  # no temporary file left behind
+
+
+def test_best_model_reproduces_the_best_validation_accuracy(reference, digits4):
+    """best.keras (EMA weights) on the validation images gives the recorded val acc@1."""
+    import keras
+
+    out, _ = reference
+    info = json.loads((out / "run.json").read_text())
+    history = _metrics(out)
+    best = max(history, key=lambda r: r["val_acc1"])
+    model = keras.saving.load_model(out / "best.keras", compile=False)
+    folder = loop.data_lib.scan(digits4, val_fraction=0.25, seed=3)
+    x = np.stack(
+        [preprocess.eval_transform(preprocess.load_image(p), 32, 0.875) for p, _ in folder.val]
+    )
+    logits = keras.ops.convert_to_numpy(model(x, training=False))
+    accuracy = float((logits.argmax(axis=1) == [y for _, y in folder.val]).mean())
+    assert accuracy == pytest.approx(best["val_acc1"])
+    assert model.output_shape == (None, len(info["classes"]))
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(loop.load_run(out)(x[:2])), logits[:2], rtol=1e-5, atol=1e-5
+    )
+
+
+def _cli_process(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from convnext_keras.cli import main; main()", "finetune", *args]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_epoch_then_resume_finishes_with_the_same_metrics(reference, digits4, tmp_path):
+    ref_out, _ = reference
+    out = tmp_path / "killed"
+    env = {**os.environ, "CONVNEXT_NO_PROGRESS": "1"}
+    proc = subprocess.Popen(
+        _cli_process(str(digits4), "--out", str(out), *RECIPE, *RUNTIME),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    checkpoint = out / loop.STATE_FILE
+    meta, deadline = None, time.monotonic() + 600
+    try:
+        # Wait for a checkpoint in the middle of epoch 2 (3 of its 6 batches done: one update
+        # done, one gradient waiting in the accumulators), then kill without warning.
+        while time.monotonic() < deadline and proc.poll() is None:
+            meta = state.read_meta(checkpoint) if checkpoint.exists() else None
+            if meta and (meta["epoch"], meta["step"]) >= (1, 3):
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, proc.communicate()[0].decode()[-3000:]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    kept = state.read_meta(checkpoint)
+    assert kept["epoch"] == 1 and 0 < kept["step"] < 6, kept  # really mid-epoch
+    assert len(kept["history"]) == 1
+    # A temporary file a kill left behind is never read.
+    (out / ".checkpoint.safetensors.abc123.part").write_bytes(b"half a checkpoint")
+
+    result = CliRunner().invoke(main, ["finetune", str(digits4), "--resume", str(out)] + RUNTIME)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert f"epoch {kept['epoch'] + 1}, step {kept['step']}" in result.output
+    resumed, uninterrupted = _metrics(out), _metrics(ref_out)
+    assert len(resumed) == len(uninterrupted) == 3
+    for got, want in zip(resumed, uninterrupted):
+        for key in COMPARED:
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (got["epoch"], key)
+    a = loop.hub.load_converted(out / loop.BEST_WEIGHTS)
+    b = loop.hub.load_converted(ref_out / loop.BEST_WEIGHTS)
+    for layer in b:
+        for x, y in zip(a[layer], b[layer]):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=layer)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(digits4, tmp_path):
+    out = tmp_path / "diverged"
+    args = ["finetune", str(digits4), "--out", str(out), "--model", "convnext_atto"]
+    args += ["--epochs", "1", "--batch-size", "8", "--resolution", "32", "--val-fraction", "0.25"]
+    # An absurd learning rate: the first update blows the weights up to ~1e30 (still finite),
+    # the second forward pass overflows.
+    args += ["--lr", "1e30", "--min-lr", "0", "--layer-decay", "1", "--no-export"]
+    args += ["--checkpoint-every", "1", "--workers", "1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 3, result.output
+    assert "loss became nan at epoch 1, step 2 (of 6)" in result.output
+    assert "last good checkpoint" in result.output and "(epoch 1, step 1)" in result.output
+    arrays, meta = state.load(out / loop.STATE_FILE)
+    assert (meta["epoch"], meta["step"]) == (0, 1)
+    assert not state.non_finite(arrays)
+    assert not (out / "best.keras").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors before any training
+
+
+def test_bad_data_errors_come_before_training(tmp_path):
+    (tmp_path / "data" / "cats").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "cats" / "a.png")
+    result = CliRunner().invoke(
+        main, ["finetune", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 2
+    assert "error:" in result.output and "single class ('cats')" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_batch_larger_than_the_data_is_refused(digits4, tmp_path):
+    with pytest.raises(loop.data_lib.DataError, match="fewer than one batch"):
+        loop.run(digits4, tmp_path / "o", model="convnext_atto", batch_size=512, verbose=0)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"lr": -1.0}, "lr must be positive"),
+        ({"precision": "fp8"}, "precision must be one of fp32, bf16, fp16"),
+        ({"crop_scale": (0.5, 0.2)}, "crop_scale must be"),
+        ({"layer_decay": 2.0}, "layer_decay must be in"),
+        ({"warmup_epochs": 40}, "warmup_epochs must be shorter"),
+        ({"model": "convnext_tiny_1k_224_fe"}, "feature extractor name"),
+        ({"model": "convnext_tyni"}, "Did you mean"),
+        ({"weights": "missing.pth"}, "does not exist"),
+        ({"lr_decay": 0.5}, r"Unknown fine-tuning option\(s\) \['lr_decay'\]"),
+    ],
+)
+def test_bad_options_are_refused_with_the_fix(options, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        loop.resolve_recipe(**options)
+
+
+def test_recipe_defaults_are_the_original_fine_tuning_recipe():
+    r = loop.resolve_recipe(model="convnext_base_21k_1k_224")
+    assert (r.lr, r.layer_decay, r.weight_decay, r.head_init_scale) == (5e-5, 0.8, 1e-8, 1e-3)
+    assert (r.epochs, r.warmup_epochs, r.mixup, r.cutmix, r.label_smoothing) == (30, 0, 0, 0, 0.1)
+    assert (r.drop_path, r.resolution, r.crop_pct, r.weights) == (0.2, 224, 0.875, "official")
+    large = loop.resolve_recipe(model="convnext_large_21k_1k_384")
+    assert (large.drop_path, large.resolution, large.crop_pct) == (0.3, 384, 1.0)
+    assert loop.resolve_recipe(model="convnext_atto").weights is None
+
+
+def _copy_run(reference, tmp_path) -> Path:
+    out = tmp_path / "copy"
+    out.mkdir()
+    shutil.copy(reference[0] / "run.json", out / "run.json")
+    return out
+
+
+def test_resume_refuses_other_settings_other_classes_and_damaged_state(reference, tmp_path):
+    out = _copy_run(reference, tmp_path)
+    with pytest.raises(ValueError, match=r"lr: run has 0.002, asked 0.1"):
+        loop.run(tmp_path, out, resume=True, lr=0.1, verbose=0)
+    other = digits_folder(tmp_path / "other", per_class=3, classes=5)
+    with pytest.raises(loop.data_lib.DataError, match=r"missing none, new \['digit4'\]"):
+        loop.run(other, out, resume=True, verbose=0)
+    (out / loop.STATE_FILE).write_bytes(b"\0" * 100)
+    with pytest.raises(state.StateError, match="not a readable fine-tuning state"):
+        loop.run(other, out, resume=True, verbose=0)
+    with pytest.raises(FileNotFoundError, match="Nothing to resume"):
+        loop.run(other, tmp_path / "nothing", resume=True, verbose=0)
+    with pytest.raises(FileExistsError, match="already holds a fine-tuning run"):
+        loop.run(other, reference[0], model="convnext_atto", verbose=0)
+
+
+def test_cli_requires_out_or_resume(tmp_path):
+    result = CliRunner().invoke(main, ["finetune", str(tmp_path)])
+    assert result.exit_code == 2 and "Give --out DIR" in result.output
+    result = CliRunner().invoke(main, ["finetune", str(tmp_path), "--out", "a", "--resume", "b"])
+    assert result.exit_code == 2 and "drop --out" in result.output
+
+
+def test_new_head_starts_small():
+    import keras
+
+    import convnext_keras as ck
+
+    model = ck.load_model("convnext_atto", weights=None, num_classes=7, head_init_scale=1e-3)
+    kernel = keras.ops.convert_to_numpy(model.get_layer("head_fc").kernel)
+    assert 0 < kernel.std() < 0.02 * 1e-3 * 1.5

@@ -5,7 +5,7 @@ ck.list_models()
 model = ck.load_model("convnext_tiny_1k_224")
 """
 
-from . import registry
+from . import finetune, registry
 from .api import OFFICIAL, convert_checkpoint, count_params, list_models, load_model
 from .checkpoints import CheckpointError, UnsafeCheckpointError, convert_state_dict, read_state_dict
 from .hub import DownloadError

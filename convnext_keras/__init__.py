@@ -8,6 +8,7 @@ model = ck.load_model("convnext_tiny_1k_224")
 from . import finetune, registry
 from .api import OFFICIAL, convert_checkpoint, count_params, list_models, load_model
 from .checkpoints import CheckpointError, UnsafeCheckpointError, convert_state_dict, read_state_dict
+from .export import ExportError, VerificationError, export
 from .hub import DownloadError
 
 # Importing the layers registers them with Keras, so keras.saving.load_model("m.keras") needs no
@@ -24,17 +25,20 @@ __all__ = [
     "OFFICIAL",
     "CheckpointError",
     "DownloadError",
+    "ExportError",
     "ImageError",
     "LayerScale",
     "StochasticDepth",
     "UnknownModelError",
     "UnsafeCheckpointError",
+    "VerificationError",
     "build_model",
     "convert_checkpoint",
     "convert_state_dict",
     "count_params",
     "decode_predictions",
     "eval_transform",
+    "export",
     "list_models",
     "load_image",
     "load_model",

@@ -11,6 +11,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from . import core  # noqa: E402,F401  (registers list / convert)
+from . import export as _export  # noqa: E402,F401  (registers export / collection)
 from . import finetune as _finetune  # noqa: E402,F401  (registers finetune)
 from . import predict as _predict  # noqa: E402,F401  (registers predict / eval)
 from ._app import main  # noqa: E402

@@ -1,0 +1,145 @@
+"""``convnext export`` and ``convnext collection``."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ._app import backend_option, echo_table, main
+
+
+def _weights(value: str):
+    """``--weights``: 'official', 'none' (random initialisation) or a checkpoint file."""
+    return None if value.lower() in ("none", "random") else value
+
+
+def _fail(error: Exception):
+    click.echo(f"error: {error}", err=True)
+    sys.exit(1)
+
+
+@main.command("export")
+@click.argument("name")
+@click.option(
+    "--format",
+    "formats",
+    multiple=True,
+    default=["savedmodel"],
+    show_default=True,
+    help="savedmodel (TF-Hub-style, fine-tunable), onnx, tflite or keras; repeat for several.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory; writes OUT/NAME (SavedModel) or OUT/NAME.onnx|.tflite|.keras.",
+)
+@click.option(
+    "--weights",
+    default="official",
+    show_default=True,
+    help="'official' (download/cache), 'none' (random) or a checkpoint file (official, timm "
+    "or Hugging Face layout) for offline use.",
+)
+@click.option("--image-size", type=int, default=None, help="Input size (default: the model's).")
+@click.option(
+    "--dynamic-size", is_flag=True, help="Dynamic height/width (savedmodel, onnx, keras)."
+)
+@click.option(
+    "--include-preprocessing",
+    is_flag=True,
+    help="savedmodel/keras: take uint8 RGB images of any size; crop, resize and normalise "
+    "inside the model.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace existing exports (once verified).")
+@click.option(
+    "--check-hub",
+    is_flag=True,
+    help="savedmodel: also run one hub.KerasLayer(trainable=True) fine-tuning step (tf-keras).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@backend_option
+def export_command(
+    name,
+    formats,
+    out,
+    weights,
+    image_size,
+    dynamic_size,
+    include_preprocessing,
+    overwrite,
+    check_hub,
+    as_json,
+):
+    """Export model NAME (e.g. convnext_tiny_1k_224, or ..._fe for the feature extractor).
+
+    Each export is reloaded and compared with the Keras model before it is moved into OUT;
+    a failed verification leaves nothing there.
+    """
+    # (``convnext_keras.export`` the attribute is the function; import from the module.)
+    from ..export import ExportError, export_named
+
+    try:
+        results = export_named(
+            name,
+            out,
+            formats,
+            weights=_weights(weights),
+            overwrite=overwrite,
+            check_hub=check_hub,
+            image_size=image_size,
+            dynamic_size=dynamic_size,
+            include_preprocessing=include_preprocessing,
+        )
+    except ExportError as e:
+        _fail(e)
+    if as_json:
+        import json
+
+        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+        return
+    for r in results:
+        click.echo(
+            f"wrote {r.path} ({r.format}; input {list(r.input_shape)} {r.input_dtype}; "
+            f"outputs {', '.join(r.outputs)}; {r.seconds}s)"
+        )
+        for line in r.checks:
+            click.echo(f"  verified: {line} (tolerance {r.tolerance:g})")
+        if r.hub_check:
+            h = r.hub_check
+            click.echo(
+                f"  hub.KerasLayer(trainable=True): {h['backbone_variables']} backbone variables, "
+                f"{h['none_gradients'] + h['zero_gradients']} without gradient, {h['changed']} "
+                f"changed by one SGD step, {h['regularization_losses']} regularisation losses, "
+                f"{len(h['warnings'])} variable warnings"
+            )
+
+
+@main.command("collection")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Collection dir.")
+@click.option("--models", "pattern", default=None, help="Shell pattern, e.g. 'convnext_tiny_*'.")
+@click.option(
+    "--weights-dir",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Directory with official checkpoint files under their official names; only these "
+    "(and the cache) are used. Without it, weights come from the cache or are downloaded.",
+)
+@click.option("--overwrite", is_flag=True, help="Rebuild models that are already built.")
+def collection_command(out, pattern, weights_dir, overwrite):
+    """Build the TF-Hub-style collection: per model a classifier and a _fe SavedModel, .keras
+    files and a model card, plus an index page. Skips what is already built and verified."""
+    from .. import collection
+
+    report = collection.build_collection(
+        out, pattern, weights_dir=weights_dir, overwrite=overwrite, log=click.echo
+    )
+    rows = [[n, "built"] for n in report.built] + [[n, "skipped (built)"] for n in report.skipped]
+    rows += [[n, f"missing weights: {why}"] for n, why in report.missing.items()]
+    rows += [[n, f"failed: {why}"] for n, why in report.failed.items()]
+    echo_table(
+        f"Collection in {report.out} (index: {report.out / 'index.md'})", ["model", "status"], rows
+    )
+    if not report.ok:
+        sys.exit(1)

@@ -1,0 +1,587 @@
+"""The TF-Hub-style ConvNeXt collection: SavedModels, ``.keras`` files, model cards and an index.
+
+    convnext collection --out collection/ [--models PATTERN] [--weights-dir DIR]
+
+For every checkpoint of the registry (or those ``PATTERN`` selects) the build writes::
+
+    collection/
+      index.md, index.json                 the collection as a table
+      convnext_tiny_1k_224/
+        README.md                          the model card (generated from the registry)
+        convnext_tiny_1k_224/              classifier SavedModel  (serving output "logits")
+        convnext_tiny_1k_224_fe/           feature-extractor SavedModel (output "features")
+        convnext_tiny_1k_224.keras         the classifier as a Keras 3 file
+        manifest.json                      weights used, every verification, versions
+
+Each model directory is built in a temporary directory beside it and renamed into place only
+when every export is verified (see :mod:`convnext_keras.export`), so a directory that exists is
+complete; the build skips those unless ``overwrite``.  A model whose weights are not available,
+or whose build fails, is reported and the build goes on with the next.  Nothing is built from
+weights other than the official ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from . import registry
+
+MANIFEST = "manifest.json"
+CARD = "README.md"
+#: Version of the manifest layout; a different one is rebuilt, not skipped.
+MANIFEST_FORMAT = 1
+PAPER = "https://arxiv.org/abs/2201.03545"
+PAPER_TITLE = (
+    "Zhuang Liu, Hanzi Mao, Chao-Yuan Wu, Christoph Feichtenhofer, Trevor Darrell, Saining Xie. "
+    '"A ConvNet for the 2020s." CVPR 2022. arXiv:2201.03545'
+)
+ORIGINAL = "https://github.com/facebookresearch/ConvNeXt"
+#: Registry dataset -> (short phrase, what the model card's table says).
+_DATASETS = {
+    "imagenet-1k": (
+        "on ImageNet-1k",
+        f"ImageNet-1k (1.28M images, {registry.NUM_CLASSES_1K} classes)",
+    ),
+    "imagenet-21k": (
+        "on ImageNet-21k",
+        f"ImageNet-21k (about 14M images, {registry.NUM_CLASSES_21K} classes); no ImageNet-1k head",
+    ),
+    "imagenet-21k -> imagenet-1k": (
+        "on ImageNet-21k and fine-tuned on ImageNet-1k",
+        "ImageNet-21k pre-training, then ImageNet-1k fine-tuning",
+    ),
+}
+
+
+class CollectionError(ValueError):
+    """A collection request that cannot be carried out (e.g. no model matches)."""
+
+
+def _artifacts(name: str) -> dict[str, tuple[str, str]]:
+    """{key: (file name inside the model directory, export format)} of one model."""
+    from .export import default_path
+
+    fe = name + registry.FEATURE_EXTRACTOR_SUFFIX
+    return {
+        "classifier_savedmodel": (default_path(name, ".", "savedmodel").name, "savedmodel"),
+        "feature_extractor_savedmodel": (default_path(fe, ".", "savedmodel").name, "savedmodel"),
+        "classifier_keras": (default_path(name, ".", "keras").name, "keras"),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Model cards and the index (pure functions of the registry and a manifest)
+
+
+def _params(ckpt: registry.Checkpoint) -> tuple[int, int]:
+    from .api import count_params
+
+    return count_params(ckpt.variant, ckpt.num_classes), count_params(ckpt.variant)
+
+
+def _eval_transform_text(ckpt: registry.Checkpoint) -> str:
+    from .preprocess import config_for
+
+    config = config_for(ckpt.name)
+    if config.squash:
+        return f"resize to {ckpt.resolution}x{ckpt.resolution} ({ckpt.interpolation}, no crop)"
+    return (
+        f"resize the shorter side to {config.resize_size} ({ckpt.interpolation}), centre-crop "
+        f"{ckpt.resolution}x{ckpt.resolution}"
+    )
+
+
+def model_card(name: str, manifest: dict | None = None) -> str:
+    """The model card (Markdown) of a collection model, in the style of TF-Hub's model pages.
+
+    Everything comes from the registry; ``manifest`` (what a build recorded) adds the weights'
+    provenance and the measured verification.
+    """
+    from .export import INPUT_CONTRACT, TOLERANCE
+
+    resolved = registry.resolve(name)
+    ckpt = resolved.checkpoint
+    if ckpt is None or resolved.head != "classifier":
+        raise CollectionError(
+            f"{name!r} is not a checkpoint of the collection; model cards exist for "
+            f"{', '.join(registry.CHECKPOINTS)}."
+        )
+    spec, name, res = ckpt.spec, ckpt.name, ckpt.resolution
+    fe = name + registry.FEATURE_EXTRACTOR_SUFFIX
+    cls_params, fe_params = _params(ckpt)
+    title = spec.name.capitalize()
+    acc = (
+        f"{ckpt.reported_acc1:.1f}% (reported by the original)"
+        if ckpt.reported_acc1 is not None
+        else "not reported (ImageNet-21k head)"
+    )
+    contract = INPUT_CONTRACT.format(mean=registry.IMAGENET_MEAN, std=registry.IMAGENET_STD)
+    mean, std = list(registry.IMAGENET_MEAN), list(registry.IMAGENET_STD)
+    lines = [
+        f"# {name}",
+        "",
+        f"ConvNeXt-{title} image classifier trained {_DATASETS[ckpt.dataset][0]} at "
+        f"{res}x{res}, and its feature extractor `{fe}`, converted from the official "
+        f"PyTorch checkpoint of [facebookresearch/ConvNeXt]({ORIGINAL}) to Keras 3 and "
+        "exported as TensorFlow SavedModels in the style of the TF-Hub ConvNeXt collection: "
+        "callable with `tf.saved_model.load`, servable with TF Serving and fine-tunable with "
+        "`hub.KerasLayer(..., trainable=True)`.",
+        "",
+        "## Overview",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| Architecture | ConvNeXt-{title}: depths {'-'.join(map(str, spec.depths))}, "
+        f"widths {'-'.join(map(str, spec.dims))} |",
+        f"| Training data | {_DATASETS[ckpt.dataset][1]} |",
+        f"| Resolution | {res}x{res} |",
+        f"| Parameters | {cls_params:,} (classifier), {fe_params:,} (feature extractor) |",
+        f"| ImageNet-1k top-1 | {acc} |",
+        f"| Outputs | `logits`: {ckpt.num_classes} classes (`{name}`); `features`: "
+        f"{spec.num_features}-d pooled, layer-normalised features (`{fe}`) |",
+        f"| Official checkpoint | [`{ckpt.filename}`]"
+        f"({registry.OFFICIAL_BASE_URL}{ckpt.filename}) |",
+        "",
+        "## Files",
+        "",
+        f"- `{name}/`: classifier SavedModel; `serving_default`: `images` -> `logits`.",
+        f"- `{fe}/`: feature-extractor SavedModel; `serving_default`: `images` -> `features`.",
+        f"- `{name}.keras`: the classifier as a Keras 3 file (`import convnext_keras` before "
+        "`keras.saving.load_model`; its `head_norm` layer's output is the feature vector).",
+        "- `manifest.json`: the weights used, every verification and the versions.",
+        "",
+        "## Input contract",
+        "",
+        f"{contract} Batch size is free; height and width are {res}.",
+        "",
+        f"The original evaluation pipeline: {_eval_transform_text(ckpt)}, scale to [0, 1], "
+        "normalise. `convnext export ... --include-preprocessing` writes a SavedModel that "
+        "takes uint8 images of any size and does this itself.",
+        "",
+        "## Usage",
+        "",
+        "### Classification",
+        "",
+        "```python",
+        "import numpy as np",
+        "import tensorflow as tf",
+        "from PIL import Image",
+        "",
+        f'model = tf.saved_model.load("{name}")',
+        'image = Image.open("photo.jpg").convert("RGB")',
+        *_preprocess_snippet(ckpt),
+        f"x = (np.asarray(image, np.float32) / 255.0 - {mean}) / {std}",
+        "logits = model(x[None].astype(np.float32))      # or:",
+        'logits = model.signatures["serving_default"](images=x[None].astype(np.float32))["logits"]',
+        "top5 = tf.math.top_k(logits, k=5)",
+        "```",
+        "",
+        "With Keras 3 (any backend that has TensorFlow installed):",
+        "",
+        "```python",
+        "import keras",
+        f'layer = keras.layers.TFSMLayer("{name}", call_endpoint="serving_default")',
+        'logits = layer(x[None])["logits"]',
+        "```",
+        "",
+        "### Fine-tuning (TF-Hub workflow, tf-keras)",
+        "",
+        "```python",
+        "import tensorflow_hub as hub",
+        "import tf_keras  # TF_USE_LEGACY_KERAS=1; TF-Hub layers are tf-keras layers",
+        "",
+        "model = tf_keras.Sequential([",
+        f"    tf_keras.Input(({res}, {res}, 3)),",
+        f'    hub.KerasLayer("{fe}", trainable=True),',
+        "    tf_keras.layers.Dense(NUM_CLASSES),",
+        "])",
+        "model.compile(optimizer=tf_keras.optimizers.AdamW(1e-4), loss=tf_keras.losses."
+        'SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])',
+        "model.fit(train_ds, validation_data=val_ds, epochs=10)",
+        "```",
+        "",
+        "The SavedModel carries no regularisation losses: use the optimiser's weight decay.",
+    ]
+    if manifest:
+        lines += _verification_section(manifest, TOLERANCE)
+    lines += [
+        "",
+        "## References",
+        "",
+        f"- {PAPER_TITLE}. {PAPER}",
+        f"- Original code and weights (MIT licence): {ORIGINAL}",
+        "- This conversion: convnext_keras (Keras 3; equality with a PyTorch reference is "
+        "tested for every checkpoint architecture).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _preprocess_snippet(ckpt: registry.Checkpoint) -> list[str]:
+    """PIL code doing the official evaluation resize/crop (torchvision's arithmetic)."""
+    from .preprocess import config_for
+
+    config = config_for(ckpt.name)
+    res, resample = ckpt.resolution, f"Image.{ckpt.interpolation.upper()}"
+    if config.squash:
+        return [f"image = image.resize(({res}, {res}), {resample})"]
+    short = config.resize_size
+    return [
+        "w, h = image.size",
+        f"size = ({short}, int({short} * h / w)) if w <= h else (int({short} * w / h), {short})",
+        f"image = image.resize(size, {resample})",
+        f"left, top = round((size[0] - {res}) / 2), round((size[1] - {res}) / 2)",
+        f"image = image.crop((left, top, left + {res}, top + {res}))",
+    ]
+
+
+def _verification_section(manifest: dict, tolerance: dict) -> list[str]:
+    lines = [
+        "",
+        "## Verification",
+        "",
+        f"Weights: {manifest.get('weights', {}).get('description', 'unknown')}.",
+        "",
+        "Every file was reloaded after export and compared with the Keras model on random "
+        "inputs before it was kept:",
+        "",
+        "| file | loader and input | max abs diff | tolerance |",
+        "|---|---|---|---|",
+    ]
+    for art in manifest.get("artifacts", {}).values():
+        for check in art["checks"]:
+            what, diff = check.rsplit(": max |diff| = ", 1)
+            lines.append(f"| `{art['file']}` | {what} | {diff} | {tolerance[art['format']]:g} |")
+    versions = manifest.get("versions", {})
+    if versions:
+        lines += ["", "Built with " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."]
+    return lines
+
+
+def index_markdown(manifests: list[dict], problems: dict[str, str] | None = None) -> str:
+    """The collection's index page: one table row per built model, then what is missing."""
+    order = list(registry.CHECKPOINTS)
+    rows = sorted(manifests, key=lambda m: order.index(m["model"]))
+    lines = [
+        "# ConvNeXt collection (Keras 3 / TensorFlow SavedModel)",
+        "",
+        "Classifier and feature-extractor SavedModels of the official ConvNeXt checkpoints "
+        f"([facebookresearch/ConvNeXt]({ORIGINAL}), [paper]({PAPER})). Each model's card "
+        "lists its input contract, usage for classification and fine-tuning, and the "
+        "verification of every file.",
+        "",
+        "| model | pre-training | resolution | params | acc@1 | classifier | feature extractor "
+        "| max abs diff |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m in rows:
+        ckpt = registry.CHECKPOINTS[m["model"]]
+        cls_params, _ = _params(ckpt)
+        acc = "-" if ckpt.reported_acc1 is None else f"{ckpt.reported_acc1:.1f}"
+        arts = m["artifacts"]
+        worst = max(a["max_abs_diff"] for a in arts.values())
+        cls = arts["classifier_savedmodel"]["file"]
+        fe = arts["feature_extractor_savedmodel"]["file"]
+        lines.append(
+            f"| [{m['model']}]({m['model']}/{CARD}) | {ckpt.dataset} | {ckpt.resolution} "
+            f"| {cls_params / 1e6:.1f}M | {acc} | [`{cls}`]({m['model']}/{cls}) "
+            f"| [`{fe}`]({m['model']}/{fe}) | {worst:.2g} |"
+        )
+    if not rows:
+        lines.append("| (nothing built yet) | | | | | | | |")
+    if problems:
+        lines += ["", "## Not built in the last run", ""]
+        lines += [f"- `{name}`: {why}" for name, why in problems.items()]
+    lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding weights
+
+
+@dataclasses.dataclass
+class _Weights:
+    """Where a model's official weights come from."""
+
+    load_as: str  # what load_model(weights=...) gets: a file path or "official"
+    description: str
+    file: Path | None  # the checkpoint file, when one is on disk (for its sha256)
+
+
+def _find_weights(ckpt: registry.Checkpoint, weights_dir: Path | None) -> _Weights | str:
+    """The weights to build ``ckpt`` from, or why there are none (a string)."""
+    from . import hub
+
+    if weights_dir is not None:
+        local = weights_dir / ckpt.filename
+        if local.is_file():
+            return _Weights(str(local), f"`{ckpt.filename}` from {weights_dir}", local)
+        if hub.is_cached(ckpt):
+            cached = hub.checkpoint_cache_path(ckpt)
+            return _Weights(
+                "official",
+                f"`{ckpt.filename}` from the cache ({hub.cache_dir()})",
+                cached if cached.is_file() else None,
+            )
+        return (
+            f"no {ckpt.filename} in {weights_dir} and not in the cache ({hub.cache_dir()}); "
+            f"download it from {ckpt.url} into {weights_dir}, or run without --weights-dir "
+            "to download it"
+        )
+    cached = hub.checkpoint_cache_path(ckpt)
+    return _Weights(
+        "official",
+        f"`{ckpt.filename}` ({ckpt.url})",
+        cached,  # present after load_model downloads it (or already cached)
+    )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# The build
+
+
+@dataclasses.dataclass
+class CollectionReport:
+    """What a collection build did, by model name."""
+
+    out: Path
+    built: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    #: Models without available weights, and why.
+    missing: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Models whose build failed, and the error.
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.failed
+
+
+def read_manifest(model_dir: Path) -> dict | None:
+    """The manifest of a complete model directory, or None (absent, unreadable, other format)."""
+    try:
+        manifest = json.loads((Path(model_dir) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if (
+        manifest.get("format") != MANIFEST_FORMAT
+        or manifest.get("model") not in registry.CHECKPOINTS
+    ):
+        return None
+    files = [a["file"] for a in manifest.get("artifacts", {}).values()]
+    if set(manifest.get("artifacts", {})) != set(_artifacts(manifest["model"])):
+        return None
+    if not all((Path(model_dir) / f).exists() for f in files):
+        return None
+    return manifest
+
+
+def _versions() -> dict:
+    import keras
+
+    from . import __version__
+
+    versions = {"convnext_keras": __version__, "keras": keras.__version__}
+    try:
+        import tensorflow as tf
+
+        versions["tensorflow"] = tf.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def _build_one(ckpt: registry.Checkpoint, weights: _Weights, model_dir: Path, overwrite: bool):
+    """Export one checkpoint's four artifacts + card + manifest into ``model_dir`` atomically."""
+    import keras
+
+    from .api import load_model
+    from .export import export, staged
+
+    start = time.time()
+    classifier = load_model(ckpt.name, weights=weights.load_as)
+    features = keras.Model(
+        classifier.input,
+        classifier.get_layer("head_norm").output,
+        name=ckpt.name + registry.FEATURE_EXTRACTOR_SUFFIX,
+    )
+    models = {"classifier": classifier, "feature_extractor": features}
+    with staged(model_dir, overwrite=overwrite) as tmp:
+        tmp.mkdir()
+        artifacts = {}
+        for key, (file, fmt) in _artifacts(ckpt.name).items():
+            result = export(models[key.rsplit("_", 1)[0]], tmp / file, fmt)
+            artifacts[key] = {
+                "file": file,
+                "format": fmt,
+                "outputs": result.outputs,
+                "input_shape": list(result.input_shape),
+                "max_abs_diff": result.max_abs_diff,
+                "checks": result.checks,
+            }
+        source = weights.file if weights.file and weights.file.is_file() else None
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "model": ckpt.name,
+            "weights": {
+                "description": weights.description,
+                "file": ckpt.filename,
+                "sha256": _sha256(source) if source else None,
+            },
+            "artifacts": artifacts,
+            "versions": _versions(),
+            "seconds": round(time.time() - start, 1),
+        }
+        (tmp / CARD).write_text(model_card(ckpt.name, manifest))
+        # Written last: a manifest only ever describes a complete directory.
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def select_models(pattern: str | None = None) -> list[str]:
+    """Checkpoint names the collection builds for ``pattern`` (all when None)."""
+    from .api import list_models
+
+    names = list_models(pattern, include_fe=False)
+    if not names:
+        raise CollectionError(
+            f"No checkpoint matches {pattern!r}. Choices: {', '.join(registry.CHECKPOINTS)} "
+            "(shell patterns such as 'convnext_tiny_*' work)."
+        )
+    return names
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _progress(total: int):
+    """A rich progress bar on a terminal, nothing otherwise."""
+    if not sys.stderr.isatty() or os.environ.get("CONVNEXT_NO_PROGRESS"):
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    bar.start()
+    return bar, bar.add_task("collection", total=total)
+
+
+def build_collection(
+    out: str | os.PathLike,
+    models: str | list[str] | None = None,
+    *,
+    weights_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = _stderr,
+) -> CollectionReport:
+    """Build (or complete) the collection in ``out``.
+
+    Args:
+        out: collection directory (created if needed).
+        models: a shell pattern over the checkpoint names (``"convnext_tiny_*"``), a list of
+            names, or None for all 21.
+        weights_dir: a directory holding official checkpoint files under their official names
+            (``convnext_tiny_1k_224_ema.pth``...); only these and the cache are used.  Without
+            it, weights come from the cache or are downloaded (``CONVNEXT_BASE_URL``).
+        overwrite: rebuild models that are already built.
+        log: called with one line per event (None: silent).
+
+    Returns:
+        A :class:`CollectionReport`; ``report.ok`` is False when a model is missing or failed.
+    """
+    from .hub import DownloadError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory; choose another --out.")
+    if weights_dir is not None:
+        weights_dir = Path(weights_dir).expanduser()
+        if not weights_dir.is_dir():
+            raise FileNotFoundError(f"--weights-dir {weights_dir} is not a directory.")
+    if isinstance(models, (list, tuple)):
+        names = [registry.resolve(n).checkpoint and registry.canonical_name(n) for n in models]
+        bad = [n for n, c in zip(models, names) if not c or c not in registry.CHECKPOINTS]
+        if bad:
+            raise CollectionError(
+                f"Not checkpoints of the collection: {', '.join(bad)}. Choices: "
+                f"{', '.join(registry.CHECKPOINTS)}."
+            )
+    else:
+        names = select_models(models)
+    log = log or (lambda message: None)
+    out.mkdir(parents=True, exist_ok=True)
+    report = CollectionReport(out)
+    bar = _progress(len(names))
+    try:
+        for i, name in enumerate(names, 1):
+            ckpt, model_dir = registry.CHECKPOINTS[name], out / name
+            prefix = f"[{i}/{len(names)}] {name}:"
+            if bar:
+                bar[0].update(bar[1], description=name)
+            if not overwrite and read_manifest(model_dir) is not None:
+                report.skipped.append(name)
+                log(f"{prefix} already built and verified, skipped")
+            else:
+                weights = _find_weights(ckpt, weights_dir)
+                if isinstance(weights, str):
+                    report.missing[name] = weights
+                    log(f"{prefix} missing weights: {weights}")
+                else:
+                    try:
+                        manifest = _build_one(ckpt, weights, model_dir, overwrite=True)
+                    except DownloadError as e:
+                        report.missing[name] = str(e).replace("\n", " ")
+                        log(f"{prefix} missing weights: {report.missing[name]}")
+                    except Exception as e:  # one model's failure must not stop the rest
+                        report.failed[name] = f"{type(e).__name__}: {e}".replace("\n", " ")
+                        log(f"{prefix} FAILED: {report.failed[name]}")
+                    else:
+                        report.built.append(name)
+                        worst = max(a["max_abs_diff"] for a in manifest["artifacts"].values())
+                        log(f"{prefix} built in {manifest['seconds']}s (max abs diff {worst:.2g})")
+            if bar:
+                bar[0].update(bar[1], completed=i)
+    finally:
+        if bar:
+            bar[0].stop()
+    write_index(out, {**report.missing, **report.failed})
+    return report
+
+
+def write_index(out: str | os.PathLike, problems: dict[str, str] | None = None) -> Path:
+    """(Re)write ``index.md`` and ``index.json`` from the complete model directories in ``out``."""
+    from .hub import atomic_path
+
+    out = Path(out)
+    manifests = [m for d in sorted(out.iterdir()) if d.is_dir() and (m := read_manifest(d))]
+    with atomic_path(out / "index.md") as tmp:
+        tmp.write_text(index_markdown(manifests, problems))
+    with atomic_path(out / "index.json") as tmp:
+        tmp.write_text(
+            json.dumps({"models": manifests, "not_built": problems or {}}, indent=2) + "\n"
+        )
+    return out / "index.md"

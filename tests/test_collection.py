@@ -1,0 +1,195 @@
+"""The TF-Hub-style collection: model cards from the registry, the index, and a real build of a
+two-model collection from local checkpoints (with one model missing and one failing)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import keras
+import numpy as np
+import pytest
+import torch_reference as ref
+from click.testing import CliRunner
+
+import convnext_keras as ck
+from convnext_keras import collection, registry
+from convnext_keras.cli import main
+
+TF = keras.backend.backend() == "tensorflow"
+
+
+@pytest.mark.parametrize("name", list(registry.CHECKPOINTS))
+def test_model_card_says_what_the_registry_says(name):
+    ckpt = registry.CHECKPOINTS[name]
+    card = collection.model_card(name)
+    fe = name + "_fe"
+    assert card.startswith(f"# {name}\n")
+    assert f"| Resolution | {ckpt.resolution}x{ckpt.resolution} |" in card
+    params = ck.count_params(ckpt.variant, ckpt.num_classes)
+    assert f"{params:,} (classifier), {ck.count_params(ckpt.variant):,} (feature extractor)" in card
+    if ckpt.reported_acc1 is None:
+        assert "not reported" in card and ckpt.num_classes == registry.NUM_CLASSES_21K
+    else:
+        assert f"| ImageNet-1k top-1 | {ckpt.reported_acc1:.1f}% (reported" in card
+    training = {
+        "imagenet-1k": "| Training data | ImageNet-1k (",
+        "imagenet-21k": "| Training data | ImageNet-21k (",
+        "imagenet-21k -> imagenet-1k": "| Training data | ImageNet-21k pre-training, then "
+        "ImageNet-1k fine-tuning |",
+    }[ckpt.dataset]
+    assert training in card
+    assert f"`logits`: {ckpt.num_classes} classes" in card
+    assert f"{ckpt.spec.num_features}-d pooled" in card
+    assert f"({registry.OFFICIAL_BASE_URL}{ckpt.filename})" in card
+    # input contract, usage for classification and for fine-tuning, references
+    assert "NHWC" in card and str(registry.IMAGENET_MEAN) in card
+    assert str(registry.IMAGENET_STD) in card
+    assert f'tf.saved_model.load("{name}")' in card
+    assert 'model.signatures["serving_default"](images=' in card
+    assert f'hub.KerasLayer("{fe}", trainable=True)' in card
+    assert f"tf_keras.Input(({ckpt.resolution}, {ckpt.resolution}, 3))" in card
+    assert "arXiv:2201.03545" in card and "https://github.com/facebookresearch/ConvNeXt" in card
+    if ckpt.resolution >= registry.SQUASH_RESOLUTION:
+        assert f"resize to {ckpt.resolution}x{ckpt.resolution} (bicubic, no crop)" in card
+    else:
+        assert "resize the shorter side to 256 (bicubic), centre-crop 224x224" in card
+
+
+def test_model_card_snippet_is_the_official_transform():
+    """The card's PIL snippet computes what convnext_keras.preprocess.eval_transform does."""
+    import skimage.data
+    from PIL import Image
+
+    from convnext_keras.preprocess import eval_transform
+
+    card = collection.model_card("convnext_tiny_1k_224")
+    code = card.split("### Classification\n\n```python\n")[1].split("```")[0]
+    lines = code.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("w, h = image.size"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("x = "))
+    snippet = "\n".join(lines[start : end + 1])
+    for photo in (skimage.data.chelsea(), skimage.data.astronaut()[:, 40:]):
+        scope = {"np": np, "Image": Image, "image": Image.fromarray(photo)}
+        exec(snippet, scope)
+        want = eval_transform(Image.fromarray(photo), 224, 0.875, "bicubic")
+        assert np.max(np.abs(scope["x"] - want)) < 1e-5
+
+
+def test_model_card_refuses_other_names():
+    with pytest.raises(collection.CollectionError, match="convnext_tiny_1k_224"):
+        collection.model_card("convnext_atto")
+    with pytest.raises(ck.UnknownModelError):
+        collection.model_card("convnext_tiny_1k_999")
+
+
+def test_no_matching_model_lists_the_choices(tmp_path):
+    with pytest.raises(collection.CollectionError, match="convnext_xlarge_21k_1k_384"):
+        collection.build_collection(tmp_path / "c", "convnext_huge_*")
+    with pytest.raises(collection.CollectionError, match="Not checkpoints"):
+        collection.build_collection(tmp_path / "c", ["convnext_tiny_1k_224_fe"])
+    assert not (tmp_path / "c").exists()
+
+
+def test_missing_weights_build_nothing(tmp_path, monkeypatch, loopback_server):
+    """No file in --weights-dir, nothing cached, a mirror without the files: every model is
+    reported missing with the reason, and no model directory appears."""
+    monkeypatch.setenv("CONVNEXT_BASE_URL", loopback_server.url)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    out = tmp_path / "c"
+    report = collection.build_collection(out, "convnext_tiny_1k*", weights_dir=weights, log=None)
+    assert report.built == [] and not report.ok
+    assert set(report.missing) == {"convnext_tiny_1k_224"}
+    assert "convnext_tiny_1k_224_ema.pth" in report.missing["convnext_tiny_1k_224"]
+    assert str(weights) in report.missing["convnext_tiny_1k_224"]
+
+    report = collection.build_collection(out, "convnext_small_1k*", log=None)  # download path
+    assert set(report.missing) == {"convnext_small_1k_224"}
+    assert "HTTP 404" in report.missing["convnext_small_1k_224"]
+    assert loopback_server.requests == ["/convnext_small_1k_224_ema.pth"]
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "index.md"]
+    index = (out / "index.md").read_text()
+    assert "(nothing built yet)" in index and "`convnext_small_1k_224`: " in index
+
+    result = CliRunner().invoke(
+        main,
+        ["collection", "--out", str(out), "--models", "tiny_1k", "--weights-dir", str(weights)],
+    )
+    assert result.exit_code == 1
+    assert "missing weights" in result.output and "convnext_tiny_1k_224_ema.pth" in result.output
+
+
+@pytest.mark.skipif(not TF, reason="SavedModel export runs on the TensorFlow pass")
+def test_build_a_two_model_collection(tiny_reference, tmp_path, monkeypatch):
+    """Two models built from local checkpoints (classifier + _fe SavedModels, .keras, card,
+    manifest); a model without weights is reported missing and a corrupt checkpoint fails
+    without stopping the others or leaving a directory; a second run skips what is built."""
+    import tensorflow as tf
+
+    torch_model, checkpoint = tiny_reference
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    built = ["convnext_tiny_1k_224", "convnext_tiny_21k_1k_224"]
+    for name in built:
+        shutil.copy(checkpoint, weights / registry.CHECKPOINTS[name].filename)
+    corrupt = registry.CHECKPOINTS["convnext_small_1k_224"].filename
+    (weights / corrupt).write_bytes(b"PK\x03\x04 not a checkpoint")
+    names = [built[0], "convnext_small_1k_224", "convnext_base_1k_224", built[1]]
+    out = tmp_path / "collection"
+    lines = []
+    report = collection.build_collection(out, names, weights_dir=weights, log=lines.append)
+
+    assert report.built == built and report.skipped == []
+    assert list(report.failed) == ["convnext_small_1k_224"]
+    assert list(report.missing) == ["convnext_base_1k_224"]
+    assert "convnext_base_1k_224_ema.pth" in report.missing["convnext_base_1k_224"]
+    assert [line.split(":")[0] for line in lines] == [
+        f"[{i}/4] {name}" for i, name in enumerate(names, 1)
+    ]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*built, "index.json", "index.md"])
+
+    images = np.random.default_rng(6).standard_normal((2, 224, 224, 3)).astype(np.float32)
+    expected = ref.hf_outputs(torch_model, images)
+    for name in built:
+        model_dir = out / name
+        assert sorted(p.name for p in model_dir.iterdir()) == sorted(
+            ["README.md", "manifest.json", name, f"{name}_fe", f"{name}.keras"]
+        )
+        manifest = json.loads((model_dir / "manifest.json").read_text())
+        assert manifest["model"] == name
+        assert manifest["weights"]["file"] == registry.CHECKPOINTS[name].filename
+        assert len(manifest["weights"]["sha256"]) == 64
+        for artifact in manifest["artifacts"].values():
+            assert artifact["max_abs_diff"] <= 1e-4 and artifact["checks"]
+        classifier = tf.saved_model.load(str(model_dir / name))
+        logits = classifier.signatures["serving_default"](images=images)["logits"]
+        assert np.max(np.abs(logits.numpy() - expected["logits"])) <= 1e-4
+        features = tf.saved_model.load(str(model_dir / f"{name}_fe"))(images)
+        assert np.max(np.abs(features.numpy() - expected["pooled"])) <= 1e-4
+        restored = keras.saving.load_model(str(model_dir / f"{name}.keras"))
+        assert np.max(np.abs(restored.predict_on_batch(images) - expected["logits"])) <= 1e-4
+        card = (model_dir / "README.md").read_text()
+        assert card.startswith(collection.model_card(name).split("\n## Verification")[0][:400])
+        assert "## Verification" in card and "serving_default signature" in card
+        assert manifest["weights"]["description"] in card
+
+    index = (out / "index.md").read_text()
+    for name in built:
+        assert f"| [{name}]({name}/README.md) |" in index
+        assert f"[`{name}_fe`]({name}/{name}_fe)" in index
+    assert "`convnext_small_1k_224`: " in index and "`convnext_base_1k_224`: " in index
+    assert json.loads((out / "index.json").read_text())["models"][0]["model"] == built[0]
+
+    # A second run (through the CLI) skips both, keeping them byte-for-byte; the pattern also
+    # matches convnext_tiny_21k_224, whose checkpoint is not there (exit status 1).
+    before = (out / built[0] / "manifest.json").read_bytes()
+    result = CliRunner().invoke(
+        main,
+        ["collection", "--out", str(out), "--models", "convnext_tiny_*1k_224"]
+        + ["--weights-dir", str(weights)],
+    )
+    assert result.exit_code == 1, result.output
+    assert result.output.count("already built and verified, skipped") == 2
+    assert "convnext_tiny_21k_224: missing weights: no convnext_tiny_22k_224.pth" in result.output
+    assert (out / built[0] / "manifest.json").read_bytes() == before

@@ -541,6 +541,7 @@ class _Trainer:
         self.progress = _Progress(options["verbose"] > 0)
         self.last_save = time.monotonic()
         self.steps = len(folder.train) // recipe.batch_size
+        self.warned = False
 
     # -- schedule -----------------------------------------------------------------------------
     def lr_at(self, epoch: int, done: int) -> float:
@@ -568,7 +569,7 @@ class _Trainer:
                 "best": self.best,
                 "recipe": self.recipe.to_json(),
                 "classes": self.folder.classes,
-                "model_paths": [v.path for v in self.model.variables],
+                "model_paths": state_lib.variable_paths(self.model),
                 "complete": epoch >= self.recipe.epochs,
             }
             state_lib.save(self.state_path, arrays, meta)
@@ -705,7 +706,7 @@ class _Trainer:
                 epochs=epoch + 1,
                 initial_epoch=epoch,
                 verbose=0,
-                callbacks=[callback],
+                callbacks=[callback, *self.options["callbacks"]],
                 shuffle=False,
             )
             if callback.diverged:
@@ -752,7 +753,9 @@ class _Trainer:
                 )
             if self.devices.chief:
                 _write_metrics(self.out, self.history)
-                plot_curves(self.history, self.out / "curves.png")
+                if plot_curves(self.history, self.out / "curves.png") is None and not self.warned:
+                    say("no curves.png: matplotlib is missing (pip install 'convnext-keras[viz]')")
+                    self.warned = True
             say(_epoch_line(row, r.epochs))
 
 
@@ -809,6 +812,7 @@ def run(
     checkpoint_minutes: float = 10.0,
     export: bool = True,
     jit_compile: bool | str = "auto",
+    callbacks: list | None = None,
     verbose: int = 1,
     **options,
 ) -> RunResult:
@@ -828,6 +832,8 @@ def run(
         jit_compile: XLA compilation of the train step (Keras' ``compile(jit_compile=)``).
             ``"auto"``: on with JAX and on TensorFlow with a GPU/TPU; off for TensorFlow on CPU
             only, where XLA made ConvNeXt training steps 3-5x slower here.
+        callbacks: more ``keras.callbacks.Callback`` objects for ``fit`` (TensorBoard...); they
+            see every training step (``fit`` runs once per epoch).
         verbose: 0 silent, 1 a line per epoch (and a progress bar on a terminal).
         options: the recipe, see :class:`Recipe` (``model``, ``weights``, ``epochs``,
             ``batch_size``, ``lr``, ``layer_decay``, ``ema``, ``precision``...).
@@ -890,6 +896,7 @@ def run(
             "checkpoint_minutes": checkpoint_minutes,
             "verbose": verbose,
             "jit_compile": jit_compile,
+            "callbacks": list(callbacks or []),
             "say": say,
         },
         meta,

@@ -13,6 +13,7 @@ previous complete state in place; temporary files are never read.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import keras
@@ -97,13 +98,28 @@ def load(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     return load_file(str(path)), meta
 
 
+_NUMBERED = re.compile(r"^(seed_generator)_\d+(?=/|$)")
+
+
+def variable_paths(model: keras.Model) -> list[str]:
+    """The model's variable paths, with Keras' per-process seed-generator numbers removed."""
+    return [_NUMBERED.sub(r"\1", v.path) for v in model.variables]
+
+
 def restore(model: keras.Model, optimizer, arrays: dict, meta: dict, source: Path) -> list:
     """Assign saved model and optimizer variables; returns the saved metric values."""
-    paths = [v.path for v in model.variables]
-    if meta.get("model_paths") != paths:
+    paths = variable_paths(model)
+    saved_paths = meta.get("model_paths", [])
+    if saved_paths != paths:
+        first = next(
+            (i for i, (a, b) in enumerate(zip(saved_paths, paths)) if a != b),
+            min(len(saved_paths), len(paths)),
+        )
         raise StateError(
-            f"{source} was written for a different model ({len(meta.get('model_paths', []))} "
-            f"variables, this one has {len(paths)}); resume with the run's own settings."
+            f"{source} was written for a different model: {len(saved_paths)} variables vs "
+            f"{len(paths)} here, first difference at #{first} "
+            f"({saved_paths[first] if first < len(saved_paths) else '-'} vs "
+            f"{paths[first] if first < len(paths) else '-'}); resume with the run's own settings."
         )
     groups = (("model", model.variables), ("optimizer", optimizer.variables))
     for prefix, variables in groups:

@@ -38,6 +38,8 @@ GROUND_TRUTH_FILES = (
     "ILSVRC2012_validation_ground_truth.txt",
     "imagenet_2012_validation_synset_labels.txt",
 )
+#: From this many images on, ``evaluate`` decodes in worker processes instead of threads.
+PROCESSES_FROM = 1000
 #: How many folders above DATA are searched for a ground-truth file.
 _SEARCH_UP = 3
 
@@ -213,9 +215,14 @@ class EvalResult:
     acc5: float
     evaluated: int
     seconds: float
+    #: Evaluated images / wall time of the whole run (first call's compilation included).
     images_per_s: float
+    #: What the decoding threads can deliver: images / (busy thread-seconds / threads).
     preprocess_images_per_s: float | None
+    #: The model alone, steady state: the first call (compilation) is left out.
     model_images_per_s: float
+    #: Seconds of the first model call (tracing/compilation and the first batch).
+    first_call_seconds: float
     devices: int
     per_class: dict[str, dict]
     unreadable: list[dict]
@@ -309,6 +316,7 @@ def evaluate(
     ground_truth=None,
     real: bool = False,
     workers: int | None = None,
+    processes: bool | None = None,
     progress: bool | None = None,
     config=None,
     data_parallel: bool = True,
@@ -323,7 +331,9 @@ def evaluate(
         limit: evaluate a reproducible random subset of this many images.
         ground_truth: the flat layout's ground-truth file when not found automatically.
         real: also report ImageNet-ReaL acc@1 (needs ILSVRC2012_val_<number> file names).
-        workers: decoding threads (default: the usable CPUs).
+        workers: decoding workers (default: the usable CPUs).
+        processes: decode in worker processes rather than threads (scales past Python's GIL;
+            a few seconds to start).  Default: processes from 1000 images on.
         progress: show a progress bar (default: when stderr is a terminal).
         config: preprocessing settings (default: the model name's registry entry).
         data_parallel: replicate the model over all local devices when there are several.
@@ -345,21 +355,39 @@ def evaluate(
                 f"eval measures ImageNet-1k accuracy, but the model has {classes} classes; "
                 "use a 1k model (for the 21k-pre-trained ones: convnext_*_21k_1k_*)."
             )
+        # uint8 crops go to the device and are normalised there: 4x fewer bytes to move, and
+        # no float pass over every batch on the host.
+        runner = preprocess.with_normalization(keras_model, config.resolution)
+        if processes is None:
+            processes = len(dataset) >= PROCESSES_FROM
         batches = preprocess.ImageBatches(
-            dataset.paths, config, batch_size, workers=workers, skip_errors=True
+            dataset.paths,
+            config,
+            batch_size,
+            workers=workers,
+            processes=processes,
+            skip_errors=True,
+            normalized=False,
         )
         show = sys.stderr.isatty() if progress is None else progress
         bar = _progress(len(dataset), show)
         top5 = np.full((len(dataset), 5), -1, np.int64)
         done = np.zeros(len(dataset), bool)
-        model_seconds = 0.0
+        # Every call gets the same batch shape (padded; a multiple of the device count), so
+        # compiled backends compile once.  The first call (compilation) is timed apart.
+        call_size = -(-batch_size // len(devices)) * len(devices)
+        model_seconds, first_call, first_images = 0.0, None, 0
         start = time.perf_counter()
         try:
             for images, indices in batches:
                 t = time.perf_counter()
-                logits = _predict(keras_model, images, len(devices))
-                model_seconds += time.perf_counter() - t
-                top5[indices] = np.argsort(-logits, axis=1, kind="stable")[:, :5]
+                logits = _predict(runner, images, call_size, len(devices))
+                elapsed = time.perf_counter() - t
+                if first_call is None:
+                    first_call, first_images = elapsed, len(images)
+                else:
+                    model_seconds += elapsed
+                top5[indices] = _top5(logits)
                 done[indices] = True
                 if bar:
                     n = int(done.sum())
@@ -375,7 +403,10 @@ def evaluate(
         seconds = time.perf_counter() - start
     timing = {
         "seconds": seconds,
-        "model_seconds": model_seconds,
+        # Steady state: all calls but the first; with a single call, that one.
+        "first_call_seconds": first_call or 0.0,
+        "model_seconds": model_seconds if model_seconds else (first_call or 0.0),
+        "model_images": int(done.sum()) - first_images if model_seconds else int(done.sum()),
         "devices": len(devices),
         "preprocess_images_per_s": batches.images_per_second,
     }
@@ -386,12 +417,12 @@ def evaluate(
     )
 
 
-def _predict(model, images: np.ndarray, n_devices: int) -> np.ndarray:
-    """Logits; batches are padded to a multiple of the device count, then trimmed."""
+def _predict(model, images: np.ndarray, call_size: int, n_devices: int) -> np.ndarray:
+    """Logits of ``images``, run as a batch of ``call_size`` (padded, then trimmed)."""
     import keras
 
     n = len(images)
-    pad = (-n) % n_devices
+    pad = call_size - n
     if pad:
         images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
     if n_devices > 1 and keras.backend.backend() == "tensorflow":
@@ -401,6 +432,19 @@ def _predict(model, images: np.ndarray, n_devices: int) -> np.ndarray:
     else:
         logits = model.predict_on_batch(images)
     return np.asarray(logits, dtype=np.float32)[:n]
+
+
+def _top5(logits: np.ndarray) -> np.ndarray:
+    """Indices of the 5 largest logits per row, largest first, ties to the lower index (as a
+    stable full sort; much faster on 1000 classes)."""
+    neg = -logits
+    fifth = np.partition(neg, 4, axis=1)[:, 4:5]
+    out = np.empty((len(logits), 5), np.int64)
+    for row, (values, limit) in enumerate(zip(neg, fifth)):
+        candidates = np.flatnonzero(values <= limit)  # the top 5 and anything tied with #5
+        order = np.lexsort((candidates, values[candidates]))[:5]
+        out[row] = candidates[order]
+    return out
 
 
 def _real_targets(dataset: EvalSet) -> list[tuple[int, ...]]:
@@ -454,7 +498,8 @@ def _result(
         seconds=seconds,
         images_per_s=n / seconds if seconds > 0 else 0.0,
         preprocess_images_per_s=timing["preprocess_images_per_s"],
-        model_images_per_s=n / model_seconds if model_seconds > 0 else 0.0,
+        model_images_per_s=timing["model_images"] / model_seconds if model_seconds > 0 else 0.0,
+        first_call_seconds=timing["first_call_seconds"],
         devices=timing["devices"],
         per_class=per_class,
         unreadable=unreadable,

@@ -202,6 +202,17 @@ def test_wnid_per_line_ground_truth_and_explicit_file(tmp_path):
     assert found.targets.tolist() == [7, 8]
 
 
+def test_top5_equals_a_stable_full_sort_with_ties():
+    from convnext_keras.evaluate import _top5
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        logits = rng.integers(0, 4, (6, 1000)).astype(np.float32)  # many ties
+        np.testing.assert_array_equal(
+            _top5(logits), np.argsort(-logits, axis=1, kind="stable")[:, :5]
+        )
+
+
 def test_bad_data_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         find_dataset(tmp_path / "nowhere")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import threading
 from pathlib import Path
 
 import keras
@@ -269,22 +270,39 @@ def test_keras_layer_is_close_to_pil(config):
 def test_keras_layer_in_front_of_a_model_and_serialised(tmp_path):
     import convnext_keras as ck
 
-    layer = pp.preprocessing_layer("convnext_atto")
+    layer = pp.preprocessing_layer((64, 0.875))  # small, to keep the test fast
     inputs = keras.Input((None, None, 3), dtype="uint8")
     net = ck.build_model("atto", num_classes=5)
     model = keras.Model(inputs, net(layer(inputs)))
     assert model.output_shape == (None, 5)
     photo = np.asarray(pp.load_image(SKIMAGE / "chelsea.png"))[None]
-    direct = keras.ops.convert_to_numpy(
-        net(pp.eval_transform(Image.fromarray(photo[0]), 224)[None])
-    )
+    direct = keras.ops.convert_to_numpy(net(pp.eval_transform(Image.fromarray(photo[0]), 64)[None]))
     through = keras.ops.convert_to_numpy(model(photo))
     assert np.max(np.abs(direct - through)) < 0.1 * np.max(np.abs(direct))
+    assert pp.preprocessing_layer("convnext_base_1k_384").config == (384, 1.0, "bicubic")
     model.save(tmp_path / "m.keras")
     again = keras.saving.load_model(tmp_path / "m.keras")
     np.testing.assert_allclose(keras.ops.convert_to_numpy(again(photo)), through, atol=1e-5)
     with pytest.raises(ValueError, match="interpolation"):
         pp.EvalPreprocessing(224, 0.875, "box")
+
+
+@pytest.mark.backends
+def test_normalize_layer_and_uint8_model_input():
+    import convnext_keras as ck
+
+    x = np.asarray(pp.load_image(SKIMAGE / "coffee.png").resize((64, 48)))[None]
+    got = keras.ops.convert_to_numpy(pp.Normalize()(x))
+    np.testing.assert_allclose(got, pp.normalize(x), atol=1e-6)
+    net = ck.build_model("atto", num_classes=3)
+    wrapped = pp.with_normalization(net, 64)
+    assert wrapped.input_shape == (None, 64, 64, 3) and wrapped.inputs[0].dtype == "uint8"
+    square = np.asarray(pp.load_image(SKIMAGE / "coffee.png").resize((64, 64)))[None]
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(wrapped(square)),
+        keras.ops.convert_to_numpy(net(pp.normalize(square))),
+        atol=1e-5,
+    )
 
 
 def test_keras_layer_traced_with_unknown_size_equals_eager():
@@ -323,6 +341,30 @@ def test_image_batches_equal_the_transform_in_order(tmp_path):
         list(pp.ImageBatches(paths, (224, 0.875), 2, workers=2))
     with pytest.raises(ValueError, match="batch_size"):
         pp.ImageBatches(paths, "convnext_atto", 0)
+
+
+def test_image_batches_in_processes_and_early_stop(tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    paths = [*PHOTOS[:4], broken, *PHOTOS[4:7]]
+    batches = pp.ImageBatches(
+        paths, (224, 0.875), 3, workers=2, processes=True, skip_errors=True, normalized=False
+    )
+    got = {int(i): image for images, indices in batches for i, image in zip(indices, images)}
+    assert sorted(got) == [0, 1, 2, 3, 5, 6, 7]
+    for i, image in got.items():
+        assert image.dtype == np.uint8
+        np.testing.assert_array_equal(
+            pp.normalize(image), pp.transform_file(paths[i], (224, 0.875))
+        )
+    assert [e.path for e in batches.errors] == [str(broken)]
+    assert batches.busy_seconds > 0
+    # A consumer that stops early leaves no thread or worker behind.
+    before = threading.active_count()
+    stream = iter(pp.ImageBatches(PHOTOS * 4, (224, 0.875), 2, workers=2))
+    assert next(stream).images.shape == (2, 224, 224, 3)
+    stream.close()
+    assert threading.active_count() <= before
 
 
 def test_tf_dataset_equals_the_transform(tmp_path):

@@ -112,14 +112,19 @@ def predict_command(
     help="Ground truth of the flat ILSVRC2012 layout, if not found beside DATA.",
 )
 @click.option("--real", is_flag=True, help="Also report ImageNet-ReaL acc@1.")
-@click.option("--workers", type=click.IntRange(min=1), help="Decoding threads (default: CPUs).")
+@click.option("--workers", type=click.IntRange(min=1), help="Decoding workers (default: CPUs).")
+@click.option(
+    "--processes/--threads",
+    default=None,
+    help="Decode in worker processes or threads (default: processes from 1000 images on).",
+)
 @click.option(
     "--single-device", is_flag=True, help="Do not replicate the model over several devices."
 )
 @backend_option
 def eval_command(
     data, model_name, weights, batch_size, limit, report, ground_truth, real, workers,
-    single_device,
+    processes, single_device,
 ):  # fmt: skip
     """Accuracy on ImageNet-1k validation DATA (class folders or flat ILSVRC2012 layout)."""
     from ..evaluate import evaluate
@@ -133,6 +138,7 @@ def eval_command(
         ground_truth=ground_truth,
         real=real,
         workers=workers,
+        processes=processes,
         data_parallel=not single_device,
     )
     click.echo(
@@ -147,7 +153,8 @@ def eval_command(
     pre = result.preprocess_images_per_s
     click.echo(
         f"speed     {result.images_per_s:.1f} img/s overall; model {result.model_images_per_s:.1f}"
-        f" img/s; preprocessing {'-' if pre is None else f'{pre:.1f}'} img/s"
+        f" img/s; preprocessing {'-' if pre is None else f'{pre:.1f}'} img/s (first model call"
+        f" {result.first_call_seconds:.1f} s)"
     )
     for item in result.unreadable[:10]:
         click.echo(f"unreadable: {item['file']}: {item['error']}", err=True)

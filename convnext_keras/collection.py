@@ -242,12 +242,17 @@ def _preprocess_snippet(ckpt: registry.Checkpoint) -> list[str]:
     ]
 
 
+def _weights_line(weights: dict) -> str:
+    line = f"Weights: {weights.get('description', 'unknown')}"
+    return line + (f" (sha256 `{weights['sha256']}`)." if weights.get("sha256") else ".")
+
+
 def _verification_section(manifest: dict, tolerance: dict) -> list[str]:
     lines = [
         "",
         "## Verification",
         "",
-        f"Weights: {manifest.get('weights', {}).get('description', 'unknown')}.",
+        _weights_line(manifest.get("weights", {})),
         "",
         "Every file was reloaded after export and compared with the Keras model on random "
         "inputs before it was kept:",

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from ._app import backend_option, echo_table, main
+from ._app import backend_option, main
 
 
 def _weights(value: str):
@@ -135,11 +135,10 @@ def collection_command(out, pattern, weights_dir, overwrite):
     report = collection.build_collection(
         out, pattern, weights_dir=weights_dir, overwrite=overwrite, log=click.echo
     )
-    rows = [[n, "built"] for n in report.built] + [[n, "skipped (built)"] for n in report.skipped]
-    rows += [[n, f"missing weights: {why}"] for n, why in report.missing.items()]
-    rows += [[n, f"failed: {why}"] for n, why in report.failed.items()]
-    echo_table(
-        f"Collection in {report.out} (index: {report.out / 'index.md'})", ["model", "status"], rows
+    click.echo(
+        f"{len(report.built)} built, {len(report.skipped)} skipped (already built), "
+        f"{len(report.missing)} missing weights, {len(report.failed)} failed; "
+        f"index: {report.out / 'index.md'}"
     )
     if not report.ok:
         sys.exit(1)

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 
 from . import registry
-from .layers import LayerScale, StochasticDepth
+from .layers import DepthwiseConv2D, LayerScale, StochasticDepth
 
 HEADS = ("classifier", "pooled", "pyramid", "all")
 #: Names of the pyramid outputs; strides 4, 8, 16, 32.
@@ -40,7 +40,7 @@ def _norm(name):
 
 def _block(x, dim, prefix, drop_path, layer_scale_init):
     shortcut = x
-    x = keras.layers.DepthwiseConv2D(
+    x = DepthwiseConv2D(
         registry.DWCONV_KERNEL,
         padding="same",
         depthwise_initializer=_kernel_init(),

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import hub, preprocess, registry
+from . import hub, preprocess, registry, runtime
 from . import labels as labels_mod
 from .gradcam import GradCAM, overlay, save_png
 
@@ -179,12 +179,14 @@ def predict_files(
         cam = GradCAM(keras_model)
         cam_dir = Path(cam_dir)
         cam_paths = _cam_names(paths, cam_dir)
+    # The fastest correct engine for this model (onnxruntime on a CPU, else Keras).
+    run_batch, _ = runtime.inference_function(keras_model)
     results = [ImageResult(str(p)) for p in paths]
     batches = preprocess.ImageBatches(
         paths, config, batch_size, exif_transpose=exif_transpose, skip_errors=True
     )
     for images, indices in batches:
-        logits = np.asarray(keras_model.predict_on_batch(images), dtype=np.float32)
+        logits = np.asarray(run_batch(images), dtype=np.float32)
         decoded = decode_predictions(logits, top, labels=names)
         for i, preds in zip(indices, decoded):
             results[i].predictions = preds

@@ -1,0 +1,327 @@
+"""A faster CPU inference engine for ConvNeXt: the Keras model's weights run by onnxruntime.
+
+On the CPUs this project measures on, onnxruntime (MLAS kernels, NCHWc convolutions) runs the
+ConvNeXt forward pass faster than Keras' ``predict_on_batch`` on any of the three backends (see
+BENCHMARKS.md).  :class:`OnnxRunner` builds an ONNX graph straight from a built Keras ConvNeXt's
+weights - no TensorFlow, no tf2onnx - arranged for that engine:
+
+* the stem (4x4 stride 4) and downsampling (2x2 stride 2) convolutions become a
+  space-to-depth reshape and one matrix product (patches do not overlap), which MLAS runs at
+  its GEMM rate instead of its direct-convolution rate;
+* each block's layer scale is folded into ``pwconv2``'s weights and bias (``(xW + b) * g ==
+  x(W g) + b g``), one pass over the activations less per block;
+* LayerNorm and exact (erf) GELU are single fused operators.
+
+The graph computes the same function as the Keras model in float32 (tested against it and,
+through the checkpoint tests, against the PyTorch reference).  It is built for one input
+height/width at a time (any batch size) and cached per size.
+
+Weights are copied when the runner is made: a runner made before training or a
+``load_weights`` call still holds the old weights (make a new one).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+
+from . import registry
+from .model import variant_of
+
+#: ONNX opset of the graph (``Gelu`` is an operator from opset 20).
+OPSET = 20
+ENGINES = ("auto", "onnxruntime", "keras")
+
+
+def onnxruntime_available() -> bool:
+    """Whether ``import onnxruntime`` works (it ships in the ``export`` extra)."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _head_of(model) -> str:
+    names = {layer.name for layer in model.layers}
+    outputs = model.outputs
+    if len(outputs) == 1 and "head_fc" in names:
+        return "classifier"
+    if len(outputs) == 1 and "head_norm" in names:
+        return "pooled"
+    return "other"
+
+
+def unsupported_reason(model) -> str | None:
+    """Why :class:`OnnxRunner` cannot run ``model`` (None when it can)."""
+    if variant_of(model) is None:
+        return "it is not a ConvNeXt built by convnext_keras (layer names do not match)"
+    if _head_of(model) == "other":
+        return "only the classifier and pooled-feature heads are supported (not pyramid/all)"
+    policy = model.dtype_policy
+    if getattr(policy, "compute_dtype", "float32") != "float32":
+        return f"it computes in {policy.compute_dtype}; the runner is float32 only"
+    return None
+
+
+class _GraphBuilder:
+    """Accumulates ONNX nodes and initializers with unique names."""
+
+    def __init__(self):
+        from onnx import helper, numpy_helper
+
+        self.helper, self.numpy_helper = helper, numpy_helper
+        self.nodes, self.initializers = [], []
+        self._count = 0
+
+    def const(self, array, name) -> str:
+        self.initializers.append(self.numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def op(self, op_type, inputs, name, **attrs) -> str:
+        self._count += 1
+        out = f"{name}_{op_type.lower()}_{self._count}"
+        self.nodes.append(self.helper.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+
+def _weights(model) -> dict[str, list[np.ndarray]]:
+    return {
+        layer.name: [np.asarray(w, dtype=np.float32) for w in layer.get_weights()]
+        for layer in model.layers
+        if layer.weights
+    }
+
+
+def _patchify_matmul(g, x, h, w, patch, kernel, bias, name):
+    """A ``patch x patch`` conv with stride ``patch`` (VALID) on NHWC ``x`` as one GEMM."""
+    kh, kw, cin, cout = kernel.shape
+    ho, wo = h // patch, w // patch
+    if (ho * patch, wo * patch) != (h, w):  # VALID drops the last rows/columns
+        x = g.op(
+            "Slice",
+            [
+                x,
+                g.const(np.array([0, 0], np.int64), f"{name}_starts"),
+                g.const(np.array([ho * patch, wo * patch], np.int64), f"{name}_ends"),
+                g.const(np.array([1, 2], np.int64), f"{name}_axes"),
+            ],
+            name,
+        )
+    x = g.op(
+        "Reshape",
+        [x, g.const(np.array([-1, ho, patch, wo, patch, cin], np.int64), f"{name}_s6")],
+        name,
+    )
+    x = g.op("Transpose", [x], name, perm=[0, 1, 3, 2, 4, 5])
+    x = g.op(
+        "Reshape",
+        [x, g.const(np.array([-1, ho, wo, patch * patch * cin], np.int64), f"{name}_s4")],
+        name,
+    )
+    # Keras kernels are (kh, kw, cin, cout): flattening gives the (dy, dx, c) patch order.
+    x = g.op("MatMul", [x, g.const(kernel.reshape(kh * kw * cin, cout), f"{name}_w")], name)
+    return g.op("Add", [x, g.const(bias, f"{name}_b")], name), ho, wo
+
+
+def _layer_norm(g, x, weights, name):
+    gamma, beta = weights
+    return g.op(
+        "LayerNormalization",
+        [x, g.const(gamma, f"{name}_g"), g.const(beta, f"{name}_b")],
+        name,
+        axis=-1,
+        epsilon=registry.LAYER_NORM_EPSILON,
+    )
+
+
+def build_onnx_graph(model, height: int, width: int):
+    """The ONNX graph (``onnx.ModelProto``) of a ConvNeXt classifier or pooled-feature model.
+
+    Input ``images``: float32 NHWC ``(batch, height, width, 3)``, normalised as for the Keras
+    model; output ``logits`` (classifier) or ``pooled``.  Raises ``ValueError`` for models the
+    runner does not support (see :func:`unsupported_reason`) and for inputs too small to pass
+    the network's total stride.
+    """
+    from onnx import TensorProto
+
+    reason = unsupported_reason(model)
+    if reason:
+        raise ValueError(f"Cannot build an onnxruntime graph for {model.name!r}: {reason}.")
+    spec = variant_of(model)
+    stride = registry.STEM_PATCH * registry.DOWNSAMPLE_STRIDE ** (len(spec.depths) - 1)
+    if height < stride or width < stride:
+        raise ValueError(
+            f"Input {height}x{width} is smaller than ConvNeXt's total stride {stride}; "
+            f"resize images to at least {stride}x{stride} (the checkpoints use 224 or 384)."
+        )
+    W = _weights(model)
+    head = _head_of(model)
+    g = _GraphBuilder()
+    k = registry.DWCONV_KERNEL
+
+    x, h, w = _patchify_matmul(
+        g, "images", height, width, registry.STEM_PATCH, *W["stem_conv"], "stem"
+    )
+    x = _layer_norm(g, x, W["stem_norm"], "stem_norm")
+    for stage, depth in enumerate(spec.depths):
+        if stage > 0:
+            p = f"stage{stage}_downsample"
+            x = _layer_norm(g, x, W[f"{p}_norm"], f"{p}_norm")
+            x, h, w = _patchify_matmul(
+                g, x, h, w, registry.DOWNSAMPLE_STRIDE, *W[f"{p}_conv"], f"{p}_conv"
+            )
+        for b in range(depth):
+            p = f"stage{stage}_block{b}"
+            dw_kernel, dw_bias = W[f"{p}_dwconv"]
+            dim = dw_kernel.shape[2]
+            y = g.op("Transpose", [x], p, perm=[0, 3, 1, 2])
+            y = g.op(
+                "Conv",
+                [
+                    y,
+                    g.const(dw_kernel.transpose(2, 3, 0, 1), f"{p}_dw_w"),  # (C, 1, kh, kw)
+                    g.const(dw_bias, f"{p}_dw_b"),
+                ],
+                p,
+                group=dim,
+                kernel_shape=[k, k],
+                pads=[k // 2] * 4,
+            )
+            y = g.op("Transpose", [y], p, perm=[0, 2, 3, 1])
+            y = _layer_norm(g, y, W[f"{p}_norm"], f"{p}_norm")
+            w1, b1 = W[f"{p}_pwconv1"]
+            y = g.op("MatMul", [y, g.const(w1, f"{p}_w1")], p)
+            y = g.op("Add", [y, g.const(b1, f"{p}_b1")], p)
+            y = g.op("Gelu", [y], p, approximate="none")
+            w2, b2 = W[f"{p}_pwconv2"]
+            if f"{p}_layer_scale" in W:
+                (scale,) = W[f"{p}_layer_scale"]
+                w2, b2 = w2 * scale[None, :], b2 * scale
+            y = g.op("MatMul", [y, g.const(w2, f"{p}_w2")], p)
+            y = g.op("Add", [y, g.const(b2, f"{p}_b2")], p)
+            x = g.op("Add", [x, y], p)
+    x = g.op(
+        "ReduceMean", [x, g.const(np.array([1, 2], np.int64), "pool_axes")], "head", keepdims=0
+    )
+    x = _layer_norm(g, x, W["head_norm"], "head_norm")
+    if head == "classifier":
+        wf, bf = W["head_fc"]
+        x = g.op("MatMul", [x, g.const(wf, "head_fc_w")], "head")
+        x = g.op("Add", [x, g.const(bf, "head_fc_b")], "head")
+    output = "logits" if head == "classifier" else "pooled"
+    x = g.op("Identity", [x], output)
+
+    helper = g.helper
+    graph = helper.make_graph(
+        g.nodes,
+        f"{model.name}_{height}x{width}",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", height, width, 3])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", None])],
+        g.initializers,
+    )
+    onnx_model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="convnext_keras"
+    )
+    onnx_model.ir_version = min(onnx_model.ir_version, 10)  # what onnxruntime >= 1.20 reads
+    return onnx_model
+
+
+class OnnxRunner:
+    """Float32 inference of a ConvNeXt Keras model with onnxruntime (CPU).
+
+    ``runner(images)`` takes an NHWC float batch (numpy or anything ``np.asarray`` accepts)
+    and returns a numpy array: logits for a classifier, pooled features for an ``_fe`` model -
+    the same as ``model.predict_on_batch(images)``.
+
+    Args:
+        model: a classifier or pooled-feature model from :func:`convnext_keras.load_model` or
+            :func:`convnext_keras.build_model`, in float32.
+        threads: onnxruntime intra-op threads (default: onnxruntime's, one per physical core;
+            ``$CONVNEXT_THREADS`` overrides).
+    """
+
+    def __init__(self, model, *, threads: int | None = None):
+        reason = unsupported_reason(model)
+        if reason:
+            raise ValueError(f"OnnxRunner cannot run {model.name!r}: {reason}.")
+        if not onnxruntime_available():
+            raise ImportError(
+                "OnnxRunner needs onnxruntime: pip install onnxruntime "
+                "(or pip install 'convnext-keras[export]')."
+            )
+        self.model = model
+        env = os.environ.get("CONVNEXT_THREADS")
+        self.threads = threads if threads is not None else (int(env) if env else None)
+        self._sessions = {}
+        self._lock = threading.Lock()
+
+    def session(self, height: int, width: int):
+        """The onnxruntime session for inputs of this size (built once, then cached)."""
+        key = (int(height), int(width))
+        with self._lock:
+            if key not in self._sessions:
+                import onnxruntime as ort
+
+                options = ort.SessionOptions()
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                if self.threads:
+                    options.intra_op_num_threads = self.threads
+                options.inter_op_num_threads = 1
+                graph = build_onnx_graph(self.model, *key)
+                self._sessions[key] = ort.InferenceSession(
+                    graph.SerializeToString(), options, providers=["CPUExecutionProvider"]
+                )
+            return self._sessions[key]
+
+    def __call__(self, images) -> np.ndarray:
+        x = np.ascontiguousarray(np.asarray(images), dtype=np.float32)
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(
+                f"Expected an NHWC batch of RGB images (batch, height, width, 3), got shape "
+                f"{x.shape}; add a batch axis with x[None] for a single image."
+            )
+        return self.session(x.shape[1], x.shape[2]).run(None, {"images": x})[0]
+
+    predict_on_batch = __call__
+
+
+def accelerator() -> str | None:
+    """The accelerator the active Keras backend computes on (``"gpu"``, ``"tpu"``) or None."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        platform = jax.default_backend()
+        return None if platform == "cpu" else platform
+    if backend == "torch":
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else None
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return "gpu" if tf.config.list_physical_devices("GPU") else None
+    return None
+
+
+def inference_function(model, engine: str = "auto"):
+    """The fastest correct way to run ``model`` on a batch: ``(fn, engine_name)``.
+
+    ``engine="auto"`` picks onnxruntime (:class:`OnnxRunner`) on a CPU when it is installed
+    and can run the model (float32 classifier or pooled features), else Keras'
+    ``predict_on_batch`` (always on a GPU/TPU); ``"onnxruntime"`` insists (and raises if it
+    cannot); ``"keras"`` always uses Keras.  ``fn(batch)`` returns numpy outputs either way.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}.")
+    if engine == "keras" or (
+        engine == "auto"
+        and (unsupported_reason(model) or not onnxruntime_available() or accelerator())
+    ):
+        return model.predict_on_batch, "keras"
+    return OnnxRunner(model), "onnxruntime"

@@ -819,7 +819,11 @@ def _export_via_tensorflow(model, path: Path, plan: _Plan, overwrite: bool, sour
     import keras
 
     backend = keras.backend.backend()
-    if importlib.util.find_spec("tensorflow") is None:
+    try:
+        has_tensorflow = importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):
+        has_tensorflow = False
+    if not has_tensorflow:
         raise ExportError(
             f"{plan.fmt} export needs TensorFlow, which is not installed here (Keras backend: "
             f"{backend}). Install it (pip install tensorflow-cpu) or export to .keras "

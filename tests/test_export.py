@@ -391,13 +391,21 @@ def test_cli_export_errors(tmp_path):
     assert (tmp_path / "convnext_atto.keras").read_text() == "keep"
 
 
-def test_import_does_not_load_tensorflow():
-    code = (
-        "import sys, convnext_keras as ck\n"
-        "from convnext_keras import collection, export\n"
+def test_without_tensorflow_keras_export_works_and_savedmodel_says_why(tmp_path):
+    """As on the GPU machines (Keras + JAX, no TensorFlow): .keras is written, a SavedModel
+    export raises ExportError saying TensorFlow is needed and how to go on."""
+    from test_no_tensorflow import BLOCK_TENSORFLOW
+
+    code = BLOCK_TENSORFLOW + (
+        "import convnext_keras as ck\n"
+        "from convnext_keras import collection\n"
         "from convnext_keras.cli import main\n"
-        "assert callable(ck.export)\n"
-        "print('tensorflow' in sys.modules)\n"
+        "m = ck.load_model('convnext_atto', weights=None)\n"
+        f"print(ck.export(m, {str(tmp_path / 'a.keras')!r}, 'keras', image_size=64).format)\n"
+        "try:\n"
+        f"    ck.export(m, {str(tmp_path / 'a')!r}, image_size=64)\n"
+        "except ck.ExportError as e:\n"
+        "    print('ExportError:', e)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -406,7 +414,9 @@ def test_import_does_not_load_tensorflow():
         text=True,
         check=True,
     ).stdout
-    assert out.strip() == "False"
+    assert out.startswith("keras\nExportError: savedmodel export needs TensorFlow"), out
+    assert "pip install tensorflow-cpu" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.keras"]
 
 
 # ----------------------------------------------------------------------------------------------

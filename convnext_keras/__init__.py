@@ -39,6 +39,7 @@ __all__ = [
     "decode_predictions",
     "eval_transform",
     "export",
+    "finetune",
     "list_models",
     "load_image",
     "load_model",

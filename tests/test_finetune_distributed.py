@@ -18,7 +18,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from test_finetune_data import digits_folder
+from test_finetune_data import MICRO_SETUP, digits_folder
 
 SCRIPT = textwrap.dedent(
     """
@@ -32,6 +32,7 @@ SCRIPT = textwrap.dedent(
     import keras
     import convnext_keras as ck
     from convnext_keras.finetune import loop
+    {micro}
 
     class Losses(keras.callbacks.Callback):
         def __init__(self):
@@ -46,7 +47,7 @@ SCRIPT = textwrap.dedent(
         losses = Losses()
         result = ck.finetune.run(
             data, os.path.join(out, mode), distribution=mode, callbacks=[losses],
-            model="convnext_atto", epochs=2, batch_size=8, accumulation=1, resolution=32,
+            model="convnext_micro", epochs=2, batch_size=8, accumulation=1, resolution=32,
             lr=2e-3, layer_decay=0.9, weight_decay=0.05, drop_path=0.0,
             val_fraction=0.25, seed=1, checkpoint_every=0, checkpoint_minutes=0,
             export=False, workers=1, verbose=0,
@@ -61,7 +62,7 @@ SCRIPT = textwrap.dedent(
         }
     print("RESULT" + json.dumps(results))
     """
-)
+).replace("{micro}", MICRO_SETUP)
 
 
 def _per_step(running):

@@ -13,18 +13,9 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from test_notebook_classification import _text  # a cell's printed text
 
 NOTEBOOK = Path(__file__).parent.parent / "examples" / "finetune.ipynb"
-
-
-def _text(cell) -> str:
-    parts = []
-    for out in cell.get("outputs", []):
-        if out.get("output_type") == "stream":
-            parts.append(out["text"])
-        elif "data" in out and "text/plain" in out["data"]:
-            parts.append(out["data"]["text/plain"])
-    return "".join(parts)
 
 
 def test_notebook_is_stored_without_outputs():

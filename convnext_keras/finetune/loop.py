@@ -36,7 +36,7 @@ import numpy as np
 
 from .. import checkpoints, hub, preprocess, registry
 from ..api import OFFICIAL, load_model
-from ..model import build_model
+from ..model import build_model, layer_names
 from . import data as data_lib
 from . import optim
 from . import state as state_lib
@@ -244,13 +244,20 @@ def _tf_devices(mode: str) -> _Devices:
 
 
 @contextlib.contextmanager
-def _jax_distribution(distribution):
-    previous = keras.distribution.distribution()
-    keras.distribution.set_distribution(distribution)
+def _global(get, set_, value):
+    """Set a Keras global (dtype policy, distribution) for the block, then restore it."""
+    previous = get()
+    set_(value)
     try:
         yield
     finally:
-        keras.distribution.set_distribution(previous)
+        set_(previous)
+
+
+def _jax_distribution(distribution):
+    return _global(
+        keras.distribution.distribution, keras.distribution.set_distribution, distribution
+    )
 
 
 def _jax_devices(mode: str) -> _Devices:
@@ -282,14 +289,8 @@ def _devices(mode: str) -> _Devices:
     return _Devices(contextlib.nullcontext(), 1, f"one device ({backend} backend)")
 
 
-@contextlib.contextmanager
 def _dtype_policy(name: str):
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(name)
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
+    return _global(keras.config.dtype_policy, keras.config.set_dtype_policy, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,6 +335,7 @@ def plot_curves(history: list[dict], path: Path) -> Path | None:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return None
     epochs = [r["epoch"] for r in history]
@@ -349,6 +351,7 @@ def plot_curves(history: list[dict], path: Path) -> Path | None:
                 ax.plot(*zip(*points), marker="o", label=label)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     with hub.atomic_path(Path(path)) as tmp:
@@ -420,7 +423,8 @@ def _export(model_path: Path, out: Path, resolution: int) -> tuple[Path | None, 
             "convnext_keras.export is not available in this version; the classifier is saved as "
             f"{model_path.name} (load it with keras.saving.load_model)."
         )
-    from .. import export as export_lib
+    # (the package's `export` attribute is the function; the module is imported by name)
+    export_lib = importlib.import_module("convnext_keras.export")
 
     try:
         result = export_lib.export(
@@ -581,7 +585,20 @@ class _Trainer:
         r = self.recipe
         num_classes = len(self.folder.classes)
         keras.utils.set_random_seed(r.seed)
-        remat = keras.RematScope(mode="full") if r.remat else contextlib.nullcontext()
+        # Rematerialise the layers that compute (convolutions, norms, MLPs), not stochastic
+        # depth: jax.checkpoint would trace its Python `training` flag.
+        remat = (
+            keras.RematScope(
+                mode="list_of_layers",
+                layer_names=[
+                    n
+                    for group in layer_names(registry.resolve(r.model).variant).values()
+                    for n in group
+                ],
+            )
+            if r.remat
+            else contextlib.nullcontext()
+        )
         with remat:
             self.model = load_model(
                 r.model,
@@ -859,6 +876,12 @@ def run(
             )
         recipe = resolve_recipe(**options)
         info, meta = None, None
+    if recipe.remat and keras.backend.backend() == "tensorflow":
+        raise ValueError(
+            "remat (--remat) does not work on the TensorFlow backend: Keras' rematerialisation "
+            "fails in graph mode (keras-team/keras#21207). Use the JAX backend (--backend jax), "
+            "or save memory with a smaller --batch-size and --accum-steps."
+        )
     workers = workers or max(1, min(8, os.cpu_count() or 1))
     if checkpoint_every is not None and checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be >= 0 steps, got {checkpoint_every}.")
@@ -969,8 +992,10 @@ def run(
     }
     export_path, note = None, "not exported (export=False)."
     if devices.chief:
-        _save_keras(_inference_model(info, hub.load_converted(out / BEST_WEIGHTS)), files["best"])
-        _save_keras(_inference_model(info, final), files["last"])
+        classifier = _inference_model(info, final)
+        _save_keras(classifier, files["last"])
+        checkpoints.assign_weights(classifier, hub.load_converted(out / BEST_WEIGHTS))
+        _save_keras(classifier, files["best"])
         if export:
             export_path, note = _export(files["best"], out, recipe.resolution)
         say(f"wrote {files['best']} and {files['last']}; {note}")

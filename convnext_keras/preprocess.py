@@ -46,10 +46,10 @@ from PIL import Image, ImageOps
 
 from . import registry
 
-#: Default evaluation settings of architecture names without a checkpoint (the original's).
-DEFAULT_RESOLUTION = 224
-DEFAULT_CROP_PCT = 224 / 256
-DEFAULT_INTERPOLATION = "bicubic"
+#: Default evaluation settings of architecture names without a checkpoint (from the registry).
+DEFAULT_RESOLUTION = registry.DEFAULT_RESOLUTION
+DEFAULT_CROP_PCT = registry.EVAL_CROP_PCT
+DEFAULT_INTERPOLATION = registry.DEFAULT_INTERPOLATION
 
 _MEAN = np.asarray(registry.IMAGENET_MEAN, dtype=np.float32)
 _STD = np.asarray(registry.IMAGENET_STD, dtype=np.float32)

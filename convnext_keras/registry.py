@@ -37,6 +37,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Resolution at and above which the official evaluation squashes instead of resize + crop.
 SQUASH_RESOLUTION = 384
+#: The official evaluation's centre-crop fraction below SQUASH_RESOLUTION (main.py, --crop_pct).
+EVAL_CROP_PCT = 0.875
+#: Evaluation settings of architecture names without a checkpoint (the original's defaults).
+DEFAULT_RESOLUTION = 224
+DEFAULT_INTERPOLATION = "bicubic"
 
 NUM_CLASSES_1K = 1000
 NUM_CLASSES_21K = 21841
@@ -95,13 +100,13 @@ class Checkpoint:
     filename: str
     #: Top-1 accuracy on ImageNet-1k val reported by facebookresearch/ConvNeXt (None for 21k heads).
     reported_acc1: float | None
-    interpolation: str = "bicubic"
+    interpolation: str = DEFAULT_INTERPOLATION
 
     @property
     def crop_pct(self) -> float:
         # The official eval (main.py, build_transform): resize shorter side to res / 0.875 and
         # centre-crop below 384; at 384 it warps to res x res without a crop.
-        return 1.0 if self.resolution >= SQUASH_RESOLUTION else 0.875
+        return 1.0 if self.resolution >= SQUASH_RESOLUTION else EVAL_CROP_PCT
 
     @property
     def url(self) -> str:
@@ -196,7 +201,7 @@ class ResolvedName:
 
     @property
     def resolution(self) -> int:
-        return self.checkpoint.resolution if self.checkpoint else 224
+        return self.checkpoint.resolution if self.checkpoint else DEFAULT_RESOLUTION
 
 
 class UnknownModelError(ValueError):

@@ -69,3 +69,19 @@ def backend_option(f):
         return f(*args, **kwargs)
 
     return wrapper
+
+
+#: Help text of every command's ``--weights`` option (parsed by :func:`parse_weights`).
+WEIGHTS_HELP = (
+    "'official' (download once, then cached), 'none' (random initialisation) or a local "
+    "checkpoint file (.pth/.bin/.safetensors; official, timm or Hugging Face layout)."
+)
+
+
+def parse_weights(value: str | None):
+    """``--weights`` -> ``load_model``'s ``weights=``: "official", None (random) or a path."""
+    if value is None or value.lower() in ("none", "random"):
+        return None
+    if value.lower() == "official":
+        return "official"
+    return value

@@ -6,12 +6,7 @@ import sys
 
 import click
 
-from ._app import backend_option, main
-
-
-def _weights(value: str):
-    """``--weights``: 'official', 'none' (random initialisation) or a checkpoint file."""
-    return None if value.lower() in ("none", "random") else value
+from ._app import WEIGHTS_HELP, backend_option, main, parse_weights
 
 
 def _fail(error: Exception):
@@ -39,8 +34,7 @@ def _fail(error: Exception):
     "--weights",
     default="official",
     show_default=True,
-    help="'official' (download/cache), 'none' (random) or a checkpoint file (official, timm "
-    "or Hugging Face layout) for offline use.",
+    help=WEIGHTS_HELP,
 )
 @click.option("--image-size", type=int, default=None, help="Input size (default: the model's).")
 @click.option(
@@ -85,7 +79,7 @@ def export_command(
             name,
             out,
             formats,
-            weights=_weights(weights),
+            weights=parse_weights(weights),
             overwrite=overwrite,
             check_hub=check_hub,
             image_size=image_size,

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from ._app import backend_option, main
+from ._app import backend_option, main, parse_weights
 
 # Recipe options: every default is None ("the recipe's default", or the saved value when
 # resuming), so only what the user typed reaches convnext_keras.finetune.run.
@@ -209,8 +209,8 @@ def finetune_command(
     if not (resume_dir or out):
         raise click.UsageError("Give --out DIR for a new run, or --resume DIR to continue one.")
     given = {k: v for k, v in recipe.items() if v is not None}
-    if given.get("weights", "").lower() == "none":
-        given["weights"] = None
+    if "weights" in given:
+        given["weights"] = parse_weights(given["weights"])
     if multi_host:
         import keras
 

@@ -8,17 +8,9 @@ from pathlib import Path
 
 import click
 
-from ._app import backend_option, main
+from ._app import WEIGHTS_HELP, backend_option, main, parse_weights
 
-_WEIGHTS_HELP = (
-    "'official' (download once, then cached) or a local checkpoint file (.pth/.bin/"
-    ".safetensors, official/timm/Hugging Face layout)."
-)
 _MODEL_HELP = "Model name (convnext_tiny_1k_224, ...; see `convnext list`) or a .keras file."
-
-
-def _weights(value: str):
-    return value if value == "official" else Path(value)
 
 
 def _read_labels(path):
@@ -33,7 +25,7 @@ def _read_labels(path):
 @main.command("predict")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model", "model_name", required=True, help=_MODEL_HELP)
-@click.option("--weights", default="official", show_default=True, help=_WEIGHTS_HELP)
+@click.option("--weights", default="official", show_default=True, help=WEIGHTS_HELP)
 @click.option("--top", default=5, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 @click.option(
@@ -65,7 +57,7 @@ def predict_command(
     results = predict_files(
         model_name,
         images,
-        weights=_weights(weights),
+        weights=parse_weights(weights),
         top=top,
         labels=_read_labels(labels_file),
         batch_size=batch_size,
@@ -96,7 +88,7 @@ def predict_command(
 @main.command("eval")
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--model", "model_name", required=True, help=_MODEL_HELP)
-@click.option("--weights", default="official", show_default=True, help=_WEIGHTS_HELP)
+@click.option("--weights", default="official", show_default=True, help=WEIGHTS_HELP)
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option(
     "--limit", type=click.IntRange(min=1), help="Evaluate a fixed random subset of N images."
@@ -132,7 +124,7 @@ def eval_command(
     result = evaluate(
         model_name,
         data,
-        weights=_weights(weights),
+        weights=parse_weights(weights),
         batch_size=batch_size,
         limit=limit,
         ground_truth=ground_truth,

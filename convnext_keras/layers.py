@@ -1,6 +1,6 @@
-"""The two layers ConvNeXt needs beyond ``keras.layers``, registered for ``.keras`` files.
+"""The layers (and the activation) ConvNeXt needs beyond Keras', registered for ``.keras`` files.
 
-Both are written with ``keras.ops`` only, so they run on the TensorFlow, JAX and PyTorch
+All are written with ``keras.ops`` only, so they run on the TensorFlow, JAX and PyTorch
 backends.  They are registered under the ``convnext_keras`` package, so
 ``keras.saving.load_model("m.keras")`` needs no ``custom_objects`` once this package is imported.
 """
@@ -74,6 +74,29 @@ class StochasticDepth(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+
+_SQRT_HALF = 0.7071067811865476
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+def gelu(x):
+    """Exact (erf) GELU, ``x / 2 * (1 + erf(x / sqrt(2)))``: what ``torch.nn.GELU()`` computes.
+
+    On TensorFlow and PyTorch this is ``keras.ops.gelu(x, approximate=False)`` (TensorFlow's
+    ``tf.nn.gelu``, which the TFLite and ONNX converters recognise; PyTorch's fused kernel).  On
+    JAX, ``jax.nn.gelu`` writes the same function with ``erfc``, which XLA expands into two
+    branches with an exponential and divisions: in bfloat16 on an H200 its GELU fusions took 3x
+    the time of PyTorch's (kernel profiles in BENCHMARKS.md).  Here JAX gets
+    the erf form instead, evaluated in float32 for 16-bit inputs and rounded once, as PyTorch's
+    kernels do; XLA fuses it with the bias add into one memory-bound loop.
+    """
+    if keras.backend.backend() != "jax":
+        return ops.gelu(x, approximate=False)
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    y = ops.cast(x, "float32") if dtype in ("bfloat16", "float16") else x
+    y = 0.5 * y * (1.0 + ops.erf(y * _SQRT_HALF))
+    return ops.cast(y, dtype)
 
 
 def _jax_on_cpu() -> bool:

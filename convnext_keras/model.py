@@ -16,7 +16,7 @@ import keras
 import numpy as np
 
 from . import registry
-from .layers import DepthwiseConv2D, LayerScale, StochasticDepth
+from .layers import DepthwiseConv2D, LayerScale, StochasticDepth, gelu
 
 HEADS = ("classifier", "pooled", "pyramid", "all")
 #: Names of the pyramid outputs; strides 4, 8, 16, 32.
@@ -48,10 +48,10 @@ def _block(x, dim, prefix, drop_path, layer_scale_init):
         name=f"{prefix}_dwconv",
     )(x)
     x = _norm(f"{prefix}_norm")(x)
-    # Exact (erf) GELU, as torch.nn.GELU's default.
+    # Exact (erf) GELU, as torch.nn.GELU's default (see layers.gelu for the JAX form).
     x = keras.layers.Dense(
         registry.MLP_RATIO * dim,
-        activation="gelu",
+        activation=gelu,
         kernel_initializer=_kernel_init(),
         name=f"{prefix}_pwconv1",
     )(x)

@@ -1,4 +1,5 @@
-"""The library's DepthwiseConv2D: shifted-sum and native paths compute the same function."""
+"""The library's layers: DepthwiseConv2D's shifted-sum and native paths compute the same
+function; the GELU is the exact (erf) one in every dtype and survives serialization."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from convnext_keras.layers import DepthwiseConv2D
+from convnext_keras.layers import DepthwiseConv2D, gelu
 
 
 def _pair(kernel=7, **kwargs):
@@ -72,3 +73,52 @@ def test_config_round_trip_and_bad_implementation():
     assert clone.implementation == "native" and clone.kernel_size == (7, 7)
     with pytest.raises(ValueError, match="implementation must be one of"):
         DepthwiseConv2D(7, implementation="fast")
+
+
+def _exact_gelu(x: np.ndarray) -> np.ndarray:
+    from math import erf, sqrt
+
+    return np.array([0.5 * v * (1.0 + erf(v / sqrt(2.0))) for v in x.astype(np.float64)])
+
+
+@pytest.mark.backends
+def test_gelu_is_exact_erf_gelu():
+    x = np.concatenate([np.linspace(-10, 10, 2001), [-40.0, -6.5, 0.0, 6.5, 40.0]])
+    got = keras.ops.convert_to_numpy(gelu(keras.ops.convert_to_tensor(x.astype("float32"))))
+    assert got.dtype == np.float32
+    # atol: 1 + erf(x / sqrt 2) cancels in float32 for x < -4 (as in PyTorch's erf-form kernels),
+    # leaving absolute errors of a few 1e-7 where the true value is below 1e-5.
+    np.testing.assert_allclose(got, _exact_gelu(x), rtol=2e-6, atol=1e-6)
+    # Not the tanh approximation, which differs by up to ~5e-4 around |x| = 2.
+    tanh = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    assert np.abs(got - tanh).max() > 1e-4
+
+
+@pytest.mark.backends
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_gelu_keeps_16_bit_dtype_and_rounds_once(dtype):
+    x = np.linspace(-6, 6, 601).astype("float32")
+    xt = keras.ops.cast(keras.ops.convert_to_tensor(x), dtype)
+    out = gelu(xt)
+    assert keras.backend.standardize_dtype(out.dtype) == dtype
+    got = keras.ops.convert_to_numpy(keras.ops.cast(out, "float32"))
+    exact = _exact_gelu(keras.ops.convert_to_numpy(keras.ops.cast(xt, "float32")))
+    # One rounding to the 16-bit type (8 or 11 significant bits), plus slack for backends that
+    # compute in the 16-bit type (TensorFlow's tf.nn.gelu).
+    eps = 2.0**-8 if dtype == "bfloat16" else 2.0**-11
+    assert np.all(np.abs(got - exact) <= 3 * eps * np.maximum(np.abs(exact), 1e-2))
+
+
+def test_gelu_serializes_by_registered_name(tmp_path):
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation=gelu)(inputs))
+    config = model.get_layer(index=1).get_config()
+    assert "gelu" in str(config["activation"]) and "convnext_keras" in str(config["activation"])
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.layers[1].activation is gelu
+    x = np.random.default_rng(0).standard_normal((2, 4)).astype("float32")
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(loaded(x)), keras.ops.convert_to_numpy(model(x)), atol=1e-6
+    )

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from . import labels as labels_mod
-from . import preprocess, registry
+from . import preprocess, registry, runtime
 
 _WNID = re.compile(r"^n\d{8}$")
 _VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})", re.IGNORECASE)
@@ -320,6 +320,7 @@ def evaluate(
     progress: bool | None = None,
     config=None,
     data_parallel: bool = True,
+    engine: str = "auto",
 ) -> EvalResult:
     """acc@1 / acc@5 of a 1000-class model on ImageNet-1k validation data.
 
@@ -337,16 +338,27 @@ def evaluate(
         progress: show a progress bar (default: when stderr is a terminal).
         config: preprocessing settings (default: the model name's registry entry).
         data_parallel: replicate the model over all local devices when there are several.
+        engine: ``"auto"`` runs the model as ``predict`` does: onnxruntime on a single CPU
+            device when it is installed (:func:`convnext_keras.runtime.inference_function`),
+            Keras otherwise (always when data-parallel); ``"keras"`` or ``"onnxruntime"``
+            insist.  The report's ``config["engine"]`` says which ran.
     """
     import keras
 
     from .predict import load_classifier
 
+    if engine not in runtime.ENGINES:
+        raise ValueError(f"engine must be one of {runtime.ENGINES}, got {engine!r}.")
     dataset = find_dataset(data, ground_truth=ground_truth).subset(limit)
     if len(dataset) == 0:
         raise ValueError(f"{data}: no images to evaluate.")
     real_labels = _real_targets(dataset) if real else None
     devices = _local_devices() if data_parallel else ["default"]
+    if len(devices) > 1 and engine == "onnxruntime":
+        raise ValueError(
+            "engine='onnxruntime' runs on one device; pass data_parallel=False "
+            "(CLI: --single-device) or engine='auto'."
+        )
     with _data_parallel(devices):
         keras_model, config = load_classifier(model, weights=weights, config=config)
         classes = int(keras_model.output_shape[-1])
@@ -355,9 +367,22 @@ def evaluate(
                 f"eval measures ImageNet-1k accuracy, but the model has {classes} classes; "
                 "use a 1k model (for the 21k-pre-trained ones: convnext_*_21k_1k_*)."
             )
-        # uint8 crops go to the device and are normalised there: 4x fewer bytes to move, and
-        # no float pass over every batch on the host.
-        runner = preprocess.with_normalization(keras_model, config.resolution)
+        run_batch, engine_used = (
+            runtime.inference_function(keras_model, engine)
+            if len(devices) == 1
+            else (None, "keras")
+        )
+        if engine_used == "keras":
+            # uint8 crops go to the device and are normalised there: 4x fewer bytes to move,
+            # and no float pass over every batch on the host.
+            runner = preprocess.with_normalization(keras_model, config.resolution)
+            run_batch = runner.predict_on_batch
+            if len(devices) > 1 and keras.backend.backend() == "tensorflow":
+                # predict_on_batch would run the whole batch on every replica; predict()
+                # splits it over the MirroredStrategy's replicas.
+                def run_batch(images):
+                    return runner.predict(images, batch_size=len(images), verbose=0)
+
         if processes is None:
             processes = len(dataset) >= PROCESSES_FROM
         batches = preprocess.ImageBatches(
@@ -367,7 +392,7 @@ def evaluate(
             workers=workers,
             processes=processes,
             skip_errors=True,
-            normalized=False,
+            normalized=engine_used != "keras",
         )
         show = sys.stderr.isatty() if progress is None else progress
         bar = _progress(len(dataset), show)
@@ -381,7 +406,7 @@ def evaluate(
         try:
             for images, indices in batches:
                 t = time.perf_counter()
-                logits = _predict(runner, images, call_size, len(devices))
+                logits = _predict(run_batch, images, call_size)
                 elapsed = time.perf_counter() - t
                 if first_call is None:
                     first_call, first_images = elapsed, len(images)
@@ -411,27 +436,19 @@ def evaluate(
         "preprocess_images_per_s": batches.images_per_second,
     }
     unreadable = dataset.unlabeled + [{"file": e.path, "error": e.reason} for e in batches.errors]
-    settings = {**config._asdict(), "backend": keras.backend.backend()}
+    settings = {**config._asdict(), "backend": keras.backend.backend(), "engine": engine_used}
     return _result(
         keras_model.name, str(data), dataset, top5, done, real_labels, unreadable, settings, timing
     )
 
 
-def _predict(model, images: np.ndarray, call_size: int, n_devices: int) -> np.ndarray:
+def _predict(run_batch, images: np.ndarray, call_size: int) -> np.ndarray:
     """Logits of ``images``, run as a batch of ``call_size`` (padded, then trimmed)."""
-    import keras
-
     n = len(images)
     pad = call_size - n
     if pad:
         images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
-    if n_devices > 1 and keras.backend.backend() == "tensorflow":
-        # TensorFlow: predict_on_batch would run the whole batch on every replica; predict()
-        # splits it over the MirroredStrategy's replicas.
-        logits = model.predict(images, batch_size=len(images), verbose=0)
-    else:
-        logits = model.predict_on_batch(images)
-    return np.asarray(logits, dtype=np.float32)[:n]
+    return np.asarray(run_batch(images), dtype=np.float32)[:n]
 
 
 def _top5(logits: np.ndarray) -> np.ndarray:

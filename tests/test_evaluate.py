@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 from test_preprocess import SKIMAGE, SKLEARN, reference
 
 import convnext_keras as ck
-from convnext_keras import labels
+from convnext_keras import labels, runtime
 from convnext_keras.cli import main
 from convnext_keras.evaluate import evaluate, find_dataset
 
@@ -100,6 +100,10 @@ def test_eval_agrees_with_the_pytorch_reference(val_set, tmp_path):
         workers=2,
     )
     assert result.layout == "class-folders"
+    # The default engine is predict's: onnxruntime on one CPU device when it is installed.
+    expected_engine = "onnxruntime" if runtime.onnxruntime_available() else "keras"
+    if result.devices == 1:
+        assert result.config["engine"] == expected_engine
     assert result.evaluated == len(val_set["files"])
     got = {p["file"]: p["top5"][0] for p in result.predictions}
     assert got == val_set["top1"]
@@ -244,6 +248,18 @@ def test_eval_refuses_a_21k_head(tmp_path):
     root = _flat(tmp_path, [1], [WNIDS[0]])
     with pytest.raises(ValueError, match="21k_1k"):
         evaluate(fixed_model(21841), root)
+
+
+def test_eval_engine_choice(tmp_path):
+    root = _flat(tmp_path, [1, 2], [WNIDS[970], WNIDS[5]])
+    with pytest.raises(ValueError, match="engine must be one of"):
+        evaluate(fixed_model(), root, engine="tensorrt")
+    # A model onnxruntime's graph builder does not know runs on Keras under "auto" ...
+    result = evaluate(fixed_model(), root, data_parallel=False)
+    assert result.config["engine"] == "keras" and result.acc1 == 50.0
+    # ... and "onnxruntime" insists, with the reason.
+    with pytest.raises(ValueError, match="OnnxRunner cannot run 'fixed'"):
+        evaluate(fixed_model(), root, data_parallel=False, engine="onnxruntime")
 
 
 def test_cli_eval_report(tmp_path):

@@ -113,10 +113,17 @@ def predict_command(
 @click.option(
     "--single-device", is_flag=True, help="Do not replicate the model over several devices."
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "onnxruntime", "keras"]),
+    default="auto",
+    show_default=True,
+    help="auto: onnxruntime on a single CPU device when installed (as predict), else Keras.",
+)
 @backend_option
 def eval_command(
     data, model_name, weights, batch_size, limit, report, ground_truth, real, workers,
-    processes, single_device,
+    processes, single_device, engine,
 ):  # fmt: skip
     """Accuracy on ImageNet-1k validation DATA (class folders or flat ILSVRC2012 layout)."""
     from ..evaluate import evaluate
@@ -132,9 +139,11 @@ def eval_command(
         workers=workers,
         processes=processes,
         data_parallel=not single_device,
+        engine=engine,
     )
     click.echo(
-        f"model     {result.model}  ({result.config['backend']}, {result.devices} device(s))"
+        f"model     {result.model}  ({result.config['backend']}, {result.devices} device(s),"
+        f" engine {result.config.get('engine', 'keras')})"
     )
     click.echo(f"data      {result.data}  [{result.layout}]")
     click.echo(f"images    {result.evaluated} evaluated, {len(result.unreadable)} unreadable")

@@ -81,7 +81,6 @@ def test_benchmark_inference_runs_the_default_engine():
 
 
 @pytest.mark.backends
-@pytest.mark.slow
 def test_benchmark_train_step_learns():
     """The timed JAX train step (stateless_call + stateless_apply in one jit) really trains:
     the loss on its fixed batch goes down.  TensorFlow and PyTorch use Keras' own

@@ -96,17 +96,19 @@ def test_gelu_is_exact_erf_gelu():
 
 @pytest.mark.backends
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_gelu_keeps_16_bit_dtype_and_rounds_once(dtype):
+def test_gelu_keeps_16_bit_dtype_and_stays_within_rounding(dtype):
     x = np.linspace(-6, 6, 601).astype("float32")
     xt = keras.ops.cast(keras.ops.convert_to_tensor(x), dtype)
     out = gelu(xt)
     assert keras.backend.standardize_dtype(out.dtype) == dtype
     got = keras.ops.convert_to_numpy(keras.ops.cast(out, "float32"))
     exact = _exact_gelu(keras.ops.convert_to_numpy(keras.ops.cast(xt, "float32")))
-    # One rounding to the 16-bit type (8 or 11 significant bits), plus slack for backends that
-    # compute in the 16-bit type (TensorFlow's tf.nn.gelu).
+    # JAX (this library's float32-inside form) and PyTorch round once to the 16-bit type (8 or
+    # 11 significant bits); TensorFlow's tf.nn.gelu (kept there: the TFLite and ONNX converters
+    # know it, and the TensorFlow paths are measured with it) computes in the 16-bit type.
     eps = 2.0**-8 if dtype == "bfloat16" else 2.0**-11
-    assert np.all(np.abs(got - exact) <= 3 * eps * np.maximum(np.abs(exact), 1e-2))
+    ulps = 5 if keras.backend.backend() == "tensorflow" else 3
+    assert np.all(np.abs(got - exact) <= ulps * eps * np.maximum(np.abs(exact), 1e-2))
 
 
 def test_gelu_serializes_by_registered_name(tmp_path):

@@ -11,13 +11,14 @@ results as JSON lines and a log; the main process prints one table last and writ
 
 * timm: train step (torch.compile, AMP bf16, fused AdamW, channels_last, batch 128, peak
   memory); inference bf16 channels_last eager and compiled (batch 256); compiled ConvNeXt-B 224
-  (256) and ConvNeXt-T 384 (128); a kernel profile of the compiled T-224 forward;
+  (256) and ConvNeXt-T 384 (128); kernel profiles of the compiled T-224 forward and train step;
 * this library on JAX: the same train step (AdamW, mixed_bfloat16, peak memory); bf16 inference
   of T-224, B-224 and T-384; bf16 against float32 (``highest`` matmul precision) on one batch:
-  relative error and top-1 agreement; a kernel profile of the T-224 forward; per-operation
-  times of one stage-0 block; and T-224 with the GELU written as ``jax.nn.gelu`` does (erfc),
-  the form this library used before (``GPU_BENCH_VARIANTS="dw shifted-sum"`` adds the depthwise
-  convolution as 49 fused shifted multiply-adds, its CPU path, to every inference job).
+  relative error and top-1 agreement; kernel profiles of the T-224 forward and train step;
+  per-operation times of one stage-0 block; and T-224 with the GELU written as ``jax.nn.gelu``
+  does (erfc), the form this library used before (``GPU_BENCH_VARIANTS="dw shifted-sum"``
+  adds the depthwise convolution as 49 fused shifted multiply-adds, its CPU path, to every
+  inference job).
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def write_profile(path: Path, title: str, totals: dict[str, float], calls: int):
     cats: dict[str, float] = {}
     for name, t in totals.items():
         cats[categorize(name)] = cats.get(categorize(name), 0.0) + t
-    lines = [f"# {title}: {total / calls / 1e6:.2f} ms of GPU kernels per forward", ""]
+    lines = [f"# {title}: {total / calls / 1e6:.2f} ms of GPU kernels per call", ""]
     for cat, t in sorted(cats.items(), key=lambda kv: -kv[1]):
         lines.append(f"{100 * t / total:5.1f}%  {t / calls / 1e6:8.3f} ms  {cat}")
     lines += ["", "top kernels:"]
@@ -228,6 +229,9 @@ def torch_worker(w: Worker):
             peak_bytes=peak,
             **rate(batch, s),
         )
+        _torch_profile(
+            w, step, sync, dev, "profile_torch_train.txt", "timm compiled AMP bf16 train step"
+        )
 
     def infer(key: str, eager: bool, profile: bool = False):
         variant, res, batch = cfg[key]
@@ -301,7 +305,14 @@ def _hf_standin(variant: str, drop_path: float):
     return Logits()
 
 
-def _torch_profile(w: Worker, fn, sync, dev):
+def _torch_profile(
+    w: Worker,
+    fn,
+    sync,
+    dev,
+    filename: str = "profile_torch.txt",
+    title: str = "timm compiled bf16 forward",
+):
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -319,7 +330,7 @@ def _torch_profile(w: Worker, fn, sync, dev):
             continue
         ns = 1000.0 * (evt.time_range.elapsed_us() if dev == "cuda" else evt.cpu_time)
         totals[evt.name] = totals.get(evt.name, 0.0) + ns
-    write_profile(w.out / "profile_torch.txt", "timm compiled bf16 forward", totals, calls)
+    write_profile(w.out / filename, title, totals, calls)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,6 +386,8 @@ def jax_worker(w: Worker):
             peak_bytes=stats.get("peak_bytes_in_use"),
             **rate(batch, s),
         )
+        if not shifted:
+            _jax_profile(w, step, "profile_jax_train.txt", "convnext_keras JAX bf16 train step")
 
     def correctness():
         variant, res, _ = cfg["infer"]

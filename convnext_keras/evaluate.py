@@ -376,12 +376,14 @@ def evaluate(
             # uint8 crops go to the device and are normalised there: 4x fewer bytes to move,
             # and no float pass over every batch on the host.
             runner = preprocess.with_normalization(keras_model, config.resolution)
-            run_batch = runner.predict_on_batch
             if len(devices) > 1 and keras.backend.backend() == "tensorflow":
                 # predict_on_batch would run the whole batch on every replica; predict()
                 # splits it over the MirroredStrategy's replicas.
                 def run_batch(images):
                     return runner.predict(images, batch_size=len(images), verbose=0)
+
+            else:
+                run_batch = runner.predict_on_batch
 
         if processes is None:
             processes = len(dataset) >= PROCESSES_FROM

@@ -87,9 +87,9 @@ def gelu(x):
     ``tf.nn.gelu``, which the TFLite and ONNX converters recognise; PyTorch's fused kernel).  On
     JAX, ``jax.nn.gelu`` writes the same function with ``erfc``, which XLA expands into two
     branches with an exponential and divisions: in bfloat16 on an H200 its GELU fusions took 3x
-    the time of PyTorch's (kernel profiles in BENCHMARKS.md).  Here JAX gets
-    the erf form instead, evaluated in float32 for 16-bit inputs and rounded once, as PyTorch's
-    kernels do; XLA fuses it with the bias add into one memory-bound loop.
+    the time of PyTorch's (kernel profiles in BENCHMARKS.md).  Here JAX gets the erf form
+    instead, evaluated in float32 for 16-bit inputs and rounded once, as PyTorch's kernels do;
+    XLA fuses it with the bias add into one memory-bound loop.
     """
     if keras.backend.backend() != "jax":
         return ops.gelu(x, approximate=False)

@@ -83,6 +83,12 @@ def test_inference_function_picks_the_engine():
         runtime.inference_function(classifier, "tensorrt")
 
 
+def test_cli_engine_choices_are_the_runtime_engines():
+    from convnext_keras.cli import _app
+
+    assert _app.ENGINES == runtime.ENGINES
+
+
 def test_mixed_precision_models_stay_on_keras():
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_bfloat16")

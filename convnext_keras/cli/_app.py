@@ -71,6 +71,18 @@ def backend_option(f):
     return wrapper
 
 
+#: Inference engines (``runtime.ENGINES``, repeated here: the CLI imports Keras only after
+#: ``--backend`` is read; a test keeps the two equal).
+ENGINES = ("auto", "onnxruntime", "keras")
+
+
+def engine_option(help_text: str):
+    """``--engine auto|onnxruntime|keras`` (``runtime.inference_function``'s choice)."""
+    return click.option(
+        "--engine", type=click.Choice(ENGINES), default="auto", show_default=True, help=help_text
+    )
+
+
 #: Help text of every command's ``--weights`` option (parsed by :func:`parse_weights`).
 WEIGHTS_HELP = (
     "'official' (download once, then cached), 'none' (random initialisation) or a local "

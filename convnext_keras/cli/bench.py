@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._app import backend_option, echo_table, main
+from ._app import backend_option, echo_table, engine_option, main
 
 
 @main.command("bench")
@@ -30,13 +30,7 @@ from ._app import backend_option, echo_table, main
     help="float32, or mixed bfloat16 / float16 (Keras dtype policy).",
 )
 @click.option("--mode", type=click.Choice(["infer", "train"]), default="infer", show_default=True)
-@click.option(
-    "--engine",
-    type=click.Choice(["auto", "onnxruntime", "keras"]),
-    default="auto",
-    show_default=True,
-    help="Inference engine: auto = the default predict/eval path.",
-)
+@engine_option("Inference engine: auto = the default predict/eval path.")
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0))
 @click.option("--repeats", default=10, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")

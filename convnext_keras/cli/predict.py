@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ._app import WEIGHTS_HELP, backend_option, main, parse_weights
+from ._app import WEIGHTS_HELP, backend_option, engine_option, main, parse_weights
 
 _MODEL_HELP = "Model name (convnext_tiny_1k_224, ...; see `convnext list`) or a .keras file."
 
@@ -113,13 +113,7 @@ def predict_command(
 @click.option(
     "--single-device", is_flag=True, help="Do not replicate the model over several devices."
 )
-@click.option(
-    "--engine",
-    type=click.Choice(["auto", "onnxruntime", "keras"]),
-    default="auto",
-    show_default=True,
-    help="auto: onnxruntime on a single CPU device when installed (as predict), else Keras.",
-)
+@engine_option("auto: onnxruntime on a single CPU device when installed (as predict), else Keras.")
 @backend_option
 def eval_command(
     data, model_name, weights, batch_size, limit, report, ground_truth, real, workers,

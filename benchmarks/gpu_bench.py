@@ -15,10 +15,12 @@ results as JSON lines and a log; the main process prints one table last and writ
 * this library on JAX: the same train step (AdamW, mixed_bfloat16, peak memory); bf16 inference
   of T-224, B-224 and T-384; bf16 against float32 (``highest`` matmul precision) on one batch:
   relative error and top-1 agreement; kernel profiles of the T-224 forward and train step;
-  per-operation times of one stage-0 block; and T-224 with the GELU written as ``jax.nn.gelu``
-  does (erfc), the form this library used before (``GPU_BENCH_VARIANTS="dw shifted-sum"``
-  adds the depthwise convolution as 49 fused shifted multiply-adds, its CPU path, to every
-  inference job).
+  per-operation times of one stage-0 block; every inference job also with the opt-in Pallas
+  depthwise kernel (``DepthwiseConv2D(implementation="pallas")``), and that kernel against
+  cuDNN's per stage, with a few launch settings and its difference from cuDNN
+  (``GPU_BENCH_VARIANTS`` adds ``"dw shifted-sum"``, the depthwise convolution as 49 fused
+  shifted multiply-adds, and ``"jax.nn.gelu erfc, before"``, the GELU this library used before,
+  to every inference job).
 """
 
 from __future__ import annotations
@@ -354,12 +356,12 @@ def jax_worker(w: Worker):
         device=str(jax.devices()[0].device_kind),
     )
 
-    def model(variant, res, precision="bf16", drop_path=0.0, shifted=False, gelu="default"):
+    def model(variant, res, precision="bf16", drop_path=0.0, depthwise="native", gelu="default"):
         with bench.dtype_policy(precision):
             m = build_model(variant, input_shape=(res, res, 3), drop_path_rate=drop_path)
         if gelu == "erfc":
             _set_gelu(m, keras.activations.gelu)
-        return _set_depthwise(m, "shifted" if shifted else "native")
+        return _set_depthwise(m, depthwise)
 
     def sync():
         pass  # each timed fn blocks on its own result
@@ -414,7 +416,8 @@ def jax_worker(w: Worker):
 
     variant_args = {
         "default": {},
-        "dw shifted-sum": {"shifted": True},
+        "dw pallas": {"depthwise": "pallas"},
+        "dw shifted-sum": {"depthwise": "shifted"},
         "jax.nn.gelu erfc, before": {"gelu": "erfc"},
     }
 
@@ -424,14 +427,21 @@ def jax_worker(w: Worker):
         fns, compile_s = {}, {}
         base = None
         for v in variants:
-            m = model(variant, res, **variant_args[v])
-            if base is None:
-                base = m
-            else:
-                m.set_weights(base.get_weights())
-            fn, _ = bench.inference_fn(m, x, "keras")
-            t0 = time.time()
-            fn()
+            try:
+                m = model(variant, res, **variant_args[v])
+                if base is None:
+                    base = m
+                else:
+                    m.set_weights(base.get_weights())
+                fn, _ = bench.inference_fn(m, x, "keras")
+                t0 = time.time()
+                fn()
+            except Exception as e:  # noqa: BLE001  (a failed variant must not cost the others)
+                if v == "default":
+                    raise
+                traceback.print_exc()
+                w.record(job=key, impl=f"convnext_keras JAX bf16 ({v})", error=f"{e!r}"[:300])
+                continue
             compile_s[v] = time.time() - t0
             fns[v] = fn
         seconds = time_calls(fns, cfg["warmup"], cfg["repeats"], sync)
@@ -454,15 +464,14 @@ def jax_worker(w: Worker):
     # The depthwise convolution as shifted sums (layers.DepthwiseConv2D's CPU path) measured
     # 0.61x cuDNN's on an H200 (2026-11-26): no longer timed here; GPU_BENCH_VARIANTS adds it.
     extra = tuple(v for v in os.environ.get("GPU_BENCH_VARIANTS", "").split(",") if v)
-    w.job(
-        "infer",
-        lambda: infer("infer", ("default", "jax.nn.gelu erfc, before", *extra), profile=True),
-        needs=40,
-    )
+    # The Pallas depthwise kernel (opt-in, never measured on a GPU before 2026-11-27's code) is
+    # timed next to the default in every inference job, and per stage in "depthwise".
+    w.job("infer", lambda: infer("infer", ("default", "dw pallas", *extra), profile=True), needs=40)
+    w.job("depthwise", lambda: _depthwise_stages(w, cfg, sync), needs=20)
     w.job("correctness", correctness, needs=35)
     w.job("train", train, needs=40)
-    w.job("base", lambda: infer("base", ("default", *extra)), needs=30)
-    w.job("hires", lambda: infer("hires", ("default", *extra)), needs=30)
+    w.job("base", lambda: infer("base", ("default", "dw pallas", *extra)), needs=30)
+    w.job("hires", lambda: infer("hires", ("default", "dw pallas", *extra)), needs=30)
     w.job("block_parts", block_parts, needs=15)
 
 
@@ -486,7 +495,8 @@ def _set_gelu(model, activation):
 
 
 def _set_depthwise(model, implementation: str):
-    """Pick the library DepthwiseConv2D's implementation ("native" = cuDNN/XLA conv, "shifted")."""
+    """Pick the library DepthwiseConv2D's implementation ("native" = cuDNN/XLA conv, "shifted",
+    "pallas")."""
     from convnext_keras.layers import DepthwiseConv2D
 
     for layer in model.layers:
@@ -525,6 +535,64 @@ def _jax_profile(w: Worker, fn, filename: str, title: str):
             totals[event.name] = totals.get(event.name, 0.0) + event.duration_ns
     print("profile lines:", sorted({f"{p}:{ln.name}" for p, ln in lines})[:20], flush=True)
     write_profile(w.out / filename, title, totals, calls)
+
+
+def _depthwise_stages(w: Worker, cfg, sync):
+    """The depthwise 7x7 of each ConvNeXt-T stage (bf16): cuDNN (XLA) against the Pallas
+    kernel with a few launch settings, and the kernel's largest difference from cuDNN."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from convnext_keras import pallas_depthwise as pdw
+
+    _, res, batch = cfg["infer"]
+    rng = np.random.default_rng(0)
+    for stage, dim in enumerate((96, 192, 384, 768)):
+        side = res // (4 * 2**stage)
+        x = jnp.asarray(rng.standard_normal((batch, side, side, dim), np.float32), jnp.bfloat16)
+        k = jnp.asarray(rng.standard_normal((7, 7, dim), np.float32) * 0.1, jnp.bfloat16)
+        b = jnp.asarray(rng.standard_normal((dim,), np.float32) * 0.1, jnp.bfloat16)
+        bh, bc = pdw.default_blocks(side, side, dim)
+        candidates = {"cuDNN (XLA conv)": jax.jit(pdw._xla_depthwise)}
+        settings = ((4, None), (8, None), (4, max(1, bh // 2)), (8, 2 * bh))
+        if jax.default_backend() != "gpu":  # --tiny on a CPU: the interpreter, one setting
+            settings = settings[:1]
+        for warps, block_h in settings:
+            label = f"pallas warps {warps} block_h {block_h or bh} block_c {bc}"
+            candidates[label] = jax.jit(
+                lambda x, k, b, warps=warps, block_h=block_h: pdw.depthwise_conv2d(
+                    x, k, b, block_h=block_h, num_warps=warps
+                )
+            )
+        ref = np.asarray(candidates["cuDNN (XLA conv)"](x, k, b), np.float32)
+        fns = {}
+        for label, f in candidates.items():
+            try:
+                out = np.asarray(f(x, k, b), np.float32)
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                w.record(job="depthwise", impl=label, stage=stage, error=f"{e!r}"[:300])
+                continue
+            w.record(
+                job="depthwise",
+                impl=label,
+                stage=stage,
+                check="max |diff| vs cuDNN",
+                max_abs_diff=float(np.abs(out - ref).max()),
+                ref_max_abs=float(np.abs(ref).max()),
+            )
+            fns[label] = lambda f=f, x=x, k=k, b=b: f(x, k, b).block_until_ready()
+        seconds = time_calls(fns, cfg["warmup"], cfg["repeats"], sync)
+        for label, s in seconds.items():
+            w.record(
+                job="depthwise",
+                impl=label,
+                model=f"stage{stage} {batch}x{side}x{side}x{dim}",
+                stage=stage,
+                ms=1000 * statistics.median(s),
+                gb_per_s=2 * x.size * 2 / statistics.median(s) / 1e9,
+            )
 
 
 def _block_parts(w: Worker, cfg, sync):
@@ -701,6 +769,21 @@ def summarize(rows: list[dict]) -> str:
                 f"{r['rel_error']:.2e}, top-1 agreement {100 * r['top1_agreement']:.0f}%, "
                 f"finite {r['finite']}"
             )
+    dw = [r for r in rows if r.get("job") == "depthwise" and "ms" in r]
+    for stage in sorted({r["stage"] for r in dw}):
+        these = [r for r in dw if r["stage"] == stage]
+        diffs = {
+            r["impl"]: r["max_abs_diff"]
+            for r in rows
+            if r.get("job") == "depthwise" and r.get("stage") == stage and "max_abs_diff" in r
+        }
+        lines.append(
+            f"\ndepthwise 7x7, {these[0]['model']}, ms (max |diff| vs cuDNN): "
+            + "; ".join(
+                f"{r['impl']} {r['ms']:.3f} ({diffs.get(r['impl'], float('nan')):.1e})"
+                for r in these
+            )
+        )
     parts = [r for r in rows if r.get("job") == "block_parts" and "ms" in r]
     if parts:
         lines.append(

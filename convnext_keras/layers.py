@@ -121,10 +121,14 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
     shapes and names are those of the Keras layer.
 
     ``implementation``: ``"auto"`` (shifted sums on JAX's CPU backend, Keras' convolution
-    elsewhere), ``"shifted"`` or ``"native"`` (always the Keras convolution).
+    elsewhere), ``"shifted"``, ``"native"`` (always the Keras convolution) or ``"pallas"``
+    (JAX only, opt-in: the Pallas/Triton kernel of :mod:`convnext_keras.pallas_depthwise`,
+    written for GPUs; off a GPU it runs in Pallas' interpreter, exact but slow; on TensorFlow
+    and PyTorch it means Keras' convolution).  Shapes other than stride 1 / ``"same"`` /
+    depth multiplier 1 / odd kernel always use Keras' convolution.
     """
 
-    IMPLEMENTATIONS = ("auto", "native", "shifted")
+    IMPLEMENTATIONS = ("auto", "native", "shifted", "pallas")
 
     def __init__(self, *args, implementation: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
@@ -134,11 +138,7 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
             )
         self.implementation = implementation
 
-    def _shifted_applies(self) -> bool:
-        if self.implementation == "native":
-            return False
-        if self.implementation == "auto" and not _jax_on_cpu():
-            return False
+    def _same_stride_one(self) -> bool:
         return (
             tuple(self.strides) == (1, 1)
             and tuple(self.dilation_rate) == (1, 1)
@@ -148,7 +148,29 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
             and all(k % 2 == 1 for k in self.kernel_size)
         )
 
+    def _shifted_applies(self) -> bool:
+        if self.implementation in ("native", "pallas"):
+            return False
+        if self.implementation == "auto" and not _jax_on_cpu():
+            return False
+        return self._same_stride_one()
+
+    def _pallas_applies(self) -> bool:
+        return (
+            self.implementation == "pallas"
+            and keras.backend.backend() == "jax"
+            and self._same_stride_one()
+        )
+
     def call(self, inputs):
+        if self._pallas_applies():
+            from .pallas_depthwise import depthwise_conv2d
+
+            kh, kw = self.kernel_size
+            kernel = ops.reshape(self.kernel, (kh, kw, -1))
+            bias = ops.convert_to_tensor(self.bias) if self.use_bias else None
+            out = depthwise_conv2d(inputs, kernel, bias)
+            return self.activation(out) if self.activation is not None else out
         if not self._shifted_applies():
             return super().call(inputs)
         kh, kw = self.kernel_size

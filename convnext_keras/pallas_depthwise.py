@@ -1,0 +1,231 @@
+"""A depthwise ``k x k`` convolution written as a Pallas (Triton) kernel, for JAX on GPUs.
+
+Why: kernel profiles of ConvNeXt-T on an H100 (BENCHMARKS.md) put 27 % of a bf16 forward in
+cuDNN's depthwise 7x7 kernel (``conv2d_c1_k1_nhwc_specialized``, 4.6 ms for batch 256), about
+six times the time its memory traffic needs, and XLA's autotuner sometimes picks a kernel
+4-5x slower still (``conv2d_grouped_direct_kernel``).  timm compiled uses the same cuDNN kernel,
+so this is where a JAX port can get ahead.
+
+The kernel: one program per (image, block of ``block_h`` output rows, block of channels).
+It walks the ``block_h + k - 1`` input rows the block needs once; for each it loads the ``k``
+column-shifted tiles ``(W, C-block)`` (NHWC: channels contiguous, so every load is coalesced)
+and adds each tile, times its tap, to the accumulators of the output rows it reaches: about
+``k (block_h + k - 1) / block_h`` tile loads per output row instead of ``k * k``.  Sums in
+float32; the output has the input's dtype.  Out-of-range rows/columns are masked to zero
+(``"same"`` padding, stride 1).
+
+The gradient is the XLA convolution's (a depthwise convolution is linear in the input and in
+the kernel, so the backward pass needs only those two): only the forward pass is replaced.
+
+Status: exact against ``lax.conv_general_dilated`` in Pallas' interpreter (any device) and
+lowered to Triton IR for CUDA (tests); its speed on a GPU is measured by
+``benchmarks/gpu_bench.py`` and not yet known.  ``DepthwiseConv2D(implementation="pallas")``
+opts in; nothing uses it by default.
+"""
+
+from __future__ import annotations
+
+import functools
+
+__all__ = ["depthwise_conv2d", "reference_depthwise_conv2d", "default_blocks"]
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def default_blocks(height: int, width: int, channels: int) -> tuple[int, int]:
+    """``(block_h, block_c)`` for an input of this size.
+
+    Triton tiles need power-of-two sides: a tile is ``(next_pow2(W), block_c)``; ``block_c``
+    is the largest power of two (at most 128) that divides the channels, so no lane is masked
+    along C for ConvNeXt's widths (96 -> 32, 192 -> 64, 384 / 768 -> 128).  ``block_h`` keeps
+    the ``block_h`` float32 accumulators near 8k values per program (registers).
+    """
+    block_c = 1
+    while block_c < 128 and channels % (block_c * 2) == 0:
+        block_c *= 2
+    if block_c < 16:  # odd channel counts: a masked block instead of 1-wide tiles
+        block_c = min(128, _next_power_of_2(channels))
+    tile = _next_power_of_2(width) * block_c
+    block_h = max(1, min(8, 8192 // tile, _next_power_of_2(height)))
+    return block_h, block_c
+
+
+def reference_depthwise_conv2d(x, kernel, bias=None):
+    """The same function with XLA's convolution (float32 sums): the kernel's reference."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    kh, kw, channels = kernel.shape
+    out = lax.conv_general_dilated(
+        x.astype(jnp.float32),
+        kernel.astype(jnp.float32)[:, :, None, :],
+        window_strides=(1, 1),
+        padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=channels,
+        precision=lax.Precision.HIGHEST,
+    )
+    if bias is not None:
+        out = out + bias.astype(jnp.float32)
+    return out.astype(x.dtype)
+
+
+def _kernel_body(x_ref, k_ref, b_ref, o_ref, *, height, width, channels, kh, kw, bh, bw, bc):
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    n = pl.program_id(0)
+    h0 = pl.program_id(1) * bh
+    # Lanes past the last column / channel compute that last column / channel again and store
+    # the same value there: no store needs a lane mask (Pallas' interpreter resolves a masked
+    # store's duplicate indices in no defined order; Triton never writes masked lanes).
+    chans = jnp.minimum(pl.program_id(2) * bc + jnp.arange(bc), channels - 1)
+    cols = jnp.minimum(jnp.arange(bw), width - 1)
+
+    taps = [[k_ref[i, j, chans].astype(jnp.float32) for j in range(kw)] for i in range(kh)]
+    accs = [jnp.zeros((bw, bc), jnp.float32) for _ in range(bh)]
+    for r in range(bh + kh - 1):  # the input rows this block of output rows reads
+        row = h0 + r - kh // 2
+        row_ok = (row >= 0) & (row < height)
+        row = jnp.clip(row, 0, height - 1)
+        for j in range(kw):
+            src = cols + (j - kw // 2)
+            ok = row_ok & (src >= 0) & (src < width)
+            src = jnp.clip(src, 0, width - 1)
+            tile = plgpu.load(
+                x_ref.at[n, row, src[:, None], chans[None, :]],
+                mask=jnp.broadcast_to(ok[:, None], (bw, bc)),
+                other=0.0,
+            ).astype(jnp.float32)
+            for i in range(kh):
+                o = r - i  # output row h0 + o reads input row h0 + o + i - kh // 2
+                if 0 <= o < bh:
+                    accs[o] = accs[o] + tile * taps[i][j][None, :]
+
+    bias = b_ref[chans].astype(jnp.float32)[None, :]
+    for o in range(bh):
+        out_row = h0 + o
+        plgpu.store(
+            o_ref.at[n, jnp.minimum(out_row, height - 1), cols[:, None], chans[None, :]],
+            (accs[o] + bias).astype(o_ref.dtype),
+            mask=jnp.full((bw, bc), out_row < height),
+        )
+
+
+def _forward(x, kernel, bias, *, block_h, block_c, num_warps, interpret):
+    import jax
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    batch, height, width, channels = x.shape
+    kh, kw, _ = kernel.shape
+    bh, bc = default_blocks(height, width, channels)
+    bh, bc = block_h or bh, block_c or bc
+    body = functools.partial(
+        _kernel_body,
+        height=height,
+        width=width,
+        channels=channels,
+        kh=kh,
+        kw=kw,
+        bh=bh,
+        bw=_next_power_of_2(width),
+        bc=bc,
+    )
+    call = pl.pallas_call(
+        body,
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        grid=(batch, pl.cdiv(height, bh), pl.cdiv(channels, bc)),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name=f"depthwise_{kh}x{kw}",
+    )
+    return call(x, kernel, bias)
+
+
+@functools.cache
+def _with_gradient(block_h, block_c, num_warps, interpret):
+    import jax
+
+    @jax.custom_vjp
+    def conv(x, kernel, bias):
+        return _forward(
+            x,
+            kernel,
+            bias,
+            block_h=block_h,
+            block_c=block_c,
+            num_warps=num_warps,
+            interpret=interpret,
+        )
+
+    def fwd(x, kernel, bias):
+        return conv(x, kernel, bias), (x, kernel, bias)
+
+    def bwd(residuals, grad):
+        x, kernel, bias = residuals
+        _, vjp = jax.vjp(_xla_depthwise, x, kernel, bias)
+        return vjp(grad)
+
+    conv.defvjp(fwd, bwd)
+    return conv
+
+
+def _xla_depthwise(x, kernel, bias):
+    """XLA's depthwise convolution in the input's dtype (what the gradient is taken of)."""
+    from jax import lax
+
+    kh, kw, channels = kernel.shape
+    out = lax.conv_general_dilated(
+        x,
+        kernel.astype(x.dtype)[:, :, None, :],
+        window_strides=(1, 1),
+        padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=channels,
+        preferred_element_type=None,
+    )
+    return out + bias.astype(x.dtype)
+
+
+def depthwise_conv2d(
+    x,
+    kernel,
+    bias=None,
+    *,
+    block_h: int | None = None,
+    block_c: int | None = None,
+    num_warps: int = 4,
+    interpret: bool | None = None,
+):
+    """Depthwise ``"same"`` convolution, stride 1, of NHWC ``x`` with ``kernel`` ``(kh, kw, C)``.
+
+    ``bias`` (``(C,)``) is added in float32 before the single rounding to ``x.dtype``.
+    ``interpret``: run in Pallas' interpreter (default: when JAX's default backend is not a
+    GPU) - exact but slow, for tests.  Differentiable (the gradient is XLA's convolution's).
+    Raises ``ValueError`` for shapes it does not handle.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    if x.ndim != 4:
+        raise ValueError(f"depthwise_conv2d expects an NHWC batch, got shape {x.shape}.")
+    if kernel.ndim != 3 or kernel.shape[2] != x.shape[3]:
+        raise ValueError(
+            f"kernel must be (kh, kw, channels) with channels = {x.shape[3]}, got {kernel.shape}."
+        )
+    kh, kw, channels = kernel.shape
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"'same' padding needs an odd kernel size, got {kh}x{kw}.")
+    if bias is None:
+        bias = jnp.zeros((channels,), x.dtype)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    if block_h is not None and block_h < 1:
+        raise ValueError(f"block_h must be a positive number of rows, got {block_h}.")
+    if block_c is not None and (block_c < 1 or block_c & (block_c - 1)):
+        raise ValueError(f"block_c must be a power of two (a Triton tile side), got {block_c}.")
+    return _with_gradient(block_h, block_c, num_warps, bool(interpret))(x, kernel, bias)

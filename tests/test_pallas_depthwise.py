@@ -1,0 +1,122 @@
+"""The Pallas depthwise kernel: exact against XLA's convolution, differentiable, lowers for CUDA.
+
+Off a GPU the kernel runs in Pallas' interpreter (the same kernel body, evaluated op by op),
+which checks its indexing, masking and accumulation; the CUDA lowering test checks that the
+body translates to Triton IR for ConvNeXt's stage shapes.  Its GPU speed is measured by
+benchmarks/gpu_bench.py, not here.
+"""
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+jnp = jax.numpy
+
+from convnext_keras import pallas_depthwise as pdw  # noqa: E402
+
+
+def _random(shape, seed, dtype=jnp.float32):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype)
+
+
+@pytest.mark.parametrize(
+    "shape,k,blocks",
+    [
+        ((2, 9, 7, 8, 7), 7, None),  # width 7 -> 8-wide tiles: a duplicated last column
+        ((1, 10, 13, 96, 7), 7, (3, 32)),  # height not a multiple of block_h; 3 channel blocks
+        ((2, 5, 6, 20, 3), 3, None),  # 20 channels in one 32-wide block: duplicated channels
+    ],
+)
+def test_kernel_equals_xla_convolution(shape, k, blocks):
+    *_, channels = shape[:4]
+    x = _random(shape[:4], 0)
+    kernel, bias = _random((k, k, channels), 1), _random((channels,), 2)
+    block_h, block_c = blocks or (None, None)
+    out = pdw.depthwise_conv2d(x, kernel, bias, block_h=block_h, block_c=block_c, interpret=True)
+    ref = pdw.reference_depthwise_conv2d(x, kernel, bias)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_bfloat16_rounds_once():
+    x = _random((1, 8, 8, 16), 3, jnp.bfloat16)
+    kernel, bias = _random((7, 7, 16), 4, jnp.bfloat16), _random((16,), 5, jnp.bfloat16)
+    out = pdw.depthwise_conv2d(x, kernel, bias, interpret=True)
+    assert out.dtype == jnp.bfloat16
+    ref = pdw.reference_depthwise_conv2d(x, kernel, bias)  # float32 sums, one rounding
+    diff = np.abs(np.asarray(out, np.float32) - np.asarray(ref, np.float32))
+    ulp = np.abs(np.asarray(ref, np.float32)) * 2.0**-7 + 1e-6
+    assert (diff <= ulp).all()
+
+
+def test_gradient_is_the_convolution_gradient():
+    x = _random((1, 6, 6, 8), 6)
+    kernel, bias = _random((3, 3, 8), 7), _random((8,), 8)
+    weights = _random((1, 6, 6, 8), 9)
+
+    def loss(fn):
+        return lambda x, k, b: (fn(x, k, b) * weights).sum()
+
+    ours = jax.grad(loss(lambda *a: pdw.depthwise_conv2d(*a, interpret=True)), (0, 1, 2))
+    ref = jax.grad(loss(pdw.reference_depthwise_conv2d), (0, 1, 2))
+    for g, r in zip(ours(x, kernel, bias), ref(x, kernel, bias)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-4, rtol=1e-5)
+
+
+def test_bad_arguments_are_explained():
+    x = jnp.zeros((1, 8, 8, 4))
+    with pytest.raises(ValueError, match="NHWC"):
+        pdw.depthwise_conv2d(jnp.zeros((8, 8, 4)), jnp.zeros((3, 3, 4)))
+    with pytest.raises(ValueError, match="channels = 4"):
+        pdw.depthwise_conv2d(x, jnp.zeros((3, 3, 5)))
+    with pytest.raises(ValueError, match="odd kernel"):
+        pdw.depthwise_conv2d(x, jnp.zeros((2, 2, 4)))
+    with pytest.raises(ValueError, match="power of two"):
+        pdw.depthwise_conv2d(x, jnp.zeros((3, 3, 4)), block_c=24)
+
+
+@pytest.mark.parametrize("shape", [(256, 56, 56, 96), (256, 7, 7, 768)])
+def test_lowers_to_triton_for_cuda(shape):
+    """The kernel body translates to Triton IR (no GPU needed: JAX lowers for another platform)."""
+    args = (
+        jax.ShapeDtypeStruct(shape, jnp.bfloat16),
+        jax.ShapeDtypeStruct((7, 7, shape[-1]), jnp.bfloat16),
+        jax.ShapeDtypeStruct((shape[-1],), jnp.bfloat16),
+    )
+    fn = jax.jit(lambda x, k, b: pdw.depthwise_conv2d(x, k, b, interpret=False))
+    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
+
+
+def test_default_blocks_fit_convnext_stages():
+    assert pdw.default_blocks(56, 56, 96) == (4, 32)
+    assert pdw.default_blocks(28, 28, 192) == (4, 64)
+    assert pdw.default_blocks(14, 14, 384) == (4, 128)
+    assert pdw.default_blocks(7, 7, 768) == (8, 128)
+    assert pdw.default_blocks(5, 5, 20) == (8, 32)  # odd widths: one masked block
+
+
+@pytest.mark.backends
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_layer_uses_the_kernel_on_jax(policy):
+    import keras
+
+    from convnext_keras.layers import DepthwiseConv2D
+
+    if keras.backend.backend() != "jax":
+        pytest.skip("implementation='pallas' is a JAX kernel (other backends use Keras' conv)")
+    x = np.random.default_rng(10).normal(size=(2, 9, 9, 8)).astype("float32")
+    native = DepthwiseConv2D(7, padding="same", implementation="native", dtype=policy)
+    native.build(x.shape)
+    native.kernel.assign(np.random.default_rng(11).normal(size=native.kernel.shape))
+    native.bias.assign(np.random.default_rng(12).normal(size=native.bias.shape))
+    pallas = DepthwiseConv2D.from_config({**native.get_config(), "implementation": "pallas"})
+    pallas.build(x.shape)
+    pallas.set_weights(native.get_weights())
+    assert pallas._pallas_applies()
+    got, want = pallas(x), native(x)
+    assert got.dtype == want.dtype
+    tol = 1e-5 if policy == "float32" else 5e-2  # bf16: one rounding vs cuDNN/XLA's
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol
+    )

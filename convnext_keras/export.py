@@ -16,10 +16,14 @@ The SavedModel is a TF-Hub *reusable SavedModel*: its root object is callable as
 ``serving_default`` signature takes ``images`` (float32 ``[batch, H, W, 3]``) and returns
 ``logits`` (classifiers) or ``features`` (``_fe`` feature extractors) for TF Serving.
 
-TensorFlow is imported only inside the functions that need it.  SavedModel, ONNX and TFLite are
-written with the TensorFlow backend; under JAX or PyTorch the model is handed (as a ``.keras``
-file) to a TensorFlow-backend subprocess, which exports it and verifies the export against the
-outputs of the caller's own model.  ``.keras`` export works on every backend in-process.
+The ONNX file of a ConvNeXt built by this library (any head, fixed or dynamic size) is written
+straight from its weights by :func:`convnext_keras.runtime.build_onnx_graph` - the graph the CPU
+inference engine runs, on every backend, without TensorFlow; a model with layers of its own goes
+through tf2onnx instead.  TensorFlow is imported only inside the functions that need it.
+SavedModel, TFLite (and tf2onnx) are written with the TensorFlow backend; under JAX or PyTorch
+the model is handed (as a ``.keras`` file) to a TensorFlow-backend subprocess, which exports it
+and verifies the export against the outputs of the caller's own model.  ``.keras`` export works
+on every backend in-process.
 """
 
 from __future__ import annotations
@@ -554,6 +558,21 @@ def _write_onnx(model, path: Path, plan: _Plan) -> None:
         )
 
 
+def _write_onnx_graph(model, path: Path, plan: _Plan) -> None:
+    """The ONNX graph built from the weights (:func:`convnext_keras.runtime.build_onnx_graph`):
+    the same operators the CPU engine runs, opset ``ONNX_OPSET``, dynamic batch."""
+    import onnx
+
+    from . import runtime
+
+    side = None if plan.dynamic_size else plan.image_size
+    proto = runtime.build_onnx_graph(model, side, side, opset=ONNX_OPSET, output_names=plan.outputs)
+    onnx.helper.set_model_props(
+        proto, {"convnext_keras.model": model.name, "convnext_keras.input": plan.contract()}
+    )
+    onnx.save(proto, str(path))
+
+
 def _write_tflite(model, path: Path, plan: _Plan) -> None:
     _named(model, plan).export(
         str(path), format="litert", verbose=False, input_signature=[_tensor_spec(plan)]
@@ -712,7 +731,12 @@ def export(
 
     import keras
 
-    if fmt != "keras" and keras.backend.backend() != "tensorflow":
+    from . import runtime
+
+    # ONNX of a ConvNeXt built by this library: the graph is written from the weights (no
+    # TensorFlow, any backend); tf2onnx only for models with layers of their own.
+    direct_onnx = fmt == "onnx" and runtime.graph_unsupported_reason(model) is None
+    if fmt != "keras" and not direct_onnx and keras.backend.backend() != "tensorflow":
         return _export_via_tensorflow(model, path, plan, overwrite, source)
 
     start = time.time()
@@ -733,6 +757,8 @@ def export(
     with staged(path, overwrite) as tmp:
         if fmt == "savedmodel":
             _write_savedmodel(exported, tmp, plan, _metadata(model, plan, source))
+        elif direct_onnx:
+            _write_onnx_graph(exported, tmp, plan)
         elif fmt == "onnx":
             _write_onnx(exported, tmp, plan)
         elif fmt == "tflite":

@@ -13,8 +13,12 @@ weights - no TensorFlow, no tf2onnx - arranged for that engine:
 * LayerNorm and exact (erf) GELU are single fused operators.
 
 The graph computes the same function as the Keras model in float32 (tested against it and,
-through the checkpoint tests, against the PyTorch reference).  It is built for one input
-height/width at a time (any batch size) and cached per size.
+through the checkpoint tests, against the PyTorch reference).  :func:`build_onnx_graph` builds
+it for any head (classifier, ``_fe``, pyramid, ``features="all"``), a fixed or a dynamic
+height/width and opset 17 or 20; ``convnext export --format onnx`` writes it.  The runner
+(classifier and ``_fe`` models) builds one graph per input height/width (any batch size) and
+caches it.  Only models made of this library's ConvNeXt layers and nothing else are rebuilt
+(:func:`graph_unsupported_reason`); anything else stays on Keras.
 
 Weights are copied when the runner is made: a runner made before training or a
 ``load_weights`` call still holds the old weights (make a new one).
@@ -23,6 +27,7 @@ Weights are copied when the runner is made: a runner made before training or a
 from __future__ import annotations
 
 import os
+import re
 import threading
 
 import numpy as np
@@ -44,25 +49,58 @@ def onnxruntime_available() -> bool:
     return True
 
 
-def _head_of(model) -> str:
-    names = {layer.name for layer in model.layers}
-    outputs = model.outputs
-    if len(outputs) == 1 and "head_fc" in names:
-        return "classifier"
-    if len(outputs) == 1 and "head_norm" in names:
-        return "pooled"
-    return "other"
+#: Every layer of a plain ConvNeXt built by this library (anything else: not ours to rebuild).
+_PLAIN_LAYER = re.compile(
+    r"images|stem_(conv|norm)|stage\d_downsample_(norm|conv)"
+    r"|stage\d_block\d+_(dwconv|norm|pwconv1|pwconv2|layer_scale|drop_path|add)"
+    r"|head_(pool|norm|fc)"
+)
+
+
+def _graph_outputs(model) -> list[tuple[str | None, str]] | str:
+    """``[(output key, what it is)]`` of a plain ConvNeXt, or why the graph cannot be built.
+
+    What an output is: ``"logits"``, ``"pooled"`` or ``"stage1"`` ... ``"stage4"``, read off the
+    layer that produces it; the key is the dict key of a dict-output model, else None.
+    """
+    spec = variant_of(model)
+    if spec is None:
+        return "it is not a ConvNeXt built by convnext_keras (layer names do not match)"
+    extra = [layer.name for layer in model.layers if not _PLAIN_LAYER.fullmatch(layer.name)]
+    if extra:
+        return f"it has layers a ConvNeXt does not have ({', '.join(extra[:3])})"
+    policy = model.dtype_policy
+    if getattr(policy, "compute_dtype", "float32") != "float32":
+        return f"it computes in {policy.compute_dtype}; the graph is float32 only"
+    kinds = {"head_fc": "logits", "head_norm": "pooled"}
+    for stage, depth in enumerate(spec.depths):
+        kinds[f"stage{stage}_block{depth - 1}_add"] = f"stage{stage + 1}"
+    output = model.output
+    items = list(output.items()) if isinstance(output, dict) else [(None, output)]
+    if not isinstance(output, dict) and len(model.outputs) != 1:
+        return "it has several unnamed outputs"
+    result = []
+    for key, tensor in items:
+        producer = tensor._keras_history.operation.name
+        if producer not in kinds:
+            return f"output {key or 0} comes from layer {producer!r}, not a ConvNeXt output"
+        result.append((key, kinds[producer]))
+    return result
+
+
+def graph_unsupported_reason(model) -> str | None:
+    """Why :func:`build_onnx_graph` cannot rebuild ``model`` (None when it can)."""
+    outputs = _graph_outputs(model)
+    return outputs if isinstance(outputs, str) else None
 
 
 def unsupported_reason(model) -> str | None:
     """Why :class:`OnnxRunner` cannot run ``model`` (None when it can)."""
-    if variant_of(model) is None:
-        return "it is not a ConvNeXt built by convnext_keras (layer names do not match)"
-    if _head_of(model) == "other":
+    outputs = _graph_outputs(model)
+    if isinstance(outputs, str):
+        return outputs
+    if len(outputs) != 1 or outputs[0][1] not in ("logits", "pooled"):
         return "only the classifier and pooled-feature heads are supported (not pyramid/all)"
-    policy = model.dtype_policy
-    if getattr(policy, "compute_dtype", "float32") != "float32":
-        return f"it computes in {policy.compute_dtype}; the runner is float32 only"
     return None
 
 
@@ -96,34 +134,81 @@ def _weights(model) -> dict[str, list[np.ndarray]]:
 
 
 def _patchify_matmul(g, x, h, w, patch, kernel, bias, name):
-    """A ``patch x patch`` conv with stride ``patch`` (VALID) on NHWC ``x`` as one GEMM."""
+    """A ``patch x patch`` conv with stride ``patch`` (VALID) on NHWC ``x`` as one GEMM.
+
+    ``h``/``w``: the static input size, or None for a size read from the tensor at run time.
+    """
     kh, kw, cin, cout = kernel.shape
-    ho, wo = h // patch, w // patch
-    if (ho * patch, wo * patch) != (h, w):  # VALID drops the last rows/columns
-        x = g.op(
+    if h is not None:
+        ho, wo = h // patch, w // patch
+        if (ho * patch, wo * patch) != (h, w):  # VALID drops the last rows/columns
+            ends = g.const(np.array([ho * patch, wo * patch], np.int64), f"{name}_ends")
+            x = _slice_hw(g, x, ends, name)
+        grid = [
+            g.const(np.array([ho], np.int64), f"{name}_ho"),
+            g.const(np.array([wo], np.int64), f"{name}_wo"),
+        ]
+    else:
+        hw = g.op(
             "Slice",
             [
-                x,
-                g.const(np.array([0, 0], np.int64), f"{name}_starts"),
-                g.const(np.array([ho * patch, wo * patch], np.int64), f"{name}_ends"),
-                g.const(np.array([1, 2], np.int64), f"{name}_axes"),
+                g.op("Shape", [x], name),
+                g.const(np.array([1], np.int64), f"{name}_hw_start"),
+                g.const(np.array([3], np.int64), f"{name}_hw_end"),
             ],
             name,
         )
-    x = g.op(
-        "Reshape",
-        [x, g.const(np.array([-1, ho, patch, wo, patch, cin], np.int64), f"{name}_s6")],
+        patch_ = g.const(np.array([patch], np.int64), f"{name}_patch")
+        out_hw = g.op("Div", [hw, patch_], name)  # integer division: floor for sizes >= 0
+        x = _slice_hw(g, x, g.op("Mul", [out_hw, patch_], name), name)
+        grid = [
+            g.op(
+                "Slice",
+                [
+                    out_hw,
+                    g.const(np.array([i], np.int64), f"{name}_i{i}"),
+                    g.const(np.array([i + 1], np.int64), f"{name}_j{i}"),
+                ],
+                name,
+            )
+            for i in (0, 1)
+        ]
+    minus_one = g.const(np.array([-1], np.int64), f"{name}_m1")
+    p_ = g.const(np.array([patch], np.int64), f"{name}_p")
+    shape6 = g.op(
+        "Concat",
+        [minus_one, grid[0], p_, grid[1], p_, g.const(np.array([cin], np.int64), f"{name}_cin")],
         name,
+        axis=0,
     )
+    x = g.op("Reshape", [x, shape6], name)
     x = g.op("Transpose", [x], name, perm=[0, 1, 3, 2, 4, 5])
-    x = g.op(
-        "Reshape",
-        [x, g.const(np.array([-1, ho, wo, patch * patch * cin], np.int64), f"{name}_s4")],
-        name,
-    )
+    flat = g.const(np.array([patch * patch * cin], np.int64), f"{name}_flat")
+    x = g.op("Reshape", [x, g.op("Concat", [minus_one, *grid, flat], name, axis=0)], name)
     # Keras kernels are (kh, kw, cin, cout): flattening gives the (dy, dx, c) patch order.
     x = g.op("MatMul", [x, g.const(kernel.reshape(kh * kw * cin, cout), f"{name}_w")], name)
-    return g.op("Add", [x, g.const(bias, f"{name}_b")], name), ho, wo
+    out_h = None if h is None else h // patch
+    out_w = None if w is None else w // patch
+    return g.op("Add", [x, g.const(bias, f"{name}_b")], name), out_h, out_w
+
+
+def _slice_hw(g, x, ends, name):
+    """``x[:, :ends[0], :ends[1], :]``."""
+    zeros = g.const(np.array([0, 0], np.int64), f"{name}_starts")
+    return g.op(
+        "Slice", [x, zeros, ends, g.const(np.array([1, 2], np.int64), f"{name}_axes")], name
+    )
+
+
+def _gelu(g, x, opset, name):
+    """Exact GELU: the ``Gelu`` operator from opset 20, else its erf form (which onnxruntime
+    fuses back into one operator)."""
+    if opset >= 20:
+        return g.op("Gelu", [x], name, approximate="none")
+    scaled = g.op("Div", [x, g.const(np.array(np.sqrt(2.0), np.float32), f"{name}_sqrt2")], name)
+    one = g.const(np.array(1.0, np.float32), f"{name}_one")
+    y = g.op("Mul", [x, g.op("Add", [g.op("Erf", [scaled], name), one], name)], name)
+    return g.op("Mul", [y, g.const(np.array(0.5, np.float32), f"{name}_half")], name)
 
 
 def _layer_norm(g, x, weights, name):
@@ -137,30 +222,46 @@ def _layer_norm(g, x, weights, name):
     )
 
 
-def build_onnx_graph(model, height: int, width: int):
-    """The ONNX graph (``onnx.ModelProto``) of a ConvNeXt classifier or pooled-feature model.
+def build_onnx_graph(
+    model,
+    height: int | None,
+    width: int | None,
+    *,
+    opset: int = OPSET,
+    output_names: list[str] | None = None,
+):
+    """The ONNX graph (``onnx.ModelProto``) of a ConvNeXt built by this library.
 
     Input ``images``: float32 NHWC ``(batch, height, width, 3)``, normalised as for the Keras
-    model; output ``logits`` (classifier) or ``pooled``.  Raises ``ValueError`` for models the
-    runner does not support (see :func:`unsupported_reason`) and for inputs too small to pass
+    model; ``height``/``width`` None make that axis dynamic.  Outputs: what the model returns,
+    in its order - ``logits`` (classifier), ``pooled`` (``_fe``), the dict of a pyramid /
+    ``features="all"`` model under its keys - or named ``output_names``.  ``opset`` 20 writes
+    exact GELU as the ``Gelu`` operator, 17-19 as its erf form.  Raises ``ValueError`` for
+    models it cannot rebuild (see :func:`graph_unsupported_reason`) and for inputs smaller than
     the network's total stride.
     """
     from onnx import TensorProto
 
-    reason = unsupported_reason(model)
-    if reason:
-        raise ValueError(f"Cannot build an onnxruntime graph for {model.name!r}: {reason}.")
+    outputs = _graph_outputs(model)
+    if isinstance(outputs, str):
+        raise ValueError(f"Cannot build an ONNX graph for {model.name!r}: {outputs}.")
+    if not 17 <= opset:
+        raise ValueError(f"opset must be >= 17 (LayerNormalization), got {opset}.")
+    names = output_names or [key or kind for key, kind in outputs]
+    if len(names) != len(outputs):
+        raise ValueError(f"{model.name!r} has {len(outputs)} outputs, got names {names}.")
     spec = variant_of(model)
     stride = registry.STEM_PATCH * registry.DOWNSAMPLE_STRIDE ** (len(spec.depths) - 1)
-    if height < stride or width < stride:
-        raise ValueError(
-            f"Input {height}x{width} is smaller than ConvNeXt's total stride {stride}; "
-            f"resize images to at least {stride}x{stride} (the checkpoints use 224 or 384)."
-        )
+    for side in (height, width):
+        if side is not None and side < stride:
+            raise ValueError(
+                f"Input {height}x{width} is smaller than ConvNeXt's total stride {stride}; "
+                f"resize images to at least {stride}x{stride} (the checkpoints use 224 or 384)."
+            )
     W = _weights(model)
-    head = _head_of(model)
     g = _GraphBuilder()
     k = registry.DWCONV_KERNEL
+    values = {}
 
     x, h, w = _patchify_matmul(
         g, "images", height, width, registry.STEM_PATCH, *W["stem_conv"], "stem"
@@ -194,8 +295,7 @@ def build_onnx_graph(model, height: int, width: int):
             y = _layer_norm(g, y, W[f"{p}_norm"], f"{p}_norm")
             w1, b1 = W[f"{p}_pwconv1"]
             y = g.op("MatMul", [y, g.const(w1, f"{p}_w1")], p)
-            y = g.op("Add", [y, g.const(b1, f"{p}_b1")], p)
-            y = g.op("Gelu", [y], p, approximate="none")
+            y = _gelu(g, g.op("Add", [y, g.const(b1, f"{p}_b1")], p), opset, p)
             w2, b2 = W[f"{p}_pwconv2"]
             if f"{p}_layer_scale" in W:
                 (scale,) = W[f"{p}_layer_scale"]
@@ -203,27 +303,39 @@ def build_onnx_graph(model, height: int, width: int):
             y = g.op("MatMul", [y, g.const(w2, f"{p}_w2")], p)
             y = g.op("Add", [y, g.const(b2, f"{p}_b2")], p)
             x = g.op("Add", [x, y], p)
-    x = g.op(
-        "ReduceMean", [x, g.const(np.array([1, 2], np.int64), "pool_axes")], "head", keepdims=0
-    )
-    x = _layer_norm(g, x, W["head_norm"], "head_norm")
-    if head == "classifier":
-        wf, bf = W["head_fc"]
-        x = g.op("MatMul", [x, g.const(wf, "head_fc_w")], "head")
-        x = g.op("Add", [x, g.const(bf, "head_fc_b")], "head")
-    output = "logits" if head == "classifier" else "pooled"
-    x = g.op("Identity", [x], output)
+        values[f"stage{stage + 1}"] = (x, [None, h, w, int(spec.dims[stage])])
+    kinds = {kind for _, kind in outputs}
+    if kinds & {"logits", "pooled"}:
+        if opset >= 18:  # axes became an input in opset 18
+            axes = g.const(np.array([1, 2], np.int64), "pool_axes")
+            x = g.op("ReduceMean", [x, axes], "head", keepdims=0)
+        else:
+            x = g.op("ReduceMean", [x], "head", keepdims=0, axes=[1, 2])
+        x = _layer_norm(g, x, W["head_norm"], "head_norm")
+        values["pooled"] = (x, [None, int(spec.dims[-1])])
+        if "logits" in kinds:
+            wf, bf = W["head_fc"]
+            x = g.op("MatMul", [x, g.const(wf, "head_fc_w")], "head")
+            x = g.op("Add", [x, g.const(bf, "head_fc_b")], "head")
+            values["logits"] = (x, [None, int(wf.shape[1])])
 
     helper = g.helper
+    graph_outputs = []
+    for name, (_, kind) in zip(names, outputs):
+        value, shape = values[kind]
+        g.nodes.append(helper.make_node("Identity", [value], [name], name=f"output_{name}"))
+        dims = ["batch", *(d if d is not None else f"{name}_{i}" for i, d in enumerate(shape[1:]))]
+        graph_outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
+    size = [d if d is not None else n for d, n in ((height, "height"), (width, "width"))]
     graph = helper.make_graph(
         g.nodes,
-        f"{model.name}_{height}x{width}",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", height, width, 3])],
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", None])],
+        f"{model.name}_{height or 'H'}x{width or 'W'}",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", *size, 3])],
+        graph_outputs,
         g.initializers,
     )
     onnx_model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="convnext_keras"
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="convnext_keras"
     )
     onnx_model.ir_version = min(onnx_model.ir_version, 10)  # what onnxruntime >= 1.20 reads
     return onnx_model

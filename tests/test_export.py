@@ -182,6 +182,42 @@ def test_tflite_equals_pytorch(tiny_reference, images, expected, tmp_path):
         assert _diff(out["logits"], expected["logits"][:batch]) <= 1e-3
 
 
+@pytest.mark.backends
+def test_onnx_pyramid_with_dynamic_size_on_any_backend(tmp_path, monkeypatch):
+    """A pyramid model's ONNX (built from the weights, no TensorFlow on any backend): every
+    stage output at sizes that are not multiples of the stride, equal to the Keras model."""
+    import onnx
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ex, "_export_via_tensorflow", None)  # must not be needed
+    model = ck.load_model("convnext_atto", weights=None, features="pyramid")
+    result = ck.export(model, tmp_path / "p.onnx", "onnx", image_size=64, dynamic_size=True)
+    assert result.input_shape == (None, None, None, 3)
+    assert result.outputs == ["stage1", "stage2", "stage3", "stage4"]
+    proto = onnx.load(str(result.path))
+    assert {o.version for o in proto.opset_import if o.domain == ""} == {ex.ONNX_OPSET}
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert props["convnext_keras.model"] == "convnext_atto"
+    assert "ImageNet mean" in props["convnext_keras.input"]
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(4).standard_normal((2, 77, 45, 3)).astype(np.float32)
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"images": x})))
+    want = model.predict_on_batch(x)
+    for key in result.outputs:
+        assert got[key].shape == tuple(keras.ops.shape(want[key]))
+        assert _diff(got[key], want[key]) <= 1e-4, key
+
+
+@needs_tf
+def test_onnx_of_a_model_with_its_own_layers_goes_through_tf2onnx(tmp_path):
+    fe = ck.load_model("convnext_atto_fe", weights=None, input_shape=(64, 64, 3))
+    head = keras.layers.Dense(3, name="my_head")(fe.output)
+    model = keras.Model(fe.input, head, name="custom")
+    assert "my_head" in ck.runtime.graph_unsupported_reason(model)
+    result = ck.export(model, tmp_path / "c.onnx", "onnx")
+    assert result.max_abs_diff <= 1e-4 and result.input_shape == (None, 64, 64, 3)
+
+
 def test_keras_file_equals_pytorch(tiny_reference, images, expected, tmp_path):
     result = _export(tiny_reference, "convnext_tiny_1k_224", "keras", tmp_path)
     model = keras.saving.load_model(str(result.path))
@@ -392,8 +428,8 @@ def test_cli_export_errors(tmp_path):
 
 
 def test_without_tensorflow_keras_export_works_and_savedmodel_says_why(tmp_path):
-    """As on the GPU machines (Keras + JAX, no TensorFlow): .keras is written, a SavedModel
-    export raises ExportError saying TensorFlow is needed and how to go on."""
+    """As on the GPU machines (Keras + JAX, no TensorFlow): .keras and ONNX are written, a
+    SavedModel export raises ExportError saying TensorFlow is needed and how to go on."""
     from test_no_tensorflow import BLOCK_TENSORFLOW
 
     code = BLOCK_TENSORFLOW + (
@@ -402,6 +438,7 @@ def test_without_tensorflow_keras_export_works_and_savedmodel_says_why(tmp_path)
         "from convnext_keras.cli import main\n"
         "m = ck.load_model('convnext_atto', weights=None)\n"
         f"print(ck.export(m, {str(tmp_path / 'a.keras')!r}, 'keras', image_size=64).format)\n"
+        f"print(ck.export(m, {str(tmp_path / 'a.onnx')!r}, 'onnx', image_size=64).format)\n"
         "try:\n"
         f"    ck.export(m, {str(tmp_path / 'a')!r}, image_size=64)\n"
         "except ck.ExportError as e:\n"
@@ -414,9 +451,9 @@ def test_without_tensorflow_keras_export_works_and_savedmodel_says_why(tmp_path)
         text=True,
         check=True,
     ).stdout
-    assert out.startswith("keras\nExportError: savedmodel export needs TensorFlow"), out
+    assert out.startswith("keras\nonnx\nExportError: savedmodel export needs TensorFlow"), out
     assert "pip install tensorflow-cpu" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.keras"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.keras", "a.onnx"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -69,6 +69,40 @@ def test_onnx_graph_passes_the_checker():
     assert "Mul" not in ops  # layer scale folded into pwconv2
 
 
+def test_opset_17_graph_with_dynamic_size_equals_opset_20():
+    """Opset 17 writes GELU in its erf form and ReduceMean with an axes attribute; with a dynamic
+    height/width the patch reshapes read the size at run time."""
+    import onnx
+    import onnxruntime as ort
+
+    model = ck.build_model("atto")
+    graphs = {17: runtime.build_onnx_graph(model, None, None, opset=17)}
+    graphs[20] = runtime.build_onnx_graph(model, 70, 45)
+    onnx.checker.check_model(graphs[17], full_check=True)
+    assert "Gelu" not in {n.op_type for n in graphs[17].graph.node}
+    images = _images(2, 70, 45, seed=3)
+    outs = {
+        opset: ort.InferenceSession(g.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"images": images}
+        )[0]
+        for opset, g in graphs.items()
+    }
+    np.testing.assert_allclose(outs[17], outs[20], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(outs[17], model.predict_on_batch(images), atol=TOLERANCE, rtol=0)
+    with pytest.raises(ValueError, match="opset must be >= 17"):
+        runtime.build_onnx_graph(model, 64, 64, opset=13)
+
+
+def test_a_model_with_layers_of_its_own_stays_on_keras():
+    """A head added after the pooled features must not be skipped by the graph builder."""
+    fe = ck.build_model("atto", head="pooled")
+    model = keras.Model(fe.input, keras.layers.Dense(3, name="my_head")(fe.output))
+    assert "my_head" in runtime.unsupported_reason(model)
+    assert runtime.inference_function(model)[1] == "keras"
+    with pytest.raises(ValueError, match="my_head"):
+        runtime.build_onnx_graph(model, 64, 64)
+
+
 def test_inference_function_picks_the_engine():
     classifier = ck.build_model("atto")
     fn, engine = runtime.inference_function(classifier)

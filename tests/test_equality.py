@@ -1,9 +1,12 @@
 """Proof of equality with an independent PyTorch implementation, for every registry entry.
 
-For each distinct (variant, head size, resolution) of the registry, a Hugging Face transformers
+For each distinct architecture (variant, head size) of the registry, a Hugging Face transformers
 ConvNext with random, well-spread weights is written in the official checkpoint layout, in
 transformers' own layout and in timm's layout; each is converted by this library and run on the
-same random input.  Logits, pooled features and the four pyramid outputs must agree within
+same random input, at the largest resolution of the architecture's entries (a 224 and a 384
+checkpoint of one architecture have the same tensors and the same graph: ConvNeXt has no
+position-dependent part; other sizes, non-square ones included, are covered below and in
+test_runtime/test_export).  Logits, pooled features and the four pyramid outputs must agree within
 1e-4 (float32).  Runs on whichever Keras backend KERAS_BACKEND selects (`make test` runs it on
 TensorFlow, JAX and PyTorch).
 """
@@ -26,11 +29,14 @@ pytestmark = pytest.mark.equality
 
 
 def _architectures():
-    """Distinct (variant, classes, resolution) -> the registry entries that share it."""
+    """Distinct (variant, classes) -> its registry entries, the largest resolution first."""
     groups: dict[tuple, list[str]] = {}
     for c in registry.CHECKPOINTS.values():
-        groups.setdefault((c.variant, c.num_classes, c.resolution), []).append(c.name)
-    return groups
+        groups.setdefault((c.variant, c.num_classes), []).append(c.name)
+    return {
+        key: sorted(names, key=lambda n: (-registry.CHECKPOINTS[n].resolution, n))
+        for key, names in groups.items()
+    }
 
 
 ARCHITECTURES = _architectures()
@@ -38,9 +44,10 @@ _SIZE_ORDER = list(registry.VARIANTS)
 
 
 def _params():
-    for (variant, classes, res), names in sorted(
-        ARCHITECTURES.items(), key=lambda kv: (_SIZE_ORDER.index(kv[0][0]), kv[0][2], kv[0][1])
+    for (variant, classes), names in sorted(
+        ARCHITECTURES.items(), key=lambda kv: (_SIZE_ORDER.index(kv[0][0]), kv[0][1])
     ):
+        res = registry.CHECKPOINTS[names[0]].resolution
         marks = [pytest.mark.slow] if variant in ("large", "xlarge") else []
         yield pytest.param(names, id=f"{variant}-{classes}-{res}", marks=marks)
 

@@ -7,6 +7,8 @@ backends.  They are registered under the ``convnext_keras`` package, so
 
 from __future__ import annotations
 
+import os
+
 import keras
 from keras import ops
 
@@ -120,8 +122,10 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
     depthwise kernels of their own: there the Keras layer runs unchanged.  Weights, their
     shapes and names are those of the Keras layer.
 
-    ``implementation``: ``"auto"`` (shifted sums on JAX's CPU backend, Keras' convolution
-    elsewhere), ``"shifted"``, ``"native"`` (always the Keras convolution) or ``"pallas"``
+    ``implementation``: ``"auto"`` (``$CONVNEXT_DEPTHWISE`` when set - one of the values
+    below, for a whole process, e.g. ``CONVNEXT_DEPTHWISE=pallas convnext bench --backend
+    jax`` -, else shifted sums on JAX's CPU backend and Keras' convolution elsewhere),
+    ``"shifted"``, ``"native"`` (always the Keras convolution) or ``"pallas"``
     (JAX only, opt-in: the Pallas/Triton kernel of :mod:`convnext_keras.pallas_depthwise`,
     written for GPUs; off a GPU it runs in Pallas' interpreter, exact but slow; on TensorFlow
     and PyTorch it means Keras' convolution).  Shapes other than stride 1 / ``"same"`` /
@@ -148,16 +152,26 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
             and all(k % 2 == 1 for k in self.kernel_size)
         )
 
+    def _choice(self) -> str:
+        """The implementation in effect: ``"auto"`` resolved (read at call time)."""
+        if self.implementation != "auto":
+            return self.implementation
+        env = os.environ.get("CONVNEXT_DEPTHWISE", "").strip().lower() or "auto"
+        if env not in self.IMPLEMENTATIONS:
+            raise ValueError(
+                f"CONVNEXT_DEPTHWISE={env!r} is not a depthwise implementation; use one of "
+                f"{self.IMPLEMENTATIONS} or unset it."
+            )
+        if env != "auto":
+            return env
+        return "shifted" if _jax_on_cpu() else "native"
+
     def _shifted_applies(self) -> bool:
-        if self.implementation in ("native", "pallas"):
-            return False
-        if self.implementation == "auto" and not _jax_on_cpu():
-            return False
-        return self._same_stride_one()
+        return self._choice() == "shifted" and self._same_stride_one()
 
     def _pallas_applies(self) -> bool:
         return (
-            self.implementation == "pallas"
+            self._choice() == "pallas"
             and keras.backend.backend() == "jax"
             and self._same_stride_one()
         )

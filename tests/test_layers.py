@@ -58,6 +58,61 @@ def test_auto_uses_shifted_sums_only_for_jax_on_cpu():
     assert layer._shifted_applies() == on_jax_cpu
 
 
+def test_environment_variable_chooses_for_auto(monkeypatch):
+    layer = DepthwiseConv2D(7, padding="same")
+    layer.build((None, 8, 8, 4))
+    monkeypatch.setenv("CONVNEXT_DEPTHWISE", "shifted")
+    assert layer._shifted_applies()
+    monkeypatch.setenv("CONVNEXT_DEPTHWISE", "native")
+    assert not layer._shifted_applies()
+    fixed = DepthwiseConv2D(7, padding="same", implementation="shifted")
+    fixed.build((None, 8, 8, 4))
+    assert fixed._shifted_applies()  # an explicit choice wins
+    monkeypatch.setenv("CONVNEXT_DEPTHWISE", "fastest")
+    with pytest.raises(ValueError, match="CONVNEXT_DEPTHWISE='fastest'"):
+        layer._shifted_applies()
+
+
+@pytest.mark.backends
+def test_shifted_gradients_equal_native():
+    native, shifted, x = _pair(7)
+    weights = np.random.default_rng(5).standard_normal(x.shape).astype("float32")
+    grads = {}
+    for name, layer in (("native", native), ("shifted", shifted)):
+        grads[name] = _input_and_kernel_gradients(layer, x, weights)
+    for a, b in zip(grads["native"], grads["shifted"]):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def _input_and_kernel_gradients(layer, x, weights):
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        def loss(x, kernel, bias):
+            out, _ = layer.stateless_call([kernel, bias], [], x)
+            return (out * weights).sum()
+
+        values = [keras.ops.convert_to_tensor(x), *[v.value for v in layer.trainable_variables]]
+        return [np.asarray(g) for g in jax.grad(loss, argnums=(0, 1, 2))(*values)]
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        xt = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            loss = tf.reduce_sum(layer(xt) * weights)
+        grads = tape.gradient(loss, [xt, *[v.value for v in layer.trainable_variables]])
+        return [g.numpy() for g in grads]
+    import torch
+
+    xt = torch.tensor(x, requires_grad=True)
+    loss = (layer(xt) * torch.tensor(weights)).sum()
+    params = [v.value for v in layer.trainable_variables]
+    grads = torch.autograd.grad(loss, [xt, *params])
+    return [g.detach().cpu().numpy() for g in grads]
+
+
 def test_other_configurations_fall_back_to_keras():
     for kwargs in ({"strides": 2}, {"depth_multiplier": 2}, {"dilation_rate": 2}):
         layer = DepthwiseConv2D(3, padding="same", implementation="shifted", **kwargs)

@@ -1,5 +1,5 @@
 """The TF-Hub-style collection: model cards from the registry, the index, and a real build of a
-two-model collection from local checkpoints (with one model missing and one failing)."""
+collection from a local checkpoint (with one model missing and one failing)."""
 
 from __future__ import annotations
 
@@ -121,21 +121,23 @@ def test_missing_weights_build_nothing(tmp_path, monkeypatch, loopback_server):
 
 
 @pytest.mark.skipif(not TF, reason="SavedModel export runs on the TensorFlow pass")
-def test_build_a_two_model_collection(tiny_reference, tmp_path, monkeypatch):
-    """Two models built from local checkpoints (classifier + _fe SavedModels, .keras, card,
-    manifest); a model without weights is reported missing and a corrupt checkpoint fails
-    without stopping the others or leaving a directory; a second run skips what is built."""
+def test_build_a_collection(tiny_reference, tmp_path, monkeypatch):
+    """A model built from a local checkpoint (classifier + _fe SavedModels, .keras, card,
+    manifest) between a corrupt checkpoint, which fails without stopping the others or leaving a
+    directory, and a model without weights, reported missing; a second run skips what is built.
+    (One model is built: each build is half a minute of SavedModel export on CI's CPU, and the
+    cards of all 21 checkpoints are checked above.)"""
     import tensorflow as tf
 
     torch_model, checkpoint = tiny_reference
     weights = tmp_path / "weights"
     weights.mkdir()
-    built = ["convnext_tiny_1k_224", "convnext_tiny_21k_1k_224"]
+    built = ["convnext_tiny_1k_224"]
     for name in built:
         shutil.copy(checkpoint, weights / registry.CHECKPOINTS[name].filename)
     corrupt = registry.CHECKPOINTS["convnext_small_1k_224"].filename
     (weights / corrupt).write_bytes(b"PK\x03\x04 not a checkpoint")
-    names = [built[0], "convnext_small_1k_224", "convnext_base_1k_224", built[1]]
+    names = ["convnext_small_1k_224", built[0], "convnext_base_1k_224"]
     out = tmp_path / "collection"
     lines = []
     report = collection.build_collection(out, names, weights_dir=weights, log=lines.append)
@@ -145,7 +147,7 @@ def test_build_a_two_model_collection(tiny_reference, tmp_path, monkeypatch):
     assert list(report.missing) == ["convnext_base_1k_224"]
     assert "convnext_base_1k_224_ema.pth" in report.missing["convnext_base_1k_224"]
     assert [line.split(":")[0] for line in lines] == [
-        f"[{i}/4] {name}" for i, name in enumerate(names, 1)
+        f"[{i}/3] {name}" for i, name in enumerate(names, 1)
     ]
     assert sorted(p.name for p in out.iterdir()) == sorted([*built, "index.json", "index.md"])
 
@@ -181,8 +183,8 @@ def test_build_a_two_model_collection(tiny_reference, tmp_path, monkeypatch):
     assert "`convnext_small_1k_224`: " in index and "`convnext_base_1k_224`: " in index
     assert json.loads((out / "index.json").read_text())["models"][0]["model"] == built[0]
 
-    # A second run (through the CLI) skips both, keeping them byte-for-byte; the pattern also
-    # matches convnext_tiny_21k_224, whose checkpoint is not there (exit status 1).
+    # A second run (through the CLI) skips the built model, keeping it byte-for-byte; the
+    # pattern also matches the two tiny 21k models, whose checkpoints are not there (exit 1).
     before = (out / built[0] / "manifest.json").read_bytes()
     result = CliRunner().invoke(
         main,
@@ -190,6 +192,7 @@ def test_build_a_two_model_collection(tiny_reference, tmp_path, monkeypatch):
         + ["--weights-dir", str(weights)],
     )
     assert result.exit_code == 1, result.output
-    assert result.output.count("already built and verified, skipped") == 2
+    assert result.output.count("already built and verified, skipped") == 1
     assert "convnext_tiny_21k_224: missing weights: no convnext_tiny_22k_224.pth" in result.output
+    assert "convnext_tiny_21k_1k_224: missing weights" in result.output
     assert (out / built[0] / "manifest.json").read_bytes() == before

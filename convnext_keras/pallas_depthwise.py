@@ -7,10 +7,11 @@ six times the time its memory traffic needs, and XLA's autotuner sometimes picks
 so this is where a JAX port can get ahead.
 
 The kernel: one program per (image, block of ``block_h`` output rows, block of channels).
-It walks the ``block_h + k - 1`` input rows the block needs once; for each it loads the ``k``
-column-shifted tiles ``(W, C-block)`` (NHWC: channels contiguous, so every load is coalesced)
-and adds each tile, times its tap, to the accumulators of the output rows it reaches: about
-``k (block_h + k - 1) / block_h`` tile loads per output row instead of ``k * k``.  Sums in
+For each of the ``k`` column shifts it walks the ``block_h + k - 1`` input rows the block
+needs, loads each row's shifted tile ``(W, C-block)`` once (NHWC: channels contiguous, so the
+loads are coalesced) and adds it, times its tap, to the accumulators of every output row it
+reaches: ``k (block_h + k - 1) / block_h`` tile loads per output row instead of ``k * k``, with
+only one column of taps live at a time.  Sums in
 float32; the output has the input's dtype.  Out-of-range rows/columns are masked to zero
 (``"same"`` padding, stride 1).
 
@@ -45,7 +46,7 @@ def default_blocks(height: int, width: int, channels: int) -> tuple[int, int]:
     block_c = 1
     while block_c < 128 and channels % (block_c * 2) == 0:
         block_c *= 2
-    if block_c < 16:  # odd channel counts: a masked block instead of 1-wide tiles
+    if block_c < 16:  # odd channel counts: one wide block (last channel repeated), not 1-wide
         block_c = min(128, _next_power_of_2(channels))
     tile = _next_power_of_2(width) * block_c
     block_h = max(1, min(8, 8192 // tile, _next_power_of_2(height)))
@@ -81,29 +82,34 @@ def _kernel_body(x_ref, k_ref, b_ref, o_ref, *, height, width, channels, kh, kw,
     h0 = pl.program_id(1) * bh
     # Lanes past the last column / channel compute that last column / channel again and store
     # the same value there: no store needs a lane mask (Pallas' interpreter resolves a masked
-    # store's duplicate indices in no defined order; Triton never writes masked lanes).
-    chans = jnp.minimum(pl.program_id(2) * bc + jnp.arange(bc), channels - 1)
+    # store's duplicate indices in no defined order; Triton never writes masked lanes).  The
+    # channel clamp is only written when needed: it would hide the channels' contiguity from
+    # Triton, which vectorises the loads along them.
+    chans = pl.program_id(2) * bc + jnp.arange(bc)
+    if channels % bc:
+        chans = jnp.minimum(chans, channels - 1)
     cols = jnp.minimum(jnp.arange(bw), width - 1)
 
-    taps = [[k_ref[i, j, chans].astype(jnp.float32) for j in range(kw)] for i in range(kh)]
     accs = [jnp.zeros((bw, bc), jnp.float32) for _ in range(bh)]
-    for r in range(bh + kh - 1):  # the input rows this block of output rows reads
-        row = h0 + r - kh // 2
-        row_ok = (row >= 0) & (row < height)
-        row = jnp.clip(row, 0, height - 1)
-        for j in range(kw):
-            src = cols + (j - kw // 2)
-            ok = row_ok & (src >= 0) & (src < width)
-            src = jnp.clip(src, 0, width - 1)
+    # Column shift outermost: only that column's kh taps are live (registers), while each input
+    # row's shifted tile is loaded once and added to every output row it reaches.
+    for j in range(kw):
+        taps = [k_ref[i, j, chans].astype(jnp.float32)[None, :] for i in range(kh)]
+        src = cols + (j - kw // 2)
+        col_ok = (src >= 0) & (src < width)
+        src = jnp.clip(src, 0, width - 1)
+        for r in range(bh + kh - 1):  # the input rows this block of output rows reads
+            row = h0 + r - kh // 2
+            ok = col_ok & (row >= 0) & (row < height)
             tile = plgpu.load(
-                x_ref.at[n, row, src[:, None], chans[None, :]],
+                x_ref.at[n, jnp.clip(row, 0, height - 1), src[:, None], chans[None, :]],
                 mask=jnp.broadcast_to(ok[:, None], (bw, bc)),
                 other=0.0,
             ).astype(jnp.float32)
             for i in range(kh):
                 o = r - i  # output row h0 + o reads input row h0 + o + i - kh // 2
                 if 0 <= o < bh:
-                    accs[o] = accs[o] + tile * taps[i][j][None, :]
+                    accs[o] = accs[o] + tile * taps[i]
 
     bias = b_ref[chans].astype(jnp.float32)[None, :]
     for o in range(bh):

@@ -15,8 +15,9 @@ results as JSON lines and a log; the main process prints one table last and writ
 * this library on JAX: the same train step (AdamW, mixed_bfloat16, peak memory); bf16 inference
   of T-224, B-224 and T-384; bf16 against float32 (``highest`` matmul precision) on one batch:
   relative error and top-1 agreement; kernel profiles of the T-224 forward and train step;
-  per-operation times of one stage-0 block; every inference job also with the opt-in Pallas
-  depthwise kernel (``DepthwiseConv2D(implementation="pallas")``), and that kernel against
+  per-operation times of one stage-0 block; every inference job and the train step also with
+  the opt-in Pallas depthwise kernel (``DepthwiseConv2D(implementation="pallas")``), and that
+  kernel against
   cuDNN's per stage, with a few launch settings and its difference from cuDNN
   (``GPU_BENCH_VARIANTS`` adds ``"dw shifted-sum"``, the depthwise convolution as 49 fused
   shifted multiply-adds, and ``"jax.nn.gelu erfc, before"``, the GELU this library used before,
@@ -366,9 +367,9 @@ def jax_worker(w: Worker):
     def sync():
         pass  # each timed fn blocks on its own result
 
-    def train():
+    def train(depthwise="native"):
         variant, res, batch = cfg["train"]
-        m = model(variant, res, drop_path=0.1)
+        m = model(variant, res, drop_path=0.1, depthwise=depthwise)
         x = bench.random_batch(batch, res)
         y = np.random.default_rng(0).integers(0, 1000, batch)
         step = bench.train_step_fn(m, x, y)
@@ -377,9 +378,10 @@ def jax_worker(w: Worker):
         compile_s = time.time() - t0
         s = time_calls({"t": step}, cfg["warmup"], cfg["repeats"], sync)["t"]
         stats = jax.devices()[0].memory_stats() or {}
+        suffix = "" if depthwise == "native" else f" (dw {depthwise})"
         w.record(
             job="train",
-            impl="convnext_keras JAX mixed_bfloat16 AdamW",
+            impl=f"convnext_keras JAX mixed_bfloat16 AdamW{suffix}",
             model=f"{variant}@{res}",
             batch=batch,
             compile_s=compile_s,
@@ -388,7 +390,8 @@ def jax_worker(w: Worker):
             peak_bytes=stats.get("peak_bytes_in_use"),
             **rate(batch, s),
         )
-        _jax_profile(w, step, "profile_jax_train.txt", "convnext_keras JAX bf16 train step")
+        if depthwise == "native":
+            _jax_profile(w, step, "profile_jax_train.txt", "convnext_keras JAX bf16 train step")
 
     def correctness():
         variant, res, _ = cfg["infer"]
@@ -473,6 +476,7 @@ def jax_worker(w: Worker):
     w.job("base", lambda: infer("base", ("default", "dw pallas", *extra)), needs=30)
     w.job("hires", lambda: infer("hires", ("default", "dw pallas", *extra)), needs=30)
     w.job("block_parts", block_parts, needs=15)
+    w.job("train_pallas", lambda: train("pallas"), needs=40)
 
 
 def _spread_weights(model):
@@ -730,11 +734,7 @@ def summarize(rows: list[dict]) -> str:
         alts = [
             r
             for r in rows
-            if r["worker"] == "jax"
-            and r.get("job") == job
-            and r is not ours
-            and "img_per_s" in r
-            and job != "train"
+            if r["worker"] == "jax" and r.get("job") == job and r is not ours and "img_per_s" in r
         ]
 
         def fmt(r):

@@ -15,8 +15,9 @@ only one column of taps live at a time.  Sums in
 float32; the output has the input's dtype.  Out-of-range rows/columns are masked to zero
 (``"same"`` padding, stride 1).
 
-The gradient is the XLA convolution's (a depthwise convolution is linear in the input and in
-the kernel, so the backward pass needs only those two): only the forward pass is replaced.
+Backward: the input gradient is this kernel again (a stride-1 ``"same"`` convolution's
+transpose is the same convolution with the kernel flipped in both axes); the kernel and bias
+gradients, reductions over the batch, are XLA's.
 
 Status: exact against ``lax.conv_general_dilated`` in Pallas' interpreter (any device) and
 lowered to Triton IR for CUDA (tests); its speed on a GPU is measured by
@@ -155,6 +156,7 @@ def _forward(x, kernel, bias, *, block_h, block_c, num_warps, interpret):
 @functools.cache
 def _with_gradient(block_h, block_c, num_warps, interpret):
     import jax
+    import jax.numpy as jnp
 
     @jax.custom_vjp
     def conv(x, kernel, bias):
@@ -173,8 +175,20 @@ def _with_gradient(block_h, block_c, num_warps, interpret):
 
     def bwd(residuals, grad):
         x, kernel, bias = residuals
-        _, vjp = jax.vjp(_xla_depthwise, x, kernel, bias)
-        return vjp(grad)
+        # d/dx of a stride-1 "same" convolution is the same convolution of the gradient with
+        # the kernel flipped in both axes: this kernel again.
+        dx = _forward(
+            grad,
+            kernel[::-1, ::-1],
+            jnp.zeros_like(bias),
+            block_h=block_h,
+            block_c=block_c,
+            num_warps=num_warps,
+            interpret=interpret,
+        )
+        # The kernel and bias gradients are reductions over the batch: XLA's (cuDNN's).
+        _, vjp = jax.vjp(lambda k, b: _xla_depthwise(x, k, b), kernel, bias)
+        return (dx, *vjp(grad))
 
     conv.defvjp(fwd, bwd)
     return conv
@@ -211,7 +225,8 @@ def depthwise_conv2d(
 
     ``bias`` (``(C,)``) is added in float32 before the single rounding to ``x.dtype``.
     ``interpret``: run in Pallas' interpreter (default: when JAX's default backend is not a
-    GPU) - exact but slow, for tests.  Differentiable (the gradient is XLA's convolution's).
+    GPU) - exact but slow, for tests.  Differentiable (input gradient: this kernel with the
+    kernel flipped; kernel and bias gradients: XLA's).
     Raises ``ValueError`` for shapes it does not handle.
     """
     import jax

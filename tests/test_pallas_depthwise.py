@@ -49,10 +49,12 @@ def test_kernel_bfloat16_rounds_once():
     assert (diff <= ulp).all()
 
 
-def test_gradient_is_the_convolution_gradient():
-    x = _random((1, 6, 6, 8), 6)
-    kernel, bias = _random((3, 3, 8), 7), _random((8,), 8)
-    weights = _random((1, 6, 6, 8), 9)
+@pytest.mark.parametrize("k", [3, 7])
+def test_gradient_is_the_convolution_gradient(k):
+    """The input gradient runs the kernel again with flipped taps; all three equal XLA's."""
+    x = _random((1, 6, 9, 8), 6)
+    kernel, bias = _random((k, k, 8), 7), _random((8,), 8)
+    weights = _random((1, 6, 9, 8), 9)
 
     def loss(fn):
         return lambda x, k, b: (fn(x, k, b) * weights).sum()
@@ -86,6 +88,13 @@ def test_lowers_to_triton_for_cuda(shape):
     fn = jax.jit(lambda x, k, b: pdw.depthwise_conv2d(x, k, b, interpret=False))
     text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
+
+    def loss(x, k, b):
+        return pdw.depthwise_conv2d(x, k, b, interpret=False).astype(jnp.float32).sum()
+
+    grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    text = grads.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2  # forward, and the input gradient
 
 
 def test_default_blocks_fit_convnext_stages():

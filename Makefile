@@ -34,7 +34,7 @@ format: setup
 # Everything CI runs: lint, the whole suite on TensorFlow (the default backend), then the
 # backend-sensitive tests (marker `backends`, and the PyTorch-equality proofs) on JAX and on
 # Keras' PyTorch backend. Tests marked `slow` (the large/xlarge equality proofs: the same code
-# as base, 1-1.5 minutes each) run on TensorFlow only.
+# as base, 1-1.5 minutes each; small/base with the 21841-class head) run on TensorFlow only.
 test: lint
 	KERAS_BACKEND=tensorflow $(PYTEST) -n 2 --durations=15
 	KERAS_BACKEND=jax $(PYTEST) -n 2 -m "(backends or equality) and not slow" --durations=5

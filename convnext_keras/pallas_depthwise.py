@@ -59,19 +59,10 @@ def reference_depthwise_conv2d(x, kernel, bias=None):
     import jax.numpy as jnp
     from jax import lax
 
-    kh, kw, channels = kernel.shape
-    out = lax.conv_general_dilated(
-        x.astype(jnp.float32),
-        kernel.astype(jnp.float32)[:, :, None, :],
-        window_strides=(1, 1),
-        padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=channels,
-        precision=lax.Precision.HIGHEST,
-    )
-    if bias is not None:
-        out = out + bias.astype(jnp.float32)
-    return out.astype(x.dtype)
+    if bias is None:
+        bias = jnp.zeros(kernel.shape[-1:], jnp.float32)
+    f32 = [a.astype(jnp.float32) for a in (x, kernel, bias)]
+    return _xla_depthwise(*f32, precision=lax.Precision.HIGHEST).astype(x.dtype)
 
 
 def _kernel_body(x_ref, k_ref, b_ref, o_ref, *, height, width, channels, kh, kw, bh, bw, bc):
@@ -194,7 +185,7 @@ def _with_gradient(block_h, block_c, num_warps, interpret):
     return conv
 
 
-def _xla_depthwise(x, kernel, bias):
+def _xla_depthwise(x, kernel, bias, precision=None):
     """XLA's depthwise convolution in the input's dtype (what the gradient is taken of)."""
     from jax import lax
 
@@ -206,7 +197,7 @@ def _xla_depthwise(x, kernel, bias):
         padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=channels,
-        preferred_element_type=None,
+        precision=precision,
     )
     return out + bias.astype(x.dtype)
 

@@ -139,6 +139,7 @@ def _patchify_matmul(g, x, h, w, patch, kernel, bias, name):
     ``h``/``w``: the static input size, or None for a size read from the tensor at run time.
     """
     kh, kw, cin, cout = kernel.shape
+    p_ = g.const(np.array([patch], np.int64), f"{name}_p")
     if h is not None:
         ho, wo = h // patch, w // patch
         if (ho * patch, wo * patch) != (h, w):  # VALID drops the last rows/columns
@@ -158,9 +159,8 @@ def _patchify_matmul(g, x, h, w, patch, kernel, bias, name):
             ],
             name,
         )
-        patch_ = g.const(np.array([patch], np.int64), f"{name}_patch")
-        out_hw = g.op("Div", [hw, patch_], name)  # integer division: floor for sizes >= 0
-        x = _slice_hw(g, x, g.op("Mul", [out_hw, patch_], name), name)
+        out_hw = g.op("Div", [hw, p_], name)  # integer division: floor for sizes >= 0
+        x = _slice_hw(g, x, g.op("Mul", [out_hw, p_], name), name)
         grid = [
             g.op(
                 "Slice",
@@ -174,7 +174,6 @@ def _patchify_matmul(g, x, h, w, patch, kernel, bias, name):
             for i in (0, 1)
         ]
     minus_one = g.const(np.array([-1], np.int64), f"{name}_m1")
-    p_ = g.const(np.array([patch], np.int64), f"{name}_p")
     shape6 = g.op(
         "Concat",
         [minus_one, grid[0], p_, grid[1], p_, g.const(np.array([cin], np.int64), f"{name}_cin")],
@@ -245,7 +244,7 @@ def build_onnx_graph(
     outputs = _graph_outputs(model)
     if isinstance(outputs, str):
         raise ValueError(f"Cannot build an ONNX graph for {model.name!r}: {outputs}.")
-    if not 17 <= opset:
+    if opset < 17:
         raise ValueError(f"opset must be >= 17 (LayerNormalization), got {opset}.")
     names = output_names or [key or kind for key, kind in outputs]
     if len(names) != len(outputs):

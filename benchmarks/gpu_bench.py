@@ -1,6 +1,6 @@
 """One-shot GPU measurement: this library (Keras 3, JAX backend) against timm (PyTorch) in one call.
 
-    python benchmarks/gpu_bench.py --out DIR            # H100/H200: the full set (< 7 min)
+    python benchmarks/gpu_bench.py --sequential --budget 560 --out DIR  # H100/H200: all (~9.5 min)
     python benchmarks/gpu_bench.py --tiny --out DIR     # any CPU: atto at 64 px, checks the code
 
 Two worker processes run side by side on one GPU: ``torch`` (timm, or a transformers ConvNext
@@ -17,8 +17,8 @@ results as JSON lines and a log; the main process prints one table last and writ
   relative error and top-1 agreement; kernel profiles of the T-224 forward and train step;
   per-operation times of one stage-0 block; every inference job and the train step also with
   the opt-in Pallas depthwise kernel (``DepthwiseConv2D(implementation="pallas")``), and that
-  kernel against
-  cuDNN's per stage, with two launch settings and its difference from cuDNN
+  kernel against cuDNN's per stage, with two launch settings (``GPU_BENCH_DW_SWEEP=1``: five)
+  and its difference from cuDNN
   (``GPU_BENCH_VARIANTS`` adds ``"dw shifted-sum"``, the depthwise convolution as 49 fused
   shifted multiply-adds, and ``"jax.nn.gelu erfc, before"``, the GELU this library used before,
   to every inference job).
@@ -467,14 +467,15 @@ def jax_worker(w: Worker):
     # The depthwise convolution as shifted sums (layers.DepthwiseConv2D's CPU path) measured
     # 0.61x cuDNN's on an H200 (2026-11-26): no longer timed here; GPU_BENCH_VARIANTS adds it.
     extra = tuple(v for v in os.environ.get("GPU_BENCH_VARIANTS", "").split(",") if v)
-    # The Pallas depthwise kernel (opt-in, not yet measured on a GPU) is timed next to the
-    # default in every inference job, per stage in "depthwise" and in a train step.
+    # The Pallas depthwise kernel (opt-in; its launch settings were tuned per stage on an H200,
+    # not yet measured in the whole network) is timed next to the default in every inference
+    # job, per stage in "depthwise" and in a train step.
     w.job("infer", lambda: infer("infer", ("default", "dw pallas", *extra), profile=True), needs=40)
+    w.job("depthwise", lambda: _depthwise_stages(w, cfg, sync), needs=30)
     w.job("correctness", correctness, needs=35)
     w.job("train", train, needs=40)
     w.job("base", lambda: infer("base", ("default", "dw pallas", *extra)), needs=30)
     w.job("hires", lambda: infer("hires", ("default", "dw pallas", *extra)), needs=30)
-    w.job("depthwise", lambda: _depthwise_stages(w, cfg, sync), needs=30)
     w.job("block_parts", block_parts, needs=15)
     w.job("train_pallas", lambda: train("pallas"), needs=40)
 
@@ -559,15 +560,22 @@ def _depthwise_stages(w: Worker, cfg, sync):
         b = jnp.asarray(rng.standard_normal((dim,), np.float32) * 0.1, jnp.bfloat16)
         bh, bc = pdw.default_blocks(side, side, dim)
         candidates = {"cuDNN (XLA conv)": jax.jit(pdw._xla_depthwise)}
-        # Each setting is one more Triton compilation (seconds each): two, within the budget.
-        settings = ((4, None), (8, 2 * bh))
+        # Launch settings (warps, rows, channels per program): the default and one neighbour;
+        # GPU_BENCH_DW_SWEEP=1 adds more.  Each is one more Triton compilation (~10 s on an
+        # H200 with jax 0.11.2: a sweep of 7 per stage did not finish stages 2-3 in 200 s).
+        warps = pdw.NUM_WARPS
+        settings = [(warps, bh, bc), (2 * warps, bh, bc)]
+        if os.environ.get("GPU_BENCH_DW_SWEEP"):
+            settings += [(warps, max(1, bh // 2), bc), (warps // 2, bh, bc)]
+            if bc >= 32:
+                settings.append((warps, bh, bc // 2))
         if jax.default_backend() != "gpu":  # --tiny on a CPU: the interpreter, one setting
             settings = settings[:1]
-        for warps, block_h in settings:
-            label = f"pallas warps {warps} block_h {block_h or bh} block_c {bc}"
+        for warps, block_h, block_c in settings:
+            label = f"pallas warps {warps} block_h {block_h} block_c {block_c}"
             candidates[label] = jax.jit(
-                lambda x, k, b, warps=warps, block_h=block_h: pdw.depthwise_conv2d(
-                    x, k, b, block_h=block_h, num_warps=warps
+                lambda x, k, b, warps=warps, block_h=block_h, block_c=block_c: pdw.depthwise_conv2d(
+                    x, k, b, block_h=block_h, block_c=block_c, num_warps=warps
                 )
             )
         ref = np.asarray(candidates["cuDNN (XLA conv)"](x, k, b), np.float32)

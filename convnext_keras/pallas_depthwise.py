@@ -20,9 +20,11 @@ transpose is the same convolution with the kernel flipped in both axes); the ker
 gradients, reductions over the batch, are XLA's.
 
 Status: exact against ``lax.conv_general_dilated`` in Pallas' interpreter (any device) and
-lowered to Triton IR for CUDA (tests); its speed on a GPU is measured by
-``benchmarks/gpu_bench.py`` and not yet known.  ``DepthwiseConv2D(implementation="pallas")``
-opts in; nothing uses it by default.
+lowered to Triton IR for CUDA (tests).  Timed on an H200 (BENCHMARKS.md): with the launch
+settings below (8 warps, ~8 values per thread per tile) 1.27x faster than cuDNN at ConvNeXt-T's
+stages 0 and 1; the first settings (4 warps, 16 per thread) were 1.5-1.8x slower, and the
+whole network with the new settings is not measured yet.  ``DepthwiseConv2D(
+implementation="pallas")`` opts in; nothing uses it by default.
 """
 
 from __future__ import annotations
@@ -36,21 +38,32 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+# Launch settings, from a sweep on an H200 (2026-11-27, BENCHMARKS.md): speed followed the
+# elements each thread holds per tile (its registers: ``block_h`` accumulators, the tile, the
+# taps).  At 8 per thread and 8 warps the kernel ran ConvNeXt-T's stage 0 / 1 depthwise 7x7 in
+# 0.86 / 0.45 ms against cuDNN's 1.09 / 0.58 ms; at 16 per thread (4 warps) in 1.95 / 0.88 ms.
+NUM_WARPS = 8
+TILE_ELEMENTS = 8 * 32 * NUM_WARPS  # a (W, block_c) tile: 8 values per thread
+BLOCK_H = 4  # output rows per program (1 and 8 were slower at stage 0 / 1)
+
+
 def default_blocks(height: int, width: int, channels: int) -> tuple[int, int]:
     """``(block_h, block_c)`` for an input of this size.
 
-    Triton tiles need power-of-two sides: a tile is ``(next_pow2(W), block_c)``; ``block_c``
-    is the largest power of two (at most 128) that divides the channels, so no lane is masked
-    along C for ConvNeXt's widths (96 -> 32, 192 -> 64, 384 / 768 -> 128).  ``block_h`` keeps
-    the ``block_h`` float32 accumulators near 8k values per program (registers).
+    Triton tiles need power-of-two sides: a tile is ``(next_pow2(W), block_c)``.  ``block_c``
+    makes the tile about ``TILE_ELEMENTS`` values (8 per thread at ``NUM_WARPS`` warps), at
+    least 16 and at most 256 channels, and is the largest such power of two that divides the
+    channels, so no lane is masked along C (ConvNeXt-T at 224: 96 -> 32, 192 -> 64,
+    384 -> 128, 768 -> 256); a channel count with no such divisor gets one block with its
+    last channel repeated.  ``block_h`` is ``BLOCK_H`` rows, fewer for smaller inputs.
     """
-    block_c = 1
-    while block_c < 128 and channels % (block_c * 2) == 0:
-        block_c *= 2
+    target = max(16, min(256, TILE_ELEMENTS // _next_power_of_2(width)))
+    block_c = target
+    while block_c >= 16 and channels % block_c:
+        block_c //= 2
     if block_c < 16:  # odd channel counts: one wide block (last channel repeated), not 1-wide
-        block_c = min(128, _next_power_of_2(channels))
-    tile = _next_power_of_2(width) * block_c
-    block_h = max(1, min(8, 8192 // tile, _next_power_of_2(height)))
+        block_c = min(target, _next_power_of_2(channels))
+    block_h = max(1, min(BLOCK_H, _next_power_of_2(height)))
     return block_h, block_c
 
 
@@ -209,7 +222,7 @@ def depthwise_conv2d(
     *,
     block_h: int | None = None,
     block_c: int | None = None,
-    num_warps: int = 4,
+    num_warps: int = NUM_WARPS,
     interpret: bool | None = None,
 ):
     """Depthwise ``"same"`` convolution, stride 1, of NHWC ``x`` with ``kernel`` ``(kh, kw, C)``.

@@ -561,8 +561,9 @@ def _depthwise_stages(w: Worker, cfg, sync):
         bh, bc = pdw.default_blocks(side, side, dim)
         candidates = {"cuDNN (XLA conv)": jax.jit(pdw._xla_depthwise)}
         # Launch settings (warps, rows, channels per program): the default and one neighbour;
-        # GPU_BENCH_DW_SWEEP=1 adds more.  Each is one more Triton compilation (~10 s on an
-        # H200 with jax 0.11.2: a sweep of 7 per stage did not finish stages 2-3 in 200 s).
+        # GPU_BENCH_DW_SWEEP=1 adds more.  Each is one more Triton compilation: a sweep of 7 per
+        # stage took ~11 s per setting on an H200 (jax 0.11.2; compile_s is now recorded) and
+        # did not finish stages 2-3 in 200 s.
         warps = pdw.NUM_WARPS
         settings = [(warps, bh, bc), (2 * warps, bh, bc)]
         if os.environ.get("GPU_BENCH_DW_SWEEP"):
@@ -578,22 +579,25 @@ def _depthwise_stages(w: Worker, cfg, sync):
                     x, k, b, block_h=block_h, block_c=block_c, num_warps=warps
                 )
             )
-        ref = np.asarray(candidates["cuDNN (XLA conv)"](x, k, b), np.float32)
+        ref = candidates["cuDNN (XLA conv)"](x, k, b).astype(jnp.float32)
         fns = {}
         for label, f in candidates.items():
+            t0 = time.time()
             try:
-                out = np.asarray(f(x, k, b), np.float32)
+                out = f(x, k, b).block_until_ready()
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()
                 w.record(job="depthwise", impl=label, stage=stage, error=f"{e!r}"[:300])
                 continue
+            compile_s = time.time() - t0
             w.record(
                 job="depthwise",
                 impl=label,
                 stage=stage,
+                compile_s=compile_s,
                 check="max |diff| vs cuDNN",
-                max_abs_diff=float(np.abs(out - ref).max()),
-                ref_max_abs=float(np.abs(ref).max()),
+                max_abs_diff=float(jnp.abs(out.astype(jnp.float32) - ref).max()),
+                ref_max_abs=float(jnp.abs(ref).max()),
             )
             fns[label] = lambda f=f, x=x, k=k, b=b: f(x, k, b).block_until_ready()
         seconds = time_calls(fns, cfg["warmup"], cfg["repeats"], sync)

@@ -478,6 +478,7 @@ def jax_worker(w: Worker):
     w.job("hires", lambda: infer("hires", ("default", "dw pallas", *extra)), needs=30)
     w.job("block_parts", block_parts, needs=15)
     w.job("train_pallas", lambda: train("pallas"), needs=40)
+    w.job("train_xla", lambda: train("xla"), needs=40)
 
 
 def _spread_weights(model):
@@ -501,7 +502,7 @@ def _set_gelu(model, activation):
 
 def _set_depthwise(model, implementation: str):
     """Pick the library DepthwiseConv2D's implementation ("native" = cuDNN/XLA conv, "shifted",
-    "pallas")."""
+    "pallas", "xla" = XLA's conv with the input gradient as a forward conv)."""
     from convnext_keras.layers import DepthwiseConv2D
 
     for layer in model.layers:

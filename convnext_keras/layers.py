@@ -125,14 +125,17 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
     ``implementation``: ``"auto"`` (``$CONVNEXT_DEPTHWISE`` when set - one of the values
     below, for a whole process, e.g. ``CONVNEXT_DEPTHWISE=pallas convnext bench --backend
     jax`` -, else shifted sums on JAX's CPU backend and Keras' convolution elsewhere),
-    ``"shifted"``, ``"native"`` (always the Keras convolution) or ``"pallas"``
+    ``"shifted"``, ``"native"`` (always the Keras convolution), ``"pallas"``
     (JAX only, opt-in: the Pallas/Triton kernel of :mod:`convnext_keras.pallas_depthwise`,
-    written for GPUs; off a GPU it runs in Pallas' interpreter, exact but slow; on TensorFlow
-    and PyTorch it means Keras' convolution).  Shapes other than stride 1 / ``"same"`` /
-    depth multiplier 1 / odd kernel always use Keras' convolution.
+    written for GPUs; off a GPU it runs in Pallas' interpreter, exact but slow) or ``"xla"``
+    (JAX only, opt-in: XLA's convolution with its input gradient written as the forward
+    convolution with flipped taps, ``pallas_depthwise.xla_depthwise_conv2d``, for training
+    on GPUs).  On TensorFlow and PyTorch ``"pallas"`` and ``"xla"`` mean Keras' convolution.
+    Shapes other than stride 1 / ``"same"`` / depth multiplier 1 / odd kernel always use
+    Keras' convolution.
     """
 
-    IMPLEMENTATIONS = ("auto", "native", "shifted", "pallas")
+    IMPLEMENTATIONS = ("auto", "native", "shifted", "pallas", "xla")
 
     def __init__(self, *args, implementation: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
@@ -169,21 +172,34 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
     def _shifted_applies(self) -> bool:
         return self._choice() == "shifted" and self._same_stride_one()
 
-    def _pallas_applies(self) -> bool:
-        return (
-            self._choice() == "pallas"
+    def _jax_kernel(self) -> str | None:
+        """``"pallas"`` / ``"xla"`` where that JAX function computes this layer, else None."""
+        choice = self._choice()
+        if (
+            choice in ("pallas", "xla")
             and keras.backend.backend() == "jax"
             and self._same_stride_one()
-        )
+        ):
+            return choice
+        return None
+
+    def _pallas_applies(self) -> bool:
+        return self._jax_kernel() == "pallas"
 
     def call(self, inputs):
-        if self._pallas_applies():
-            from .pallas_depthwise import depthwise_conv2d
+        engine = self._jax_kernel()
+        if engine:
+            from . import pallas_depthwise
 
+            conv = (
+                pallas_depthwise.depthwise_conv2d
+                if engine == "pallas"
+                else pallas_depthwise.xla_depthwise_conv2d
+            )
             kh, kw = self.kernel_size
             kernel = ops.reshape(self.kernel, (kh, kw, -1))
             bias = ops.convert_to_tensor(self.bias) if self.use_bias else None
-            out = depthwise_conv2d(inputs, kernel, bias)
+            out = conv(inputs, kernel, bias)
             return self.activation(out) if self.activation is not None else out
         if not self._shifted_applies():
             return super().call(inputs)

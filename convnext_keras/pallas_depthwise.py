@@ -31,7 +31,12 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["depthwise_conv2d", "reference_depthwise_conv2d", "default_blocks"]
+__all__ = [
+    "depthwise_conv2d",
+    "xla_depthwise_conv2d",
+    "reference_depthwise_conv2d",
+    "default_blocks",
+]
 
 
 def _next_power_of_2(n: int) -> int:
@@ -157,45 +162,75 @@ def _forward(x, kernel, bias, *, block_h, block_c, num_warps, interpret):
     return call(x, kernel, bias)
 
 
-@functools.cache
-def _with_gradient(block_h, block_c, num_warps, interpret):
+def _differentiable(forward):
+    """``forward(x, kernel, bias)`` as a depthwise convolution whose input gradient is
+    ``forward`` again: a stride-1 ``"same"`` convolution's transpose is the same convolution
+    of the gradient with the kernel flipped in both axes.  The kernel and bias gradients,
+    reductions over the batch, are XLA's (cuDNN's on GPUs)."""
     import jax
     import jax.numpy as jnp
 
     @jax.custom_vjp
     def conv(x, kernel, bias):
-        return _forward(
-            x,
-            kernel,
-            bias,
-            block_h=block_h,
-            block_c=block_c,
-            num_warps=num_warps,
-            interpret=interpret,
-        )
+        return forward(x, kernel, bias)
 
     def fwd(x, kernel, bias):
         return conv(x, kernel, bias), (x, kernel, bias)
 
     def bwd(residuals, grad):
         x, kernel, bias = residuals
-        # d/dx of a stride-1 "same" convolution is the same convolution of the gradient with
-        # the kernel flipped in both axes: this kernel again.
-        dx = _forward(
-            grad,
-            kernel[::-1, ::-1],
-            jnp.zeros_like(bias),
-            block_h=block_h,
-            block_c=block_c,
-            num_warps=num_warps,
-            interpret=interpret,
-        )
-        # The kernel and bias gradients are reductions over the batch: XLA's (cuDNN's).
+        dx = forward(grad, kernel[::-1, ::-1], jnp.zeros_like(bias))
         _, vjp = jax.vjp(lambda k, b: _xla_depthwise(x, k, b), kernel, bias)
         return (dx, *vjp(grad))
 
     conv.defvjp(fwd, bwd)
     return conv
+
+
+@functools.cache
+def _with_gradient(block_h, block_c, num_warps, interpret):
+    return _differentiable(
+        functools.partial(
+            _forward, block_h=block_h, block_c=block_c, num_warps=num_warps, interpret=interpret
+        )
+    )
+
+
+@functools.cache
+def _xla_with_gradient():
+    return _differentiable(_xla_depthwise)
+
+
+def xla_depthwise_conv2d(x, kernel, bias=None):
+    """XLA's depthwise ``"same"`` convolution (cuDNN on GPUs), stride 1, NHWC, kernel
+    ``(kh, kw, C)``, whose input gradient is the same *forward* convolution with the taps
+    flipped, instead of the transposed convolution JAX's autodiff writes.
+
+    Why: in a training step on an H200 (BENCHMARKS.md) XLA's autotuner ran the transposed
+    depthwise convolution with cuDNN's ``conv2d_grouped_direct_kernel`` (6.2 ms per step),
+    where the forward convolution runs ``conv2d_c1_k1_nhwc_specialized`` (4.7 ms) and timm its
+    ``dgrad2d_c1_k1_nhwc_specialized`` (4.8 ms).  Written as a forward convolution, the input
+    gradient is the same operation XLA already tuned for the forward pass.  Same function and
+    gradients as the plain convolution (tested); ``DepthwiseConv2D(implementation="xla")``.
+    """
+    import jax.numpy as jnp
+
+    _check(x, kernel)
+    if bias is None:
+        bias = jnp.zeros(kernel.shape[-1:], x.dtype)
+    return _xla_with_gradient()(x, kernel, bias)
+
+
+def _check(x, kernel):
+    if x.ndim != 4:
+        raise ValueError(f"depthwise_conv2d expects an NHWC batch, got shape {x.shape}.")
+    if kernel.ndim != 3 or kernel.shape[2] != x.shape[3]:
+        raise ValueError(
+            f"kernel must be (kh, kw, channels) with channels = {x.shape[3]}, got {kernel.shape}."
+        )
+    kh, kw, _ = kernel.shape
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"'same' padding needs an odd kernel size, got {kh}x{kw}.")
 
 
 def _xla_depthwise(x, kernel, bias, precision=None):
@@ -236,15 +271,8 @@ def depthwise_conv2d(
     import jax
     import jax.numpy as jnp
 
-    if x.ndim != 4:
-        raise ValueError(f"depthwise_conv2d expects an NHWC batch, got shape {x.shape}.")
-    if kernel.ndim != 3 or kernel.shape[2] != x.shape[3]:
-        raise ValueError(
-            f"kernel must be (kh, kw, channels) with channels = {x.shape[3]}, got {kernel.shape}."
-        )
-    kh, kw, channels = kernel.shape
-    if kh % 2 == 0 or kw % 2 == 0:
-        raise ValueError(f"'same' padding needs an odd kernel size, got {kh}x{kw}.")
+    _check(x, kernel)
+    channels = kernel.shape[2]
     if bias is None:
         bias = jnp.zeros((channels,), x.dtype)
     if interpret is None:

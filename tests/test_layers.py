@@ -1,5 +1,6 @@
-"""The library's layers: DepthwiseConv2D's shifted-sum and native paths compute the same
-function; the GELU is the exact (erf) one in every dtype and survives serialization."""
+"""The library's layers: DepthwiseConv2D's shifted-sum, "xla" and native paths compute the
+same function (and gradients); the GELU is the exact (erf) one in every dtype and survives
+serialization."""
 
 from __future__ import annotations
 
@@ -74,13 +75,25 @@ def test_environment_variable_chooses_for_auto(monkeypatch):
 
 
 @pytest.mark.backends
-def test_shifted_gradients_equal_native():
+@pytest.mark.parametrize("implementation", ["shifted", "xla"])
+def test_outputs_and_gradients_equal_native(implementation):
+    """Shifted sums and "xla" (JAX; elsewhere Keras' layer) give native's outputs and gradients."""
     native, shifted, x = _pair(7)
+    other = DepthwiseConv2D(7, padding="same", implementation=implementation)
+    other(x)
+    other.set_weights(native.get_weights())
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(other(x)),
+        keras.ops.convert_to_numpy(native(x)),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    assert (other._jax_kernel() == "xla") == (
+        implementation == "xla" and keras.backend.backend() == "jax"
+    )
     weights = np.random.default_rng(5).standard_normal(x.shape).astype("float32")
-    grads = {}
-    for name, layer in (("native", native), ("shifted", shifted)):
-        grads[name] = _input_and_kernel_gradients(layer, x, weights)
-    for a, b in zip(grads["native"], grads["shifted"]):
+    expected = _input_and_kernel_gradients(native, x, weights)
+    for a, b in zip(expected, _input_and_kernel_gradients(other, x, weights)):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 

@@ -149,3 +149,55 @@ def test_layer_uses_the_kernel_on_jax(policy):
     np.testing.assert_allclose(
         np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol
     )
+
+
+def _grouped_conv_kernel_specs(fn, x, kernel, bias):
+    """The kernel dimension numbers of every feature-grouped convolution in fn's gradient."""
+    channels = kernel.shape[-1]
+    jaxpr = jax.make_jaxpr(jax.grad(lambda *a: fn(*a).sum(), (0, 1, 2)))(x, kernel, bias)
+    specs = []
+
+    def walk(j):
+        for eqn in j.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                if eqn.params["feature_group_count"] == channels:
+                    specs.append(eqn.params["dimension_numbers"].rhs_spec)
+            for value in eqn.params.values():
+                inner = getattr(value, "jaxpr", value)
+                if hasattr(inner, "eqns"):
+                    walk(inner)
+
+    walk(jaxpr.jaxpr)
+    return specs
+
+
+def test_xla_variant_writes_its_input_gradient_as_the_forward_convolution():
+    x, kernel, bias = _random((2, 9, 11, 5), 0), _random((7, 7, 5), 1), _random((5,), 2)
+    forward_spec = _grouped_conv_kernel_specs(pdw._xla_depthwise, x, kernel, bias)[0]
+    # JAX's own gradient transposes the convolution (kernel input/output dimensions swapped)
+    plain = _grouped_conv_kernel_specs(pdw._xla_depthwise, x, kernel, bias)
+    assert any(spec != forward_spec for spec in plain)
+    ours = _grouped_conv_kernel_specs(pdw.xla_depthwise_conv2d, x, kernel, bias)
+    assert len(ours) >= 2 and all(spec == forward_spec for spec in ours)
+
+
+@pytest.mark.parametrize("kernel_size", [7, 3])
+def test_xla_variant_equals_the_plain_convolution_with_gradients(kernel_size):
+    x = _random((2, 9, 11, 6), 3)
+    kernel, bias = _random((kernel_size, kernel_size, 6), 4), _random((6,), 5)
+    weights = _random(x.shape, 6)
+
+    def loss(fn):
+        return lambda *a: (fn(*a) * weights).sum()
+
+    np.testing.assert_allclose(
+        np.asarray(pdw.xla_depthwise_conv2d(x, kernel, bias)),
+        np.asarray(pdw._xla_depthwise(x, kernel, bias)),
+        atol=1e-5,
+    )
+    ours = jax.grad(loss(pdw.xla_depthwise_conv2d), (0, 1, 2))(x, kernel, bias)
+    ref = jax.grad(loss(pdw._xla_depthwise), (0, 1, 2))(x, kernel, bias)
+    for g, r in zip(ours, ref):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="odd kernel"):
+        pdw.xla_depthwise_conv2d(x, jnp.zeros((2, 2, 6)))

@@ -472,13 +472,13 @@ def jax_worker(w: Worker):
     # job, per stage in "depthwise" and in a train step.
     w.job("infer", lambda: infer("infer", ("default", "dw pallas", *extra), profile=True), needs=40)
     w.job("depthwise", lambda: _depthwise_stages(w, cfg, sync), needs=30)
-    w.job("correctness", correctness, needs=35)
     w.job("train", train, needs=40)
+    w.job("train_xla", lambda: train("xla"), needs=40)
+    w.job("train_pallas", lambda: train("pallas"), needs=40)
+    w.job("correctness", correctness, needs=35)
     w.job("base", lambda: infer("base", ("default", "dw pallas", *extra)), needs=30)
     w.job("hires", lambda: infer("hires", ("default", "dw pallas", *extra)), needs=30)
     w.job("block_parts", block_parts, needs=15)
-    w.job("train_pallas", lambda: train("pallas"), needs=40)
-    w.job("train_xla", lambda: train("xla"), needs=40)
 
 
 def _spread_weights(model):

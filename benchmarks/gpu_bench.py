@@ -18,7 +18,8 @@ results as JSON lines and a log; the main process prints one table last and writ
   per-operation times of one stage-0 block; every inference job and the train step also with
   the opt-in Pallas depthwise kernel (``DepthwiseConv2D(implementation="pallas")``), and that
   kernel against cuDNN's per stage, with two launch settings (``GPU_BENCH_DW_SWEEP=1``: five)
-  and its difference from cuDNN
+  and its difference from cuDNN; the train step also with ``implementation="xla"`` (the input
+  gradient as a forward convolution)
   (``GPU_BENCH_VARIANTS`` adds ``"dw shifted-sum"``, the depthwise convolution as 49 fused
   shifted multiply-adds, and ``"jax.nn.gelu erfc, before"``, the GELU this library used before,
   to every inference job).

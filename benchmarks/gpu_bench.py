@@ -471,7 +471,10 @@ def jax_worker(w: Worker):
     # The Pallas depthwise kernel (opt-in; its launch settings were tuned per stage on an H200,
     # not yet measured in the whole network) is timed next to the default in every inference
     # job, per stage in "depthwise" and in a train step.
-    w.job("infer", lambda: infer("infer", ("default", "dw pallas", *extra), profile=True), needs=40)
+    # GPU_BENCH_INFER replaces the T-224 job's list (e.g. "default" alone, for flag probes).
+    first = tuple(v for v in os.environ.get("GPU_BENCH_INFER", "").split(",") if v)
+    first = first or ("default", "dw pallas", *extra)
+    w.job("infer", lambda: infer("infer", first, profile=True), needs=40)
     w.job("depthwise", lambda: _depthwise_stages(w, cfg, sync), needs=30)
     w.job("train", train, needs=40)
     w.job("train_xla", lambda: train("xla"), needs=40)

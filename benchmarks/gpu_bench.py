@@ -19,7 +19,8 @@ results as JSON lines and a log; the main process prints one table last and writ
   the opt-in Pallas depthwise kernel (``DepthwiseConv2D(implementation="pallas")``), and that
   kernel against cuDNN's per stage, with two launch settings (``GPU_BENCH_DW_SWEEP=1``: five)
   and its difference from cuDNN; the train step also with ``implementation="xla"`` (the input
-  gradient as a forward convolution)
+  gradient as a forward convolution); per stage, the first pointwise layer + GELU as XLA runs
+  it against the fused Pallas kernel of ``convnext_keras.pallas_matmul`` (job ``pointwise``)
   (``GPU_BENCH_VARIANTS`` adds ``"dw shifted-sum"``, the depthwise convolution as 49 fused
   shifted multiply-adds, and ``"jax.nn.gelu erfc, before"``, the GELU this library used before,
   to every inference job).
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import statistics
@@ -476,6 +478,7 @@ def jax_worker(w: Worker):
     first = first or ("default", "dw pallas", *extra)
     w.job("infer", lambda: infer("infer", first, profile=True), needs=40)
     w.job("depthwise", lambda: _depthwise_stages(w, cfg, sync), needs=30)
+    w.job("pointwise", lambda: _pointwise_stages(w, cfg, sync), needs=30)
     w.job("train", train, needs=40)
     w.job("train_xla", lambda: train("xla"), needs=40)
     w.job("train_pallas", lambda: train("pallas"), needs=40)
@@ -614,6 +617,79 @@ def _depthwise_stages(w: Worker, cfg, sync):
                 stage=stage,
                 ms=1000 * statistics.median(s),
                 gb_per_s=2 * x.size * 2 / statistics.median(s) / 1e9,
+            )
+
+
+def _pointwise_stages(w: Worker, cfg, sync):
+    """The first pointwise layer of each ConvNeXt-T stage (bf16): XLA's product (cuBLAS) + bias
+    + this library's GELU, as the model runs it, against the fused Pallas kernel of
+    convnext_keras.pallas_matmul (two launch settings; GPU_BENCH_MM_SWEEP=1: more)."""
+    import jax
+    import jax.numpy as jnp
+
+    from convnext_keras import pallas_matmul as pm
+    from convnext_keras.layers import gelu
+
+    _, res, batch = cfg["infer"]
+    key = jax.random.key(0)
+    for stage, dim in enumerate((96, 192, 384, 768)):
+        side = res // (4 * 2**stage)
+        m, k, n = batch * side * side, dim, 4 * dim
+        kx, kw, kb, key = jax.random.split(key, 4)
+        x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+        wt = (jax.random.normal(kw, (k, n), jnp.float32) * k**-0.5).astype(jnp.bfloat16)
+        b = (jax.random.normal(kb, (n,), jnp.float32) * 0.1).astype(jnp.bfloat16)
+        candidates = {"XLA (cuBLAS) + bias + GELU": jax.jit(lambda x, w, b: gelu(x @ w + b))}
+        bm, bn, bk = pm.default_blocks(m, k, n)
+        settings = [(bm, bn, bk, 4, 3), (bm, 2 * bn, bk, 8, 3)]
+        if os.environ.get("GPU_BENCH_MM_SWEEP"):
+            settings += [(bm // 2, bn, bk, 4, 3), (bm, bn, bk, 8, 4), (bm, bn, 32, 4, 4)]
+        if jax.default_backend() != "gpu":  # --tiny on a CPU: the interpreter, one setting
+            settings = settings[:1]
+        for block_m, block_n, block_k, warps, stages in settings:
+            if m % block_m or n % block_n or k % block_k:
+                continue
+            label = f"pallas {block_m}x{block_n}x{block_k} warps {warps} stages {stages}"
+            candidates[label] = jax.jit(
+                functools.partial(
+                    pm.dense_gelu,
+                    block_m=block_m,
+                    block_n=block_n,
+                    block_k=block_k,
+                    num_warps=warps,
+                    num_stages=stages,
+                )
+            )
+        ref = candidates["XLA (cuBLAS) + bias + GELU"](x, wt, b).astype(jnp.float32)
+        fns = {}
+        for label, f in candidates.items():
+            t0 = time.time()
+            try:
+                out = f(x, wt, b).block_until_ready()
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                w.record(job="pointwise", impl=label, stage=stage, error=f"{e!r}"[:300])
+                continue
+            w.record(
+                job="pointwise",
+                impl=label,
+                stage=stage,
+                compile_s=time.time() - t0,
+                check="max |diff| vs XLA",
+                max_abs_diff=float(jnp.abs(out.astype(jnp.float32) - ref).max()),
+                ref_max_abs=float(jnp.abs(ref).max()),
+            )
+            fns[label] = lambda f=f, x=x, wt=wt, b=b: f(x, wt, b).block_until_ready()
+        seconds = time_calls(fns, cfg["warmup"], cfg["repeats"], sync)
+        for label, sec in seconds.items():
+            med = statistics.median(sec)
+            w.record(
+                job="pointwise",
+                impl=label,
+                model=f"stage{stage} {m}x{k} @ {k}x{n}",
+                stage=stage,
+                ms=1000 * med,
+                tflops=2 * m * k * n / med / 1e12,
             )
 
 
@@ -787,21 +863,25 @@ def summarize(rows: list[dict]) -> str:
                 f"{r['rel_error']:.2e}, top-1 agreement {100 * r['top1_agreement']:.0f}%, "
                 f"finite {r['finite']}"
             )
-    dw = [r for r in rows if r.get("job") == "depthwise" and "ms" in r]
-    for stage in sorted({r["stage"] for r in dw}):
-        these = [r for r in dw if r["stage"] == stage]
-        diffs = {
-            r["impl"]: r["max_abs_diff"]
-            for r in rows
-            if r.get("job") == "depthwise" and r.get("stage") == stage and "max_abs_diff" in r
-        }
-        lines.append(
-            f"\ndepthwise 7x7, {these[0]['model']}, ms (max |diff| vs cuDNN): "
-            + "; ".join(
-                f"{r['impl']} {r['ms']:.3f} ({diffs.get(r['impl'], float('nan')):.1e})"
-                for r in these
+    for job, title, ref_name in (
+        ("depthwise", "depthwise 7x7", "cuDNN"),
+        ("pointwise", "first pointwise layer + GELU", "XLA"),
+    ):
+        timed = [r for r in rows if r.get("job") == job and "ms" in r]
+        for stage in sorted({r["stage"] for r in timed}):
+            these = [r for r in timed if r["stage"] == stage]
+            diffs = {
+                r["impl"]: r["max_abs_diff"]
+                for r in rows
+                if r.get("job") == job and r.get("stage") == stage and "max_abs_diff" in r
+            }
+            lines.append(
+                f"\n{title}, {these[0]['model']}, ms (max |diff| vs {ref_name}): "
+                + "; ".join(
+                    f"{r['impl']} {r['ms']:.3f} ({diffs.get(r['impl'], float('nan')):.1e})"
+                    for r in these
+                )
             )
-        )
     parts = [r for r in rows if r.get("job") == "block_parts" and "ms" in r]
     if parts:
         lines.append(

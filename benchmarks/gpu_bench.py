@@ -360,11 +360,21 @@ def jax_worker(w: Worker):
         device=str(jax.devices()[0].device_kind),
     )
 
-    def model(variant, res, precision="bf16", drop_path=0.0, depthwise="native", gelu="default"):
+    def model(
+        variant,
+        res,
+        precision="bf16",
+        drop_path=0.0,
+        depthwise="native",
+        gelu="default",
+        pointwise="xla",
+    ):
         with bench.dtype_policy(precision):
             m = build_model(variant, input_shape=(res, res, 3), drop_path_rate=drop_path)
         if gelu == "erfc":
             _set_gelu(m, keras.activations.gelu)
+        if pointwise == "pallas":
+            _fuse_pointwise(m)
         return _set_depthwise(m, depthwise)
 
     def sync():
@@ -425,6 +435,8 @@ def jax_worker(w: Worker):
         "dw pallas": {"depthwise": "pallas"},
         "dw shifted-sum": {"depthwise": "shifted"},
         "jax.nn.gelu erfc, before": {"gelu": "erfc"},
+        "mlp pallas": {"pointwise": "pallas"},
+        "dw+mlp pallas": {"depthwise": "pallas", "pointwise": "pallas"},
     }
 
     def infer(key, variants=("default",), profile=False):
@@ -475,7 +487,7 @@ def jax_worker(w: Worker):
     # job, per stage in "depthwise" and in a train step.
     # GPU_BENCH_INFER replaces the T-224 job's list (e.g. "default" alone, for flag probes).
     first = tuple(v for v in os.environ.get("GPU_BENCH_INFER", "").split(",") if v)
-    first = first or ("default", "dw pallas", *extra)
+    first = first or ("default", "dw pallas", "mlp pallas", "dw+mlp pallas", *extra)
     w.job("infer", lambda: infer("infer", first, profile=True), needs=40)
     w.job("depthwise", lambda: _depthwise_stages(w, cfg, sync), needs=30)
     w.job("pointwise", lambda: _pointwise_stages(w, cfg, sync), needs=30)
@@ -504,6 +516,33 @@ def _set_gelu(model, activation):
     for layer in model.layers:
         if layer.name.endswith("_pwconv1"):
             layer.activation = activation
+    return model
+
+
+def _fuse_pointwise(model):
+    """Run every block's first pointwise layer (Dense + GELU) as the fused Pallas kernel of
+    convnext_keras.pallas_matmul - a benchmark-only swap of the layer's class (same weights),
+    to time the whole network with it before the library offers it."""
+    import math
+
+    import keras
+
+    from convnext_keras import pallas_matmul as pm
+
+    class FusedDenseGelu(keras.layers.Dense):
+        def call(self, inputs, training=None):
+            rows = math.prod(inputs.shape[:-1]) if None not in inputs.shape else 0
+            block_m, block_n, _ = pm.default_blocks(rows, inputs.shape[-1], self.units)
+            if not rows or rows % block_m or self.units % block_n:
+                return super().call(inputs, training=training)
+            x = keras.ops.reshape(inputs, (rows, inputs.shape[-1]))
+            kernel = keras.ops.convert_to_tensor(self.kernel)  # autocast: the compute dtype
+            y = pm.dense_gelu(x, kernel, keras.ops.convert_to_tensor(self.bias))
+            return keras.ops.reshape(y, (*inputs.shape[:-1], self.units))
+
+    for layer in model.layers:
+        if layer.name.endswith("_pwconv1"):
+            layer.__class__ = FusedDenseGelu
     return model
 
 

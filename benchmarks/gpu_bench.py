@@ -1,6 +1,6 @@
 """One-shot GPU measurement: this library (Keras 3, JAX backend) against timm (PyTorch) in one call.
 
-    python benchmarks/gpu_bench.py --sequential --budget 560 --out DIR  # H100/H200: all (~9.5 min)
+    python benchmarks/gpu_bench.py --sequential --budget 560 --out DIR  # H100/H200: what fits
     python benchmarks/gpu_bench.py --tiny --out DIR     # any CPU: atto at 64 px, checks the code
 
 Two worker processes run side by side on one GPU: ``torch`` (timm, or a transformers ConvNext

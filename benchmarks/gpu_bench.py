@@ -589,6 +589,35 @@ def _jax_profile(w: Worker, fn, filename: str, title: str):
     write_profile(w.out / filename, title, totals, calls)
 
 
+def _compare_and_time(w: Worker, cfg, sync, job, stage, candidates: dict, args) -> dict:
+    """Compile each candidate (the first is the reference), record its compile time and largest
+    difference from the reference (on the device), then time those that ran."""
+    import jax.numpy as jnp
+
+    reference = next(iter(candidates))
+    ref = candidates[reference](*args).astype(jnp.float32)
+    fns = {}
+    for label, f in candidates.items():
+        t0 = time.time()
+        try:
+            out = f(*args).block_until_ready()
+        except Exception as e:  # noqa: BLE001  (a failed setting must not cost the others)
+            traceback.print_exc()
+            w.record(job=job, impl=label, stage=stage, error=f"{e!r}"[:300])
+            continue
+        w.record(
+            job=job,
+            impl=label,
+            stage=stage,
+            compile_s=time.time() - t0,
+            check=f"max |diff| vs {reference}",
+            max_abs_diff=float(jnp.abs(out.astype(jnp.float32) - ref).max()),
+            ref_max_abs=float(jnp.abs(ref).max()),
+        )
+        fns[label] = lambda f=f: f(*args).block_until_ready()
+    return time_calls(fns, cfg["warmup"], cfg["repeats"], sync)
+
+
 def _depthwise_stages(w: Worker, cfg, sync):
     """The depthwise 7x7 of each ConvNeXt-T stage (bf16): cuDNN (XLA) against the Pallas
     kernel with two launch settings, and the kernel's largest difference from cuDNN."""
@@ -626,36 +655,16 @@ def _depthwise_stages(w: Worker, cfg, sync):
                     x, k, b, block_h=block_h, block_c=block_c, num_warps=warps
                 )
             )
-        ref = candidates["cuDNN (XLA conv)"](x, k, b).astype(jnp.float32)
-        fns = {}
-        for label, f in candidates.items():
-            t0 = time.time()
-            try:
-                out = f(x, k, b).block_until_ready()
-            except Exception as e:  # noqa: BLE001
-                traceback.print_exc()
-                w.record(job="depthwise", impl=label, stage=stage, error=f"{e!r}"[:300])
-                continue
-            compile_s = time.time() - t0
-            w.record(
-                job="depthwise",
-                impl=label,
-                stage=stage,
-                compile_s=compile_s,
-                check="max |diff| vs cuDNN",
-                max_abs_diff=float(jnp.abs(out.astype(jnp.float32) - ref).max()),
-                ref_max_abs=float(jnp.abs(ref).max()),
-            )
-            fns[label] = lambda f=f, x=x, k=k, b=b: f(x, k, b).block_until_ready()
-        seconds = time_calls(fns, cfg["warmup"], cfg["repeats"], sync)
-        for label, s in seconds.items():
+        seconds = _compare_and_time(w, cfg, sync, "depthwise", stage, candidates, (x, k, b))
+        for label, sec in seconds.items():
+            med = statistics.median(sec)
             w.record(
                 job="depthwise",
                 impl=label,
                 model=f"stage{stage} {batch}x{side}x{side}x{dim}",
                 stage=stage,
-                ms=1000 * statistics.median(s),
-                gb_per_s=2 * x.size * 2 / statistics.median(s) / 1e9,
+                ms=1000 * med,
+                gb_per_s=2 * x.size * 2 / med / 1e9,
             )
 
 
@@ -699,27 +708,7 @@ def _pointwise_stages(w: Worker, cfg, sync):
                     num_stages=stages,
                 )
             )
-        ref = candidates["XLA (cuBLAS) + bias + GELU"](x, wt, b).astype(jnp.float32)
-        fns = {}
-        for label, f in candidates.items():
-            t0 = time.time()
-            try:
-                out = f(x, wt, b).block_until_ready()
-            except Exception as e:  # noqa: BLE001
-                traceback.print_exc()
-                w.record(job="pointwise", impl=label, stage=stage, error=f"{e!r}"[:300])
-                continue
-            w.record(
-                job="pointwise",
-                impl=label,
-                stage=stage,
-                compile_s=time.time() - t0,
-                check="max |diff| vs XLA",
-                max_abs_diff=float(jnp.abs(out.astype(jnp.float32) - ref).max()),
-                ref_max_abs=float(jnp.abs(ref).max()),
-            )
-            fns[label] = lambda f=f, x=x, wt=wt, b=b: f(x, wt, b).block_until_ready()
-        seconds = time_calls(fns, cfg["warmup"], cfg["repeats"], sync)
+        seconds = _compare_and_time(w, cfg, sync, "pointwise", stage, candidates, (x, wt, b))
         for label, sec in seconds.items():
             med = statistics.median(sec)
             w.record(

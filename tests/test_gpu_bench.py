@@ -1,0 +1,53 @@
+"""benchmarks/gpu_bench.py's pieces that need no GPU: the summary of stored results, and the
+benchmark-only swap that runs the model's first pointwise layers as the fused Pallas kernel."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_bench  # noqa: E402
+
+H200 = ROOT / "benchmarks" / "results" / "gpu_h200_2026-11-27_pallas"
+
+
+def test_summary_of_stored_h200_results_shows_ratios_and_spreads():
+    text = gpu_bench.summarize(gpu_bench.read_results(H200 / "run1_full"))
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert "15,302 (15,213-15,408)" in rows["infer"] and "| 1.02x |" in rows["infer"]
+    assert "3,591 (2,839-3,984)" in rows["train"] and "| 1.03x |" in rows["train"]
+    assert "| 0.74x |" in rows["infer (dw pallas)"]
+    assert "peak memory, timm compiled AMP bf16 fused AdamW: 7.85 GB" in text
+    assert "jax depthwise: deadline" in text  # what did not run is said, not dropped
+    sweep = gpu_bench.summarize(gpu_bench.read_results(H200 / "run2_hires_depthwise"))
+    assert "depthwise 7x7, stage0 256x56x56x96" in sweep
+    assert "pallas warps 8 block_h 4 block_c 32 0.862 (3.1e-02)" in sweep
+
+
+@pytest.mark.backends
+def test_fused_pointwise_swap_computes_the_same_model(monkeypatch):
+    if keras.backend.backend() != "jax":
+        pytest.skip("the fused pointwise kernel is a JAX (Pallas) kernel")
+    from convnext_keras import build_model
+    from convnext_keras import pallas_matmul as pm
+
+    shapes, kernel = [], pm.dense_gelu
+    monkeypatch.setattr(
+        pm, "dense_gelu", lambda x, *a, **k: shapes.append(x.shape) or kernel(x, *a, **k)
+    )
+
+    model = build_model("pico", input_shape=(64, 64, 3))  # widths 64.. (tiles of 128 divide)
+    x = np.random.default_rng(0).random((2, 64, 64, 3), np.float32)
+    expected = keras.ops.convert_to_numpy(model(x))
+    gpu_bench._fuse_pointwise(model)
+    assert type(model.get_layer("stage0_block0_pwconv1")).__name__ == "FusedDenseGelu"
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(x)), expected, atol=1e-5)
+    # stages 0 and 1 (2 x 16 x 16 and 2 x 8 x 8 rows) ran fused; 2 and 3 are too small for a tile
+    assert shapes == [(512, 64)] * 2 + [(128, 128)] * 2

@@ -13,7 +13,7 @@ slices of the inner dimension accumulates ``x @ w`` in float32 (tensor cores thr
 ``dot``), then adds the bias, applies ``x/2 (1 + erf(x / sqrt 2))`` (PyTorch's ``nn.GELU()``,
 this library's :func:`convnext_keras.layers.gelu`; erf as XLA's float32 rational approximation,
 :func:`erf_f32`) and rounds once to the input's dtype.
-Backward (``jax.custom_vjp``): XLA's products, from the pre-activation recomputed in float32.
+Backward (``jax.custom_vjp``): XLA's gradient of the same function (product recomputed).
 
 Status: equal to XLA's product + bias + GELU in Pallas' interpreter and lowered to Triton IR
 for CUDA (tests, no GPU needed); its speed is measured per ConvNeXt stage by
@@ -30,10 +30,10 @@ __all__ = ["dense_gelu", "reference_dense_gelu", "default_blocks", "erf_f32"]
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 
 
-def default_blocks(m: int, k: int, n: int) -> tuple[int, int, int]:
-    """``(block_m, block_n, block_k)``: 128 x 128 output tiles, 32-wide inner slices (every
-    ConvNeXt width, 96 * 2**i, is a multiple of 32; its hidden width 4x that of 128)."""
-    del m
+def default_blocks(k: int) -> tuple[int, int, int]:
+    """``(block_m, block_n, block_k)`` for an inner dimension ``k``: 128 x 128 output tiles,
+    32- or 64-wide inner slices (every ConvNeXt width, 96 * 2**i, is a multiple of 32; its
+    hidden width, 4x that, of 128)."""
     block_k = 64 if k % 64 == 0 else 32
     return 128, 128, block_k
 
@@ -78,14 +78,24 @@ def _gelu_f32(y):
     return 0.5 * y * (1.0 + erf_f32(y * _SQRT_HALF))
 
 
+def _xla_dense_gelu(x, w, b, precision=None):
+    """The same function with XLA's product and erf (what the gradient is taken of): float32
+    sums and GELU, rounded to ``x.dtype``."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    y = jnp.dot(x, w.astype(x.dtype), precision=precision, preferred_element_type=jnp.float32)
+    y = y + b.astype(jnp.float32)
+    return (0.5 * y * (1.0 + lax.erf(y * _SQRT_HALF))).astype(x.dtype)
+
+
 def reference_dense_gelu(x, w, b):
     """The same function with XLA (float32, ``HIGHEST`` precision), rounded to ``x.dtype``."""
     import jax.numpy as jnp
     from jax import lax
 
     f32 = [a.astype(jnp.float32) for a in (x, w, b)]
-    y = jnp.dot(f32[0], f32[1], precision=lax.Precision.HIGHEST) + f32[2]
-    return (0.5 * y * (1.0 + lax.erf(y * _SQRT_HALF))).astype(x.dtype)
+    return _xla_dense_gelu(*f32, precision=lax.Precision.HIGHEST).astype(x.dtype)
 
 
 def _kernel(x_ref, w_ref, b_ref, o_ref, *, steps, block_k):
@@ -132,36 +142,28 @@ def _forward(x, w, b, *, block_m, block_n, block_k, num_warps, num_stages, inter
 @functools.cache
 def _with_gradient(block_m, block_n, block_k, num_warps, num_stages, interpret):
     import jax
-    import jax.numpy as jnp
+
+    forward = functools.partial(
+        _forward,
+        block_m=block_m,
+        block_n=block_n,
+        block_k=block_k,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=interpret,
+    )
 
     @jax.custom_vjp
     def fused(x, w, b):
-        return _forward(
-            x,
-            w,
-            b,
-            block_m=block_m,
-            block_n=block_n,
-            block_k=block_k,
-            num_warps=num_warps,
-            num_stages=num_stages,
-            interpret=interpret,
-        )
+        return forward(x, w, b)
 
     def fwd(x, w, b):
         return fused(x, w, b), (x, w, b)
 
     def bwd(residuals, grad):
-        x, w, b = residuals
-        xf, wf = x.astype(jnp.float32), w.astype(jnp.float32)
-        pre = jnp.dot(xf, wf) + b.astype(jnp.float32)
-        # d/dy of y/2 (1 + erf(y / sqrt 2)) = Phi(y) + y * phi(y)
-        cdf = 0.5 * (1.0 + jax.lax.erf(pre * _SQRT_HALF))
-        pdf = jnp.exp(-0.5 * pre * pre) / math.sqrt(2.0 * math.pi)
-        dpre = grad.astype(jnp.float32) * (cdf + pre * pdf)
-        dx = jnp.dot(dpre, wf.T).astype(x.dtype)
-        dw = jnp.dot(xf.T, dpre).astype(w.dtype)
-        return dx, dw, dpre.sum(axis=0).astype(b.dtype)
+        # XLA's gradient of the same function (the pre-activation recomputed by XLA)
+        _, vjp = jax.vjp(_xla_dense_gelu, *residuals)
+        return vjp(grad)
 
     fused.defvjp(fwd, bwd)
     return fused
@@ -195,7 +197,7 @@ def dense_gelu(
     (m, k), n = x.shape, w.shape[1]
     if w.shape[0] != k or b.shape[0] != n:
         raise ValueError(f"Shapes do not chain: x {x.shape}, w {w.shape}, b {b.shape}.")
-    dm, dn, dk = default_blocks(m, k, n)
+    dm, dn, dk = default_blocks(k)
     block_m, block_n, block_k = block_m or dm, block_n or dn, block_k or dk
     for name, size, block in (("M", m, block_m), ("N", n, block_n), ("K", k, block_k)):
         if block & (block - 1) or size % block:

@@ -109,30 +109,57 @@ def _jax_on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
+def _jax_on_one_cuda_gpu() -> bool:
+    """JAX computing on an NVIDIA GPU, with no multi-device ``keras.distribution`` set.
+
+    XLA cannot partition a Pallas kernel across devices (it would gather the whole batch onto
+    each one), so a data-parallel program keeps cuDNN's convolution; ROCm GPUs are not
+    measured, so they keep it too."""
+    if keras.backend.backend() != "jax":
+        return False
+    import jax
+
+    if jax.default_backend() != "gpu":
+        return False
+    try:
+        version = str(jax.devices()[0].client.platform_version).lower()
+    except Exception:  # noqa: BLE001  (an unknown runtime: not known to be CUDA)
+        return False
+    if "rocm" in version or "hip" in version:
+        return False
+    distribution = keras.distribution.distribution()
+    if distribution is not None and distribution.device_mesh.devices.size > 1:
+        return False
+    return True
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
-    """``keras.layers.DepthwiseConv2D`` that XLA compiles well: a fused sum of shifted products.
+    """``keras.layers.DepthwiseConv2D`` with the fastest depthwise kernel each JAX device has.
 
     XLA lowers a feature-grouped convolution poorly on CPUs (one depthwise 7x7 took 26x longer
     than the same function written as below, and the whole network ran 2.7x slower; see
     BENCHMARKS.md).  For stride 1, ``"same"`` padding and depth multiplier 1 (ConvNeXt's case)
     JAX on a CPU therefore computes ``sum_ij pad(x)[i:i+H, j:j+W] * kernel[i, j] + bias`` in
-    float32, which XLA fuses into one loop.  On a GPU cuDNN's depthwise kernel is faster (H200:
-    11.6k against 7.0k img/s for the whole network), and TensorFlow and PyTorch have good
-    depthwise kernels of their own: there the Keras layer runs unchanged.  Weights, their
-    shapes and names are those of the Keras layer.
+    float32, which XLA fuses into one loop.  JAX on one NVIDIA GPU runs the Pallas/Triton
+    kernel of :mod:`convnext_keras.pallas_depthwise`: on an H200 (BENCHMARKS.md) cuDNN's
+    kernel, as XLA's autotuner picks it, ran the bf16 training step at 2.6k img/s in one
+    process and 3.7k in another, and ConvNeXt-B inference at 5.2k or 7.1k; with the Pallas
+    kernel 3.8-3.9k and 7.1k.  TensorFlow and PyTorch have good depthwise kernels of their
+    own: there the Keras layer runs unchanged.  Weights, their shapes and names are those of
+    the Keras layer.
 
     ``implementation``: ``"auto"`` (``$CONVNEXT_DEPTHWISE`` when set - one of the values
-    below, for a whole process, e.g. ``CONVNEXT_DEPTHWISE=pallas convnext bench --backend
-    jax`` -, else shifted sums on JAX's CPU backend and Keras' convolution elsewhere),
-    ``"shifted"``, ``"native"`` (always the Keras convolution), ``"pallas"``
-    (JAX only, opt-in: the Pallas/Triton kernel of :mod:`convnext_keras.pallas_depthwise`,
-    written for GPUs; off a GPU it runs in Pallas' interpreter, exact but slow) or ``"xla"``
-    (JAX only, opt-in: XLA's convolution with its input gradient written as the forward
-    convolution with flipped taps, ``pallas_depthwise.xla_depthwise_conv2d``, for training
-    on GPUs).  On TensorFlow and PyTorch ``"pallas"`` and ``"xla"`` mean Keras' convolution.
-    Shapes other than stride 1 / ``"same"`` / depth multiplier 1 / odd kernel always use
-    Keras' convolution.
+    below, for a whole process, e.g. ``CONVNEXT_DEPTHWISE=native convnext bench --backend
+    jax`` -, else shifted sums on JAX's CPU backend, the Pallas kernel on JAX with one NVIDIA
+    GPU (not under a multi-device ``keras.distribution``: XLA cannot split a Pallas kernel
+    across devices) and Keras' convolution elsewhere), ``"shifted"``, ``"native"`` (always the
+    Keras convolution: cuDNN on GPUs), ``"pallas"`` (JAX only: the Pallas kernel; off a GPU it
+    runs in Pallas' interpreter, exact but slow) or ``"xla"`` (JAX only: XLA's convolution
+    with its input gradient written as the forward convolution with flipped taps,
+    ``pallas_depthwise.xla_depthwise_conv2d``).  On TensorFlow and PyTorch ``"pallas"`` and
+    ``"xla"`` mean Keras' convolution.  Shapes other than stride 1 / ``"same"`` / depth
+    multiplier 1 / odd kernel always use Keras' convolution.
     """
 
     IMPLEMENTATIONS = ("auto", "native", "shifted", "pallas", "xla")
@@ -167,7 +194,9 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
             )
         if env != "auto":
             return env
-        return "shifted" if _jax_on_cpu() else "native"
+        if _jax_on_cpu():
+            return "shifted"
+        return "pallas" if _jax_on_one_cuda_gpu() else "native"
 
     def _shifted_applies(self) -> bool:
         return self._choice() == "shifted" and self._same_stride_one()

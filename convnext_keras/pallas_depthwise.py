@@ -16,15 +16,20 @@ float32; the output has the input's dtype.  Out-of-range rows/columns are masked
 (``"same"`` padding, stride 1).
 
 Backward: the input gradient is this kernel again (a stride-1 ``"same"`` convolution's
-transpose is the same convolution with the kernel flipped in both axes); the kernel and bias
-gradients, reductions over the batch, are XLA's.
+transpose is the same convolution with the kernel flipped in both axes); the kernel gradient
+is XLA's or, opt-in (``kernel_grad="pallas"`` / ``$CONVNEXT_DEPTHWISE_KERNEL_GRAD=pallas``), a
+Pallas kernel of its own (``_kernel_grad``: per image, block of channels and column tap, the
+input rows times the output gradient summed in registers; XLA adds the images); the bias
+gradient is a sum.
 
-Status: exact against ``lax.conv_general_dilated`` in Pallas' interpreter (any device) and
-lowered to Triton IR for CUDA (tests).  Timed on an H200 (BENCHMARKS.md): with the launch
-settings below (8 warps, ~8 values per thread per tile) 1.27x faster than cuDNN at ConvNeXt-T's
-stages 0 and 1; the first settings (4 warps, 16 per thread) were 1.5-1.8x slower, and the
-whole network with the new settings is not measured yet.  ``DepthwiseConv2D(
-implementation="pallas")`` opts in; nothing uses it by default.
+Status: exact against ``lax.conv_general_dilated`` and its gradients in Pallas' interpreter
+(any device) and lowered to Triton IR for CUDA (tests).  Timed on an H200 (BENCHMARKS.md):
+at 16 warps and tiles of 2048 values, 7.1 ms per ConvNeXt-T forward (batch 256) where cuDNN
+takes 8.7 ms; in the whole network (at 8 and 16 warps) 1.02-1.07x timm compiled for
+inference and 0.94-0.96x for the training step, where cuDNN's kernel, as XLA's autotuner
+picks it, gave 0.62-1.03x.
+``DepthwiseConv2D(implementation="auto")`` runs it on JAX with one NVIDIA GPU.  The Pallas
+kernel gradient is not yet timed.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ __all__ = [
     "xla_depthwise_conv2d",
     "reference_depthwise_conv2d",
     "default_blocks",
+    "kernel_grad_choice",
 ]
 
 
@@ -43,12 +49,14 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-# Launch settings, from a sweep on an H200 (2026-11-27, BENCHMARKS.md): speed followed the
+# Launch settings, from sweeps on an H200 (2026-11-27, BENCHMARKS.md): speed followed the
 # elements each thread holds per tile (its registers: ``block_h`` accumulators, the tile, the
-# taps).  At 8 per thread and 8 warps the kernel ran ConvNeXt-T's stage 0 / 1 depthwise 7x7 in
-# 0.86 / 0.45 ms against cuDNN's 1.09 / 0.58 ms; at 16 per thread (4 warps) in 1.95 / 0.88 ms.
-NUM_WARPS = 8
-TILE_ELEMENTS = 8 * 32 * NUM_WARPS  # a (W, block_c) tile: 8 values per thread
+# taps).  At 16 per thread (4 warps) the kernel ran ConvNeXt-T's stage 0 / 1 depthwise 7x7 in
+# 1.95 / 0.88 ms, at 8 (8 warps) in 0.86 / 0.45 ms against cuDNN's 1.09 / 0.58 ms; in the next
+# call, at 4 (16 warps) stages 0-3 took 0.77 / 0.47 / 0.30 / 0.23 ms, at 8 per thread
+# 0.86 / 0.52 / 0.29 / 0.29 and cuDNN 0.91 / 0.71 / 0.33 / 0.26.
+NUM_WARPS = 16
+TILE_ELEMENTS = 2048  # a (W, block_c) tile: 4 values per thread at 16 warps
 BLOCK_H = 4  # output rows per program (1 and 8 were slower at stage 0 / 1)
 
 
@@ -56,7 +64,7 @@ def default_blocks(height: int, width: int, channels: int) -> tuple[int, int]:
     """``(block_h, block_c)`` for an input of this size.
 
     Triton tiles need power-of-two sides: a tile is ``(next_pow2(W), block_c)``.  ``block_c``
-    makes the tile about ``TILE_ELEMENTS`` values (8 per thread at ``NUM_WARPS`` warps), at
+    makes the tile about ``TILE_ELEMENTS`` values (4 per thread at ``NUM_WARPS`` = 16), at
     least 16 and at most 256 channels, and is the largest such power of two that divides the
     channels, so no lane is masked along C (ConvNeXt-T at 224: 96 -> 32, 192 -> 64,
     384 -> 128, 768 -> 256); a channel count with no such divisor gets one block with its
@@ -162,11 +170,123 @@ def _forward(x, kernel, bias, *, block_h, block_c, num_warps, interpret):
     return call(x, kernel, bias)
 
 
-def _differentiable(forward):
+def _kernel_grad_body(x_ref, g_ref, o_ref, *, height, width, channels, kh, kw, bh, bw, bc):
+    """One image's share of the kernel gradient for one column tap ``j``:
+    ``o[n, i, j, c] = sum_{h, w} x[n, h + i - kh // 2, w + j - kw // 2, c] * g[n, h, w, c]``.
+
+    Walks the image in blocks of ``bh`` output rows (a loop, not the grid: the partial sums
+    stay in registers as ``kh`` ``(W, C-block)`` tiles), loads each block's ``bh`` gradient
+    rows once and each input row it reaches once, shifted by ``j``, like the forward kernel;
+    sums over the columns once at the end."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    n = pl.program_id(0)
+    chans = pl.program_id(1) * bc + jnp.arange(bc)
+    if channels % bc:
+        chans = jnp.minimum(chans, channels - 1)  # repeated last channel: same value stored
+    j = pl.program_id(2)
+    cols = jnp.arange(bw)
+    in_width = cols < width  # columns past the image add nothing (unlike the forward, no clamp)
+    src = cols + (j - kw // 2)
+    col_ok = in_width & (src >= 0) & (src < width)
+    src = jnp.clip(src, 0, width - 1)
+    cols = jnp.minimum(cols, width - 1)
+
+    def rows_block(b, accs):
+        h0 = b * bh
+        grads = []
+        for o in range(bh):
+            row = h0 + o
+            grads.append(
+                plgpu.load(
+                    g_ref.at[n, jnp.minimum(row, height - 1), cols[:, None], chans[None, :]],
+                    mask=jnp.broadcast_to((in_width & (row < height))[:, None], (bw, bc)),
+                    other=0.0,
+                ).astype(jnp.float32)
+            )
+        accs = list(accs)
+        for r in range(bh + kh - 1):  # the input rows this block of gradient rows meets
+            row = h0 + r - kh // 2
+            ok = col_ok & (row >= 0) & (row < height)
+            tile = plgpu.load(
+                x_ref.at[n, jnp.clip(row, 0, height - 1), src[:, None], chans[None, :]],
+                mask=jnp.broadcast_to(ok[:, None], (bw, bc)),
+                other=0.0,
+            ).astype(jnp.float32)
+            for i in range(kh):
+                o = r - i  # gradient row h0 + o meets input row h0 + o + i - kh // 2
+                if 0 <= o < bh:
+                    accs[i] = accs[i] + tile * grads[o]
+        return tuple(accs)
+
+    zeros = tuple(jnp.zeros((bw, bc), jnp.float32) for _ in range(kh))
+    accs = jax.lax.fori_loop(0, pl.cdiv(height, bh), rows_block, zeros)
+    for i in range(kh):
+        plgpu.store(o_ref.at[n, i, j, chans], jnp.sum(accs[i], axis=0))
+
+
+def _kernel_grad(x, grad, kernel_shape, *, block_h, block_c, num_warps, interpret):
+    """``d loss / d kernel`` (float32, ``(kh, kw, C)``) of the depthwise ``"same"``
+    convolution, from its input ``x`` and output gradient ``grad``: a Pallas kernel writes
+    each image's sums, XLA adds them over the batch."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    batch, height, width, channels = x.shape
+    kh, kw, _ = kernel_shape
+    bh, bc = default_blocks(height, width, channels)
+    bh, bc = block_h or bh, block_c or bc
+    body = functools.partial(
+        _kernel_grad_body,
+        height=height,
+        width=width,
+        channels=channels,
+        kh=kh,
+        kw=kw,
+        bh=bh,
+        bw=_next_power_of_2(width),
+        bc=bc,
+    )
+    per_image = pl.pallas_call(
+        body,
+        out_shape=jax.ShapeDtypeStruct((batch, kh, kw, channels), jnp.float32),
+        grid=(batch, pl.cdiv(channels, bc), kw),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name=f"depthwise_{kh}x{kw}_kernel_grad",
+    )(x, grad)
+    return per_image.sum(axis=0)
+
+
+KERNEL_GRADS = ("xla", "pallas")
+
+
+def kernel_grad_choice(kernel_grad: str | None = None) -> str:
+    """Who computes the Pallas path's kernel gradient: ``kernel_grad`` when given, else
+    ``$CONVNEXT_DEPTHWISE_KERNEL_GRAD``, else ``"xla"`` (XLA's, cuDNN's on GPUs)."""
+    import os
+
+    choice = kernel_grad or os.environ.get("CONVNEXT_DEPTHWISE_KERNEL_GRAD", "").strip().lower()
+    choice = choice or "xla"
+    if choice not in KERNEL_GRADS:
+        raise ValueError(
+            f"kernel gradient {choice!r} is not one of {KERNEL_GRADS} (the argument "
+            "kernel_grad= or $CONVNEXT_DEPTHWISE_KERNEL_GRAD)."
+        )
+    return choice
+
+
+def _differentiable(forward, kernel_grad=None):
     """``forward(x, kernel, bias)`` as a depthwise convolution whose input gradient is
     ``forward`` again: a stride-1 ``"same"`` convolution's transpose is the same convolution
-    of the gradient with the kernel flipped in both axes.  The kernel and bias gradients,
-    reductions over the batch, are XLA's (cuDNN's on GPUs)."""
+    of the gradient with the kernel flipped in both axes.  The kernel gradient is
+    ``kernel_grad(x, grad, kernel_shape)`` (float32) when given, else XLA's (cuDNN's on
+    GPUs); the bias gradient is a sum XLA fuses."""
     import jax
     import jax.numpy as jnp
 
@@ -180,19 +300,23 @@ def _differentiable(forward):
     def bwd(residuals, grad):
         x, kernel, bias = residuals
         dx = forward(grad, kernel[::-1, ::-1], jnp.zeros_like(bias))
-        _, vjp = jax.vjp(lambda k, b: _xla_depthwise(x, k, b), kernel, bias)
-        return (dx, *vjp(grad))
+        if kernel_grad is None:
+            _, vjp = jax.vjp(lambda k, b: _xla_depthwise(x, k, b), kernel, bias)
+            return (dx, *vjp(grad))
+        dk = kernel_grad(x, grad, kernel.shape).astype(kernel.dtype)
+        db = grad.astype(jnp.float32).sum(axis=(0, 1, 2)).astype(bias.dtype)
+        return dx, dk, db
 
     conv.defvjp(fwd, bwd)
     return conv
 
 
 @functools.cache
-def _with_gradient(block_h, block_c, num_warps, interpret):
+def _with_gradient(block_h, block_c, num_warps, interpret, kernel_grad="xla"):
+    launch = dict(block_h=block_h, block_c=block_c, num_warps=num_warps, interpret=interpret)
     return _differentiable(
-        functools.partial(
-            _forward, block_h=block_h, block_c=block_c, num_warps=num_warps, interpret=interpret
-        )
+        functools.partial(_forward, **launch),
+        functools.partial(_kernel_grad, **launch) if kernel_grad == "pallas" else None,
     )
 
 
@@ -206,12 +330,12 @@ def xla_depthwise_conv2d(x, kernel, bias=None):
     ``(kh, kw, C)``, whose input gradient is the same *forward* convolution with the taps
     flipped, instead of the transposed convolution JAX's autodiff writes.
 
-    Why: in a training step on an H200 (BENCHMARKS.md) XLA's autotuner ran the transposed
-    depthwise convolution with cuDNN's ``conv2d_grouped_direct_kernel`` (6.2 ms per step),
-    where the forward convolution runs ``conv2d_c1_k1_nhwc_specialized`` (4.7 ms) and timm its
-    ``dgrad2d_c1_k1_nhwc_specialized`` (4.8 ms).  Written as a forward convolution, the input
-    gradient is the same operation XLA already tuned for the forward pass.  Same function and
-    gradients as the plain convolution (tested); ``DepthwiseConv2D(implementation="xla")``.
+    Written when a 6.2 ms cuDNN ``conv2d_grouped_direct_kernel`` in an H200 training step was
+    read as the transposed (input-gradient) convolution: written as a forward convolution, the
+    input gradient is the operation XLA already tuned for the forward pass.  Measured
+    (BENCHMARKS.md): no gain (2,618 against 2,580 img/s), because that kernel is the *kernel*
+    gradient.  Same function and gradients as the plain convolution (tested);
+    ``DepthwiseConv2D(implementation="xla")``.
     """
     import jax.numpy as jnp
 
@@ -259,13 +383,16 @@ def depthwise_conv2d(
     block_c: int | None = None,
     num_warps: int = NUM_WARPS,
     interpret: bool | None = None,
+    kernel_grad: str | None = None,
 ):
     """Depthwise ``"same"`` convolution, stride 1, of NHWC ``x`` with ``kernel`` ``(kh, kw, C)``.
 
     ``bias`` (``(C,)``) is added in float32 before the single rounding to ``x.dtype``.
     ``interpret``: run in Pallas' interpreter (default: when JAX's default backend is not a
-    GPU) - exact but slow, for tests.  Differentiable (input gradient: this kernel with the
-    kernel flipped; kernel and bias gradients: XLA's).
+    GPU) - exact but slow, for tests.  Differentiable: the input gradient is this kernel with
+    the kernel flipped; the kernel gradient XLA's (``kernel_grad="xla"``, the default) or a
+    Pallas kernel of its own (``"pallas"``; ``$CONVNEXT_DEPTHWISE_KERNEL_GRAD`` sets the
+    default); the bias gradient a sum.
     Raises ``ValueError`` for shapes it does not handle.
     """
     import jax
@@ -281,4 +408,5 @@ def depthwise_conv2d(
         raise ValueError(f"block_h must be a positive number of rows, got {block_h}.")
     if block_c is not None and (block_c < 1 or block_c & (block_c - 1)):
         raise ValueError(f"block_c must be a power of two (a Triton tile side), got {block_c}.")
-    return _with_gradient(block_h, block_c, num_warps, bool(interpret))(x, kernel, bias)
+    choice = kernel_grad_choice(kernel_grad)
+    return _with_gradient(block_h, block_c, num_warps, bool(interpret), choice)(x, kernel, bias)

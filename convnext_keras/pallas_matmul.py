@@ -16,8 +16,10 @@ this library's :func:`convnext_keras.layers.gelu`; erf as XLA's float32 rational
 Backward (``jax.custom_vjp``): XLA's gradient of the same function (product recomputed).
 
 Status: equal to XLA's product + bias + GELU in Pallas' interpreter and lowered to Triton IR
-for CUDA (tests, no GPU needed); its speed is measured per ConvNeXt stage by
-``benchmarks/gpu_bench.py`` (job ``pointwise``), not yet on a GPU.
+for CUDA (tests, no GPU needed).  Measured on an H200 (2026-11-27, BENCHMARKS.md,
+``benchmarks/gpu_bench.py`` job ``pointwise``): slower than cuBLAS plus XLA's GELU pass at every
+ConvNeXt-T stage (1.01-1.33x the time) and in the whole network (0.90x), so the model does not
+use it; kept as the experiment's record and a start for a whole-MLP kernel.
 """
 
 from __future__ import annotations

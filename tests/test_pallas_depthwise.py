@@ -51,20 +51,59 @@ def test_kernel_bfloat16_rounds_once():
     assert (diff <= ulp).all()
 
 
+@pytest.mark.parametrize("kernel_grad", ["xla", "pallas"])
 @pytest.mark.parametrize("k", [3, 7])
-def test_gradient_is_the_convolution_gradient(k):
-    """The input gradient runs the kernel again with flipped taps; all three equal XLA's."""
-    x = _random((1, 6, 9, 8), 6)
+def test_gradient_is_the_convolution_gradient(k, kernel_grad):
+    """The input gradient runs the kernel again with flipped taps, the kernel gradient is
+    XLA's or the Pallas one; all three equal XLA's."""
+    x = _random((2, 6, 9, 8), 6)
     kernel, bias = _random((k, k, 8), 7), _random((8,), 8)
-    weights = _random((1, 6, 9, 8), 9)
+    weights = _random((2, 6, 9, 8), 9)
 
     def loss(fn):
         return lambda x, k, b: (fn(x, k, b) * weights).sum()
 
-    ours = jax.grad(loss(lambda *a: pdw.depthwise_conv2d(*a, interpret=True)), (0, 1, 2))
+    def conv(*a):
+        return pdw.depthwise_conv2d(*a, interpret=True, kernel_grad=kernel_grad)
+
+    ours = jax.grad(loss(conv), (0, 1, 2))
     ref = jax.grad(loss(pdw.reference_depthwise_conv2d), (0, 1, 2))
     for g, r in zip(ours(x, kernel, bias), ref(x, kernel, bias)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape,k,blocks",
+    [
+        ((2, 9, 7, 8), 7, None),  # 8-wide tiles: the padding column must add nothing
+        ((1, 10, 13, 96), 7, (3, 32)),  # rows not a multiple of block_h; 3 channel blocks
+        ((2, 5, 6, 20), 3, None),  # 20 channels in a 32-wide block: repeated channel lanes
+        ((1, 3, 3, 16), 7, None),  # taps wider than the image
+    ],
+)
+def test_kernel_gradient_kernel_equals_xla(shape, k, blocks):
+    """The Pallas kernel gradient: sum over images, rows and columns of input times output
+    gradient for each tap, equal to XLA's gradient of its convolution (float32 sums)."""
+    x, grad = _random(shape, 20), _random(shape, 21)
+    kernel, bias = _random((k, k, shape[-1]), 22), jnp.zeros(shape[-1])
+    _, vjp = jax.vjp(lambda kk: pdw._xla_depthwise(x, kk, bias, precision="highest"), kernel)
+    block_h, block_c = blocks or (None, None)
+    got = pdw._kernel_grad(
+        x, grad, kernel.shape, block_h=block_h, block_c=block_c, num_warps=4, interpret=True
+    )
+    assert got.shape == kernel.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(vjp(grad)[0]), atol=1e-4, rtol=1e-5)
+
+
+def test_kernel_gradient_choice(monkeypatch):
+    monkeypatch.delenv("CONVNEXT_DEPTHWISE_KERNEL_GRAD", raising=False)
+    assert pdw.kernel_grad_choice() == "xla"
+    monkeypatch.setenv("CONVNEXT_DEPTHWISE_KERNEL_GRAD", "Pallas")
+    assert pdw.kernel_grad_choice() == "pallas"
+    assert pdw.kernel_grad_choice("xla") == "xla"  # the argument wins
+    monkeypatch.setenv("CONVNEXT_DEPTHWISE_KERNEL_GRAD", "cudnn")
+    with pytest.raises(ValueError, match="CONVNEXT_DEPTHWISE_KERNEL_GRAD"):
+        pdw.kernel_grad_choice()
 
 
 def test_bad_arguments_are_explained():
@@ -112,9 +151,18 @@ def test_lowers_to_triton_for_cuda(shape):
         text = grads.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == 2  # forward, and the input gradient
 
+        def loss_pallas_kernel_grad(x, k, b):
+            out = pdw.depthwise_conv2d(x, k, b, interpret=False, kernel_grad="pallas")
+            return out.astype(jnp.float32).sum()
+
+        grads = jax.jit(jax.value_and_grad(loss_pallas_kernel_grad, argnums=(0, 1, 2)))
+        text = grads.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 3  # and the kernel gradient
+        assert "feature_group_count" not in text  # no XLA convolution left
+
 
 def test_default_blocks_fit_convnext_stages():
-    # ~2048-value tiles (8 per thread at 8 warps), channel blocks that divide the channels
+    # ~2048-value tiles (4 per thread at 16 warps), channel blocks that divide the channels
     assert pdw.default_blocks(56, 56, 96) == (4, 32)
     assert pdw.default_blocks(28, 28, 192) == (4, 64)
     assert pdw.default_blocks(14, 14, 384) == (4, 128)
@@ -201,3 +249,47 @@ def test_xla_variant_equals_the_plain_convolution_with_gradients(kernel_size):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-4, rtol=1e-5)
     with pytest.raises(ValueError, match="odd kernel"):
         pdw.xla_depthwise_conv2d(x, jnp.zeros((2, 2, 6)))
+
+
+@pytest.mark.backends
+def test_auto_runs_the_kernel_on_one_nvidia_gpu(monkeypatch):
+    """``"auto"``: the Pallas kernel on JAX with one CUDA GPU; cuDNN's convolution on ROCm and
+    under a multi-device keras.distribution (XLA cannot split a Pallas kernel); shifted sums
+    on JAX's CPU backend.  The device is faked: what is checked is the rule."""
+    import types
+
+    import keras
+
+    from convnext_keras import layers
+
+    if keras.backend.backend() != "jax":
+        pytest.skip("the rule is JAX's (other backends run Keras' convolution)")
+    layer = layers.DepthwiseConv2D(7, padding="same")
+    layer.build((None, 8, 8, 4))
+    monkeypatch.delenv("CONVNEXT_DEPTHWISE", raising=False)
+    if jax.default_backend() == "cpu":
+        assert layer._choice() == "shifted"
+
+    def fake_gpu(platform_version):
+        device = types.SimpleNamespace(
+            client=types.SimpleNamespace(platform_version=platform_version)
+        )
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+        monkeypatch.setattr(jax, "devices", lambda *a: [device])
+
+    fake_gpu("PJRT C API\ncuda 12080")
+    assert layer._choice() == "pallas" and layer._pallas_applies()
+    strided = layers.DepthwiseConv2D(7, strides=2, padding="same")
+    strided.build((None, 8, 8, 4))
+    assert not strided._pallas_applies()  # shapes the kernel does not handle: Keras' conv
+    mesh = types.SimpleNamespace(devices=np.empty((2,)))
+    monkeypatch.setattr(
+        keras.distribution, "distribution", lambda: types.SimpleNamespace(device_mesh=mesh)
+    )
+    assert layer._choice() == "native"
+    monkeypatch.setattr(keras.distribution, "distribution", lambda: None)
+    fake_gpu("PJRT C API\nrocm 60342")
+    assert layer._choice() == "native"
+    monkeypatch.setenv("CONVNEXT_DEPTHWISE", "native")  # the environment still decides first
+    fake_gpu("cuda 12080")
+    assert layer._choice() == "native"

@@ -54,6 +54,7 @@ FULL = {
     "hires": ("tiny", 384, 128),
     "warmup": 2,
     "repeats": 20,  # timm's train step spread 2,839-3,984 img/s over 10 (H200, 2026-11-27)
+    "inner": 10,  # calls per timed sample in the per-stage jobs
     "check_batch": 32,
 }
 TINY = {
@@ -63,6 +64,7 @@ TINY = {
     "hires": ("atto", 96, 2),
     "warmup": 1,
     "repeats": 3,
+    "inner": 1,
     "check_batch": 4,
 }
 
@@ -454,6 +456,9 @@ def jax_worker(w: Worker):
         "mlp pallas": {"pointwise": "pallas"},
         "dw+mlp pallas": {"depthwise": "pallas", "pointwise": "pallas"},
     }
+    # Other launch settings of the Pallas depthwise kernel for the whole network: (warps,
+    # output rows per program), applied while the variant compiles (_pallas_launch).
+    launch_args = {"dw pallas h8": (16, 8), "dw pallas w8": (8, 4)}
 
     def infer(key, variants=("default",), profile=False):
         variant, res, batch = cfg[key]
@@ -462,14 +467,15 @@ def jax_worker(w: Worker):
         base = None
         for v in variants:
             try:
-                m = model(variant, res, **variant_args[v])
+                m = model(variant, res, **variant_args.get(v, {"depthwise": "pallas"}))
                 if base is None:
                     base = m
                 else:
                     m.set_weights(base.get_weights())
                 fn, _ = bench.inference_fn(m, x, "keras")
                 t0 = time.time()
-                fn()
+                with _pallas_launch(*launch_args.get(v, (None, None))):  # traced here
+                    fn()
             except Exception as e:  # noqa: BLE001  (a failed variant must not cost the others)
                 if v == "default":
                     raise
@@ -609,7 +615,9 @@ def _jax_profile(w: Worker, fn, filename: str, title: str):
 
 def _compare_and_time(w: Worker, cfg, sync, job, stage, candidates: dict, args) -> dict:
     """Compile each candidate (the first is the reference), record its compile time and largest
-    difference from the reference (on the device), then time those that ran."""
+    difference from the reference (on the device), then time those that ran: seconds per call
+    of ``cfg["inner"]`` calls queued back to back (one synchronisation: a single kernel of
+    ~0.1-0.3 ms would otherwise be timed with the host's dispatch and wait)."""
     import jax.numpy as jnp
 
     reference, ref, fns = next(iter(candidates)), None, {}
@@ -633,8 +641,10 @@ def _compare_and_time(w: Worker, cfg, sync, job, stage, candidates: dict, args) 
             max_abs_diff=float(jnp.abs(out - ref).max()),
             ref_max_abs=float(jnp.abs(ref).max()),
         )
-        fns[label] = lambda f=f: f(*args).block_until_ready()
-    return time_calls(fns, cfg["warmup"], cfg["repeats"], sync)
+        fns[label] = lambda f=f: [f(*args) for _ in range(inner)][-1].block_until_ready()
+    inner = cfg["inner"]
+    seconds = time_calls(fns, cfg["warmup"], cfg["repeats"], sync)
+    return {label: [t / inner for t in sec] for label, sec in seconds.items()}
 
 
 def _depthwise_stages(w: Worker, cfg, sync):
@@ -660,9 +670,9 @@ def _depthwise_stages(w: Worker, cfg, sync):
         # stage took ~11 s per setting on an H200 (jax 0.11.2; compile_s is now recorded) and
         # did not finish stages 2-3 in 200 s.
         warps = pdw.NUM_WARPS
-        settings = [(warps, bh, bc), (warps // 2, bh, bc)]
+        settings = [(warps, bh, bc), (warps, 2 * bh, bc)]
         if os.environ.get("GPU_BENCH_DW_SWEEP"):
-            settings += [(warps, max(1, bh // 2), bc), (warps // 2, bh, bc)]
+            settings += [(warps, max(1, bh // 2), bc), (warps // 2, bh, bc), (warps, 4 * bh, bc)]
             if bc >= 32:
                 settings.append((warps, bh, bc // 2))
         if jax.default_backend() != "gpu":  # --tiny on a CPU: the interpreter, one setting
@@ -711,15 +721,16 @@ def _kernel_grad_stages(w: Worker, cfg, sync):
             return vjp(g)[0]
 
         candidates = {"cuDNN (XLA conv)": jax.jit(xla_grad)}
-        for warps in (pdw.NUM_WARPS, pdw.NUM_WARPS // 2)[: 1 if interpret else 2]:
-            candidates[f"pallas warps {warps}"] = jax.jit(
-                lambda x, g, warps=warps, k=k: pdw._kernel_grad(
+        for block_h in (pdw.BLOCK_H, 2 * pdw.BLOCK_H)[: 1 if interpret else 2]:
+            label = f"pallas warps {pdw.NUM_WARPS} block_h {block_h}"
+            candidates[label] = jax.jit(
+                lambda x, g, block_h=block_h, k=k: pdw._kernel_grad(
                     x,
                     g,
                     k.shape,
-                    block_h=None,
+                    block_h=block_h,
                     block_c=None,
-                    num_warps=warps,
+                    num_warps=pdw.NUM_WARPS,
                     interpret=interpret,
                 ).astype(k.dtype)
             )
@@ -732,6 +743,20 @@ def _kernel_grad_stages(w: Worker, cfg, sync):
                 stage=stage,
                 ms=1000 * statistics.median(sec),
             )
+
+
+@contextlib.contextmanager
+def _pallas_launch(num_warps: int | None, block_h: int | None):
+    """The Pallas depthwise kernel's module-wide launch settings for the block (what a model
+    traced inside it compiles with), then restored; None keeps a setting."""
+    from convnext_keras import pallas_depthwise as pdw
+
+    before = pdw.NUM_WARPS, pdw.BLOCK_H
+    pdw.NUM_WARPS, pdw.BLOCK_H = num_warps or pdw.NUM_WARPS, block_h or pdw.BLOCK_H
+    try:
+        yield
+    finally:
+        pdw.NUM_WARPS, pdw.BLOCK_H = before
 
 
 @contextlib.contextmanager

@@ -152,8 +152,9 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
     ``implementation``: ``"auto"`` (``$CONVNEXT_DEPTHWISE`` when set - one of the values
     below, for a whole process, e.g. ``CONVNEXT_DEPTHWISE=native convnext bench --backend
     jax`` -, else shifted sums on JAX's CPU backend, the Pallas kernel on JAX with one NVIDIA
-    GPU (not under a multi-device ``keras.distribution``: XLA cannot split a Pallas kernel
-    across devices) and Keras' convolution elsewhere), ``"shifted"``, ``"native"`` (always the
+    GPU for inputs at most ``AUTO_PALLAS_MAX_WIDTH`` (256) pixels wide (not under a
+    multi-device ``keras.distribution``: XLA cannot split a Pallas kernel across devices) and
+    Keras' convolution elsewhere), ``"shifted"``, ``"native"`` (always the
     Keras convolution: cuDNN on GPUs), ``"pallas"`` (JAX only: the Pallas kernel; off a GPU it
     runs in Pallas' interpreter, exact but slow) or ``"xla"`` (JAX only: XLA's convolution
     with its input gradient written as the forward convolution with flipped taps,
@@ -182,8 +183,14 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
             and all(k % 2 == 1 for k in self.kernel_size)
         )
 
-    def _choice(self) -> str:
-        """The implementation in effect: ``"auto"`` resolved (read at call time)."""
+    # "auto" runs the Pallas kernel on inputs at most this wide: its tiles are the width's next
+    # power of two times >= 16 channels, and past 4096 values per tile (16 warps x 32 threads x
+    # 8) each thread holds 16 or more, where it ran 1.5-1.8x slower than cuDNN (H200 sweep).
+    AUTO_PALLAS_MAX_WIDTH = 256
+
+    def _choice(self, width: int | None = None) -> str:
+        """The implementation in effect: ``"auto"`` resolved (read at call time) for an input
+        ``width`` pixels wide (None: any)."""
         if self.implementation != "auto":
             return self.implementation
         env = os.environ.get("CONVNEXT_DEPTHWISE", "").strip().lower() or "auto"
@@ -196,14 +203,17 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
             return env
         if _jax_on_cpu():
             return "shifted"
-        return "pallas" if _jax_on_one_cuda_gpu() else "native"
+        if not _jax_on_one_cuda_gpu():
+            return "native"
+        return "pallas" if width is None or width <= self.AUTO_PALLAS_MAX_WIDTH else "native"
 
     def _shifted_applies(self) -> bool:
         return self._choice() == "shifted" and self._same_stride_one()
 
-    def _jax_kernel(self) -> str | None:
-        """``"pallas"`` / ``"xla"`` where that JAX function computes this layer, else None."""
-        choice = self._choice()
+    def _jax_kernel(self, width: int | None = None) -> str | None:
+        """``"pallas"`` / ``"xla"`` where that JAX function computes this layer (for an input
+        ``width`` pixels wide), else None."""
+        choice = self._choice(width)
         if (
             choice in ("pallas", "xla")
             and keras.backend.backend() == "jax"
@@ -216,7 +226,7 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
         return self._jax_kernel() == "pallas"
 
     def call(self, inputs):
-        engine = self._jax_kernel()
+        engine = self._jax_kernel(inputs.shape[2])
         if engine:
             from . import pallas_depthwise
 

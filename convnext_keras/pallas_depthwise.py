@@ -381,7 +381,7 @@ def depthwise_conv2d(
     *,
     block_h: int | None = None,
     block_c: int | None = None,
-    num_warps: int = NUM_WARPS,
+    num_warps: int | None = None,
     interpret: bool | None = None,
     kernel_grad: str | None = None,
 ):
@@ -408,5 +408,8 @@ def depthwise_conv2d(
         raise ValueError(f"block_h must be a positive number of rows, got {block_h}.")
     if block_c is not None and (block_c < 1 or block_c & (block_c - 1)):
         raise ValueError(f"block_c must be a power of two (a Triton tile side), got {block_c}.")
+    if num_warps is not None and (num_warps < 1 or num_warps & (num_warps - 1)):
+        raise ValueError(f"num_warps must be a power of two, got {num_warps}.")
+    num_warps = num_warps or NUM_WARPS  # read when called: the module's setting
     choice = kernel_grad_choice(kernel_grad)
     return _with_gradient(block_h, block_c, num_warps, bool(interpret), choice)(x, kernel, bias)

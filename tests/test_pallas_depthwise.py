@@ -279,6 +279,11 @@ def test_auto_runs_the_kernel_on_one_nvidia_gpu(monkeypatch):
 
     fake_gpu("PJRT C API\ncuda 12080")
     assert layer._choice() == "pallas" and layer._pallas_applies()
+    assert layer._jax_kernel(width=256) == "pallas"
+    assert layer._jax_kernel(width=257) is None  # past 4096-value tiles: cuDNN's convolution
+    explicit = layers.DepthwiseConv2D(7, padding="same", implementation="pallas")
+    explicit.build((None, 8, 8, 4))
+    assert explicit._jax_kernel(width=1024) == "pallas"  # an explicit choice is kept
     strided = layers.DepthwiseConv2D(7, strides=2, padding="same")
     strided.build((None, 8, 8, 4))
     assert not strided._pallas_applies()  # shapes the kernel does not handle: Keras' conv

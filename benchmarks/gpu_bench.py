@@ -969,7 +969,9 @@ def summarize(rows: list[dict]) -> str:
                 (
                     r
                     for r in rows
-                    if r.get("job") == "train" and r.get("impl", "").endswith("AdamW")
+                    if r["worker"] == "jax"
+                    and r.get("job") == "train"
+                    and r.get("impl", "").endswith("AdamW")  # the default: no "(...)" suffix
                 ),
                 None,
             )

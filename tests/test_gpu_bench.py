@@ -51,3 +51,33 @@ def test_fused_pointwise_swap_computes_the_same_model(monkeypatch):
     np.testing.assert_allclose(keras.ops.convert_to_numpy(model(x)), expected, atol=1e-5)
     # stages 0 and 1 (2 x 16 x 16 and 2 x 8 x 8 rows) ran fused; 2 and 3 are too small for a tile
     assert shapes == [(512, 64)] * 2 + [(128, 128)] * 2
+
+
+def test_summary_of_the_pallas_default_runs():
+    """Session 6's calls: the run with every variant, and the one whose workers ran apart
+    (its summary merged here from both folders); the train row is the row without a suffix."""
+    runs = ROOT / "benchmarks" / "results" / "gpu_h200_2026-11-27_session6"
+    text = gpu_bench.summarize(gpu_bench.read_results(runs / "run1_all_variants"))
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert "2,580 (2,555-2,630)" in rows["train"] and "| 0.62x |" in rows["train"]
+    assert "| 0.94x |" in rows["train (dw pallas)"] and "| 1.07x |" in rows["infer (dw pallas)"]
+    merged = gpu_bench.summarize(gpu_bench.read_results(runs / "run2_pallas16"))
+    rows = {
+        line.split("|")[1].strip(): line for line in merged.splitlines() if line.startswith("| ")
+    }
+    assert "| 0.73x |" in rows["base"] and "| 1.00x |" in rows["base (dw pallas)"]
+    assert rows["train"].split("|")[6].strip() == "-"  # no default-kernel step in that call
+    assert "| 0.96x |" in rows["train (dw pallas)"]
+
+
+def test_pallas_launch_settings_apply_inside_the_block_only():
+    pdw = pytest.importorskip("convnext_keras.pallas_depthwise")
+    before = pdw.NUM_WARPS, pdw.BLOCK_H
+    with gpu_bench._pallas_launch(8, None):
+        assert (pdw.NUM_WARPS, pdw.BLOCK_H) == (8, before[1])
+        with gpu_bench._pallas_launch(None, 8):
+            assert (pdw.NUM_WARPS, pdw.BLOCK_H) == (8, 8)
+    assert (pdw.NUM_WARPS, pdw.BLOCK_H) == before
+    with pytest.raises(RuntimeError), gpu_bench._pallas_launch(4, 2):
+        raise RuntimeError("a failed compilation")
+    assert (pdw.NUM_WARPS, pdw.BLOCK_H) == before

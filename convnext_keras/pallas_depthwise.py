@@ -24,10 +24,10 @@ gradient is a sum.
 
 Status: exact against ``lax.conv_general_dilated`` and its gradients in Pallas' interpreter
 (any device) and lowered to Triton IR for CUDA (tests).  Timed on an H200 (BENCHMARKS.md):
-at 16 warps and tiles of 2048 values, 7.1 ms per ConvNeXt-T forward (batch 256) where cuDNN
-takes 8.7 ms; in the whole network (at 8 and 16 warps) 1.02-1.07x timm compiled for
-inference and 0.94-0.96x for the training step, where cuDNN's kernel, as XLA's autotuner
-picks it, gave 0.62-1.03x.
+at 16 warps and tiles of 2048 values, per-stage calls adding up to 7.1 ms per ConvNeXt-T
+forward (batch 256) where cuDNN's add up to 8.7 ms; in the whole network (at 8 and 16
+warps) 1.02-1.07x timm compiled for inference and 0.94-0.96x for the training step, where
+cuDNN's kernel, as XLA's autotuner picks it, gave 0.62-1.03x.
 ``DepthwiseConv2D(implementation="auto")`` runs it on JAX with one NVIDIA GPU.  The Pallas
 kernel gradient is not yet timed.
 """

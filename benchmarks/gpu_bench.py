@@ -457,8 +457,13 @@ def jax_worker(w: Worker):
         "dw+mlp pallas": {"depthwise": "pallas", "pointwise": "pallas"},
     }
     # Other launch settings of the Pallas depthwise kernel for the whole network: (warps,
-    # output rows per program), applied while the variant compiles (_pallas_launch).
-    launch_args = {"dw pallas h8": (16, 8), "dw pallas w8": (8, 4)}
+    # output rows per program, columns per program at most), applied while the variant
+    # compiles (_pallas_launch).
+    launch_args = {
+        "dw pallas h8": (16, 8, None),
+        "dw pallas w8": (8, 4, None),
+        "dw pallas c32": (None, None, 32),  # rows in 32-column blocks (T-384: 96 = 3 x 32)
+    }
 
     def infer(key, variants=("default",), profile=False):
         variant, res, batch = cfg[key]
@@ -474,7 +479,7 @@ def jax_worker(w: Worker):
                     m.set_weights(base.get_weights())
                 fn, _ = bench.inference_fn(m, x, "keras")
                 t0 = time.time()
-                with _pallas_launch(*launch_args.get(v, (None, None))):  # traced here
+                with _pallas_launch(*launch_args.get(v, (None, None, None))):  # traced here
                     fn()
             except Exception as e:  # noqa: BLE001  (a failed variant must not cost the others)
                 if v == "default":
@@ -515,7 +520,9 @@ def jax_worker(w: Worker):
     w.job("train_kgrad", lambda: train(kernel_grad="pallas"), needs=40)
     w.job("kernel_grad", lambda: _kernel_grad_stages(w, cfg, sync), needs=30)
     w.job("base", lambda: infer("base", ("default", "dw cudnn", *extra)), needs=30)
-    w.job("hires", lambda: infer("hires", ("default", "dw cudnn", *extra)), needs=30)
+    w.job(
+        "hires", lambda: infer("hires", ("default", "dw cudnn", "dw pallas c32", *extra)), needs=30
+    )
     w.job("depthwise", lambda: _depthwise_stages(w, cfg, sync), needs=30)
     w.job("train_cudnn", lambda: train("native"), needs=40)
     w.job("train_xla", lambda: train("xla"), needs=40)
@@ -670,18 +677,32 @@ def _depthwise_stages(w: Worker, cfg, sync):
         # stage took ~11 s per setting on an H200 (jax 0.11.2; compile_s is now recorded) and
         # did not finish stages 2-3 in 200 s.
         warps = pdw.NUM_WARPS
-        settings = [(warps, bh, bc), (warps, 2 * bh, bc)]
+        settings = [(warps, bh, bc, None), (warps, 2 * bh, bc, None)]
+        # Widths far from a power of two (ConvNeXt-T at 384: 96, 48, 24, 12) leave a quarter
+        # of a whole-row tile idle: also rows in column blocks that divide the width.
+        if pdw._next_power_of_2(side) * 4 >= side * 5:
+            bw = min(32, side & -side)
+            settings.append((warps, bh, pdw.default_blocks(side, side, dim, bw)[1], bw))
         if os.environ.get("GPU_BENCH_DW_SWEEP"):
-            settings += [(warps, max(1, bh // 2), bc), (warps // 2, bh, bc), (warps, 4 * bh, bc)]
+            settings += [
+                (warps, max(1, bh // 2), bc, None),
+                (warps // 2, bh, bc, None),
+                (warps, 4 * bh, bc, None),
+            ]
             if bc >= 32:
-                settings.append((warps, bh, bc // 2))
+                settings.append((warps, bh, bc // 2, None))
         if jax.default_backend() != "gpu":  # --tiny on a CPU: the interpreter, one setting
             settings = settings[:1]
-        for warps, block_h, block_c in settings:
+        for warps, block_h, block_c, block_w in settings:
             label = f"pallas warps {warps} block_h {block_h} block_c {block_c}"
+            label += f" block_w {block_w}" if block_w else ""
             candidates[label] = jax.jit(
-                lambda x, k, b, warps=warps, block_h=block_h, block_c=block_c: pdw.depthwise_conv2d(
-                    x, k, b, block_h=block_h, block_c=block_c, num_warps=warps
+                functools.partial(
+                    pdw.depthwise_conv2d,
+                    block_h=block_h,
+                    block_c=block_c,
+                    block_w=block_w,
+                    num_warps=warps,
                 )
             )
         seconds = _compare_and_time(w, cfg, sync, "depthwise", stage, candidates, (x, k, b))
@@ -746,17 +767,19 @@ def _kernel_grad_stages(w: Worker, cfg, sync):
 
 
 @contextlib.contextmanager
-def _pallas_launch(num_warps: int | None, block_h: int | None):
+def _pallas_launch(num_warps: int | None, block_h: int | None, max_block_w: int | None = None):
     """The Pallas depthwise kernel's module-wide launch settings for the block (what a model
     traced inside it compiles with), then restored; None keeps a setting."""
     from convnext_keras import pallas_depthwise as pdw
 
-    before = pdw.NUM_WARPS, pdw.BLOCK_H
-    pdw.NUM_WARPS, pdw.BLOCK_H = num_warps or pdw.NUM_WARPS, block_h or pdw.BLOCK_H
+    before = pdw.NUM_WARPS, pdw.BLOCK_H, pdw.MAX_BLOCK_W
+    pdw.NUM_WARPS = num_warps or pdw.NUM_WARPS
+    pdw.BLOCK_H = block_h or pdw.BLOCK_H
+    pdw.MAX_BLOCK_W = max_block_w or pdw.MAX_BLOCK_W
     try:
         yield
     finally:
-        pdw.NUM_WARPS, pdw.BLOCK_H = before
+        pdw.NUM_WARPS, pdw.BLOCK_H, pdw.MAX_BLOCK_W = before
 
 
 @contextlib.contextmanager

@@ -57,20 +57,31 @@ def _next_power_of_2(n: int) -> int:
 # 0.86 / 0.52 / 0.29 / 0.29 and cuDNN 0.91 / 0.71 / 0.33 / 0.26.
 NUM_WARPS = 16
 TILE_ELEMENTS = 2048  # a (W, block_c) tile: 4 values per thread at 16 warps
-BLOCK_H = 4  # output rows per program (1 and 8 were slower at stage 0 / 1)
+BLOCK_H = 4  # output rows per program (1 and 8 were slower at stage 0 / 1, at 4 warps)
+# Columns per program: the width's next power of two, at most this.  A smaller cap splits a
+# row into column blocks: fewer idle lanes where the width is far from a power of two
+# (ConvNeXt-T at 384: 96 -> 128-wide tiles) and wider channel blocks; not yet timed on a GPU.
+MAX_BLOCK_W = 1024
 
 
-def default_blocks(height: int, width: int, channels: int) -> tuple[int, int]:
-    """``(block_h, block_c)`` for an input of this size.
+def _block_w(width: int, block_w: int | None = None) -> int:
+    return block_w or min(_next_power_of_2(width), MAX_BLOCK_W)
 
-    Triton tiles need power-of-two sides: a tile is ``(next_pow2(W), block_c)``.  ``block_c``
+
+def default_blocks(
+    height: int, width: int, channels: int, block_w: int | None = None
+) -> tuple[int, int]:
+    """``(block_h, block_c)`` for an input of this size (``block_w`` columns per program;
+    default: the width's next power of two, at most ``MAX_BLOCK_W``).
+
+    Triton tiles need power-of-two sides: a tile is ``(block_w, block_c)``.  ``block_c``
     makes the tile about ``TILE_ELEMENTS`` values (4 per thread at ``NUM_WARPS`` = 16), at
     least 16 and at most 256 channels, and is the largest such power of two that divides the
     channels, so no lane is masked along C (ConvNeXt-T at 224: 96 -> 32, 192 -> 64,
     384 -> 128, 768 -> 256); a channel count with no such divisor gets one block with its
     last channel repeated.  ``block_h`` is ``BLOCK_H`` rows, fewer for smaller inputs.
     """
-    target = max(16, min(256, TILE_ELEMENTS // _next_power_of_2(width)))
+    target = max(16, min(256, TILE_ELEMENTS // _block_w(width, block_w)))
     block_c = target
     while block_c >= 16 and channels % block_c:
         block_c //= 2
@@ -91,13 +102,14 @@ def reference_depthwise_conv2d(x, kernel, bias=None):
     return _xla_depthwise(*f32, precision=lax.Precision.HIGHEST).astype(x.dtype)
 
 
-def _kernel_body(x_ref, k_ref, b_ref, o_ref, *, height, width, channels, kh, kw, bh, bw, bc):
+def _kernel_body(
+    x_ref, k_ref, b_ref, o_ref, *, height, width, channels, kh, kw, bh, bw, bc, w_blocks
+):
     import jax.numpy as jnp
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
     n = pl.program_id(0)
-    h0 = pl.program_id(1) * bh
     # Lanes past the last column / channel compute that last column / channel again and store
     # the same value there: no store needs a lane mask (Pallas' interpreter resolves a masked
     # store's duplicate indices in no defined order; Triton never writes masked lanes).  The
@@ -106,7 +118,12 @@ def _kernel_body(x_ref, k_ref, b_ref, o_ref, *, height, width, channels, kh, kw,
     chans = pl.program_id(2) * bc + jnp.arange(bc)
     if channels % bc:
         chans = jnp.minimum(chans, channels - 1)
-    cols = jnp.minimum(jnp.arange(bw), width - 1)
+    if w_blocks == 1:  # the whole row in one tile (written apart: the measured kernel)
+        h0 = pl.program_id(1) * bh
+        cols = jnp.minimum(jnp.arange(bw), width - 1)
+    else:  # axis 1 enumerates (row block, column block) pairs
+        h0 = (pl.program_id(1) // w_blocks) * bh
+        cols = jnp.minimum((pl.program_id(1) % w_blocks) * bw + jnp.arange(bw), width - 1)
 
     accs = [jnp.zeros((bw, bc), jnp.float32) for _ in range(bh)]
     # Column shift outermost: only that column's kh taps are live (registers), while each input
@@ -139,15 +156,17 @@ def _kernel_body(x_ref, k_ref, b_ref, o_ref, *, height, width, channels, kh, kw,
         )
 
 
-def _forward(x, kernel, bias, *, block_h, block_c, num_warps, interpret):
+def _forward(x, kernel, bias, *, block_h, block_c, block_w, num_warps, interpret):
     import jax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
     batch, height, width, channels = x.shape
     kh, kw, _ = kernel.shape
-    bh, bc = default_blocks(height, width, channels)
+    bw = _block_w(width, block_w)
+    bh, bc = default_blocks(height, width, channels, bw)
     bh, bc = block_h or bh, block_c or bc
+    w_blocks = pl.cdiv(width, bw)
     body = functools.partial(
         _kernel_body,
         height=height,
@@ -156,13 +175,14 @@ def _forward(x, kernel, bias, *, block_h, block_c, num_warps, interpret):
         kh=kh,
         kw=kw,
         bh=bh,
-        bw=_next_power_of_2(width),
+        bw=bw,
         bc=bc,
+        w_blocks=w_blocks,
     )
     call = pl.pallas_call(
         body,
         out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-        grid=(batch, pl.cdiv(height, bh), pl.cdiv(channels, bc)),
+        grid=(batch, pl.cdiv(height, bh) * w_blocks, pl.cdiv(channels, bc)),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name=f"depthwise_{kh}x{kw}",
@@ -239,7 +259,7 @@ def _kernel_grad(x, grad, kernel_shape, *, block_h, block_c, num_warps, interpre
 
     batch, height, width, channels = x.shape
     kh, kw, _ = kernel_shape
-    bh, bc = default_blocks(height, width, channels)
+    bh, bc = default_blocks(height, width, channels, _next_power_of_2(width))  # whole rows
     bh, bc = block_h or bh, block_c or bc
     body = functools.partial(
         _kernel_grad_body,
@@ -312,10 +332,10 @@ def _differentiable(forward, kernel_grad=None):
 
 
 @functools.cache
-def _with_gradient(block_h, block_c, num_warps, interpret, kernel_grad="xla"):
+def _with_gradient(block_h, block_c, block_w, num_warps, interpret, kernel_grad="xla"):
     launch = dict(block_h=block_h, block_c=block_c, num_warps=num_warps, interpret=interpret)
     return _differentiable(
-        functools.partial(_forward, **launch),
+        functools.partial(_forward, block_w=block_w, **launch),
         functools.partial(_kernel_grad, **launch) if kernel_grad == "pallas" else None,
     )
 
@@ -381,6 +401,7 @@ def depthwise_conv2d(
     *,
     block_h: int | None = None,
     block_c: int | None = None,
+    block_w: int | None = None,
     num_warps: int | None = None,
     interpret: bool | None = None,
     kernel_grad: str | None = None,
@@ -388,6 +409,9 @@ def depthwise_conv2d(
     """Depthwise ``"same"`` convolution, stride 1, of NHWC ``x`` with ``kernel`` ``(kh, kw, C)``.
 
     ``bias`` (``(C,)``) is added in float32 before the single rounding to ``x.dtype``.
+    Launch settings (default: ``default_blocks`` and the module's ``NUM_WARPS``, ``BLOCK_H``,
+    ``MAX_BLOCK_W``, read at call time): ``block_h`` output rows, ``block_c`` channels and
+    ``block_w`` columns per program (powers of two), ``num_warps``.
     ``interpret``: run in Pallas' interpreter (default: when JAX's default backend is not a
     GPU) - exact but slow, for tests.  Differentiable: the input gradient is this kernel with
     the kernel flipped; the kernel gradient XLA's (``kernel_grad="xla"``, the default) or a
@@ -408,8 +432,12 @@ def depthwise_conv2d(
         raise ValueError(f"block_h must be a positive number of rows, got {block_h}.")
     if block_c is not None and (block_c < 1 or block_c & (block_c - 1)):
         raise ValueError(f"block_c must be a power of two (a Triton tile side), got {block_c}.")
+    if block_w is not None and (block_w < 1 or block_w & (block_w - 1)):
+        raise ValueError(f"block_w must be a power of two (a Triton tile side), got {block_w}.")
     if num_warps is not None and (num_warps < 1 or num_warps & (num_warps - 1)):
         raise ValueError(f"num_warps must be a power of two, got {num_warps}.")
-    num_warps = num_warps or NUM_WARPS  # read when called: the module's setting
+    num_warps = num_warps or NUM_WARPS  # read when called: the module's settings
+    block_w = _block_w(x.shape[2], block_w)
     choice = kernel_grad_choice(kernel_grad)
-    return _with_gradient(block_h, block_c, num_warps, bool(interpret), choice)(x, kernel, bias)
+    conv = _with_gradient(block_h, block_c, block_w, num_warps, bool(interpret), choice)
+    return conv(x, kernel, bias)

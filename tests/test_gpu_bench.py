@@ -72,12 +72,13 @@ def test_summary_of_the_pallas_default_runs():
 
 def test_pallas_launch_settings_apply_inside_the_block_only():
     pdw = pytest.importorskip("convnext_keras.pallas_depthwise")
-    before = pdw.NUM_WARPS, pdw.BLOCK_H
+    before = pdw.NUM_WARPS, pdw.BLOCK_H, pdw.MAX_BLOCK_W
     with gpu_bench._pallas_launch(8, None):
-        assert (pdw.NUM_WARPS, pdw.BLOCK_H) == (8, before[1])
-        with gpu_bench._pallas_launch(None, 8):
-            assert (pdw.NUM_WARPS, pdw.BLOCK_H) == (8, 8)
-    assert (pdw.NUM_WARPS, pdw.BLOCK_H) == before
-    with pytest.raises(RuntimeError), gpu_bench._pallas_launch(4, 2):
+        assert (pdw.NUM_WARPS, pdw.BLOCK_H, pdw.MAX_BLOCK_W) == (8, before[1], before[2])
+        with gpu_bench._pallas_launch(None, 8, 32):
+            assert (pdw.NUM_WARPS, pdw.BLOCK_H, pdw.MAX_BLOCK_W) == (8, 8, 32)
+            assert pdw._block_w(96) == 32 and pdw.default_blocks(96, 96, 96) == (8, 32)
+    assert (pdw.NUM_WARPS, pdw.BLOCK_H, pdw.MAX_BLOCK_W) == before
+    with pytest.raises(RuntimeError), gpu_bench._pallas_launch(4, 2, 16):
         raise RuntimeError("a failed compilation")
-    assert (pdw.NUM_WARPS, pdw.BLOCK_H) == before
+    assert (pdw.NUM_WARPS, pdw.BLOCK_H, pdw.MAX_BLOCK_W) == before

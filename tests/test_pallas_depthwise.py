@@ -40,6 +40,29 @@ def test_kernel_equals_xla_convolution(shape, k, blocks):
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "shape,block_w", [((2, 6, 7, 8), 4), ((1, 5, 13, 20), 4), ((1, 4, 16, 8), 8)]
+)
+def test_column_blocks_equal_whole_rows(shape, block_w):
+    """Rows split into column blocks (the last one partly past the image, or exact): the same
+    convolution and the same gradients as XLA's."""
+    x, weights = _random(shape, 30), _random(shape, 31)
+    kernel, bias = _random((7, 7, shape[-1]), 32), _random((shape[-1],), 33)
+
+    def loss(fn):
+        return lambda x, k, b: (fn(x, k, b) * weights).sum()
+
+    def conv(x, k, b):
+        return pdw.depthwise_conv2d(x, k, b, block_w=block_w, interpret=True)
+
+    ref = pdw.reference_depthwise_conv2d(x, kernel, bias)
+    np.testing.assert_allclose(np.asarray(conv(x, kernel, bias)), np.asarray(ref), atol=1e-5)
+    ours = jax.grad(loss(conv), (0, 1, 2))(x, kernel, bias)
+    want = jax.grad(loss(pdw.reference_depthwise_conv2d), (0, 1, 2))(x, kernel, bias)
+    for g, r in zip(ours, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-4, rtol=1e-5)
+
+
 def test_kernel_bfloat16_rounds_once():
     x = _random((1, 8, 8, 16), 3, jnp.bfloat16)
     kernel, bias = _random((7, 7, 16), 4, jnp.bfloat16), _random((16,), 5, jnp.bfloat16)
@@ -116,6 +139,10 @@ def test_bad_arguments_are_explained():
         pdw.depthwise_conv2d(x, jnp.zeros((2, 2, 4)))
     with pytest.raises(ValueError, match="power of two"):
         pdw.depthwise_conv2d(x, jnp.zeros((3, 3, 4)), block_c=24)
+    with pytest.raises(ValueError, match="block_w must be a power of two"):
+        pdw.depthwise_conv2d(x, jnp.zeros((3, 3, 4)), block_w=12)
+    with pytest.raises(ValueError, match="num_warps must be a power of two"):
+        pdw.depthwise_conv2d(x, jnp.zeros((3, 3, 4)), num_warps=6)
 
 
 def _cuda_target():
@@ -161,6 +188,19 @@ def test_lowers_to_triton_for_cuda(shape):
         assert "feature_group_count" not in text  # no XLA convolution left
 
 
+def test_column_blocks_lower_to_triton_for_cuda():
+    """ConvNeXt-T at 384, stage 0 (96 wide) in 32-column blocks."""
+    args = (
+        jax.ShapeDtypeStruct((128, 96, 96, 96), jnp.bfloat16),
+        jax.ShapeDtypeStruct((7, 7, 96), jnp.bfloat16),
+        jax.ShapeDtypeStruct((96,), jnp.bfloat16),
+    )
+    with _cuda_target():
+        fn = jax.jit(lambda x, k, b: pdw.depthwise_conv2d(x, k, b, block_w=32, interpret=False))
+        text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
+
+
 def test_default_blocks_fit_convnext_stages():
     # ~2048-value tiles (4 per thread at 16 warps), channel blocks that divide the channels
     assert pdw.default_blocks(56, 56, 96) == (4, 32)
@@ -171,6 +211,8 @@ def test_default_blocks_fit_convnext_stages():
     assert pdw.default_blocks(12, 12, 768) == (4, 128)
     assert pdw.default_blocks(5, 5, 20) == (4, 32)  # no power-of-two divisor: one masked block
     assert pdw.default_blocks(2, 2, 64) == (2, 64)  # fewer rows than a block
+    assert pdw.default_blocks(96, 96, 96, block_w=32) == (4, 32)  # 32x64 would not divide 96
+    assert pdw.default_blocks(48, 48, 192, block_w=16) == (4, 64)  # 128 would not divide 192
 
 
 @pytest.mark.backends

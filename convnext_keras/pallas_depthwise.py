@@ -102,6 +102,20 @@ def reference_depthwise_conv2d(x, kernel, bias=None):
     return _xla_depthwise(*f32, precision=lax.Precision.HIGHEST).astype(x.dtype)
 
 
+def _row_tile(ref, n, row, cols, ok, chans, height):
+    """``ref[n, row, cols, chans]`` as a float32 ``(len(cols), len(chans))`` tile, zero where
+    ``ok`` (per column) is False; ``row`` is clamped into the image (its lanes masked by ``ok``)."""
+    import jax.numpy as jnp
+    from jax.experimental.pallas import triton as plgpu
+
+    shape = (cols.shape[0], chans.shape[0])
+    return plgpu.load(
+        ref.at[n, jnp.clip(row, 0, height - 1), cols[:, None], chans[None, :]],
+        mask=jnp.broadcast_to(ok[:, None], shape),
+        other=0.0,
+    ).astype(jnp.float32)
+
+
 def _kernel_body(
     x_ref, k_ref, b_ref, o_ref, *, height, width, channels, kh, kw, bh, bw, bc, w_blocks
 ):
@@ -135,12 +149,9 @@ def _kernel_body(
         src = jnp.clip(src, 0, width - 1)
         for r in range(bh + kh - 1):  # the input rows this block of output rows reads
             row = h0 + r - kh // 2
-            ok = col_ok & (row >= 0) & (row < height)
-            tile = plgpu.load(
-                x_ref.at[n, jnp.clip(row, 0, height - 1), src[:, None], chans[None, :]],
-                mask=jnp.broadcast_to(ok[:, None], (bw, bc)),
-                other=0.0,
-            ).astype(jnp.float32)
+            tile = _row_tile(
+                x_ref, n, row, src, col_ok & (row >= 0) & (row < height), chans, height
+            )
             for i in range(kh):
                 o = r - i  # output row h0 + o reads input row h0 + o + i - kh // 2
                 if 0 <= o < bh:
@@ -217,25 +228,16 @@ def _kernel_grad_body(x_ref, g_ref, o_ref, *, height, width, channels, kh, kw, b
 
     def rows_block(b, accs):
         h0 = b * bh
-        grads = []
-        for o in range(bh):
-            row = h0 + o
-            grads.append(
-                plgpu.load(
-                    g_ref.at[n, jnp.minimum(row, height - 1), cols[:, None], chans[None, :]],
-                    mask=jnp.broadcast_to((in_width & (row < height))[:, None], (bw, bc)),
-                    other=0.0,
-                ).astype(jnp.float32)
-            )
+        grads = [
+            _row_tile(g_ref, n, h0 + o, cols, in_width & (h0 + o < height), chans, height)
+            for o in range(bh)
+        ]
         accs = list(accs)
         for r in range(bh + kh - 1):  # the input rows this block of gradient rows meets
             row = h0 + r - kh // 2
-            ok = col_ok & (row >= 0) & (row < height)
-            tile = plgpu.load(
-                x_ref.at[n, jnp.clip(row, 0, height - 1), src[:, None], chans[None, :]],
-                mask=jnp.broadcast_to(ok[:, None], (bw, bc)),
-                other=0.0,
-            ).astype(jnp.float32)
+            tile = _row_tile(
+                x_ref, n, row, src, col_ok & (row >= 0) & (row < height), chans, height
+            )
             for i in range(kh):
                 o = r - i  # gradient row h0 + o meets input row h0 + o + i - kh // 2
                 if 0 <= o < bh:

@@ -464,6 +464,7 @@ def jax_worker(w: Worker):
         "dw pallas w8": (8, 4, None),
         "dw pallas c32": (None, None, 32),  # rows in 32-column blocks (T-384: 96 = 3 x 32)
     }
+    variant_args.update({v: {"depthwise": "pallas"} for v in launch_args})
 
     def infer(key, variants=("default",), profile=False):
         variant, res, batch = cfg[key]
@@ -472,7 +473,7 @@ def jax_worker(w: Worker):
         base = None
         for v in variants:
             try:
-                m = model(variant, res, **variant_args.get(v, {"depthwise": "pallas"}))
+                m = model(variant, res, **variant_args[v])  # an unknown name: recorded error
                 if base is None:
                     base = m
                 else:
@@ -620,11 +621,14 @@ def _jax_profile(w: Worker, fn, filename: str, title: str):
     write_profile(w.out / filename, title, totals, calls)
 
 
-def _compare_and_time(w: Worker, cfg, sync, job, stage, candidates: dict, args) -> dict:
+def _compare_and_time(
+    w: Worker, cfg, sync, job, stage, candidates: dict, args, model: str, per_call=None
+) -> None:
     """Compile each candidate (the first is the reference), record its compile time and largest
-    difference from the reference (on the device), then time those that ran: seconds per call
-    of ``cfg["inner"]`` calls queued back to back (one synchronisation: a single kernel of
-    ~0.1-0.3 ms would otherwise be timed with the host's dispatch and wait)."""
+    difference from the reference (on the device), then time those that ran and record each
+    one's median ms per call (``cfg["inner"]`` calls queued back to back, one synchronisation:
+    a single kernel of ~0.1-0.3 ms would otherwise be timed with the host's dispatch and wait),
+    plus each ``per_call`` amount (name -> amount of one call) divided by that time."""
     import jax.numpy as jnp
 
     reference, ref, fns = next(iter(candidates)), None, {}
@@ -650,8 +654,10 @@ def _compare_and_time(w: Worker, cfg, sync, job, stage, candidates: dict, args) 
         )
         fns[label] = lambda f=f: [f(*args) for _ in range(inner)][-1].block_until_ready()
     inner = cfg["inner"]
-    seconds = time_calls(fns, cfg["warmup"], cfg["repeats"], sync)
-    return {label: [t / inner for t in sec] for label, sec in seconds.items()}
+    for label, sec in time_calls(fns, cfg["warmup"], cfg["repeats"], sync).items():
+        med = statistics.median(sec) / inner
+        rates = {name: amount / med for name, amount in (per_call or {}).items()}
+        w.record(job=job, impl=label, model=model, stage=stage, ms=1000 * med, **rates)
 
 
 def _depthwise_stages(w: Worker, cfg, sync):
@@ -705,17 +711,17 @@ def _depthwise_stages(w: Worker, cfg, sync):
                     num_warps=warps,
                 )
             )
-        seconds = _compare_and_time(w, cfg, sync, "depthwise", stage, candidates, (x, k, b))
-        for label, sec in seconds.items():
-            med = statistics.median(sec)
-            w.record(
-                job="depthwise",
-                impl=label,
-                model=f"stage{stage} {batch}x{side}x{side}x{dim}",
-                stage=stage,
-                ms=1000 * med,
-                gb_per_s=2 * x.size * 2 / med / 1e9,
-            )
+        _compare_and_time(
+            w,
+            cfg,
+            sync,
+            "depthwise",
+            stage,
+            candidates,
+            (x, k, b),
+            f"stage{stage} {batch}x{side}x{side}x{dim}",
+            {"gb_per_s": 2 * x.size * 2 / 1e9},  # read x, write the output (bf16)
+        )
 
 
 def _kernel_grad_stages(w: Worker, cfg, sync):
@@ -755,15 +761,16 @@ def _kernel_grad_stages(w: Worker, cfg, sync):
                     interpret=interpret,
                 ).astype(k.dtype)
             )
-        seconds = _compare_and_time(w, cfg, sync, "kernel_grad", stage, candidates, (x, g))
-        for label, sec in seconds.items():
-            w.record(
-                job="kernel_grad",
-                impl=label,
-                model=f"stage{stage} {batch}x{side}x{side}x{dim}",
-                stage=stage,
-                ms=1000 * statistics.median(sec),
-            )
+        _compare_and_time(
+            w,
+            cfg,
+            sync,
+            "kernel_grad",
+            stage,
+            candidates,
+            (x, g),
+            f"stage{stage} {batch}x{side}x{side}x{dim}",
+        )
 
 
 @contextlib.contextmanager
@@ -839,17 +846,17 @@ def _pointwise_stages(w: Worker, cfg, sync):
                     num_stages=stages,
                 )
             )
-        seconds = _compare_and_time(w, cfg, sync, "pointwise", stage, candidates, (x, wt, b))
-        for label, sec in seconds.items():
-            med = statistics.median(sec)
-            w.record(
-                job="pointwise",
-                impl=label,
-                model=f"stage{stage} {m}x{k} @ {k}x{n}",
-                stage=stage,
-                ms=1000 * med,
-                tflops=2 * m * k * n / med / 1e12,
-            )
+        _compare_and_time(
+            w,
+            cfg,
+            sync,
+            "pointwise",
+            stage,
+            candidates,
+            (x, wt, b),
+            f"stage{stage} {m}x{k} @ {k}x{n}",
+            {"tflops": 2 * m * k * n / 1e12},
+        )
 
 
 def _block_parts(w: Worker, cfg, sync):

@@ -152,7 +152,7 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
     ``implementation``: ``"auto"`` (``$CONVNEXT_DEPTHWISE`` when set - one of the values
     below, for a whole process, e.g. ``CONVNEXT_DEPTHWISE=native convnext bench --backend
     jax`` -, else shifted sums on JAX's CPU backend, the Pallas kernel on JAX with one NVIDIA
-    GPU for inputs at most ``AUTO_PALLAS_MAX_WIDTH`` (256) pixels wide (not under a
+    GPU for inputs it suits (``pallas_depthwise.suits_width``: up to 256 pixels wide; not under a
     multi-device ``keras.distribution``: XLA cannot split a Pallas kernel across devices) and
     Keras' convolution elsewhere), ``"shifted"``, ``"native"`` (always the
     Keras convolution: cuDNN on GPUs), ``"pallas"`` (JAX only: the Pallas kernel; off a GPU it
@@ -183,11 +183,6 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
             and all(k % 2 == 1 for k in self.kernel_size)
         )
 
-    # "auto" runs the Pallas kernel on inputs at most this wide: its tiles are the width's next
-    # power of two times >= 16 channels, and past 4096 values per tile (16 warps x 32 threads x
-    # 8) each thread holds 16 or more, where it ran 1.5-1.8x slower than cuDNN (H200 sweep).
-    AUTO_PALLAS_MAX_WIDTH = 256
-
     def _choice(self, width: int | None = None) -> str:
         """The implementation in effect: ``"auto"`` resolved (read at call time) for an input
         ``width`` pixels wide (None: any)."""
@@ -205,7 +200,9 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
             return "shifted"
         if not _jax_on_one_cuda_gpu():
             return "native"
-        return "pallas" if width is None or width <= self.AUTO_PALLAS_MAX_WIDTH else "native"
+        from . import pallas_depthwise
+
+        return "pallas" if width is None or pallas_depthwise.suits_width(width) else "native"
 
     def _shifted_applies(self) -> bool:
         return self._choice() == "shifted" and self._same_stride_one()

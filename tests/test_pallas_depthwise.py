@@ -212,6 +212,8 @@ def test_default_blocks_fit_convnext_stages():
     assert pdw.default_blocks(5, 5, 20) == (4, 32)  # no power-of-two divisor: one masked block
     assert pdw.default_blocks(2, 2, 64) == (2, 64)  # fewer rows than a block
     assert pdw.default_blocks(96, 96, 96, block_w=32) == (4, 32)  # 32x64 would not divide 96
+    # what "auto" runs the kernel on: tiles of at most 8 values per thread (widths up to 256)
+    assert pdw.suits_width(256) and pdw.suits_width(7) and not pdw.suits_width(257)
     assert pdw.default_blocks(48, 48, 192, block_w=16) == (4, 64)  # 128 would not divide 192
 
 

@@ -384,6 +384,8 @@ def jax_worker(w: Worker):
             m = build_model(variant, input_shape=(res, res, 3), drop_path_rate=drop_path)
         if gelu == "erfc":
             _set_gelu(m, keras.activations.gelu)
+        elif gelu == "tanh":  # the tanh approximation: what cuBLASLt's GELU epilogue computes
+            _set_gelu(m, functools.partial(keras.ops.gelu, approximate=True))
         if pointwise == "pallas":
             _fuse_pointwise(m)
         return _set_depthwise(m, depthwise)
@@ -453,6 +455,7 @@ def jax_worker(w: Worker):
         "dw pallas": {"depthwise": "pallas"},
         "dw shifted-sum": {"depthwise": "shifted"},
         "jax.nn.gelu erfc, before": {"gelu": "erfc"},
+        "gelu tanh": {"gelu": "tanh"},
         "mlp pallas": {"pointwise": "pallas"},
         "dw+mlp pallas": {"depthwise": "pallas", "pointwise": "pallas"},
     }
@@ -725,18 +728,22 @@ def _depthwise_stages(w: Worker, cfg, sync):
 
 
 def _kernel_grad_stages(w: Worker, cfg, sync):
-    """The depthwise 7x7's kernel gradient of each ConvNeXt-T stage at the train batch (bf16
-    input and output gradient): XLA's (cuDNN) against the Pallas kernel, and their difference."""
+    """The depthwise 7x7's kernel gradient of each stage (bf16 input and output gradient), at
+    the train job's model, resolution and batch (``GPU_BENCH_KG_CONFIG=hires`` / ``base``: that
+    job's model and resolution at the train batch): XLA's (cuDNN) against the Pallas kernel,
+    and their difference."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from convnext_keras import pallas_depthwise as pdw
+    from convnext_keras.registry import VARIANTS
 
-    _, res, batch = cfg["train"]
+    variant, res, _ = cfg[os.environ.get("GPU_BENCH_KG_CONFIG", "train")]
+    batch = cfg["train"][2]
     rng = np.random.default_rng(0)
     interpret = jax.default_backend() != "gpu"
-    for stage, dim in enumerate((96, 192, 384, 768)):
+    for stage, dim in enumerate(VARIANTS[variant].dims):
         side = res // (4 * 2**stage)
         shape = (batch, side, side, dim)
         x = jnp.asarray(rng.standard_normal(shape, np.float32), jnp.bfloat16)

@@ -57,7 +57,11 @@ def _next_power_of_2(n: int) -> int:
 # 0.86 / 0.52 / 0.29 / 0.29 and cuDNN 0.91 / 0.71 / 0.33 / 0.26.
 NUM_WARPS = 16
 TILE_ELEMENTS = 2048  # a (W, block_c) tile: 4 values per thread at 16 warps
-BLOCK_H = 4  # output rows per program (1 and 8 were slower at stage 0 / 1, at 4 warps)
+# Output rows per program.  At 4 warps 1 and 8 were slower than 4 at stages 0 / 1; at 16 warps
+# 8 rows (12.25 tile loads per output row instead of 17.5) ran ConvNeXt-T 224 inference at
+# 16,536 img/s against 16,109 with 4 (same H200 process, 2026-11-27), and the kernel gradient
+# faster at every stage (0.59 / 0.34 / 0.17 / 0.09 ms against 0.72 / 0.36 / 0.18 / 0.15).
+BLOCK_H = 8
 # Columns per program: the width's next power of two, at most this.  A smaller cap splits a
 # row into column blocks: fewer idle lanes where the width is far from a power of two
 # (ConvNeXt-T at 384: 96 -> 128-wide tiles) and wider channel blocks; not yet timed on a GPU.
@@ -291,16 +295,34 @@ def _kernel_grad(x, grad, kernel_shape, *, block_h, block_c, num_warps, interpre
     return per_image.sum(axis=0)
 
 
-KERNEL_GRADS = ("xla", "pallas")
+KERNEL_GRADS = ("auto", "xla", "pallas")
+
+# "auto" computes the kernel gradient of feature maps of at most this many pixels with the
+# Pallas kernel, of larger ones with XLA's.  Measured on an H200 (2026-11-27, BENCHMARKS.md,
+# ConvNeXt-T stages at batch 128): for the 7x7 map XLA's autotuner picked cuDNN's
+# ``conv2d_grouped_direct_kernel``, 2.13 ms per call (6.2 ms of a 30 ms training step, in two
+# sessions' processes), where the Pallas kernel took 0.093 ms; at 14x14, 28x28 and 56x56 cuDNN's
+# ``wgrad2d_c1_k1_nhwc`` took 0.115 / 0.137 / 0.242 ms and the Pallas kernel 0.167 / 0.341 /
+# 0.591 ms.
+KERNEL_GRAD_PALLAS_MAX_PIXELS = 64
+
+
+def kernel_grad_for(height: int, width: int, choice: str = "auto") -> str:
+    """``"xla"`` or ``"pallas"``: who computes the kernel gradient of a ``height x width`` map
+    under ``choice`` (``"auto"``: Pallas up to ``KERNEL_GRAD_PALLAS_MAX_PIXELS`` pixels)."""
+    if choice != "auto":
+        return choice
+    return "pallas" if height * width <= KERNEL_GRAD_PALLAS_MAX_PIXELS else "xla"
 
 
 def kernel_grad_choice(kernel_grad: str | None = None) -> str:
     """Who computes the Pallas path's kernel gradient: ``kernel_grad`` when given, else
-    ``$CONVNEXT_DEPTHWISE_KERNEL_GRAD``, else ``"xla"`` (XLA's, cuDNN's on GPUs)."""
+    ``$CONVNEXT_DEPTHWISE_KERNEL_GRAD``, else ``"auto"`` (per feature-map size,
+    ``kernel_grad_for``); ``"xla"`` is XLA's (cuDNN's on GPUs), ``"pallas"`` the Pallas kernel."""
     import os
 
     choice = kernel_grad or os.environ.get("CONVNEXT_DEPTHWISE_KERNEL_GRAD", "").strip().lower()
-    choice = choice or "xla"
+    choice = choice or "auto"
     if choice not in KERNEL_GRADS:
         raise ValueError(
             f"kernel gradient {choice!r} is not one of {KERNEL_GRADS} (the argument "
@@ -312,9 +334,10 @@ def kernel_grad_choice(kernel_grad: str | None = None) -> str:
 def _differentiable(forward, kernel_grad=None):
     """``forward(x, kernel, bias)`` as a depthwise convolution whose input gradient is
     ``forward`` again: a stride-1 ``"same"`` convolution's transpose is the same convolution
-    of the gradient with the kernel flipped in both axes.  The kernel gradient is
-    ``kernel_grad(x, grad, kernel_shape)`` (float32) when given, else XLA's (cuDNN's on
-    GPUs); the bias gradient is a sum XLA fuses."""
+    of the gradient with the kernel flipped in both axes.  ``kernel_grad(x.shape)``, when
+    given, returns the function ``(x, grad, kernel_shape) -> float32 kernel gradient`` for
+    that input, or None for XLA's (cuDNN's on GPUs); without it, XLA's.  The bias gradient is a
+    sum XLA fuses."""
     import jax
     import jax.numpy as jnp
 
@@ -328,10 +351,10 @@ def _differentiable(forward, kernel_grad=None):
     def bwd(residuals, grad):
         x, kernel, bias = residuals
         dx = forward(grad, kernel[::-1, ::-1], jnp.zeros_like(bias))
-        if kernel_grad is None:
+        if kernel_grad is None or kernel_grad(x.shape) is None:
             _, vjp = jax.vjp(lambda k, b: _xla_depthwise(x, k, b), kernel, bias)
             return (dx, *vjp(grad))
-        dk = kernel_grad(x, grad, kernel.shape).astype(kernel.dtype)
+        dk = kernel_grad(x.shape)(x, grad, kernel.shape).astype(kernel.dtype)
         db = grad.astype(jnp.float32).sum(axis=(0, 1, 2)).astype(bias.dtype)
         return dx, dk, db
 
@@ -340,12 +363,14 @@ def _differentiable(forward, kernel_grad=None):
 
 
 @functools.cache
-def _with_gradient(block_h, block_c, block_w, num_warps, interpret, kernel_grad="xla"):
+def _with_gradient(block_h, block_c, block_w, num_warps, interpret, kernel_grad="auto"):
     launch = dict(block_h=block_h, block_c=block_c, num_warps=num_warps, interpret=interpret)
-    return _differentiable(
-        functools.partial(_forward, block_w=block_w, **launch),
-        functools.partial(_kernel_grad, **launch) if kernel_grad == "pallas" else None,
-    )
+    pallas_grad = functools.partial(_kernel_grad, **launch)
+
+    def kernel_grad_of(shape):  # per input shape, when the backward pass is traced
+        return pallas_grad if kernel_grad_for(shape[1], shape[2], kernel_grad) == "pallas" else None
+
+    return _differentiable(functools.partial(_forward, block_w=block_w, **launch), kernel_grad_of)
 
 
 @functools.cache
@@ -422,9 +447,10 @@ def depthwise_conv2d(
     ``block_w`` columns per program (powers of two), ``num_warps``.
     ``interpret``: run in Pallas' interpreter (default: when JAX's default backend is not a
     GPU) - exact but slow, for tests.  Differentiable: the input gradient is this kernel with
-    the kernel flipped; the kernel gradient XLA's (``kernel_grad="xla"``, the default) or a
-    Pallas kernel of its own (``"pallas"``; ``$CONVNEXT_DEPTHWISE_KERNEL_GRAD`` sets the
-    default); the bias gradient a sum.
+    the kernel flipped; the kernel gradient XLA's (``kernel_grad="xla"``), a Pallas kernel of
+    its own (``"pallas"``) or, the default, per feature-map size (``"auto"``: Pallas for maps of
+    at most ``KERNEL_GRAD_PALLAS_MAX_PIXELS`` pixels, where cuDNN's pick was 20x slower;
+    ``$CONVNEXT_DEPTHWISE_KERNEL_GRAD`` sets the default); the bias gradient a sum.
     Raises ``ValueError`` for shapes it does not handle.
     """
     import jax

@@ -7,6 +7,7 @@ benchmarks/gpu_bench.py, not here.
 """
 
 import contextlib
+import functools
 
 import numpy as np
 import pytest
@@ -74,7 +75,7 @@ def test_kernel_bfloat16_rounds_once():
     assert (diff <= ulp).all()
 
 
-@pytest.mark.parametrize("kernel_grad", ["xla", "pallas"])
+@pytest.mark.parametrize("kernel_grad", ["xla", "pallas", "auto"])
 @pytest.mark.parametrize("k", [3, 7])
 def test_gradient_is_the_convolution_gradient(k, kernel_grad):
     """The input gradient runs the kernel again with flipped taps, the kernel gradient is
@@ -120,13 +121,36 @@ def test_kernel_gradient_kernel_equals_xla(shape, k, blocks):
 
 def test_kernel_gradient_choice(monkeypatch):
     monkeypatch.delenv("CONVNEXT_DEPTHWISE_KERNEL_GRAD", raising=False)
-    assert pdw.kernel_grad_choice() == "xla"
+    assert pdw.kernel_grad_choice() == "auto"
     monkeypatch.setenv("CONVNEXT_DEPTHWISE_KERNEL_GRAD", "Pallas")
     assert pdw.kernel_grad_choice() == "pallas"
     assert pdw.kernel_grad_choice("xla") == "xla"  # the argument wins
     monkeypatch.setenv("CONVNEXT_DEPTHWISE_KERNEL_GRAD", "cudnn")
     with pytest.raises(ValueError, match="CONVNEXT_DEPTHWISE_KERNEL_GRAD"):
         pdw.kernel_grad_choice()
+
+
+def test_auto_kernel_gradient_follows_the_map_size():
+    """ "auto": the Pallas kernel gradient for maps of at most KERNEL_GRAD_PALLAS_MAX_PIXELS
+    pixels (ConvNeXt's last stage at 224: 7x7), XLA's for larger ones; the backward pass runs
+    one more Pallas kernel exactly when the Pallas kernel gradient is picked."""
+    limit = pdw.KERNEL_GRAD_PALLAS_MAX_PIXELS
+    assert pdw.kernel_grad_for(7, 7) == "pallas" and pdw.kernel_grad_for(14, 14) == "xla"
+    assert pdw.kernel_grad_for(1, limit) == "pallas" and pdw.kernel_grad_for(1, limit + 1) == "xla"
+    assert pdw.kernel_grad_for(7, 7, "xla") == "xla"
+    assert pdw.kernel_grad_for(56, 56, "pallas") == "pallas"
+
+    def pallas_calls(shape, kernel_grad):
+        x, kernel = jnp.zeros(shape), jnp.zeros((7, 7, shape[-1]))
+
+        def loss(x, k):
+            return pdw.depthwise_conv2d(x, k, interpret=True, kernel_grad=kernel_grad).sum()
+
+        return str(jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, kernel)).count("pallas_call")
+
+    small, large = (1, 7, 7, 8), (1, 9, 8, 8)  # 49 and 72 pixels
+    assert pallas_calls(small, "auto") == pallas_calls(small, "pallas") == 3
+    assert pallas_calls(large, "auto") == pallas_calls(large, "xla") == 2
 
 
 def test_bad_arguments_are_explained():
@@ -167,16 +191,28 @@ def test_lowers_to_triton_for_cuda(shape):
         jax.ShapeDtypeStruct((shape[-1],), jnp.bfloat16),
     )
 
-    def loss(x, k, b):
-        return pdw.depthwise_conv2d(x, k, b, interpret=False).astype(jnp.float32).sum()
+    def loss(x, k, b, kernel_grad=None):
+        out = pdw.depthwise_conv2d(x, k, b, interpret=False, kernel_grad=kernel_grad)
+        return out.astype(jnp.float32).sum()
+
+    def triton_calls_of_gradient(kernel_grad):
+        grads = jax.jit(
+            jax.value_and_grad(functools.partial(loss, kernel_grad=kernel_grad), (0, 1, 2))
+        )
+        return (
+            grads.trace(*args)
+            .lower(lowering_platforms=("cuda",))
+            .as_text()
+            .count("__gpu$xla.gpu.triton")
+        )
 
     with _cuda_target():
         fn = jax.jit(lambda x, k, b: pdw.depthwise_conv2d(x, k, b, interpret=False))
         text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == 1
-        grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-        text = grads.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-        assert text.count("__gpu$xla.gpu.triton") == 2  # forward, and the input gradient
+        assert triton_calls_of_gradient("xla") == 2  # forward, and the input gradient
+        # the default ("auto"): the Pallas kernel gradient too for the 7x7 map only
+        assert triton_calls_of_gradient(None) == (3 if shape[1] == 7 else 2)
 
         def loss_pallas_kernel_grad(x, k, b):
             out = pdw.depthwise_conv2d(x, k, b, interpret=False, kernel_grad="pallas")

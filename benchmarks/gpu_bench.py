@@ -10,9 +10,10 @@ results as JSON lines and a log; the main process prints one table last and writ
 ``summary.md``.  Measured (full mode, ConvNeXt-T 224 unless said):
 
 * timm: train step (torch.compile, AMP bf16, fused AdamW, channels_last, batch 128, peak
-  memory); inference bf16 channels_last eager and compiled (batch 256); compiled ConvNeXt-B 224
+  memory; also of ConvNeXt-B 224 and ConvNeXt-T 384, jobs ``train_base`` / ``train_hires``);
+  inference bf16 channels_last eager and compiled (batch 256); compiled ConvNeXt-B 224
   (256) and ConvNeXt-T 384 (128); kernel profiles of the compiled T-224 forward and train step;
-* this library on JAX: the same train step (AdamW, mixed_bfloat16, peak memory); bf16 inference
+* this library on JAX: the same train steps (AdamW, mixed_bfloat16, peak memory); bf16 inference
   of T-224, B-224 and T-384; bf16 against float32 (``highest`` matmul precision) on one batch:
   relative error and top-1 agreement; kernel profiles of the T-224 forward and train step;
   per-operation times of one stage-0 block.  "default" is what the library picks (on one
@@ -20,8 +21,10 @@ results as JSON lines and a log; the main process prints one table last and writ
   cuDNN's depthwise convolution (``"dw cudnn"``, ``implementation="native"``), and the kernel
   against cuDNN's per stage, with two launch settings (``GPU_BENCH_DW_SWEEP=1``: five;
   ``GPU_BENCH_DW_CONFIG=hires``: at 384) and its difference from cuDNN; the train step also
-  with the Pallas kernel gradient (``CONVNEXT_DEPTHWISE_KERNEL_GRAD=pallas``, job
-  ``train_kgrad``) and that gradient against cuDNN's per stage (job ``kernel_grad``); per
+  with the Pallas kernel gradient for every stage (``CONVNEXT_DEPTHWISE_KERNEL_GRAD=pallas``,
+  job ``train_kgrad``; the default, ``"auto"``, uses it for maps of at most 64 pixels only) and
+  that gradient against cuDNN's per stage (job ``kernel_grad``; ``GPU_BENCH_KG_CONFIG=hires`` /
+  ``base``: at that job's model and resolution); per
   stage, the first pointwise layer + GELU as XLA runs it against the fused Pallas kernel of
   ``convnext_keras.pallas_matmul`` (job ``pointwise``)
   (``GPU_BENCH_VARIANTS`` adds ``"dw shifted-sum"``, the depthwise convolution as 49 fused
@@ -52,6 +55,9 @@ FULL = {
     "train": ("tiny", 224, 128),
     "base": ("base", 224, 256),
     "hires": ("tiny", 384, 128),
+    # the training step of the other two models (jobs train_base, train_hires)
+    "train_base": ("base", 224, 128),
+    "train_hires": ("tiny", 384, 128),
     "warmup": 2,
     "repeats": 20,  # timm's train step spread 2,839-3,984 img/s over 10 (H200, 2026-11-27)
     "inner": 10,  # calls per timed sample in the per-stage jobs
@@ -62,6 +68,8 @@ TINY = {
     "train": ("atto", 64, 2),
     "base": ("femto", 64, 4),
     "hires": ("atto", 96, 2),
+    "train_base": ("femto", 64, 2),
+    "train_hires": ("atto", 96, 2),
     "warmup": 1,
     "repeats": 3,
     "inner": 1,
@@ -214,8 +222,8 @@ def torch_worker(w: Worker):
         x = torch.randn(batch, 3, res, res, device=dev)
         return x.to(memory_format=torch.channels_last)
 
-    def train_compiled():
-        variant, res, batch = cfg["train"]
+    def train_compiled(key="train"):
+        variant, res, batch = cfg[key]
         m = create(variant, 0.1).train()
         mc = torch.compile(m)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=(dev == "cuda"))
@@ -238,7 +246,7 @@ def torch_worker(w: Worker):
         s = time_calls({"t": step}, cfg["warmup"], cfg["repeats"], sync)["t"]
         peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
         w.record(
-            job="train",
+            job=key,
             impl="timm compiled AMP bf16 fused AdamW",
             model=f"{variant}@{res}",
             batch=batch,
@@ -246,9 +254,10 @@ def torch_worker(w: Worker):
             peak_bytes=peak,
             **rate(batch, s),
         )
-        _torch_profile(
-            w, step, sync, dev, "profile_torch_train.txt", "timm compiled AMP bf16 train step"
-        )
+        if key == "train":
+            _torch_profile(
+                w, step, sync, dev, "profile_torch_train.txt", "timm compiled AMP bf16 train step"
+            )
 
     def infer(key: str, eager: bool, profile: bool = False):
         variant, res, batch = cfg[key]
@@ -290,6 +299,8 @@ def torch_worker(w: Worker):
     w.job("train", train_compiled, needs=80)
     w.job("base", lambda: infer("base", eager=False), needs=45)
     w.job("hires", lambda: infer("hires", eager=False), needs=45)
+    w.job("train_base", lambda: train_compiled("train_base"), needs=80)
+    w.job("train_hires", lambda: train_compiled("train_hires"), needs=80)
 
 
 def _torch_device(torch) -> str:
@@ -393,8 +404,8 @@ def jax_worker(w: Worker):
     def sync():
         pass  # each timed fn blocks on its own result
 
-    def train(depthwise="auto", kernel_grad=None):
-        variant, res, batch = cfg["train"]
+    def train(depthwise="auto", kernel_grad=None, key="train"):
+        variant, res, batch = cfg[key]
         m = model(variant, res, drop_path=0.1, depthwise=depthwise)
         x = bench.random_batch(batch, res)
         y = np.random.default_rng(0).integers(0, 1000, batch)
@@ -411,7 +422,7 @@ def jax_worker(w: Worker):
         )
         suffix = f" ({', '.join(parts)})" if parts else ""
         w.record(
-            job="train",
+            job=key,
             impl=f"convnext_keras JAX mixed_bfloat16 AdamW{suffix}",
             model=f"{variant}@{res}",
             batch=batch,
@@ -421,7 +432,7 @@ def jax_worker(w: Worker):
             peak_bytes=stats.get("peak_bytes_in_use"),
             **rate(batch, s),
         )
-        if depthwise == "auto":
+        if depthwise == "auto" and key == "train":
             file = "profile_jax_train_kgrad.txt" if kernel_grad else "profile_jax_train.txt"
             _jax_profile(w, step, file, f"convnext_keras JAX bf16 train step{suffix}")
 
@@ -528,6 +539,8 @@ def jax_worker(w: Worker):
         "hires", lambda: infer("hires", ("default", "dw cudnn", "dw pallas c32", *extra)), needs=30
     )
     w.job("depthwise", lambda: _depthwise_stages(w, cfg, sync), needs=30)
+    w.job("train_base", lambda: train(key="train_base"), needs=50)
+    w.job("train_hires", lambda: train(key="train_hires"), needs=50)
     w.job("train_cudnn", lambda: train("native"), needs=40)
     w.job("train_xla", lambda: train("xla"), needs=40)
     w.job("correctness", correctness, needs=35)
@@ -995,19 +1008,26 @@ def summarize(rows: list[dict]) -> str:
         "| job | model | batch | timm compiled | timm eager | convnext_keras | ratio | goal |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    goals = {"infer": 1.25, "base": 1.25, "hires": 1.25, "train": 1.0}
-    for job in ("infer", "base", "hires", "train"):
+    goals = {
+        "infer": 1.25,
+        "base": 1.25,
+        "hires": 1.25,
+        "train": 1.0,
+        "train_base": 1.0,
+        "train_hires": 1.0,
+    }
+    for job in goals:
         timm_c = find("torch", job, "compiled")
         timm_e = find("torch", job, "eager")
         ours = (
             find("jax", job, "(default)")
-            if job != "train"
+            if not job.startswith("train")
             else next(
                 (
                     r
                     for r in rows
                     if r["worker"] == "jax"
-                    and r.get("job") == "train"
+                    and r.get("job") == job
                     and r.get("impl", "").endswith("AdamW")  # the default: no "(...)" suffix
                 ),
                 None,
@@ -1044,8 +1064,9 @@ def summarize(rows: list[dict]) -> str:
             label = alt["impl"].split("(", 1)[-1].rstrip(")")
             lines.append(f"| {job} ({label}) | {model} | {batch} | | | {fmt(alt)} | {r2} | |")
     for r in rows:
-        if r.get("job") == "train" and r.get("peak_bytes"):
-            lines.append(f"\npeak memory, {r['impl']}: {r['peak_bytes'] / 1e9:.2f} GB")
+        if str(r.get("job")).startswith("train") and r.get("peak_bytes"):
+            where = "" if r["job"] == "train" else f" ({r['model']})"
+            lines.append(f"\npeak memory, {r['impl']}{where}: {r['peak_bytes'] / 1e9:.2f} GB")
     for r in rows:
         if r.get("job") == "correctness" and "rel_error" in r:
             lines.append(

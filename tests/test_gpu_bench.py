@@ -82,3 +82,39 @@ def test_pallas_launch_settings_apply_inside_the_block_only():
     with pytest.raises(RuntimeError), gpu_bench._pallas_launch(4, 2, 16):
         raise RuntimeError("a failed compilation")
     assert (pdw.NUM_WARPS, pdw.BLOCK_H, pdw.MAX_BLOCK_W) == before
+
+
+def test_summary_of_the_fifth_session_and_the_other_models_train_rows():
+    """Session 7's second call: the default train step ("auto" kernel gradient, 8 rows per
+    program) against timm, the all-Pallas kernel gradient beside it; and the train rows of
+    ConvNeXt-B 224 / T-384 (jobs train_base, train_hires) get their own ratios."""
+    runs = ROOT / "benchmarks" / "results" / "gpu_h200_2026-11-27_session7"
+    text = gpu_bench.summarize(gpu_bench.read_results(runs / "run2_train_defaults"))
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert "4,608 (4,566-4,681)" in rows["train"] and "| 1.12x |" in rows["train"]
+    assert "| 1.00x |" in rows["train (kernel grad pallas)"]
+    assert "jax kernel_grad: deadline" in text
+
+    def row(worker, impl, img_per_s, peak):
+        return dict(
+            worker=worker,
+            job="train_base",
+            impl=impl,
+            model="base@224",
+            batch=128,
+            img_per_s=img_per_s,
+            slowest=img_per_s - 10,
+            fastest=img_per_s + 10,
+            peak_bytes=peak,
+        )
+
+    text = gpu_bench.summarize(
+        [
+            row("torch", "timm compiled AMP bf16 fused AdamW", 1000, 2e10),
+            row("jax", "convnext_keras JAX mixed_bfloat16 AdamW", 1100, 1e10),
+        ]
+    )
+    line = next(x for x in text.splitlines() if x.startswith("| train_base |"))
+    assert "base@224" in line and "| 1.10x | >= 1.0x |" in line
+    assert "peak memory, timm compiled AMP bf16 fused AdamW (base@224): 20.00 GB" in text
+    assert next(x for x in text.splitlines() if x.startswith("| train |")).count("| - |") >= 3

@@ -354,10 +354,11 @@ def _differentiable(forward, kernel_grad=None):
     def bwd(residuals, grad):
         x, kernel, bias = residuals
         dx = forward(grad, kernel[::-1, ::-1], jnp.zeros_like(bias))
-        if kernel_grad is None or kernel_grad(x.shape) is None:
+        grad_fn = kernel_grad(x.shape) if kernel_grad is not None else None
+        if grad_fn is None:
             _, vjp = jax.vjp(lambda k, b: _xla_depthwise(x, k, b), kernel, bias)
             return (dx, *vjp(grad))
-        dk = kernel_grad(x.shape)(x, grad, kernel.shape).astype(kernel.dtype)
+        dk = grad_fn(x, grad, kernel.shape).astype(kernel.dtype)
         db = grad.astype(jnp.float32).sum(axis=(0, 1, 2)).astype(bias.dtype)
         return dx, dk, db
 

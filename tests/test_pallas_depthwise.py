@@ -238,19 +238,22 @@ def test_column_blocks_lower_to_triton_for_cuda():
 
 
 def test_default_blocks_fit_convnext_stages():
-    # ~2048-value tiles (4 per thread at 16 warps), channel blocks that divide the channels
-    assert pdw.default_blocks(56, 56, 96) == (4, 32)
-    assert pdw.default_blocks(28, 28, 192) == (4, 64)
-    assert pdw.default_blocks(14, 14, 384) == (4, 128)
-    assert pdw.default_blocks(7, 7, 768) == (4, 256)
-    assert pdw.default_blocks(96, 96, 96) == (4, 16)  # ConvNeXt-T at 384, stage 0
-    assert pdw.default_blocks(12, 12, 768) == (4, 128)
-    assert pdw.default_blocks(5, 5, 20) == (4, 32)  # no power-of-two divisor: one masked block
+    # ~2048-value tiles (4 per thread at 16 warps), channel blocks that divide the channels,
+    # BLOCK_H (8) output rows per program
+    assert pdw.BLOCK_H == 8
+    assert pdw.default_blocks(56, 56, 96) == (8, 32)
+    assert pdw.default_blocks(28, 28, 192) == (8, 64)
+    assert pdw.default_blocks(14, 14, 384) == (8, 128)
+    assert pdw.default_blocks(7, 7, 768) == (8, 256)  # 7 rows: one block (next power of two)
+    assert pdw.default_blocks(96, 96, 96) == (8, 16)  # ConvNeXt-T at 384, stage 0
+    assert pdw.default_blocks(12, 12, 768) == (8, 128)
+    assert pdw.default_blocks(5, 5, 20) == (8, 32)  # no power-of-two divisor: one masked block
     assert pdw.default_blocks(2, 2, 64) == (2, 64)  # fewer rows than a block
-    assert pdw.default_blocks(96, 96, 96, block_w=32) == (4, 32)  # 32x64 would not divide 96
+    assert pdw.default_blocks(3, 3, 64) == (4, 64)
+    assert pdw.default_blocks(96, 96, 96, block_w=32) == (8, 32)  # 32x64 would not divide 96
     # what "auto" runs the kernel on: tiles of at most 8 values per thread (widths up to 256)
     assert pdw.suits_width(256) and pdw.suits_width(7) and not pdw.suits_width(257)
-    assert pdw.default_blocks(48, 48, 192, block_w=16) == (4, 64)  # 128 would not divide 192
+    assert pdw.default_blocks(48, 48, 192, block_w=16) == (8, 64)  # 128 would not divide 192
 
 
 @pytest.mark.backends

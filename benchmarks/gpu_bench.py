@@ -676,6 +676,15 @@ def _compare_and_time(
         w.record(job=job, impl=label, model=model, stage=stage, ms=1000 * med, **rates)
 
 
+def _model_config(cfg, env: str, default: str) -> tuple[str, int, int]:
+    """``(variant, resolution, batch)`` of the job named by ``$env`` (default ``default``)."""
+    key = os.environ.get(env, default)
+    jobs = [k for k, v in cfg.items() if isinstance(v, tuple)]
+    if key not in jobs:
+        raise ValueError(f"{env}={key!r} is not a job of this mode; use one of {jobs}.")
+    return cfg[key]
+
+
 def _depthwise_stages(w: Worker, cfg, sync):
     """The depthwise 7x7 of each ConvNeXt-T stage (bf16): cuDNN (XLA) against the Pallas
     kernel with two launch settings, and the kernel's largest difference from cuDNN."""
@@ -685,7 +694,7 @@ def _depthwise_stages(w: Worker, cfg, sync):
 
     from convnext_keras import pallas_depthwise as pdw
 
-    _, res, batch = cfg[os.environ.get("GPU_BENCH_DW_CONFIG", "infer")]
+    _, res, batch = _model_config(cfg, "GPU_BENCH_DW_CONFIG", "infer")
     rng = np.random.default_rng(0)
     for stage, dim in enumerate((96, 192, 384, 768)):
         side = res // (4 * 2**stage)
@@ -752,7 +761,7 @@ def _kernel_grad_stages(w: Worker, cfg, sync):
     from convnext_keras import pallas_depthwise as pdw
     from convnext_keras.registry import VARIANTS
 
-    variant, res, _ = cfg[os.environ.get("GPU_BENCH_KG_CONFIG", "train")]
+    variant, res, _ = _model_config(cfg, "GPU_BENCH_KG_CONFIG", "train")
     batch = cfg["train"][2]
     rng = np.random.default_rng(0)
     interpret = jax.default_backend() != "gpu"

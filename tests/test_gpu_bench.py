@@ -118,3 +118,15 @@ def test_summary_of_the_fifth_session_and_the_other_models_train_rows():
     assert "base@224" in line and "| 1.10x | >= 1.0x |" in line
     assert "peak memory, timm compiled AMP bf16 fused AdamW (base@224): 20.00 GB" in text
     assert next(x for x in text.splitlines() if x.startswith("| train |")).count("| - |") >= 3
+
+
+def test_stage_jobs_name_a_bad_model_config(monkeypatch):
+    monkeypatch.setenv("GPU_BENCH_KG_CONFIG", "hires")
+    assert gpu_bench._model_config(gpu_bench.FULL, "GPU_BENCH_KG_CONFIG", "train") == (
+        "tiny",
+        384,
+        128,
+    )
+    monkeypatch.setenv("GPU_BENCH_KG_CONFIG", "huge")
+    with pytest.raises(ValueError, match="GPU_BENCH_KG_CONFIG='huge' is not a job.*'hires'"):
+        gpu_bench._model_config(gpu_bench.FULL, "GPU_BENCH_KG_CONFIG", "train")

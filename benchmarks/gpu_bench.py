@@ -373,6 +373,7 @@ def jax_worker(w: Worker):
     import numpy as np
 
     from convnext_keras import bench, build_model
+    from convnext_keras.model import dtype_policy
 
     cfg = w.config
     w.record(
@@ -391,7 +392,7 @@ def jax_worker(w: Worker):
         gelu="default",
         pointwise="xla",
     ):
-        with bench.dtype_policy(precision):
+        with dtype_policy(precision):
             m = build_model(variant, input_shape=(res, res, 3), drop_path_rate=drop_path)
         if gelu == "erfc":
             _set_gelu(m, keras.activations.gelu)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from . import checkpoints, hub, registry
-from .model import build_model
+from .model import build_model, dtype_policy, policy_name
 
 #: ``weights=`` value meaning "the official checkpoint of this name" (downloaded and cached).
 OFFICIAL = "official"
@@ -89,6 +89,7 @@ def load_model(
     input_shape: tuple = (None, None, 3),
     drop_path_rate: float = 0.0,
     head_init_scale: float = 1.0,
+    precision: str = "fp32",
 ):
     """Build a ConvNeXt by name and load its weights.
 
@@ -108,7 +109,12 @@ def load_model(
         drop_path_rate: stochastic depth for training (0 at inference anyway).
         head_init_scale: factor on a freshly initialised head's weights (the original's
             ``--head_init_scale``; its fine-tuning recipe uses 0.001). A loaded head is kept.
+        precision: ``"fp32"``, or Keras mixed precision ``"bf16"`` (``mixed_bfloat16``) /
+            ``"fp16"`` (``mixed_float16``): float32 weights, bfloat16/float16 compute, float32
+            outputs.  Faster on GPUs; on CPUs without native bfloat16 slower than float32
+            (BENCHMARKS.md).  The global Keras dtype policy is left as it was.
     """
+    policy_name(precision)  # a bad value fails before any download
     resolved = registry.resolve(name)
     if features not in _FEATURES:
         raise ValueError(
@@ -118,14 +124,15 @@ def load_model(
     head = _FEATURES[features] or resolved.head
     classes = resolved.num_classes if num_classes is None else num_classes
     model_name = registry.canonical_name(name)
-    model = build_model(
-        resolved.variant,
-        num_classes=classes,
-        head=head,
-        input_shape=input_shape,
-        drop_path_rate=drop_path_rate,
-        name=model_name,
-    )
+    with dtype_policy(precision):
+        model = build_model(
+            resolved.variant,
+            num_classes=classes,
+            head=head,
+            input_shape=input_shape,
+            drop_path_rate=drop_path_rate,
+            name=model_name,
+        )
     if weights is None:
         _scale_head(model, head_init_scale)
         return model

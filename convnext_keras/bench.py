@@ -37,8 +37,6 @@ import numpy as np
 
 from . import registry
 
-#: ``--precision`` values -> Keras dtype policies.
-PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 MODES = ("infer", "train")
 
 
@@ -249,21 +247,6 @@ def memory_probe() -> MemoryProbe:
 # Models and the functions timed
 
 
-@contextlib.contextmanager
-def dtype_policy(precision: str):
-    """Build layers under ``--precision``'s Keras dtype policy; restores the previous one."""
-    import keras
-
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}.")
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(PRECISIONS[precision])
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
-
-
 def bench_model(
     name: str,
     *,
@@ -281,13 +264,14 @@ def bench_model(
     res = resolution or resolved.resolution
     if drop_path_rate is None:
         drop_path_rate = 0.1 if mode == "train" else 0.0
-    with dtype_policy(precision):
-        return load_model(
-            name,
-            weights=None,
-            input_shape=(res, res, 3),
-            drop_path_rate=drop_path_rate,
-        ), res
+    model = load_model(
+        name,
+        weights=None,
+        input_shape=(res, res, 3),
+        drop_path_rate=drop_path_rate,
+        precision=precision,
+    )
+    return model, res
 
 
 def random_batch(batch_size: int, resolution: int, seed: int = 0) -> np.ndarray:

@@ -321,6 +321,7 @@ def evaluate(
     config=None,
     data_parallel: bool = True,
     engine: str = "auto",
+    precision: str = "fp32",
 ) -> EvalResult:
     """acc@1 / acc@5 of a 1000-class model on ImageNet-1k validation data.
 
@@ -342,6 +343,8 @@ def evaluate(
             device when it is installed (:func:`convnext_keras.runtime.inference_function`),
             Keras otherwise (always when data-parallel); ``"keras"`` or ``"onnxruntime"``
             insist.  The report's ``config["engine"]`` says which ran.
+        precision: ``"fp32"``, or Keras mixed precision ``"bf16"`` / ``"fp16"`` (runs on
+            Keras; ``engine="onnxruntime"`` refuses it).  Recorded in ``config["precision"]``.
     """
     import keras
 
@@ -360,7 +363,9 @@ def evaluate(
             "(CLI: --single-device) or engine='auto'."
         )
     with _data_parallel(devices):
-        keras_model, config = load_classifier(model, weights=weights, config=config)
+        keras_model, config = load_classifier(
+            model, weights=weights, config=config, precision=precision
+        )
         classes = int(keras_model.output_shape[-1])
         if classes != registry.NUM_CLASSES_1K:
             raise ValueError(
@@ -438,7 +443,12 @@ def evaluate(
         "preprocess_images_per_s": batches.images_per_second,
     }
     unreadable = dataset.unlabeled + [{"file": e.path, "error": e.reason} for e in batches.errors]
-    settings = {**config._asdict(), "backend": keras.backend.backend(), "engine": engine_used}
+    settings = {
+        **config._asdict(),
+        "backend": keras.backend.backend(),
+        "engine": engine_used,
+        "precision": precision,
+    }
     return _result(
         keras_model.name, str(data), dataset, top5, done, real_labels, unreadable, settings, timing
     )

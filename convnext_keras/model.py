@@ -10,6 +10,7 @@ collection's SavedModels); :mod:`convnext_keras.preprocess` does the normalisati
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import keras
@@ -19,6 +20,13 @@ from . import registry
 from .layers import DepthwiseConv2D, LayerScale, StochasticDepth, gelu
 
 HEADS = ("classifier", "pooled", "pyramid", "all")
+#: ``precision=`` / ``--precision`` values -> Keras dtype policies.  ``bf16`` / ``fp16`` are
+#: Keras mixed precision: float32 weights (so checkpoints load unchanged), bfloat16 / float16
+#: compute, float32 logits and features.
+PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+#: Layers that compute in float32 under every policy (:func:`build_model` pins them), so that
+#: pooled features and logits come out in float32.
+FLOAT32_LAYERS = frozenset({"head_norm", "head_fc"})
 #: Names of the pyramid outputs; strides 4, 8, 16, 32.
 PYRAMID_OUTPUTS = ("stage1", "stage2", "stage3", "stage4")
 
@@ -26,6 +34,26 @@ PYRAMID_OUTPUTS = ("stage1", "stage2", "stage3", "stage4")
 # plain normal with std 0.02.  Keras' TruncatedNormal cuts at 2 standard deviations, which
 # shrinks the std by this factor; dividing by it gives std 0.02 with bounded tails.
 _TRUNCATED_STD_FACTOR = 0.8796256610342398
+
+
+def policy_name(precision: str) -> str:
+    """The Keras dtype policy of a :data:`PRECISIONS` key; ``ValueError`` for anything else."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+    return PRECISIONS[precision]
+
+
+@contextlib.contextmanager
+def dtype_policy(precision: str):
+    """Build layers under ``precision``'s Keras dtype policy (a :data:`PRECISIONS` key), then
+    restore the global policy that was set before."""
+    policy = policy_name(precision)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def _kernel_init():

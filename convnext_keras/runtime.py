@@ -69,9 +69,10 @@ def _graph_outputs(model) -> list[tuple[str | None, str]] | str:
     extra = [layer.name for layer in model.layers if not _PLAIN_LAYER.fullmatch(layer.name)]
     if extra:
         return f"it has layers a ConvNeXt does not have ({', '.join(extra[:3])})"
-    policy = model.dtype_policy
-    if getattr(policy, "compute_dtype", "float32") != "float32":
-        return f"it computes in {policy.compute_dtype}; the graph is float32 only"
+    for layer in [model, *model.layers]:
+        compute = getattr(layer.dtype_policy, "compute_dtype", "float32")
+        if compute != "float32":
+            return f"it computes in {compute} (layer {layer.name!r}); the graph is float32 only"
     kinds = {"head_fc": "logits", "head_norm": "pooled"}
     for stage, depth in enumerate(spec.depths):
         kinds[f"stage{stage}_block{depth - 1}_add"] = f"stage{stage + 1}"

@@ -260,6 +260,12 @@ def test_eval_engine_choice(tmp_path):
     # ... and "onnxruntime" insists, with the reason.
     with pytest.raises(ValueError, match="OnnxRunner cannot run 'fixed'"):
         evaluate(fixed_model(), root, data_parallel=False, engine="onnxruntime")
+    # Opt-in mixed precision runs on Keras; the report records it.
+    bf16 = evaluate(fixed_model(), root, data_parallel=False, precision="bf16")
+    assert bf16.config["precision"] == "bf16" and bf16.config["engine"] == "keras"
+    assert bf16.acc1 == 50.0
+    with pytest.raises(ValueError, match="precision must be one of"):
+        evaluate(fixed_model(), root, precision="fp64")
 
 
 def test_cli_eval_report(tmp_path):
@@ -281,6 +287,11 @@ def test_cli_eval_report(tmp_path):
     assert len(data["predictions"]) == 4 and data["predictions"][0]["top5"] == [970, 0, 1, 2, 3]
     assert WNIDS[970] in data["per_class"]
     assert not [p for p in report.parent.iterdir() if p.name.startswith(".")]
+    bf16 = CliRunner().invoke(
+        main, ["eval", str(root), "--model", str(model_file), "--precision", "bf16"]
+    )
+    assert bf16.exit_code == 0, bf16.output
+    assert "engine keras, bf16)" in bf16.stdout and "acc@1     25.000%" in bf16.stdout
 
 
 # --- data-parallel over two virtual CPU devices ------------------------------------------------

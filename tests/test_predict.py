@@ -19,10 +19,11 @@ from click.testing import CliRunner
 from PIL import Image
 from test_preprocess import SKIMAGE, reference
 
-from convnext_keras import decode_predictions, labels, preprocess, registry
+from convnext_keras import decode_predictions, labels, preprocess, registry, runtime
 from convnext_keras.cli import main
 from convnext_keras.gradcam import GradCAM
-from convnext_keras.predict import load_classifier, predict_files, softmax
+from convnext_keras.model import FLOAT32_LAYERS, PRECISIONS
+from convnext_keras.predict import load_classifier, predict_files, softmax, with_precision
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "images"
 PHOTOS = sorted(EXAMPLES.glob("*.jpg"))
@@ -194,6 +195,53 @@ def test_cam_pictures_are_written(keras_atto, tmp_path):
     assert not list((tmp_path / "cams").glob(".*"))  # no temp files left
 
 
+# --- opt-in bfloat16 inference (issue 6) -------------------------------------------------------
+
+
+@pytest.mark.backends
+def test_bf16_logits_within_bf16_tolerance_of_pytorch_float32(atto, keras_atto):
+    """``precision="bf16"``: logits within relative error 1e-2 of the PyTorch reference's float32
+    logits on real photos, and the same top-1 wherever the reference's top-1 margin is larger
+    than bf16's error (a random network's ranking is only defined there)."""
+    model, ckpt = atto
+    photos = [*PHOTOS, SKIMAGE / "chelsea.png", SKIMAGE / "coffee.png"]
+    batch = np.stack([reference(preprocess.load_image(p), 224, 0.875, "bicubic") for p in photos])
+    want = ref.hf_outputs(model, batch)["logits"]
+    bf16, _ = load_classifier("convnext_atto", weights=ckpt, precision="bf16")
+    got = np.asarray(bf16.predict_on_batch(batch))
+    assert got.dtype == np.float32
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-2
+    top2 = np.sort(want, axis=-1)[:, -2:]
+    sure = top2[:, 1] - top2[:, 0] > 2 * np.abs(got - want).max(axis=-1)
+    assert sure.sum() >= len(photos) // 2
+    np.testing.assert_array_equal(got.argmax(-1)[sure], want.argmax(-1)[sure])
+    pinned = {x.name for x in bf16.layers if x.weights and x.dtype_policy.name == "float32"}
+    assert pinned == FLOAT32_LAYERS
+
+    # A model object (or .keras file) in float32 -> the same bf16 network, weights shared.
+    again = with_precision(keras_atto, "bf16")
+    np.testing.assert_array_equal(np.asarray(again.predict_on_batch(batch)), got)
+    assert with_precision(again, "bf16") is again
+    assert all(layer.dtype_policy.name == "float32" for layer in keras_atto.layers)
+    # Mixed precision never goes to the float32-only onnxruntime graph.
+    assert runtime.inference_function(again)[1] == "keras"
+    with pytest.raises(ValueError, match="computes in bfloat16"):
+        runtime.inference_function(again, "onnxruntime")
+
+
+def test_bad_precision_fails_before_any_download():
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16, got 'fp8'"):
+        load_classifier("convnext_tiny_1k_224", precision="fp8")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        predict_files("convnext_tiny_1k_224", PHOTOS, precision="int8")
+
+
+def test_cli_precision_choices_are_the_model_precisions():
+    from convnext_keras.cli import _app
+
+    assert _app.PRECISIONS == tuple(PRECISIONS)
+
+
 # --- the command line ---------------------------------------------------------------------------
 
 
@@ -222,6 +270,20 @@ def test_cli_predict_json_and_failures(atto, tmp_path):
     lines = ok.stdout.splitlines()
     assert lines[0] == str(PHOTOS[0]) and len(lines) == 6
     assert lines[1].lstrip().startswith("1. ") and "%" in lines[1]
+
+
+def test_cli_predict_bf16(atto, keras_atto):
+    _, ckpt = atto
+    args = ["predict", str(PHOTOS[0]), "--model", "convnext_atto", "--weights", str(ckpt)]
+    result = _invoke([*args, "--precision", "bf16", "--top", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)[0]["predictions"][0]
+    batch = preprocess.transform_file(PHOTOS[0], preprocess.as_config("convnext_atto"))[None]
+    probs = softmax(np.asarray(keras_atto.predict_on_batch(batch)))[0]
+    assert got["index"] == int(probs.argmax())
+    assert got["probability"] == pytest.approx(float(probs.max()), rel=2e-2)
+    bad = _invoke([*args, "--precision", "fp8"])
+    assert bad.exit_code == 2 and "'fp8' is not one of 'fp32', 'bf16', 'fp16'" in bad.output
 
 
 def test_cli_predict_cam(atto, tmp_path):

@@ -83,6 +83,22 @@ def engine_option(help_text: str):
     )
 
 
+#: ``--precision`` values (``model.PRECISIONS``' keys, repeated for the same reason; a test
+#: keeps them equal).
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def precision_option(help_text: str):
+    """``--precision fp32|bf16|fp16`` (float32 or a Keras mixed-precision policy)."""
+    return click.option(
+        "--precision",
+        type=click.Choice(PRECISIONS),
+        default="fp32",
+        show_default=True,
+        help=help_text,
+    )
+
+
 #: Help text of every command's ``--weights`` option (parsed by :func:`parse_weights`).
 WEIGHTS_HELP = (
     "'official' (download once, then cached), 'none' (random initialisation) or a local "

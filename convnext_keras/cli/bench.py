@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._app import backend_option, echo_table, engine_option, main
+from ._app import backend_option, echo_table, engine_option, main, precision_option
 
 
 @main.command("bench")
@@ -22,13 +22,7 @@ from ._app import backend_option, echo_table, engine_option, main
     type=click.IntRange(min=32),
     help="Input height and width (default: the checkpoint's, 224 for architectures).",
 )
-@click.option(
-    "--precision",
-    type=click.Choice(["fp32", "bf16", "fp16"]),
-    default="fp32",
-    show_default=True,
-    help="float32, or mixed bfloat16 / float16 (Keras dtype policy).",
-)
+@precision_option("float32, or mixed bfloat16 / float16 (Keras dtype policy).")
 @click.option("--mode", type=click.Choice(["infer", "train"]), default="infer", show_default=True)
 @engine_option("Inference engine: auto = the default predict/eval path.")
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0))

@@ -8,9 +8,20 @@ from pathlib import Path
 
 import click
 
-from ._app import WEIGHTS_HELP, backend_option, engine_option, main, parse_weights
+from ._app import (
+    WEIGHTS_HELP,
+    backend_option,
+    engine_option,
+    main,
+    parse_weights,
+    precision_option,
+)
 
 _MODEL_HELP = "Model name (convnext_tiny_1k_224, ...; see `convnext list`) or a .keras file."
+_PRECISION_HELP = (
+    "fp32, or Keras mixed precision bf16 / fp16 (runs on Keras: faster on GPUs, slower on CPUs "
+    "without native bfloat16)."
+)
 
 
 def _read_labels(path):
@@ -44,9 +55,10 @@ def _read_labels(path):
 @click.option(
     "--no-exif", is_flag=True, help="Ignore EXIF orientation (default: photos turned upright)."
 )
+@precision_option(_PRECISION_HELP)
 @backend_option
 def predict_command(
-    images, model_name, weights, top, as_json, cam_dir, labels_file, batch_size, no_exif
+    images, model_name, weights, top, as_json, cam_dir, labels_file, batch_size, no_exif, precision
 ):
     """Classify IMAGES: top-k labels with probabilities (softmax of the logits).
 
@@ -63,6 +75,7 @@ def predict_command(
         batch_size=batch_size,
         cam_dir=cam_dir,
         exif_transpose=not no_exif,
+        precision=precision,
     )
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=2))
@@ -114,10 +127,11 @@ def predict_command(
     "--single-device", is_flag=True, help="Do not replicate the model over several devices."
 )
 @engine_option("auto: onnxruntime on a single CPU device when installed (as predict), else Keras.")
+@precision_option(_PRECISION_HELP)
 @backend_option
 def eval_command(
     data, model_name, weights, batch_size, limit, report, ground_truth, real, workers,
-    processes, single_device, engine,
+    processes, single_device, engine, precision,
 ):  # fmt: skip
     """Accuracy on ImageNet-1k validation DATA (class folders or flat ILSVRC2012 layout)."""
     from ..evaluate import evaluate
@@ -134,10 +148,11 @@ def eval_command(
         processes=processes,
         data_parallel=not single_device,
         engine=engine,
+        precision=precision,
     )
     click.echo(
         f"model     {result.model}  ({result.config['backend']}, {result.devices} device(s),"
-        f" engine {result.config.get('engine', 'keras')})"
+        f" engine {result.config.get('engine', 'keras')}, {result.config.get('precision', 'fp32')})"
     )
     click.echo(f"data      {result.data}  [{result.layout}]")
     click.echo(f"images    {result.evaluated} evaluated, {len(result.unreadable)} unreadable")

@@ -36,7 +36,7 @@ import numpy as np
 
 from .. import checkpoints, hub, preprocess, registry
 from ..api import OFFICIAL, load_model
-from ..model import build_model, layer_names
+from ..model import PRECISIONS, build_model, layer_names
 from . import data as data_lib
 from . import optim
 from . import state as state_lib
@@ -44,7 +44,6 @@ from . import state as state_lib
 #: The drop-path rate for variants the original published no fine-tuning rate for (its
 #: smallest rate, ConvNeXt-T's on ImageNet-1k).
 DEFAULT_DROP_PATH = 0.1
-PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 
 STATE_FILE = "checkpoint.safetensors"
 BEST_WEIGHTS = "best.weights.safetensors"

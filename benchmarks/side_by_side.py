@@ -11,7 +11,9 @@ programs hits all alike; ratios are to onnxruntime running the PyTorch model's O
   on its own graph), the same model through Keras ``predict_on_batch`` (active backend),
   keras.applications ConvNeXt (same backend), Hugging Face transformers ConvNext in PyTorch
   eager (and ``torch.compile`` with ``--torch-compile``), onnxruntime on that model's ONNX
-  export, timm where it can be imported;
+  export, timm where it can be imported, and OpenVINO (when installed; ``--no-openvino``
+  skips it) on both ONNX graphs: this library's and the PyTorch export - another CPU
+  inference engine that could have been the default (it was not faster, BENCHMARKS.md);
 * bfloat16 (skip with ``--no-bf16``): this library with ``mixed_bfloat16`` against PyTorch
   eager with bf16 autocast, plus bf16-vs-float32 relative error and top-1 agreement on real
   photos;
@@ -76,6 +78,42 @@ def onnx_export(torch_model, x_nchw, path: Path):
     )
 
 
+def openvino_contenders(graphs: dict[str, tuple[Path, np.ndarray]], threads: int) -> dict:
+    """OpenVINO (CPU plugin, float32, latency hint) on each ONNX graph: ``{name: fn}``.
+
+    ``graphs`` maps a label to ``(onnx file, input batch)``; each graph is compiled for its
+    batch's fixed shape.  Empty when openvino is not installed.  Each compiled model is checked
+    against onnxruntime on the same file before it is timed (a wrong engine is not a contender).
+    """
+    try:
+        import openvino as ov
+    except ImportError:
+        return {}
+    import onnxruntime as ort
+
+    core = ov.Core()
+    config = {
+        "INFERENCE_NUM_THREADS": threads,
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": "f32",
+    }
+    out = {}
+    for label, (path, batch) in graphs.items():
+        model = core.read_model(str(path))
+        model.reshape({model.inputs[0].get_any_name(): list(batch.shape)})
+        request = core.compile_model(model, "CPU", config).create_infer_request()
+        reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        expected = reference.run(None, {reference.get_inputs()[0].name: batch})[0]
+        got = request.infer({0: batch})[0]
+        if not np.allclose(got, expected, rtol=1e-3, atol=1e-3):
+            raise AssertionError(
+                f"OpenVINO on {label} differs from onnxruntime on the same graph by "
+                f"{np.abs(got - expected).max():.3g}; not timing a wrong engine."
+            )
+        out[f"OpenVINO, {label}"] = lambda r=request, b=batch: r.infer({0: b})
+    return out
+
+
 def keras_applications_peer(variant: str, resolution: int):
     import keras
 
@@ -89,7 +127,8 @@ def versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("keras", "tensorflow", "jax", "torch", "onnxruntime", "transformers", "timm"):
+    packages = ("keras", "tensorflow", "jax", "torch", "onnxruntime", "openvino", "transformers")
+    for pkg in (*packages, "timm"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -109,6 +148,9 @@ def main():
     parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 group")
     parser.add_argument(
         "--no-keras-applications", action="store_true", help="skip keras.applications (slow)"
+    )
+    parser.add_argument(
+        "--no-openvino", action="store_true", help="skip OpenVINO even when it is installed"
     )
     parser.add_argument("--bf16-repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="folder for results.json and results.md")
@@ -187,6 +229,19 @@ def main():
     x_np = x_nchw.numpy()
     ort_name = "onnxruntime, PyTorch model's ONNX export"
     contenders[ort_name] = lambda: session.run(None, {"pixel_values": x_np})
+    if not args.no_openvino:
+        (tmp / "ours.onnx").write_bytes(
+            runtime.build_onnx_graph(ours, res, res).SerializeToString()
+        )
+        contenders.update(
+            openvino_contenders(
+                {
+                    "this library's ONNX graph": (tmp / "ours.onnx", x),
+                    "PyTorch model's ONNX export": (tmp / "hf.onnx", x_np),
+                },
+                threads,
+            )
+        )
 
     print(f"timing {len(contenders)} float32 contenders, {args.repeats} rounds ...", flush=True)
     fp32 = bench.interleave(contenders, bs, warmup=args.warmup, repeats=args.repeats)

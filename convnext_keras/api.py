@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def load_model(
     input_shape: tuple = (None, None, 3),
     drop_path_rate: float = 0.0,
     head_init_scale: float = 1.0,
-    precision: str = "fp32",
+    precision: str | None = None,
 ):
     """Build a ConvNeXt by name and load its weights.
 
@@ -109,12 +110,14 @@ def load_model(
         drop_path_rate: stochastic depth for training (0 at inference anyway).
         head_init_scale: factor on a freshly initialised head's weights (the original's
             ``--head_init_scale``; its fine-tuning recipe uses 0.001). A loaded head is kept.
-        precision: ``"fp32"``, or Keras mixed precision ``"bf16"`` (``mixed_bfloat16``) /
-            ``"fp16"`` (``mixed_float16``): float32 weights, bfloat16/float16 compute, float32
-            outputs.  Faster on GPUs; on CPUs without native bfloat16 slower than float32
-            (BENCHMARKS.md).  The global Keras dtype policy is left as it was.
+        precision: None (default: the global Keras dtype policy, as for any Keras layer),
+            ``"fp32"``, or Keras mixed precision ``"bf16"`` (``mixed_bfloat16``) / ``"fp16"``
+            (``mixed_float16``): float32 weights, bfloat16/float16 compute, float32 logits and
+            pooled features.  Faster on GPUs; on CPUs without native bfloat16 slower than
+            float32 (BENCHMARKS.md).  The global policy is left as it was.
     """
-    policy_name(precision)  # a bad value fails before any download
+    if precision is not None:
+        policy_name(precision)  # a bad value fails before any download
     resolved = registry.resolve(name)
     if features not in _FEATURES:
         raise ValueError(
@@ -124,7 +127,7 @@ def load_model(
     head = _FEATURES[features] or resolved.head
     classes = resolved.num_classes if num_classes is None else num_classes
     model_name = registry.canonical_name(name)
-    with dtype_policy(precision):
+    with dtype_policy(precision) if precision else contextlib.nullcontext():
         model = build_model(
             resolved.variant,
             num_classes=classes,

@@ -30,6 +30,7 @@ import numpy as np
 
 from . import labels as labels_mod
 from . import preprocess, registry, runtime
+from .model import precision_of
 
 _WNID = re.compile(r"^n\d{8}$")
 _VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})", re.IGNORECASE)
@@ -321,7 +322,7 @@ def evaluate(
     config=None,
     data_parallel: bool = True,
     engine: str = "auto",
-    precision: str = "fp32",
+    precision: str | None = None,
 ) -> EvalResult:
     """acc@1 / acc@5 of a 1000-class model on ImageNet-1k validation data.
 
@@ -344,7 +345,9 @@ def evaluate(
             Keras otherwise (always when data-parallel); ``"keras"`` or ``"onnxruntime"``
             insist.  The report's ``config["engine"]`` says which ran.
         precision: ``"fp32"``, or Keras mixed precision ``"bf16"`` / ``"fp16"`` (runs on
-            Keras; ``engine="onnxruntime"`` refuses it).  Recorded in ``config["precision"]``.
+            Keras; ``engine="onnxruntime"`` refuses it); None (default): as
+            :func:`convnext_keras.predict.load_classifier`.  The precision the model ran in is
+            recorded in ``config["precision"]``.
     """
     import keras
 
@@ -447,7 +450,7 @@ def evaluate(
         **config._asdict(),
         "backend": keras.backend.backend(),
         "engine": engine_used,
-        "precision": precision,
+        "precision": precision_of(keras_model),
     }
     return _result(
         keras_model.name, str(data), dataset, top5, done, real_labels, unreadable, settings, timing

@@ -217,12 +217,16 @@ def _check_model(model) -> None:
             f"Model {model.name!r} must take one NHWC RGB image input (batch, H, W, 3); its "
             f"inputs are {[tuple(i.shape) for i in inputs]}."
         )
+    from .model import non_float32_layer
+
     compute = keras.config.dtype_policy().compute_dtype
-    if model.dtype_policy.compute_dtype != "float32" or compute != "float32":
+    mixed = non_float32_layer(model)
+    if mixed or compute != "float32":
+        where = f"layer {mixed[0]!r} computes in {mixed[1]}" if mixed else "its layers are float32"
         raise ValueError(
-            f"Export a float32 model: {model.name!r} computes in "
-            f"{model.dtype_policy.compute_dtype} (global policy {compute}). Call "
-            "keras.config.set_dtype_policy('float32') before building or loading it."
+            f"Export a float32 model: in {model.name!r} {where} (global policy {compute}). "
+            "Call keras.config.set_dtype_policy('float32') before building or loading it, or "
+            "load it with precision='fp32'."
         )
 
 

@@ -43,6 +43,29 @@ def policy_name(precision: str) -> str:
     return PRECISIONS[precision]
 
 
+def non_float32_layer(model) -> tuple[str, str] | None:
+    """``(layer name, compute dtype)`` of the first layer of ``model`` (or the model itself)
+    that does not compute in float32, else None.  Checks every layer, not only the model's own
+    policy: a model copied with another policy (``predict.with_precision``) keeps a float32
+    model policy over mixed-precision layers."""
+    for layer in [model, *model.layers]:
+        compute = getattr(layer.dtype_policy, "compute_dtype", "float32")
+        if compute != "float32":
+            return layer.name, compute
+    return None
+
+
+def precision_of(model) -> str:
+    """The :data:`PRECISIONS` key ``model`` computes in (from its weight-carrying layers other
+    than :data:`FLOAT32_LAYERS`), or the compute dtype itself when it is none of them."""
+    by_compute = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    for layer in model.layers:
+        if layer.weights and layer.name not in FLOAT32_LAYERS:
+            compute = layer.dtype_policy.compute_dtype
+            return by_compute.get(compute, compute)
+    return "fp32"
+
+
 @contextlib.contextmanager
 def dtype_policy(precision: str):
     """Build layers under ``precision``'s Keras dtype policy (a :data:`PRECISIONS` key), then

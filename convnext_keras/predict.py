@@ -105,12 +105,13 @@ def with_precision(model, precision: str):
     return copy
 
 
-def load_classifier(model, *, weights="official", config=None, precision: str = "fp32"):
+def load_classifier(model, *, weights="official", config=None, precision: str | None = None):
     """``(keras_model, preprocess_config)`` from a model name, a ``.keras`` file or a model.
 
     Names load via :func:`convnext_keras.load_model` (``weights="official"`` downloads; a path
     loads a local checkpoint).  A ``.keras`` file or a model object takes ``config`` (default:
-    224 / 0.875 / bicubic, the original's evaluation settings).  ``precision``: ``"fp32"``, or
+    224 / 0.875 / bicubic, the original's evaluation settings).  ``precision``: None (names
+    follow the global Keras dtype policy; files and objects stay as they are), ``"fp32"``, or
     Keras mixed precision ``"bf16"`` / ``"fp16"`` (float32 logits; these run on Keras, not
     onnxruntime) - see :func:`with_precision`.
     """
@@ -119,12 +120,17 @@ def load_classifier(model, *, weights="official", config=None, precision: str = 
     from . import api
     from .model import policy_name
 
-    policy_name(precision)  # a bad value fails before any download
+    if precision is not None:
+        policy_name(precision)  # a bad value fails before any download
+
+    def converted(m):
+        return m if precision is None else with_precision(m, precision)
+
     if isinstance(model, (str, os.PathLike)) and str(model).endswith(".keras"):
         path = Path(model)
         if not path.is_file():
             raise FileNotFoundError(f"No such model file: {path}")
-        loaded = with_precision(keras.saving.load_model(path), precision)
+        loaded = converted(keras.saving.load_model(path))
         return loaded, preprocess.as_config(config or "convnext_tiny")
     if isinstance(model, (str, os.PathLike)):
         name = str(model)
@@ -135,7 +141,7 @@ def load_classifier(model, *, weights="official", config=None, precision: str = 
         loaded = api.load_model(name, weights=weights, precision=precision)
         return loaded, preprocess.as_config(config or name)
     if isinstance(model, keras.Model):
-        return with_precision(model, precision), preprocess.as_config(config or "convnext_tiny")
+        return converted(model), preprocess.as_config(config or "convnext_tiny")
     raise ValueError(f"Expected a model name, a .keras file or a keras.Model, got {model!r}.")
 
 
@@ -190,7 +196,7 @@ def predict_files(
     cam_dir=None,
     config=None,
     exif_transpose: bool = True,
-    precision: str = "fp32",
+    precision: str | None = None,
 ) -> list[ImageResult]:
     """Classify image files; unreadable ones come back with ``error`` set, never raise.
 
@@ -203,9 +209,10 @@ def predict_files(
         cam_dir: write a Grad-CAM overlay ``<stem>_cam.png`` of each image's top class here.
         config: preprocessing settings (default: the model name's registry entry).
         exif_transpose: turn photos upright by their EXIF orientation first (default True).
-        precision: ``"fp32"`` (default; onnxruntime on a CPU), or Keras mixed precision
-            ``"bf16"`` / ``"fp16"`` (on Keras: faster on GPUs, slower on CPUs without native
-            bfloat16; logits within bf16 rounding of float32's).
+        precision: ``"fp32"`` (onnxruntime on a CPU), or Keras mixed precision ``"bf16"`` /
+            ``"fp16"`` (on Keras: faster on GPUs, slower on CPUs without native bfloat16;
+            logits within bf16 rounding of float32's).  None (default): as
+            :func:`load_classifier` - the global Keras policy for names, a model as it is.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")

@@ -33,7 +33,7 @@ import threading
 import numpy as np
 
 from . import registry
-from .model import variant_of
+from .model import non_float32_layer, variant_of
 
 #: ONNX opset of the graph (``Gelu`` is an operator from opset 20).
 OPSET = 20
@@ -69,10 +69,9 @@ def _graph_outputs(model) -> list[tuple[str | None, str]] | str:
     extra = [layer.name for layer in model.layers if not _PLAIN_LAYER.fullmatch(layer.name)]
     if extra:
         return f"it has layers a ConvNeXt does not have ({', '.join(extra[:3])})"
-    for layer in [model, *model.layers]:
-        compute = getattr(layer.dtype_policy, "compute_dtype", "float32")
-        if compute != "float32":
-            return f"it computes in {compute} (layer {layer.name!r}); the graph is float32 only"
+    mixed = non_float32_layer(model)
+    if mixed:
+        return f"it computes in {mixed[1]} (layer {mixed[0]!r}); the graph is float32 only"
     kinds = {"head_fc": "logits", "head_norm": "pooled"}
     for stage, depth in enumerate(spec.depths):
         kinds[f"stage{stage}_block{depth - 1}_add"] = f"stage{stage + 1}"

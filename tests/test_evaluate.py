@@ -257,6 +257,7 @@ def test_eval_engine_choice(tmp_path):
     # A model onnxruntime's graph builder does not know runs on Keras under "auto" ...
     result = evaluate(fixed_model(), root, data_parallel=False)
     assert result.config["engine"] == "keras" and result.acc1 == 50.0
+    assert result.config["precision"] == "fp32"
     # ... and "onnxruntime" insists, with the reason.
     with pytest.raises(ValueError, match="OnnxRunner cannot run 'fixed'"):
         evaluate(fixed_model(), root, data_parallel=False, engine="onnxruntime")

@@ -22,6 +22,7 @@ from click.testing import CliRunner
 import convnext_keras as ck
 from convnext_keras import registry
 from convnext_keras.cli import main
+from convnext_keras.predict import with_precision
 
 # ``ck.export`` is the function; the module (for its helpers and monkeypatching) is here.
 ex = importlib.import_module("convnext_keras.export")
@@ -322,6 +323,11 @@ def test_mixed_precision_model_is_refused(tmp_path):
         keras.config.set_dtype_policy("float32")
     with pytest.raises(ValueError, match="float32"):
         ck.export(model, tmp_path / "m.keras", "keras")
+    # A float32 model copied into bf16 keeps a float32 model policy over bf16 layers.
+    copy = with_precision(ck.load_model("convnext_atto", weights=None), "bf16")
+    with pytest.raises(ValueError, match="layer 'stem_conv' computes in bfloat16"):
+        ck.export(copy, tmp_path / "m.keras", "keras")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_output_needs_overwrite(atto, tmp_path):

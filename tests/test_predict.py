@@ -11,6 +11,7 @@ import os
 import stat
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import torch
@@ -19,10 +20,11 @@ from click.testing import CliRunner
 from PIL import Image
 from test_preprocess import SKIMAGE, reference
 
+import convnext_keras as ck
 from convnext_keras import decode_predictions, labels, preprocess, registry, runtime
 from convnext_keras.cli import main
 from convnext_keras.gradcam import GradCAM
-from convnext_keras.model import FLOAT32_LAYERS, PRECISIONS
+from convnext_keras.model import FLOAT32_LAYERS, PRECISIONS, non_float32_layer, precision_of
 from convnext_keras.predict import load_classifier, predict_files, softmax, with_precision
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "images"
@@ -227,6 +229,22 @@ def test_bf16_logits_within_bf16_tolerance_of_pytorch_float32(atto, keras_atto):
     assert runtime.inference_function(again)[1] == "keras"
     with pytest.raises(ValueError, match="computes in bfloat16"):
         runtime.inference_function(again, "onnxruntime")
+
+
+def test_precision_none_follows_the_global_policy_and_a_value_overrides_it():
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        follows = ck.load_model("convnext_atto", weights=None)
+        forced = ck.load_model("convnext_atto", weights=None, precision="fp32")
+        assert keras.config.dtype_policy().name == "mixed_bfloat16"  # left as it was
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assert precision_of(follows) == "bf16" and precision_of(forced) == "fp32"
+    fp16 = ck.load_model("convnext_atto", weights=None, precision="fp16")
+    assert precision_of(fp16) == "fp16" and keras.config.dtype_policy().name == previous.name
+    assert non_float32_layer(forced) is None
+    assert non_float32_layer(fp16)[1] == "float16"
 
 
 def test_bad_precision_fails_before_any_download():

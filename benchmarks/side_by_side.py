@@ -127,8 +127,10 @@ def versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    packages = ("keras", "tensorflow", "jax", "torch", "onnxruntime", "openvino", "transformers")
-    for pkg in (*packages, "timm"):
+    packages = (
+        "keras", "tensorflow", "jax", "torch", "onnxruntime", "openvino", "transformers", "timm"
+    )  # fmt: skip
+    for pkg in packages:
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

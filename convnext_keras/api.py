@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from . import checkpoints, hub, registry
-from .model import build_model, dtype_policy, policy_name
+from .model import build_model, dtype_policy
 
 #: ``weights=`` value meaning "the official checkpoint of this name" (downloaded and cached).
 OFFICIAL = "official"
@@ -116,8 +116,6 @@ def load_model(
             pooled features.  Faster on GPUs; on CPUs without native bfloat16 slower than
             float32 (BENCHMARKS.md).  The global policy is left as it was.
     """
-    if precision is not None:
-        policy_name(precision)  # a bad value fails before any download
     resolved = registry.resolve(name)
     if features not in _FEATURES:
         raise ValueError(

@@ -36,7 +36,7 @@ import numpy as np
 
 from .. import checkpoints, hub, preprocess, registry
 from ..api import OFFICIAL, load_model
-from ..model import PRECISIONS, build_model, layer_names
+from ..model import PRECISIONS, build_model, dtype_policy, layer_names
 from . import data as data_lib
 from . import optim
 from . import state as state_lib
@@ -288,10 +288,6 @@ def _devices(mode: str) -> _Devices:
     return _Devices(contextlib.nullcontext(), 1, f"one device ({backend} backend)")
 
 
-def _dtype_policy(name: str):
-    return _global(keras.config.dtype_policy, keras.config.set_dtype_policy, name)
-
-
 # ---------------------------------------------------------------------------------------------
 # Files
 
@@ -407,7 +403,7 @@ def load_run(out: str | os.PathLike, which: str = "best") -> keras.Model:
 def _inference_model(info: dict, weights: dict) -> keras.Model:
     recipe = Recipe.from_json(info["recipe"])
     variant = registry.resolve(recipe.model).variant
-    with _dtype_policy("float32"):
+    with dtype_policy("fp32"):
         model = build_model(
             variant, num_classes=len(info["classes"]), name=f"convnext_{variant.name}_finetuned"
         )
@@ -965,7 +961,7 @@ def run(
         f"{devices.description}"
     )
     try:
-        with _dtype_policy(PRECISIONS[recipe.precision]), devices.scope:
+        with dtype_policy(recipe.precision), devices.scope:
             trainer.build()
             restored_metrics = None
             if meta is not None:

@@ -58,7 +58,7 @@ def non_float32_layer(model) -> tuple[str, str] | None:
 def precision_of(model) -> str:
     """The :data:`PRECISIONS` key ``model`` computes in (from its weight-carrying layers other
     than :data:`FLOAT32_LAYERS`), or the compute dtype itself when it is none of them."""
-    by_compute = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    by_compute = {keras.DTypePolicy(p).compute_dtype: k for k, p in PRECISIONS.items()}
     for layer in model.layers:
         if layer.weights and layer.name not in FLOAT32_LAYERS:
             compute = layer.dtype_policy.compute_dtype

@@ -2,7 +2,8 @@
 
 import convnext_keras as ck
 ck.list_models()
-model = ck.load_model("convnext_tiny_1k_224")
+model = ck.load_model("convnext_tiny_1k_224")       # ConvNeXt (MIT weights)
+model = ck.load_model("convnextv2_tiny_1k_224")     # ConvNeXt V2 (CC BY-NC 4.0 weights)
 """
 
 from . import finetune, registry
@@ -13,7 +14,7 @@ from .hub import DownloadError
 
 # Importing the layers registers them with Keras, so keras.saving.load_model("m.keras") needs no
 # custom_objects once this package is imported.
-from .layers import LayerScale, StochasticDepth
+from .layers import GlobalResponseNormalization, LayerScale, StochasticDepth
 from .model import build_model
 from .predict import decode_predictions, predict_files
 from .preprocess import ImageError, eval_transform, load_image
@@ -26,6 +27,7 @@ __all__ = [
     "CheckpointError",
     "DownloadError",
     "ExportError",
+    "GlobalResponseNormalization",
     "ImageError",
     "LayerScale",
     "StochasticDepth",

@@ -41,18 +41,21 @@ def list_models(pattern: str | None = None, *, include_fe: bool = True) -> list[
 
 
 def model_table(pattern: str | None = None) -> list[dict]:
-    """One row per checkpoint: name, params, resolution, classes, dataset, acc1, cached, url."""
+    """One row per checkpoint: name, family, params, resolution, classes (None: an encoder
+    without head), dataset, acc1, licence (SPDX), cached, url."""
     rows = []
     for name in list_models(pattern, include_fe=False):
         c = registry.CHECKPOINTS[name]
         rows.append(
             {
                 "name": name,
+                "family": c.family,
                 "params": count_params(c.variant, c.num_classes),
                 "resolution": c.resolution,
                 "classes": c.num_classes,
                 "dataset": c.dataset,
                 "acc1": c.reported_acc1,
+                "licence": c.licence,
                 "cached": hub.is_cached(c),
                 "url": c.url,
             }
@@ -62,7 +65,7 @@ def model_table(pattern: str | None = None) -> list[dict]:
 
 def count_params(variant: str | registry.Variant, num_classes: int | None = None) -> int:
     """Parameter count of a variant with an optional ``num_classes`` head, without building it."""
-    spec = registry.VARIANTS[variant] if isinstance(variant, str) else variant
+    spec = registry.variant(variant)
     p = registry.STEM_PATCH
     total = 3 * p * p * spec.dims[0] + spec.dims[0] + 2 * spec.dims[0]  # stem conv + norm
     for i, (depth, dim) in enumerate(zip(spec.depths, spec.dims)):
@@ -71,9 +74,9 @@ def count_params(variant: str | registry.Variant, num_classes: int | None = None
             total += 2 * prev + prev * dim * s * s + dim
         hidden = registry.MLP_RATIO * dim
         k = registry.DWCONV_KERNEL
-        per_block = (
-            (k * k * dim + dim) + 2 * dim + (dim * hidden + hidden) + (hidden * dim + dim) + dim
-        )
+        # dwconv, norm, pwconv1, pwconv2, then layer scale (dim) or GRN (gamma, beta: 2 * hidden)
+        per_block = (k * k * dim + dim) + 2 * dim + (dim * hidden + hidden) + (hidden * dim + dim)
+        per_block += 2 * hidden if spec.block == "grn" else dim
         total += depth * per_block
     total += 2 * spec.num_features
     if num_classes:
@@ -95,17 +98,22 @@ def load_model(
     """Build a ConvNeXt by name and load its weights.
 
     Args:
-        name: a collection name (``convnext_tiny_1k_224``; ``22k`` is accepted for ``21k``), its
-            feature-extractor twin (``..._fe``), or an architecture (``convnext_atto``).
+        name: a collection name (``convnext_tiny_1k_224``, ``convnextv2_tiny_21k_1k_384``;
+            ``22k`` is accepted for ``21k``, and the published file names too), its
+            feature-extractor twin (``..._fe``), or an architecture (``convnext_atto``,
+            ``convnextv2_atto``).  ConvNeXt V2 weights are CC BY-NC 4.0 (non-commercial):
+            ``registry.CHECKPOINTS[name].licence`` and ``convnext list`` show each licence.
         weights: ``"official"`` (download -> verify -> convert -> cache on first use),
             ``None`` (random initialisation) or a local checkpoint file in the official, timm
             or Hugging Face layout (``.pth``, ``.bin``, ``.safetensors``).
-        features: ``None`` (as the name says), ``"classifier"``, ``"pooled"`` (pooled features
-            after the head LayerNorm), ``"pyramid"`` (the 4 stage outputs, strides 4-32) or
-            ``"all"`` (a dict with all of them).
-        num_classes: head size. Default: the registry entry's (1000 for architecture names).
-            A value other than the checkpoint's head size starts a fresh head (fine-tuning)
-            on top of the loaded backbone.
+        features: ``None`` (as the name says: logits, ``_fe`` pooled features, and for an
+            FCMAE encoder such as ``convnextv2_tiny_fcmae`` the pyramid), ``"classifier"``,
+            ``"pooled"`` (pooled features after the head LayerNorm; an FCMAE encoder has none,
+            its starts at scale 1 / shift 0 as in the original fine-tuning), ``"pyramid"``
+            (the 4 stage outputs, strides 4-32) or ``"all"`` (a dict with all of them).
+        num_classes: head size. Default: the registry entry's (1000 for architecture names;
+            none for an FCMAE encoder).  A value other than the checkpoint's head size starts
+            a fresh head (fine-tuning) on top of the loaded backbone.
         input_shape: NHWC input shape without batch; any size by default.
         drop_path_rate: stochastic depth for training (0 at inference anyway).
         head_init_scale: factor on a freshly initialised head's weights (the original's
@@ -123,8 +131,16 @@ def load_model(
             f"got {features!r}."
         )
     head = _FEATURES[features] or resolved.head
+    if features is None and num_classes is not None and head == "pyramid":
+        head = "classifier"  # an encoder without head, given a new one
     classes = resolved.num_classes if num_classes is None else num_classes
-    model_name = registry.canonical_name(name)
+    if classes is None and head in ("classifier", "all"):
+        raise ValueError(
+            f"{name!r} is an encoder without classification head (self-supervised "
+            "pre-training): pass num_classes=N to start a new head for fine-tuning, or load "
+            "its features (features='pooled' / 'pyramid', or the name with '_fe')."
+        )
+    model_name = resolved.name
     with dtype_policy(precision) if precision else contextlib.nullcontext():
         model = build_model(
             resolved.variant,

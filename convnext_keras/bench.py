@@ -532,7 +532,7 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
 
 def flops_per_image(variant: str | registry.Variant, resolution: int) -> float:
     """Forward FLOPs (2 per multiply-add) of one image: convolutions, matmuls and the head."""
-    spec = registry.VARIANTS[variant] if isinstance(variant, str) else variant
+    spec = registry.variant(variant)
     side = resolution // registry.STEM_PATCH
     macs = side * side * registry.STEM_PATCH**2 * 3 * spec.dims[0]
     k2 = registry.DWCONV_KERNEL**2

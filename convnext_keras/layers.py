@@ -46,6 +46,55 @@ class LayerScale(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
+class GlobalResponseNormalization(keras.layers.Layer):
+    """Global Response Normalization (GRN) of ConvNeXt V2, on NHWC inputs.
+
+    Per sample and channel ``G = ||x||_2`` over height and width, ``N = G / (mean_c G + eps)``
+    and ``out = gamma * (x * N) + beta + x`` with per-channel ``gamma`` and ``beta``, both
+    initialised to zero (the block starts as without GRN).  Source: Woo et al., "ConvNeXt V2"
+    (arXiv:2301.00808), eq. 1-3; facebookresearch/ConvNeXt-V2 ``models/utils.py``, ``GRN``.
+
+    Input and output: ``(batch, height, width, channels)`` in the compute dtype.  The norms and
+    the whole affine step are computed in float32 under every dtype policy: a sum of squares
+    over a 56x56 map overflows float16 (and loses most digits in bfloat16).  The gradient is
+    finite for an all-zero channel (whose output is zero either way), where ``d sqrt / d s``
+    at ``s = 0`` would be infinite.
+    """
+
+    #: Sums of squares below this count as this when taking the square root (keeps the
+    #: gradient finite; ``sqrt(1e-30) = 1e-15`` changes no output that is not zero anyway).
+    _TINY = 1e-30
+
+    def __init__(self, epsilon: float = 1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = float(epsilon)
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        self.gamma = self.add_weight(
+            name="gamma", shape=(channels,), initializer="zeros", trainable=True
+        )
+        self.beta = self.add_weight(
+            name="beta", shape=(channels,), initializer="zeros", trainable=True
+        )
+
+    def call(self, inputs):
+        x = ops.cast(inputs, "float32")
+        squares = ops.sum(ops.square(x), axis=(1, 2), keepdims=True)
+        norm = ops.sqrt(ops.maximum(squares, self._TINY))
+        scale = norm / (ops.mean(norm, axis=-1, keepdims=True) + self.epsilon)
+        gamma = ops.cast(self.gamma, "float32")
+        beta = ops.cast(self.beta, "float32")
+        return ops.cast(gamma * (x * scale) + beta + x, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class StochasticDepth(keras.layers.Layer):
     """Drops the whole residual branch per sample with probability ``rate`` while training.
 

@@ -17,7 +17,13 @@ import keras
 import numpy as np
 
 from . import registry
-from .layers import DepthwiseConv2D, LayerScale, StochasticDepth, gelu
+from .layers import (
+    DepthwiseConv2D,
+    GlobalResponseNormalization,
+    LayerScale,
+    StochasticDepth,
+    gelu,
+)
 
 HEADS = ("classifier", "pooled", "pyramid", "all")
 #: ``precision=`` / ``--precision`` values -> Keras dtype policies.  ``bf16`` / ``fp16`` are
@@ -89,7 +95,11 @@ def _norm(name):
     return keras.layers.LayerNormalization(epsilon=registry.LAYER_NORM_EPSILON, name=name)
 
 
-def _block(x, dim, prefix, drop_path, layer_scale_init):
+def _block(x, dim, prefix, drop_path, layer_scale_init, grn=False):
+    """One ConvNeXt block: ``x + drop_path(scale(pwconv2(grn(gelu(pwconv1(LN(dwconv(x))))))))``.
+
+    ConvNeXt: no GRN, per-channel layer scale; ConvNeXt V2: GRN after the GELU, no layer scale
+    (``layer_scale_init`` None)."""
     shortcut = x
     x = DepthwiseConv2D(
         registry.DWCONV_KERNEL,
@@ -106,6 +116,8 @@ def _block(x, dim, prefix, drop_path, layer_scale_init):
         kernel_initializer=_kernel_init(),
         name=f"{prefix}_pwconv1",
     )(x)
+    if grn:
+        x = GlobalResponseNormalization(registry.GRN_EPSILON, name=f"{prefix}_grn")(x)
     x = keras.layers.Dense(dim, kernel_initializer=_kernel_init(), name=f"{prefix}_pwconv2")(x)
     if layer_scale_init is not None and layer_scale_init > 0:
         x = LayerScale(layer_scale_init, name=f"{prefix}_layer_scale")(x)
@@ -124,10 +136,12 @@ def build_model(
     layer_scale_init: float | None = registry.LAYER_SCALE_INIT,
     name: str | None = None,
 ) -> keras.Model:
-    """Build a randomly initialised ConvNeXt.
+    """Build a randomly initialised ConvNeXt (V1 or V2: the variant's block type decides).
 
     Args:
-        variant: ``"tiny"``, ``"base"``, ... (see ``registry.VARIANTS``) or a ``Variant``.
+        variant: a registry key (``"tiny"``, ``"convnextv2_tiny"``, ... see
+            ``registry.VARIANTS``), an architecture name (``"convnextv2_tiny"``) or a
+            ``Variant``.
         num_classes: size of the classification head (``head="classifier"`` only).
         head: ``"classifier"`` (logits), ``"pooled"`` (features after the head LayerNorm, as
             the TF-Hub ``_fe`` models) or ``"pyramid"`` (dict of the 4 stage outputs,
@@ -135,13 +149,24 @@ def build_model(
             one pass; what Grad-CAM and multi-task users need).
         input_shape: NHWC shape without the batch axis; ``(None, None, 3)`` takes any size.
         drop_path_rate: stochastic-depth rate of the last block; rates rise linearly from 0.
-        layer_scale_init: initial layer-scale value; ``None`` or 0 disables layer scale.
-        name: model name (default ``convnext_<variant>``).
+        layer_scale_init: initial layer-scale value of ConvNeXt blocks; ``None`` or 0
+            disables layer scale.  ConvNeXt V2 blocks (GRN) have none: another value than
+            the default raises ``ValueError`` for them.
+        name: model name (default the architecture name, ``convnext_tiny`` /
+            ``convnextv2_tiny``).
 
     Logits and pooled features are float32 under any mixed-precision policy; pyramid outputs
     keep the compute dtype.
     """
-    spec = registry.VARIANTS[variant] if isinstance(variant, str) else variant
+    spec = registry.variant(variant)
+    grn = spec.block == "grn"
+    if grn:
+        if layer_scale_init not in (None, 0, registry.LAYER_SCALE_INIT):
+            raise ValueError(
+                f"{spec.title} blocks use Global Response Normalization and have no layer "
+                f"scale; drop layer_scale_init={layer_scale_init!r}."
+            )
+        layer_scale_init = None
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}.")
     if head == "classifier" and (not isinstance(num_classes, int) or num_classes < 1):
@@ -174,11 +199,11 @@ def build_model(
                 name=f"stage{stage}_downsample_conv",
             )(x)
         for b in range(depth):
-            x = _block(x, dim, f"stage{stage}_block{b}", rates[block_index], layer_scale_init)
+            x = _block(x, dim, f"stage{stage}_block{b}", rates[block_index], layer_scale_init, grn)
             block_index += 1
         stage_outputs[PYRAMID_OUTPUTS[stage]] = x
 
-    model_name = name or f"convnext_{spec.name}"
+    model_name = name or spec.arch_name
     if head == "pyramid":
         return keras.Model(inputs, stage_outputs, name=model_name)
     x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
@@ -203,7 +228,7 @@ def layer_names(variant: str | registry.Variant) -> dict[str, list[str]]:
     Returns ``{"stem": [...], "stage0": [...], ..., "stage3": [...], "head": [...]}``; each
     stage lists its downsampling layers (stages 1-3) then its blocks' layers in order.
     """
-    spec = registry.VARIANTS[variant] if isinstance(variant, str) else variant
+    spec = registry.variant(variant)
     groups = {"stem": ["stem_conv", "stem_norm"]}
     for stage, depth in enumerate(spec.depths):
         names = []
@@ -211,13 +236,16 @@ def layer_names(variant: str | registry.Variant) -> dict[str, list[str]]:
             names += [f"stage{stage}_downsample_norm", f"stage{stage}_downsample_conv"]
         for b in range(depth):
             p = f"stage{stage}_block{b}"
-            names += [
-                f"{p}_dwconv",
-                f"{p}_norm",
-                f"{p}_pwconv1",
-                f"{p}_pwconv2",
-                f"{p}_layer_scale",
-            ]
+            if spec.block == "grn":
+                names += [f"{p}_dwconv", f"{p}_norm", f"{p}_pwconv1", f"{p}_grn", f"{p}_pwconv2"]
+            else:
+                names += [
+                    f"{p}_dwconv",
+                    f"{p}_norm",
+                    f"{p}_pwconv1",
+                    f"{p}_pwconv2",
+                    f"{p}_layer_scale",
+                ]
         groups[f"stage{stage}"] = names
     groups["head"] = ["head_norm", "head_fc"]
     return groups
@@ -226,13 +254,16 @@ def layer_names(variant: str | registry.Variant) -> dict[str, list[str]]:
 def variant_of(model: keras.Model) -> registry.Variant | None:
     """The registry variant a built ConvNeXt model has, read off its layers (None if none)."""
     depths, dims = [0, 0, 0, 0], [0, 0, 0, 0]
+    block_type = "layer_scale"
     for layer in model.layers:
+        if re.fullmatch(r"stage\d_block\d+_grn", layer.name):
+            block_type = "grn"
         m = re.fullmatch(r"stage(\d)_block(\d+)_dwconv", layer.name)
         if m:
             stage, block = int(m.group(1)), int(m.group(2))
             depths[stage] = max(depths[stage], block + 1)
             dims[stage] = int(layer.kernel.shape[2])
     for spec in registry.VARIANTS.values():
-        if spec.depths == tuple(depths) and spec.dims == tuple(dims):
+        if spec.depths == tuple(depths) and spec.dims == tuple(dims) and spec.block == block_type:
             return spec
     return None

@@ -1,12 +1,25 @@
-"""The single table of ConvNeXt architectures and official checkpoints.
+"""The single table of ConvNeXt architectures and released checkpoints.
 
-Every fact about a variant (depths, widths) or a released checkpoint (file name, head size,
-resolution, crop, reported accuracy) lives here and nowhere else.  Everything else in the
-package derives what it needs from these entries.
+Every fact about a family (paper, code, weights licence), a variant (depths, widths, block
+type) or a released checkpoint (source, head size, resolution, evaluation transform, licence,
+reported accuracy) lives here and nowhere else.  Everything else in the package derives what it
+needs from these entries.  This module imports no Keras (``convnext list`` reads it alone).
 
-Checkpoints are the 21 files released by facebookresearch/ConvNeXt
-(https://github.com/facebookresearch/ConvNeXt#results-and-pre-trained-models), named as in the
-TF-Hub ConvNeXt collection (``21k`` where the files say ``22k``; both spellings are accepted).
+Checkpoints:
+
+* the 21 files released by facebookresearch/ConvNeXt
+  (https://github.com/facebookresearch/ConvNeXt#results-and-pre-trained-models), named as in the
+  TF-Hub ConvNeXt collection (``21k`` where the files say ``22k``; both spellings are accepted);
+* the 26 files released by facebookresearch/ConvNeXt-V2
+  (https://github.com/facebookresearch/ConvNeXt-V2#results-and-pre-trained-models): the FCMAE
+  self-supervised encoders ``convnextv2_<size>_fcmae``, the ImageNet-1k fine-tuned
+  ``convnextv2_<size>_1k_224`` and the ImageNet-22k -> 1k fine-tuned
+  ``convnextv2_<size>_21k_1k_<res>`` (the collection's spelling of the files'
+  ``convnextv2_<size>_22k_<res>_ema.pt``; the file spellings are accepted too).
+
+Rows are of one type, :class:`Checkpoint`, whatever the family: a new family (isotropic, DINOv3,
+timm's, segmentation backbones) adds a :class:`Family`, its :class:`Variant` rows when its
+architecture is new, and :class:`Checkpoint` rows whose :class:`Source` says where the file is.
 """
 
 from __future__ import annotations
@@ -46,19 +59,87 @@ DEFAULT_INTERPOLATION = "bicubic"
 NUM_CLASSES_1K = 1000
 NUM_CLASSES_21K = 21841
 
-#: Stochastic-depth rates of the original's ImageNet-22k -> 1k fine-tuning commands
-#: (facebookresearch/ConvNeXt TRAINING.md, "Fine-tune from ImageNet-22K pre-training"; the same
-#: at 224 and 384).  Variants without an entry have no published fine-tuning rate.
-FINETUNE_DROP_PATH = {"base": 0.2, "large": 0.3, "xlarge": 0.4}
+#: Epsilon of Global Response Normalization (ConvNeXt V2 ``models/utils.py``, ``GRN``).
+GRN_EPSILON = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Families
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A published line of ConvNeXt models: its paper, its code and its weights' licence."""
+
+    name: str
+    #: How the paper writes the name ("ConvNeXt", "ConvNeXt V2").
+    title: str
+    paper: str
+    #: The citation, as a model card prints it.
+    citation: str
+    #: The original code (and weights) repository.
+    original: str
+    #: SPDX identifier of the weights' licence, and where to read it.
+    licence: str
+    licence_url: str
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(
+            "convnext",
+            "ConvNeXt",
+            "https://arxiv.org/abs/2201.03545",
+            "Zhuang Liu, Hanzi Mao, Chao-Yuan Wu, Christoph Feichtenhofer, Trevor Darrell, "
+            'Saining Xie. "A ConvNet for the 2020s." CVPR 2022. arXiv:2201.03545',
+            "https://github.com/facebookresearch/ConvNeXt",
+            "MIT",
+            "https://github.com/facebookresearch/ConvNeXt/blob/main/LICENSE",
+        ),
+        Family(
+            "convnextv2",
+            "ConvNeXt V2",
+            "https://arxiv.org/abs/2301.00808",
+            "Sanghyun Woo, Shoubhik Debnath, Ronghang Hu, Xinlei Chen, Zhuang Liu, In So Kweon, "
+            'Saining Xie. "ConvNeXt V2: Co-designing and Scaling ConvNets with Masked '
+            'Autoencoders." CVPR 2023. arXiv:2301.00808',
+            "https://github.com/facebookresearch/ConvNeXt-V2",
+            # README "License": the code is MIT, the ImageNet pre-trained and fine-tuned weights
+            # are CC BY-NC 4.0.
+            "CC-BY-NC-4.0",
+            "https://creativecommons.org/licenses/by-nc/4.0/",
+        ),
+    )
+}
+
+# ---------------------------------------------------------------------------------------------
+# Architectures
+
+#: Block types: ``"layer_scale"`` (ConvNeXt: dwconv, LN, MLP, per-channel layer scale) and
+#: ``"grn"`` (ConvNeXt V2: the same block with Global Response Normalization after the GELU
+#: and no layer scale).
+BLOCKS = ("layer_scale", "grn")
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """An architecture: blocks per stage and channel width per stage."""
+    """An architecture: blocks per stage, channel width per stage and the block type.
+
+    ``name`` is the registry key.  ConvNeXt's keep their bare size names (``"tiny"``); the
+    sizes of later families are qualified by the family (``"convnextv2_tiny"``), since V1 and
+    V2 share size names and widths but not blocks.
+    """
 
     name: str
-    depths: tuple[int, int, int, int]
-    dims: tuple[int, int, int, int]
+    depths: tuple[int, ...]
+    dims: tuple[int, ...]
+    family: str = "convnext"
+    block: str = "layer_scale"
+
+    def __post_init__(self):
+        if self.block not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}.")
 
     @property
     def num_blocks(self) -> int:
@@ -68,23 +149,118 @@ class Variant:
     def num_features(self) -> int:
         return self.dims[-1]
 
+    @property
+    def size(self) -> str:
+        """The size name without the family: ``"tiny"``."""
+        return self.name.removeprefix(f"{self.family}_")
+
+    @property
+    def arch_name(self) -> str:
+        """The architecture's model name (no weights): ``convnext_tiny``, ``convnextv2_tiny``."""
+        return f"{self.family}_{self.size}"
+
+    @property
+    def title(self) -> str:
+        """For messages and model cards: ``ConvNeXt-tiny``, ``ConvNeXt V2-tiny``."""
+        return f"{FAMILIES[self.family].title}-{self.size}"
+
 
 # facebookresearch/ConvNeXt models/convnext.py for tiny..xlarge; timm's convnext.py for the
-# small edge variants (atto/femto/pico/nano).
+# small edge variants (atto/femto/pico/nano); facebookresearch/ConvNeXt-V2 models/convnextv2.py
+# for every V2 size.
+_V1_SIZES = {
+    "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
+    "femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
+    "pico": ((2, 2, 6, 2), (64, 128, 256, 512)),
+    "nano": ((2, 2, 8, 2), (80, 160, 320, 640)),
+    "tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
+    "small": ((3, 3, 27, 3), (96, 192, 384, 768)),
+    "base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
+    "large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
+    "xlarge": ((3, 3, 27, 3), (256, 512, 1024, 2048)),
+}
+_V2_SIZES = ("atto", "femto", "pico", "nano", "tiny", "base", "large", "huge")
+_V2_ONLY = {"huge": ((3, 3, 27, 3), (352, 704, 1408, 2816))}
+
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
-        Variant("atto", (2, 2, 6, 2), (40, 80, 160, 320)),
-        Variant("femto", (2, 2, 6, 2), (48, 96, 192, 384)),
-        Variant("pico", (2, 2, 6, 2), (64, 128, 256, 512)),
-        Variant("nano", (2, 2, 8, 2), (80, 160, 320, 640)),
-        Variant("tiny", (3, 3, 9, 3), (96, 192, 384, 768)),
-        Variant("small", (3, 3, 27, 3), (96, 192, 384, 768)),
-        Variant("base", (3, 3, 27, 3), (128, 256, 512, 1024)),
-        Variant("large", (3, 3, 27, 3), (192, 384, 768, 1536)),
-        Variant("xlarge", (3, 3, 27, 3), (256, 512, 1024, 2048)),
+        *(Variant(size, *shape) for size, shape in _V1_SIZES.items()),
+        *(
+            Variant(
+                f"convnextv2_{size}", *(_V1_SIZES.get(size) or _V2_ONLY[size]), "convnextv2", "grn"
+            )
+            for size in _V2_SIZES
+        ),
     )
 }
+
+
+def _by_arch_name() -> dict[str, Variant]:
+    # Computed on each call: tests and extensions may add rows to VARIANTS.
+    return {v.arch_name: v for v in VARIANTS.values()}
+
+
+def variant(spec: str | Variant) -> Variant:
+    """The :class:`Variant` of a registry key (``"tiny"``, ``"convnextv2_tiny"``), an
+    architecture name (``"convnext_tiny"``) or a ``Variant`` (returned as is).
+
+    Raises ``ValueError`` naming the choices for anything else.
+    """
+    if isinstance(spec, Variant):
+        return spec
+    found = VARIANTS.get(spec) or _by_arch_name().get(spec)
+    if found is None:
+        raise ValueError(
+            f"Unknown ConvNeXt variant {spec!r}; choose one of {', '.join(VARIANTS)} (or an "
+            f"architecture name such as {', '.join(list(_by_arch_name())[:2])})."
+        )
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where a checkpoint file is published.
+
+    ``repo`` None: ``path`` is relative to the official server (:data:`OFFICIAL_BASE_URL`, or
+    ``$CONVNEXT_BASE_URL`` for a mirror that keeps the official paths).  Otherwise ``path`` is a
+    file of the Hugging Face Hub repository ``repo`` at ``revision`` (a commit, pinned).
+    """
+
+    path: str
+    repo: str | None = None
+    revision: str | None = None
+
+    @property
+    def filename(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def url(self) -> str:
+        if self.repo is not None:
+            return (
+                f"https://huggingface.co/{self.repo}/resolve/{self.revision or 'main'}/{self.path}"
+            )
+        base = os.environ.get("CONVNEXT_BASE_URL") or OFFICIAL_BASE_URL
+        return base.rstrip("/") + "/" + self.path
+
+    @property
+    def cache_name(self) -> str:
+        """Relative path of the downloaded file in the cache (unique across sources)."""
+        if self.repo is None:
+            return self.path
+        return f"hf/{self.repo}/{self.revision or 'main'}/{self.path}"
+
+
+def official_crop_pct(resolution: int) -> float:
+    """The official evaluation's crop (ConvNeXt and ConvNeXt V2 ``build_transform``): resize the
+    shorter side to ``res / 0.875`` and centre-crop below 384; at 384 and above it warps the
+    image to ``res x res`` (no crop: 1.0)."""
+    return 1.0 if resolution >= SQUASH_RESOLUTION else EVAL_CROP_PCT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,33 +268,61 @@ class Checkpoint:
     """One released checkpoint and everything needed to use it faithfully."""
 
     name: str
+    #: Registry key of the architecture (``VARIANTS``).
     variant: str
-    num_classes: int
+    #: Size of the classification head; None for an encoder without head (FCMAE).
+    num_classes: int | None
     resolution: int
-    #: Pre-training data: "imagenet-1k", "imagenet-21k", or "imagenet-21k -> imagenet-1k".
+    #: Training data, e.g. ``"imagenet-1k"``, ``"imagenet-21k -> imagenet-1k"``,
+    #: ``"fcmae imagenet-1k"`` (self-supervised), ``"fcmae -> imagenet-1k"``.
     dataset: str
-    filename: str
-    #: Top-1 accuracy on ImageNet-1k val reported by facebookresearch/ConvNeXt (None for 21k heads).
+    source: Source
+    #: Top-1 accuracy on ImageNet-1k val as the original reports it (None: no 1k head).
     reported_acc1: float | None
+    #: The evaluation transform: centre-crop fraction and resampling filter.
+    crop_pct: float
     interpolation: str = DEFAULT_INTERPOLATION
+    family: str = "convnext"
+    #: SPDX identifier of the weights' licence.
+    licence: str = "MIT"
 
     @property
-    def crop_pct(self) -> float:
-        # The official eval (main.py, build_transform): resize shorter side to res / 0.875 and
-        # centre-crop below 384; at 384 it warps to res x res without a crop.
-        return 1.0 if self.resolution >= SQUASH_RESOLUTION else EVAL_CROP_PCT
+    def filename(self) -> str:
+        """The published file name (``convnext_tiny_1k_224_ema.pth``)."""
+        return self.source.filename
 
     @property
     def url(self) -> str:
-        base = os.environ.get("CONVNEXT_BASE_URL") or OFFICIAL_BASE_URL
-        return base.rstrip("/") + "/" + self.filename
+        return self.source.url
 
     @property
     def spec(self) -> Variant:
         return VARIANTS[self.variant]
 
+    @property
+    def has_head(self) -> bool:
+        return self.num_classes is not None
 
-def _official_checkpoints() -> dict[str, Checkpoint]:
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        """Other accepted spellings: the file's stem, with and without ``_ema``."""
+        stem = canonical_name(self.filename.split(".", 1)[0])
+        return tuple(a for a in dict.fromkeys((stem, stem.removesuffix("_ema"))) if a != self.name)
+
+
+def _v1_checkpoints() -> list[Checkpoint]:
+    def row(name, size, classes, res, dataset, filename, acc):
+        return Checkpoint(
+            name,
+            size,
+            classes,
+            res,
+            dataset,
+            Source(filename),
+            acc,
+            official_crop_pct(res),
+        )
+
     table = []
     # ImageNet-1k trained (filename, reported acc@1 at 224 / 384).
     acc_1k_224 = {"tiny": 82.1, "small": 83.1, "base": 83.8, "large": 84.3}
@@ -128,7 +332,7 @@ def _official_checkpoints() -> dict[str, Checkpoint]:
     acc_22k_1k_384 = {"tiny": 84.1, "small": 85.8, "base": 86.8, "large": 87.5, "xlarge": 87.8}
     for size, acc in acc_1k_224.items():
         table.append(
-            Checkpoint(
+            row(
                 f"convnext_{size}_1k_224",
                 size,
                 NUM_CLASSES_1K,
@@ -140,7 +344,7 @@ def _official_checkpoints() -> dict[str, Checkpoint]:
         )
     for size, acc in acc_1k_384.items():
         table.append(
-            Checkpoint(
+            row(
                 f"convnext_{size}_1k_384",
                 size,
                 NUM_CLASSES_1K,
@@ -152,7 +356,7 @@ def _official_checkpoints() -> dict[str, Checkpoint]:
         )
     for size in acc_22k_1k_224:
         table.append(
-            Checkpoint(
+            row(
                 f"convnext_{size}_21k_224",
                 size,
                 NUM_CLASSES_21K,
@@ -166,7 +370,7 @@ def _official_checkpoints() -> dict[str, Checkpoint]:
         for size, acc in accs.items():
             ema = "_ema" if size == "xlarge" else ""
             table.append(
-                Checkpoint(
+                row(
                     f"convnext_{size}_21k_1k_{res}",
                     size,
                     NUM_CLASSES_1K,
@@ -176,13 +380,157 @@ def _official_checkpoints() -> dict[str, Checkpoint]:
                     acc,
                 )
             )
-    return {c.name: c for c in table}
+    return table
 
 
-CHECKPOINTS: dict[str, Checkpoint] = _official_checkpoints()
+def _v2_checkpoints() -> list[Checkpoint]:
+    """facebookresearch/ConvNeXt-V2 README, "Results and Pre-trained Models" (acc@1 as listed
+    there; the eval transform is ``datasets.py``'s, the same as ConvNeXt's)."""
+    family = FAMILIES["convnextv2"]
+
+    def row(name, size, classes, res, dataset, path, acc):
+        return Checkpoint(
+            name,
+            f"convnextv2_{size}",
+            classes,
+            res,
+            dataset,
+            Source(f"convnextv2/{path}"),
+            acc,
+            official_crop_pct(res),
+            family=family.name,
+            licence=family.licence,
+        )
+
+    acc_1k = {
+        "atto": 76.7,
+        "femto": 78.5,
+        "pico": 80.3,
+        "nano": 81.9,
+        "tiny": 83.0,
+        "base": 84.9,
+        "large": 85.8,
+        "huge": 86.3,
+    }
+    acc_22k = {
+        ("nano", 224): 82.1,
+        ("nano", 384): 83.4,
+        ("tiny", 224): 83.9,
+        ("tiny", 384): 85.1,
+        ("base", 224): 86.8,
+        ("base", 384): 87.7,
+        ("large", 224): 87.3,
+        ("large", 384): 88.2,
+        ("huge", 384): 88.7,
+        ("huge", 512): 88.9,
+    }
+    table = [
+        row(
+            f"convnextv2_{size}_fcmae",
+            size,
+            None,
+            224,
+            "fcmae imagenet-1k",
+            f"pt_only/convnextv2_{size}_1k_224_fcmae.pt",
+            None,
+        )
+        for size in _V2_SIZES
+    ]
+    table += [
+        row(
+            f"convnextv2_{size}_1k_224",
+            size,
+            NUM_CLASSES_1K,
+            224,
+            "fcmae -> imagenet-1k",
+            f"im1k/convnextv2_{size}_1k_224_ema.pt",
+            acc,
+        )
+        for size, acc in acc_1k.items()
+    ]
+    table += [
+        row(
+            f"convnextv2_{size}_21k_1k_{res}",
+            size,
+            NUM_CLASSES_1K,
+            res,
+            "fcmae -> imagenet-21k -> imagenet-1k",
+            f"im22k/convnextv2_{size}_22k_{res}_ema.pt",
+            acc,
+        )
+        for (size, res), acc in acc_22k.items()
+    ]
+    return table
+
+
+CHECKPOINTS: dict[str, Checkpoint] = {c.name: c for c in _v1_checkpoints() + _v2_checkpoints()}
+
 
 #: Suffix that turns a checkpoint name into its feature-extractor twin (TF-Hub convention).
 FEATURE_EXTRACTOR_SUFFIX = "_fe"
+
+
+def families(family: str | None = None) -> list[str]:
+    """Checkpoint names of one family (all when None), in registry order."""
+    return [c.name for c in CHECKPOINTS.values() if family in (None, c.family)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning settings
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneDefaults:
+    """A variant's published fine-tuning settings; None fields keep the library's defaults
+    (ConvNeXt's ImageNet-22k -> 1k recipe, ``finetune.Recipe``)."""
+
+    drop_path: float
+    #: ``"group"``: 12 groups of blocks, the last of them the head's neighbours (ConvNeXt's
+    #: ``optim_factory.py``; ConvNeXt V2's for base and larger); ``"single"``: one group per
+    #: block (ConvNeXt V2's for atto..tiny).
+    layer_decay_type: str = "group"
+    layer_decay: float | None = None
+    #: Learning rate per 256 images (the original's ``--blr``): ``lr = base_lr * batch / 256``.
+    base_lr: float | None = None
+    weight_decay: float | None = None
+    #: Where the numbers come from.
+    source: str = ""
+
+
+_V1_TRAINING = "facebookresearch/ConvNeXt TRAINING.md, ImageNet-22K -> 1K fine-tuning"
+_V2_TRAINING = "facebookresearch/ConvNeXt-V2 TRAINING.md, ImageNet-1K fine-tuning"
+_V2_ATTO = FinetuneDefaults(0.1, "single", 0.9, 2e-4, 0.3, f"{_V2_TRAINING}, ConvNeXt V2-Atto")
+_V2_TINY = FinetuneDefaults(0.2, "single", 0.9, 8e-4, 0.05, f"{_V2_TRAINING}, ConvNeXt V2-Tiny")
+_V2_BASE = FinetuneDefaults(0.1, "group", 0.6, 6.25e-4, 0.05, f"{_V2_TRAINING}, ConvNeXt V2-Base")
+
+
+def _carried(defaults: FinetuneDefaults, from_size: str) -> FinetuneDefaults:
+    return dataclasses.replace(
+        defaults,
+        source=f"{from_size}'s ({_V2_TRAINING} publishes no command for this size)",
+    )
+
+
+#: Variants with published (or, for the V2 sizes TRAINING.md leaves out, the nearest published)
+#: fine-tuning settings.  ConvNeXt: stochastic depth of the 22k -> 1k commands (the same at 224
+#: and 384).  ConvNeXt V2: the atto, tiny and base commands; femto/pico/nano take atto's, large
+#: and huge base's (the layer-decay scheme the paper gives for those sizes).
+FINETUNE: dict[str, FinetuneDefaults] = {
+    "base": FinetuneDefaults(0.2, source=_V1_TRAINING),
+    "large": FinetuneDefaults(0.3, source=_V1_TRAINING),
+    "xlarge": FinetuneDefaults(0.4, source=_V1_TRAINING),
+    "convnextv2_atto": _V2_ATTO,
+    "convnextv2_femto": _carried(_V2_ATTO, "atto"),
+    "convnextv2_pico": _carried(_V2_ATTO, "atto"),
+    "convnextv2_nano": _carried(_V2_ATTO, "atto"),
+    "convnextv2_tiny": _V2_TINY,
+    "convnextv2_base": _V2_BASE,
+    "convnextv2_large": _carried(_V2_BASE, "base"),
+    "convnextv2_huge": _carried(_V2_BASE, "base"),
+}
+
+# ---------------------------------------------------------------------------------------------
+# Names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,11 +540,15 @@ class ResolvedName:
     #: The checkpoint entry, or None for an architecture-only name such as ``convnext_atto``.
     checkpoint: Checkpoint | None
     variant: Variant
-    #: "classifier" or "pooled" (``_fe`` names).
+    #: "classifier", "pooled" (``_fe`` names) or "pyramid" (an encoder without head, FCMAE).
     head: str
+    #: The name in the registry's spelling (``convnextv2_tiny_22k_384_ema_fe`` ->
+    #: ``convnextv2_tiny_21k_1k_384_fe``).
+    name: str = ""
 
     @property
-    def num_classes(self) -> int:
+    def num_classes(self) -> int | None:
+        """The head size (None for an encoder without head)."""
         return self.checkpoint.num_classes if self.checkpoint else NUM_CLASSES_1K
 
     @property
@@ -214,18 +566,39 @@ def canonical_name(name: str) -> str:
     return re.sub(r"_22k(?=_|$)", "_21k", key)
 
 
+def _aliases() -> dict[str, str]:
+    aliases = {}
+    for c in CHECKPOINTS.values():
+        for alias in c.aliases:
+            if alias in CHECKPOINTS or aliases.get(alias, c.name) != c.name:
+                raise RuntimeError(f"registry: alias {alias!r} of {c.name} is taken")
+            aliases[alias] = c.name
+    return aliases
+
+
+#: Other spellings (the published file names) -> checkpoint name.
+ALIASES: dict[str, str] = _aliases()
+
+
 def resolve(name: str) -> ResolvedName:
-    """Parse a model name: a checkpoint, its ``_fe`` twin, or a bare variant (``convnext_tiny``)."""
+    """Parse a model name: a checkpoint (or a file-name spelling of it), its ``_fe`` twin, or a
+    bare architecture (``convnext_tiny``, ``convnextv2_tiny``)."""
     key = canonical_name(name)
-    head = "classifier"
+    head, suffix = None, ""
     if key.endswith(FEATURE_EXTRACTOR_SUFFIX):
-        key, head = key[: -len(FEATURE_EXTRACTOR_SUFFIX)], "pooled"
+        key, head, suffix = (
+            key[: -len(FEATURE_EXTRACTOR_SUFFIX)],
+            "pooled",
+            FEATURE_EXTRACTOR_SUFFIX,
+        )
+    key = ALIASES.get(key, key)
     if key in CHECKPOINTS:
         ckpt = CHECKPOINTS[key]
-        return ResolvedName(ckpt, ckpt.spec, head)
-    bare = key.removeprefix("convnext_")
-    if bare in VARIANTS:
-        return ResolvedName(None, VARIANTS[bare], head)
+        default = "classifier" if ckpt.has_head else "pyramid"
+        return ResolvedName(ckpt, ckpt.spec, head or default, key + suffix)
+    spec = _by_arch_name().get(key)
+    if spec is not None:
+        return ResolvedName(None, spec, head or "classifier", key + suffix)
     choices = model_names()
     close = difflib.get_close_matches(key, choices, n=3, cutoff=0.6)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -233,7 +606,7 @@ def resolve(name: str) -> ResolvedName:
         f"Unknown model name {name!r}.{hint} Run `convnext list` (or "
         f"convnext_keras.list_models()) for the {len(CHECKPOINTS)} checkpoints; add "
         f"'{FEATURE_EXTRACTOR_SUFFIX}' for a feature extractor, or use an architecture name "
-        f"({', '.join('convnext_' + v for v in VARIANTS)}) with weights=None or a local file."
+        f"({', '.join(_by_arch_name())}) with weights=None or a local file."
     )
 
 
@@ -243,14 +616,15 @@ def model_names(include_fe: bool = True, include_variants: bool = False) -> list
     if include_fe:
         names += [n + FEATURE_EXTRACTOR_SUFFIX for n in CHECKPOINTS]
     if include_variants:
-        names += ["convnext_" + v for v in VARIANTS]
+        names += list(_by_arch_name())
     return names
 
 
-def checkpoints_for(variant: str, num_classes: int | None = None) -> list[str]:
-    """Checkpoint names of a variant (optionally with a given head size), for error hints."""
+def checkpoints_for(variant: str, num_classes: int | None = ...) -> list[str]:
+    """Checkpoint names of a variant (optionally with a given head size; None: encoders
+    without head), for error hints."""
     return [
         c.name
         for c in CHECKPOINTS.values()
-        if c.variant == variant and (num_classes is None or c.num_classes == num_classes)
+        if c.variant == variant and (num_classes is ... or c.num_classes == num_classes)
     ]

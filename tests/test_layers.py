@@ -1,6 +1,7 @@
 """The library's layers: DepthwiseConv2D's shifted-sum, "xla" and native paths compute the
 same function (and gradients); the GELU is the exact (erf) one in every dtype and survives
-serialization."""
+serialization; Global Response Normalization (ConvNeXt V2) is the paper's formula, in float32
+under mixed precision, with finite gradients."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from convnext_keras.layers import DepthwiseConv2D, gelu
+from convnext_keras.layers import DepthwiseConv2D, GlobalResponseNormalization, gelu
 
 
 def _pair(kernel=7, **kwargs):
@@ -189,6 +190,101 @@ def test_gelu_serializes_by_registered_name(tmp_path):
     loaded = keras.saving.load_model(path)
     assert loaded.layers[1].activation is gelu
     x = np.random.default_rng(0).standard_normal((2, 4)).astype("float32")
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(loaded(x)), keras.ops.convert_to_numpy(model(x)), atol=1e-6
+    )
+
+
+def _grn_reference(x, gamma, beta, eps=1e-6):
+    """ConvNeXt V2 eq. 1-3 in float64 numpy: G = ||x||_2 over H, W; N = G / (mean_c G + eps)."""
+    x = x.astype(np.float64)
+    g = np.sqrt((x**2).sum(axis=(1, 2), keepdims=True))
+    n = g / (g.mean(axis=-1, keepdims=True) + eps)
+    return gamma * (x * n) + beta + x
+
+
+def _grn(x, policy="float32"):
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        layer = GlobalResponseNormalization()
+        layer.build(x.shape)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    rng = np.random.default_rng(4)
+    layer.set_weights([rng.standard_normal(x.shape[-1]).astype("float32") for _ in range(2)])
+    return layer
+
+
+@pytest.mark.backends
+def test_grn_is_the_papers_formula():
+    x = np.random.default_rng(3).standard_normal((2, 5, 7, 6)).astype("float32")
+    layer = _grn(x)
+    gamma, beta = (keras.ops.convert_to_numpy(w) for w in layer.weights)
+    expected = _grn_reference(x, gamma, beta)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), expected, atol=1e-5)
+    # zero-initialised scale and shift: the identity
+    fresh = GlobalResponseNormalization()
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(fresh(x)), x)
+
+
+@pytest.mark.backends
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_grn_statistics_in_float32_under_mixed_precision(policy):
+    """A 56x56 map of values ~30: its sum of squares (~2.8e6) overflows float16's 65504."""
+    x = (30 + np.random.default_rng(5).standard_normal((1, 56, 56, 8))).astype("float32")
+    layer = _grn(x, policy)
+    assert keras.backend.standardize_dtype(layer.gamma.dtype) == "float32"
+    out = layer(keras.ops.cast(x, layer.compute_dtype))
+    assert keras.backend.standardize_dtype(out.dtype) == layer.compute_dtype
+    out = keras.ops.convert_to_numpy(keras.ops.cast(out, "float32"))
+    gamma, beta = (keras.ops.convert_to_numpy(w) for w in layer.weights)
+    x16 = keras.ops.convert_to_numpy(
+        keras.ops.cast(keras.ops.cast(x, layer.compute_dtype), "float32")
+    )
+    expected = _grn_reference(x16, gamma, beta)
+    assert np.isfinite(out).all()
+    assert np.abs(out - expected).max() / np.abs(expected).max() < 1e-2
+
+
+@pytest.mark.backends
+def test_grn_gradient_is_finite_for_a_zero_channel():
+    x = np.random.default_rng(6).standard_normal((2, 4, 4, 3)).astype("float32")
+    x[..., 1] = 0.0
+    layer = _grn(x)
+    grads = _input_gradient(layer, x)
+    assert np.isfinite(grads).all()
+
+
+def _input_gradient(layer, x):
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        xt = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            y = tf.reduce_sum(layer(xt) ** 2)
+        return tape.gradient(y, xt).numpy()
+    if backend == "jax":
+        import jax
+
+        return np.asarray(jax.grad(lambda v: (layer(v) ** 2).sum())(x))
+    import torch
+
+    xt = torch.tensor(x, requires_grad=True)
+    (layer(xt) ** 2).sum().backward()
+    return xt.grad.numpy()
+
+
+def test_grn_survives_serialization(tmp_path):
+    x = np.random.default_rng(7).standard_normal((1, 6, 6, 4)).astype("float32")
+    inputs = keras.Input((None, None, 4))
+    model = keras.Model(inputs, GlobalResponseNormalization(epsilon=1e-5, name="grn")(inputs))
+    model.get_layer("grn").set_weights([np.full(4, 0.5, "float32"), np.full(4, 0.1, "float32")])
+    model.save(tmp_path / "grn.keras")
+    loaded = keras.saving.load_model(tmp_path / "grn.keras")
+    assert loaded.get_layer("grn").epsilon == 1e-5
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(loaded(x)), keras.ops.convert_to_numpy(model(x)), atol=1e-6
     )

@@ -16,6 +16,34 @@ def test_tiny_parameter_count_matches_original():
     assert ck.build_model("tiny").count_params() == 28_589_128
 
 
+def test_v2_tiny_parameter_count_matches_original():
+    # facebookresearch/ConvNeXt-V2 ConvNeXt V2-T with a 1000-class head (transformers'
+    # ConvNextV2 has the same count: test_equality checks every size against it).
+    assert ck.build_model("convnextv2_tiny").count_params() == 28_635_496
+
+
+def test_v2_block_is_the_v1_block_with_grn_and_no_layer_scale():
+    v1, v2 = ck.build_model("atto", head="pooled"), ck.build_model("convnextv2_atto", head="pooled")
+    assert v2.name == "convnextv2_atto" and v1.name == "convnext_atto"
+    names = [layer.name for layer in v2.layers if layer.name.startswith("stage0_block0_")]
+    assert names == [
+        "stage0_block0_dwconv",
+        "stage0_block0_norm",
+        "stage0_block0_pwconv1",
+        "stage0_block0_grn",
+        "stage0_block0_pwconv2",
+        "stage0_block0_add",
+    ]
+    assert not any(isinstance(layer, ck.LayerScale) for layer in v2.layers)
+    grn = v2.get_layer("stage2_block3_grn")
+    assert isinstance(grn, ck.GlobalResponseNormalization) and grn.epsilon == 1e-6
+    assert grn.gamma.shape == (4 * 160,)  # after the 4x expansion
+    assert variant_of(v2) is registry.VARIANTS["convnextv2_atto"]
+    assert variant_of(v1) is registry.VARIANTS["atto"]
+    with pytest.raises(ValueError, match="no layer scale"):
+        ck.build_model("convnextv2_atto", layer_scale_init=0.1)
+
+
 @pytest.mark.parametrize("variant", ["atto", "femto", "pico", "nano"])
 def test_edge_variant_parameter_counts(variant):
     model = ck.build_model(variant, num_classes=10)
@@ -81,12 +109,13 @@ def test_initialisation_matches_original():
     np.testing.assert_array_equal(gamma, np.full(384, 1e-6, "float32"))
 
 
-def test_layer_names_cover_every_weight():
-    model = ck.build_model("nano")
-    named = {n for group in layer_names("nano").values() for n in group}
+@pytest.mark.parametrize("variant", ["nano", "convnextv2_nano"])
+def test_layer_names_cover_every_weight(variant):
+    model = ck.build_model(variant)
+    named = {n for group in layer_names(variant).values() for n in group}
     weighted = {layer.name for layer in model.layers if layer.weights}
     assert named == weighted
-    assert variant_of(model) is registry.VARIANTS["nano"]
+    assert variant_of(model) is registry.VARIANTS[variant]
 
 
 @pytest.mark.backends
@@ -123,17 +152,19 @@ def test_save_and_load_keras_file_without_custom_objects(tmp_path):
 
 @pytest.mark.backends
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
-def test_mixed_precision(policy):
+@pytest.mark.parametrize("variant", ["atto", "convnextv2_atto"])
+def test_mixed_precision(policy, variant):
     keras.mixed_precision.set_global_policy(policy)
     try:
-        model = ck.build_model("atto", num_classes=10, head="all")
+        model = ck.build_model(variant, num_classes=10, head="all")
         x = np.random.default_rng(0).standard_normal((2, 64, 64, 3)).astype("float32")
         out = model(x, training=False)
         assert keras.backend.standardize_dtype(out["logits"].dtype) == "float32"
         assert keras.backend.standardize_dtype(out["pooled"].dtype) == "float32"
         logits = keras.ops.convert_to_numpy(out["logits"])
         assert np.isfinite(logits).all()
-        gamma = model.get_layer("stage0_block0_layer_scale").gamma
+        scale = "grn" if variant.startswith("convnextv2") else "layer_scale"
+        gamma = model.get_layer(f"stage0_block0_{scale}").gamma
         assert keras.backend.standardize_dtype(gamma.dtype) == "float32"
     finally:
         keras.mixed_precision.set_global_policy("float32")

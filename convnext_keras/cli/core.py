@@ -12,9 +12,10 @@ from ._app import echo_table, main
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--markdown", is_flag=True, help="A Markdown table (the README's model table).")
 def list_command(pattern, as_json, markdown):
-    """Show the collection: name, params, resolution, classes, reported acc@1, cached?
+    """Show the collection: name, params, resolution, classes, reported acc@1, licence, cached?
 
-    PATTERN filters names: shell-style ('convnext_base*384') or a substring ('xlarge').
+    PATTERN filters names: shell-style ('convnext_base*384', 'convnextv2*') or a substring
+    ('xlarge').  ConvNeXt V2 weights are CC-BY-NC-4.0 (non-commercial use only).
     """
     from .. import api
 
@@ -24,27 +25,28 @@ def list_command(pattern, as_json, markdown):
 
         click.echo(json.dumps(rows, indent=2))
         return
-    header = ["name", "params", "res", "classes", "pre-training", "acc@1"]
+    header = ["name", "params", "res", "classes", "pre-training", "acc@1", "licence"]
     cells = [
         [
             r["name"],
             f"{r['params'] / 1e6:.1f}M",
             r["resolution"],
-            r["classes"],
+            "-" if r["classes"] is None else r["classes"],
             r["dataset"],
             "-" if r["acc1"] is None else f"{r['acc1']:.1f}",
+            r["licence"],
         ]
         for r in rows
     ]
     if markdown:
         click.echo("| " + " | ".join(header) + " |")
-        click.echo("|" + "|".join(["---", "---:", "---:", "---:", "---", "---:"]) + "|")
+        click.echo("|" + "|".join(["---", "---:", "---:", "---:", "---", "---:", "---"]) + "|")
         for row in cells:
             click.echo("| " + " | ".join(str(c) for c in row) + " |")
         return
     echo_table(
         f"ConvNeXt collection ({len(rows)} checkpoints; add '_fe' to a name for its feature "
-        "extractor)",
+        "extractor; CC-BY-NC-4.0 weights: non-commercial use only)",
         [*header, "cached"],
         [[*row, "yes" if r["cached"] else "no"] for row, r in zip(cells, rows)],
         justify={1: "right", 2: "right", 3: "right", 5: "right"},

@@ -131,9 +131,8 @@ def resolve_recipe(**options) -> Recipe:
     if "weights" not in given:
         given["weights"] = OFFICIAL if resolved.checkpoint else None
     config = preprocess.config_for(given.get("model", Recipe.model))
-    given.setdefault(
-        "drop_path", registry.FINETUNE_DROP_PATH.get(resolved.variant.name, DEFAULT_DROP_PATH)
-    )
+    published = registry.FINETUNE.get(resolved.variant.name)
+    given.setdefault("drop_path", published.drop_path if published else DEFAULT_DROP_PATH)
     given.setdefault("resolution", config.resolution)
     given.setdefault("crop_pct", config.crop_pct)
     if "crop_scale" in given:

@@ -65,7 +65,7 @@ def layer_group(layer_name: str, stage2_depth: int) -> int:
 
 def layer_groups(variant: str | registry.Variant) -> dict[str, int]:
     """``{layer name: group}`` for every weight-carrying layer of a variant (the decay table)."""
-    spec = registry.VARIANTS[variant] if isinstance(variant, str) else variant
+    spec = registry.variant(variant)
     return {
         name: layer_group(name, spec.depths[2])
         for names in layer_names(spec).values()

@@ -3,16 +3,25 @@
 Conversion is a chain of pure functions on ``{name: numpy array}`` dictionaries:
 
     read_state_dict(path)            file -> state dict (never executes pickled code)
-    to_official_layout(sd)           official | timm | Hugging Face names -> official names
+    to_official_layout(sd)           official | timm | Hugging Face | FCMAE names -> official
     convert_state_dict(sd, variant)  official names -> {keras layer name: [weights]}
     assign_weights(model, weights)   set them on a built model, checking every layer
 
+The layouts, detected from the tensor names (never asked for): the original repositories'
+(facebookresearch/ConvNeXt and ConvNeXt-V2 ``models/convnext*.py``), timm's
+(``timm/models/convnext.py``), Hugging Face transformers' (``ConvNext*`` / ``ConvNextV2*``) and
+the sparse encoder of ConvNeXt V2's FCMAE pre-training (``models/fcmae.py``,
+``models/convnextv2_sparse.py``: MinkowskiEngine kernels).
+
 Every tensor is accounted for: missing, unexpected or wrongly shaped tensors raise a
-``CheckpointError`` naming the key, both shapes and what to do about it.
+``CheckpointError`` naming the key, both shapes and what to do about it.  A ConvNeXt checkpoint
+given to a ConvNeXt V2 name (or the reverse) is an error naming the model it fits.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 import struct
 from pathlib import Path
@@ -30,7 +39,9 @@ class UnsafeCheckpointError(CheckpointError):
     """A checkpoint whose pickle wants to run code or build objects other than tensors."""
 
 
-LAYOUTS = ("official", "timm", "huggingface")
+LAYOUTS = ("official", "timm", "huggingface", "fcmae")
+
+_LOG = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Reading files
@@ -172,6 +183,8 @@ _TIMM_RULES = [
     (r"^stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.", r"stages.\1.\2.dwconv."),
     (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc1\.", r"stages.\1.\2.pwconv1."),
     (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc2\.", r"stages.\1.\2.pwconv2."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.grn\.weight$", r"stages.\1.\2.grn.gamma"),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.grn\.bias$", r"stages.\1.\2.grn.beta"),
     (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2."),  # norm, gamma
     (r"^head\.norm\.", "norm."),
     (r"^head\.fc\.", "head."),
@@ -182,36 +195,87 @@ _HF_RULES = [
     (r"^encoder\.stages\.(\d+)\.downsampling_layer\.(\d)\.", r"downsample_layers.\1.\2."),
     (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layernorm\.", r"stages.\1.\2.norm."),
     (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer_scale_parameter$", r"stages.\1.\2.gamma"),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.grn\.weight$", r"stages.\1.\2.grn.gamma"),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.grn\.bias$", r"stages.\1.\2.grn.beta"),
     (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.", r"stages.\1.\2."),  # dwconv, pwconv1/2
     (r"^layernorm\.", "norm."),
     (r"^classifier\.", "head."),
 ]
+# FCMAE: the sparse encoder under "encoder."; MinkowskiLayerNorm / MinkowskiLinear wrap
+# nn.LayerNorm / nn.Linear as ".ln" / ".linear"; convolutions hold a ".kernel" (re-laid out by
+# _minkowski_kernel).  The stem is a dense Conv2d + LayerNorm, named as in the official layout.
+_FCMAE_RULES = [
+    (r"^encoder\.(.*)\.(ln|linear)\.(weight|bias)$", r"\1.\3"),
+    (r"^encoder\.(.*)\.kernel$", r"\1.weight"),
+    (r"^encoder\.", ""),
+]
+#: Tensors of an FCMAE file that only the pre-training uses (the decoder: 1x1 projection, mask
+#: token, one dense V2 block, pixel prediction); dropped, and listed in a debug message.
+_FCMAE_DECODER = re.compile(r"^(decoder\.|proj\.|pred\.|mask_token$)")
 
 
 def detect_layout(state_dict: dict) -> str:
-    """``"official"``, ``"timm"`` or ``"huggingface"``, from the tensor names."""
+    """``"official"``, ``"timm"``, ``"huggingface"`` or ``"fcmae"``, from the tensor names."""
     keys = list(state_dict)
-    if any(k.startswith(("convnext.embeddings.", "embeddings.patch_embeddings.")) for k in keys):
+    hf = ("convnext.embeddings.", "convnextv2.embeddings.", "embeddings.patch_embeddings.")
+    if any(k.startswith(hf) for k in keys):
         return "huggingface"
+    if any(k.startswith("encoder.downsample_layers.") for k in keys):
+        return "fcmae"
     if any(k.startswith("stem.0.") for k in keys) or any(".blocks." in k for k in keys):
         return "timm"
     if any(k.startswith("downsample_layers.0.0.") for k in keys):
         return "official"
     raise CheckpointError(
-        "Not a ConvNeXt checkpoint in a known layout (official facebookresearch/ConvNeXt, timm "
-        f"or Hugging Face transformers). First keys: {keys[:5]}"
+        "Not a ConvNeXt checkpoint in a known layout (official facebookresearch/ConvNeXt or "
+        "ConvNeXt-V2, its FCMAE pre-training, timm or Hugging Face transformers). First keys: "
+        f"{keys[:5]}"
     )
 
 
+def _minkowski_kernel(kernel: np.ndarray, key: str) -> np.ndarray:
+    """A MinkowskiEngine convolution kernel as the dense PyTorch weight it computes.
+
+    MinkowskiEngine stores a 2-D convolution's kernel as ``(k*k, in, out)`` (a depthwise one as
+    ``(k*k, channels)``), one row per kernel offset, the offsets enumerated with the first
+    spatial axis (height) fastest: row ``h + k * w``.  The dense weight is
+    ``(out, in, k, k)`` (depthwise ``(channels, 1, k, k)``).  This is the re-layout the original
+    fine-tuning applies (ConvNeXt-V2 ``utils.py``, ``remap_checkpoint_keys``).
+    """
+    side = math.isqrt(kernel.shape[0])
+    if side * side != kernel.shape[0] or kernel.ndim not in (2, 3):
+        raise CheckpointError(
+            f"{key}: shape {tuple(kernel.shape)} is not a MinkowskiEngine 2-D kernel "
+            "(k*k, in, out) or depthwise (k*k, channels)."
+        )
+    # (k*k, ...) -> (w, h, ...): row h + k * w is [w, h].
+    grid = kernel.reshape(side, side, *kernel.shape[1:])
+    if kernel.ndim == 3:  # (w, h, in, out) -> (out, in, h, w)
+        return np.ascontiguousarray(grid.transpose(3, 2, 1, 0))
+    return np.ascontiguousarray(grid.transpose(2, 1, 0)[:, None])  # (channels, 1, h, w)
+
+
+def _fcmae_value(name: str, key: str, value: np.ndarray) -> np.ndarray:
+    if key.endswith(".kernel"):
+        return _minkowski_kernel(value, key)
+    if name.endswith(".bias") and value.ndim == 2 and value.shape[0] == 1:
+        return value.reshape(-1)  # MinkowskiConvolution biases are (1, out)
+    return value
+
+
 def to_official_layout(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Rename a timm or Hugging Face state dict to the official names (detected, not asked)."""
+    """Rename a timm, Hugging Face or FCMAE state dict to the official names (detected, not
+    asked), with the official shapes (GRN parameters ``(1, 1, 1, C)``, dense kernels)."""
     layout = detect_layout(state_dict)
     if layout == "official":
         return dict(state_dict)
-    rules = _TIMM_RULES if layout == "timm" else _HF_RULES
-    out = {}
+    rules = {"timm": _TIMM_RULES, "huggingface": _HF_RULES, "fcmae": _FCMAE_RULES}[layout]
+    out, dropped = {}, []
     for key, value in state_dict.items():
-        name = key.removeprefix("convnext.") if layout == "huggingface" else key
+        if layout == "fcmae" and _FCMAE_DECODER.match(key):
+            dropped.append(key)
+            continue
+        name = re.sub(r"^convnext(v2)?\.", "", key) if layout == "huggingface" else key
         for pattern, repl in rules:
             new, n = re.subn(pattern, repl, name)
             if n:
@@ -219,10 +283,20 @@ def to_official_layout(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarra
                 break
         else:
             name = f"<{layout}>{key}"  # kept so it is reported as unexpected, by its own name
+        if layout == "fcmae":
+            value = _fcmae_value(name, key, value)
         # timm's conv_mlp variants store the MLP as 1x1 convolutions.
         if re.search(r"\.pwconv[12]\.weight$", name) and value.ndim == 4:
             value = value.reshape(value.shape[:2])
+        if re.search(r"\.grn\.(gamma|beta)$", name) and value.ndim != 4:
+            value = value.reshape(1, 1, 1, -1)  # timm: (C,); FCMAE: (1, C)
         out[name] = value
+    if dropped:
+        _LOG.debug(
+            "FCMAE checkpoint: dropped %d pre-training tensors the encoder does not use: %s",
+            len(dropped),
+            ", ".join(dropped),
+        )
     return out
 
 
@@ -245,6 +319,10 @@ def _linear(w):  # torch (out, in) -> keras (in, out)
 
 def _identity(w):
     return w
+
+
+def _grn(w):  # official (1, 1, 1, C) -> keras (C,)
+    return np.ascontiguousarray(w.reshape(-1))
 
 
 def _official_plan(spec: registry.Variant):
@@ -306,6 +384,14 @@ def _official_plan(spec: registry.Variant):
                     (f"{src}.pwconv1.bias", (hidden,), _identity),
                 ],
             )
+            if spec.block == "grn":
+                yield (
+                    f"{dst}_grn",
+                    [
+                        (f"{src}.grn.gamma", (1, 1, 1, hidden), _grn),
+                        (f"{src}.grn.beta", (1, 1, 1, hidden), _grn),
+                    ],
+                )
             yield (
                 f"{dst}_pwconv2",
                 [
@@ -313,7 +399,8 @@ def _official_plan(spec: registry.Variant):
                     (f"{src}.pwconv2.bias", (dim,), _identity),
                 ],
             )
-            yield f"{dst}_layer_scale", [(f"{src}.gamma", (dim,), _identity)]
+            if spec.block == "layer_scale":
+                yield f"{dst}_layer_scale", [(f"{src}.gamma", (dim,), _identity)]
     c = spec.num_features
     yield "head_norm", [("norm.weight", (c,), _identity), ("norm.bias", (c,), _identity)]
 
@@ -330,14 +417,30 @@ def infer_architecture(official: dict[str, np.ndarray]) -> tuple[tuple, tuple, i
     return tuple(depths), tuple(dims), (int(head.shape[0]) if head is not None else None)
 
 
+def infer_block(official: dict[str, np.ndarray]) -> str | None:
+    """The block type of an official-layout state dict: ``"grn"`` (ConvNeXt V2),
+    ``"layer_scale"`` (ConvNeXt), or None when it has neither (a ConvNeXt without layer
+    scale)."""
+    if any(re.match(r"stages\.\d+\.\d+\.grn\.", k) for k in official):
+        return "grn"
+    if any(re.match(r"stages\.\d+\.\d+\.gamma$", k) for k in official):
+        return "layer_scale"
+    return None
+
+
+_BLOCK_WORDS = {"grn": "GRN blocks", "layer_scale": "layer-scale blocks"}
+
+
 def _describe_architecture(official) -> str:
     depths, dims, classes = infer_architecture(official)
+    block = infer_block(official)
     for v in registry.VARIANTS.values():
-        if v.depths == depths and v.dims == dims:
-            names = registry.checkpoints_for(v.name, classes) or [f"convnext_{v.name}"]
+        if v.depths == depths and v.dims == dims and block in (None, v.block):
+            names = registry.checkpoints_for(v.name, classes) or [v.arch_name]
             return (
-                f"it is a ConvNeXt-{v.name} (depths {list(depths)}, dims {list(dims)}"
-                f"{f', {classes} classes' if classes else ''}): use {' or '.join(names)}"
+                f"it is a {v.title} ({_BLOCK_WORDS[v.block]}, depths {list(depths)}, dims "
+                f"{list(dims)}{f', {classes} classes' if classes else ', no head'}): use "
+                f"{' or '.join(names)}"
             )
     return f"it has depths {list(depths)} and dims {list(dims)}, which no known variant has"
 
@@ -348,20 +451,36 @@ def convert_state_dict(
     """Map a state dict in any supported layout to ``{keras layer name: [weights]}``.
 
     The classification head (``head_fc``) is included when the checkpoint has one; its size is
-    whatever the checkpoint holds (checked against the model by :func:`assign_weights`).
+    whatever the checkpoint holds (checked against the model by :func:`assign_weights`).  A
+    ConvNeXt V2 encoder without final norm and head (FCMAE pre-training) gets the final
+    LayerNorm (``head_norm``) at its initialisation, scale 1 and shift 0, as the original
+    fine-tuning starts from it.
     """
-    spec = registry.VARIANTS[variant] if isinstance(variant, str) else variant
+    spec = registry.variant(variant)
     official = to_official_layout(state_dict)
     depths, dims, _ = infer_architecture(official)
-    if (depths, dims) != (spec.depths, spec.dims) and all(depths) and all(dims):
+    block = infer_block(official)
+    same_shape = (depths, dims) == (spec.depths, spec.dims)
+    if (not same_shape and all(depths) and all(dims)) or (block and block != spec.block):
         raise CheckpointError(
-            f"The checkpoint is not a ConvNeXt-{spec.name} (depths {list(spec.depths)}, dims "
-            f"{list(spec.dims)}): {_describe_architecture(official)}."
+            f"The checkpoint is not a {spec.title} ({_BLOCK_WORDS[spec.block]}, depths "
+            f"{list(spec.depths)}, dims {list(spec.dims)}): {_describe_architecture(official)}."
         )
     weights: dict[str, list[np.ndarray]] = {}
     missing, wrong = [], []
     used = set()
+    encoder = spec.block == "grn" and not (
+        {"norm.weight", "norm.bias", "head.weight", "head.bias"} & set(official)
+    )
+    if encoder:
+        c = spec.num_features
+        weights["head_norm"] = [np.ones(c, np.float32), np.zeros(c, np.float32)]
+        _LOG.debug(
+            "%s encoder without final norm: head_norm starts at scale 1, shift 0", spec.title
+        )
     for layer, entries in _official_plan(spec):
+        if encoder and layer == "head_norm":
+            continue
         arrays = []
         for key, shape, transform in entries:
             if key not in official:
@@ -394,7 +513,7 @@ def convert_state_dict(
             ]
     unexpected = sorted(set(official) - used)
     if missing or wrong or unexpected:
-        lines = [f"The checkpoint does not fit ConvNeXt-{spec.name}:"]
+        lines = [f"The checkpoint does not fit {spec.title}:"]
         for title, items in (
             ("missing", missing),
             ("wrong shape", wrong),

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import torch
@@ -217,3 +218,140 @@ def test_convert_to_keras_file(tmp_path, tiny_reference):
     with pytest.raises(ValueError, match=r"\.keras"):
         ck.convert_checkpoint(path, "convnext_tiny_1k_224", tmp_path / "tiny.h5")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.keras"]
+
+
+# ---------------------------------------------------------------------------------------------
+# ConvNeXt V2: its layouts, the FCMAE sparse encoder, and V1/V2 mix-ups
+
+ATTO_V2 = registry.VARIANTS["convnextv2_atto"]
+
+
+@pytest.fixture(scope="module")
+def atto_v2_torch():
+    return ref.hf_v2_model(ATTO_V2.depths, ATTO_V2.dims, 1000, seed=6)
+
+
+def _assert_converted_equal(converted, expected, skip=()):
+    assert converted.keys() == expected.keys()
+    for layer in expected:
+        if layer in skip:
+            continue
+        for a, b in zip(converted[layer], expected[layer], strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=layer)
+
+
+def test_v2_layouts_are_detected(atto_v2_torch, tmp_path):
+    """Official (grn.gamma (1,1,1,C)), timm (mlp.grn.weight (C,), 1x1-conv MLP for atto),
+    Hugging Face (convnextv2.*, grn.weight) and FCMAE files convert to the same weights."""
+    m = atto_v2_torch
+    states = {
+        "official": ck.read_state_dict(ref.save_official(m, tmp_path / "o.pt")),
+        "huggingface": ck.read_state_dict(ref.save_hf(m, tmp_path / "hf")),
+        "timm": ck.read_state_dict(ref.save_timm(m, tmp_path / "t.safetensors", conv_mlp=True)),
+        "fcmae": ck.read_state_dict(ref.save_fcmae(m, tmp_path / "f.pt")),
+    }
+    official = ck.convert_state_dict(states["official"], ATTO_V2)
+    assert official["stage1_block1_grn"][0].shape == (320,)
+    for layout, state in states.items():
+        assert checkpoints.detect_layout(state) == layout
+        if layout == "fcmae":
+            continue
+        _assert_converted_equal(ck.convert_state_dict(state, "convnextv2_atto"), official)
+
+
+def _remap_as_the_original_does(kernel: torch.Tensor) -> torch.Tensor:
+    """ConvNeXt-V2 utils.py ``remap_checkpoint_keys``' arithmetic, restated in torch: a
+    (k*k, in, out) kernel -> permute to (out, in, k*k), reshape to (out, in, k, k), swap the
+    two spatial axes; a (k*k, C) depthwise kernel likewise with in = 1."""
+    if kernel.ndim == 2:
+        kernel = kernel[:, None, :]
+    kv, cin, cout = kernel.shape
+    side = int(round(kv**0.5))
+    return kernel.permute(2, 1, 0).reshape(cout, cin, side, side).transpose(3, 2)
+
+
+def test_fcmae_sparse_layout_recovers_the_dense_network(atto_v2_torch, tmp_path, caplog):
+    """The FCMAE file is built from a known dense network, kernel offset by kernel offset
+    (MinkowskiEngine's order); the conversion recovers every dense tensor exactly, transposes
+    included, and the decoder's tensors are dropped with a debug message naming them."""
+    import logging
+
+    m = atto_v2_torch
+    dense = ref.official_state_dict(m)
+    official = ck.convert_state_dict({k: v.numpy() for k, v in dense.items()}, ATTO_V2)
+    sparse = ref.fcmae_state_dict(m)
+    assert sparse["encoder.stages.1.0.dwconv.kernel"].shape == (49, 80)
+    assert sparse["encoder.downsample_layers.2.1.kernel"].shape == (4, 80, 160)
+    assert sparse["encoder.stages.3.1.grn.gamma"].shape == (1, 4 * 320)
+    for key in ("stages.1.0.dwconv.weight", "downsample_layers.2.1.weight"):
+        kernel = sparse["encoder." + key.removesuffix("weight") + "kernel"]
+        assert torch.equal(_remap_as_the_original_does(kernel), dense[key]), key
+
+    numpy_sparse = {k: v.numpy() for k, v in sparse.items()}
+    with caplog.at_level(logging.DEBUG, logger="convnext_keras.checkpoints"):
+        converted = ck.convert_state_dict(numpy_sparse, ATTO_V2)
+    _assert_converted_equal(
+        {k: v for k, v in converted.items() if k != "head_norm"},
+        {k: v for k, v in official.items() if k not in ("head_norm", "head_fc")},
+    )
+    # no final norm in an encoder: it starts at scale 1, shift 0 (the original fine-tuning's)
+    np.testing.assert_array_equal(converted["head_norm"][0], np.ones(320, "float32"))
+    np.testing.assert_array_equal(converted["head_norm"][1], np.zeros(320, "float32"))
+    dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(dropped) == 1 and "mask_token" in dropped[0] and "decoder.0.grn.gamma" in dropped[0]
+    assert "pred.weight" in dropped[0] and "proj.bias" in dropped[0]
+
+    # a kernel with its two spatial axes swapped is not recovered (the test can fail)
+    swapped = dict(numpy_sparse)
+    k = swapped["encoder.stages.0.0.dwconv.kernel"].reshape(7, 7, 40)
+    swapped["encoder.stages.0.0.dwconv.kernel"] = k.transpose(1, 0, 2).reshape(49, 40)
+    wrong = ck.convert_state_dict(swapped, ATTO_V2)["stage0_block0_dwconv"][0]
+    assert not np.array_equal(wrong, official["stage0_block0_dwconv"][0])
+
+    # encoder tensors are still all accounted for
+    extra = {**numpy_sparse, "encoder.stages.0.0.extra": np.zeros(3, "float32")}
+    with pytest.raises(ck.CheckpointError, match=r"unexpected: stages\.0\.0\.extra"):
+        ck.convert_state_dict(extra, ATTO_V2)
+    bad = {**numpy_sparse, "encoder.stages.0.0.dwconv.kernel": np.zeros((48, 40), "float32")}
+    with pytest.raises(ck.CheckpointError, match="not a MinkowskiEngine 2-D kernel"):
+        ck.convert_state_dict(bad, ATTO_V2)
+
+
+def test_fcmae_encoder_loads_as_pyramid_features_or_new_head(atto_v2_torch, tmp_path):
+    path = ref.save_fcmae(atto_v2_torch, tmp_path / "convnextv2_atto_1k_224_fcmae.pt")
+    pyramid = ck.load_model("convnextv2_atto_fcmae", weights=path)
+    assert sorted(pyramid.output) == ["stage1", "stage2", "stage3", "stage4"]
+    assert ck.load_model("convnextv2_atto_fcmae_fe", weights=path).output.shape[-1] == 320
+    model = ck.load_model(
+        "convnextv2_atto_fcmae", weights=path, num_classes=10, head_init_scale=0.5
+    )
+    assert model.output.shape[-1] == 10
+    # the new head is drawn as build_model draws it (std 0.02), times head_init_scale
+    kernel, bias = model.get_layer("head_fc").get_weights()
+    assert abs(kernel.std() - 0.5 * 0.02) < 0.001 and not bias.any()
+    dwconv = model.get_layer("stage0_block0_dwconv")
+    assert isinstance(dwconv.depthwise_initializer, keras.initializers.TruncatedNormal)
+    with pytest.raises(ValueError, match="encoder without classification head.*num_classes"):
+        ck.load_model("convnextv2_atto_fcmae", weights=path, features="classifier")
+    # its _fe model from the official V2 file of the fine-tuned model needs no special case
+    assert ck.load_model("convnextv2_atto_1k_224", weights=None).output.shape[-1] == 1000
+
+
+def test_v1_and_v2_checkpoints_name_the_right_model(atto_v2_torch, tmp_path, tiny_reference):
+    v2_file = ref.save_official(atto_v2_torch, tmp_path / "convnextv2_atto_1k_224_ema.pt")
+    with pytest.raises(
+        ck.CheckpointError,
+        match=r"not a ConvNeXt-atto .*it is a ConvNeXt V2-atto \(GRN blocks.*1000 classes\): "
+        r"use convnextv2_atto_1k_224",
+    ):
+        ck.load_model("convnext_atto", weights=v2_file)
+    _, v1_file = tiny_reference
+    with pytest.raises(
+        ck.CheckpointError,
+        match=r"not a ConvNeXt V2-tiny .*it is a ConvNeXt-tiny \(layer-scale blocks.*: use "
+        r"convnext_tiny_1k_224 or ",
+    ):
+        ck.load_model("convnextv2_tiny_1k_224", weights=v1_file)
+    fcmae = {k: v.numpy() for k, v in ref.fcmae_state_dict(atto_v2_torch).items()}
+    with pytest.raises(ck.CheckpointError, match="no head\\): use convnextv2_atto_fcmae"):
+        ck.convert_state_dict(fcmae, "femto")

@@ -1,14 +1,22 @@
 """Proof of equality with an independent PyTorch implementation, for every registry entry.
 
-For each distinct architecture (variant, head size) of the registry, a Hugging Face transformers
-ConvNext with random, well-spread weights is written in the official checkpoint layout, in
-transformers' own layout and in timm's layout; each is converted by this library and run on the
-same random input at 224x224 (a 224 and a 384 checkpoint of one architecture have the same
-tensors and the same graph: ConvNeXt has no position-dependent part; a 384 checkpoint is
-compared with PyTorch at 384 in test_export, other sizes, non-square ones included, below and
-in test_runtime).  Logits, pooled features and the four pyramid outputs must agree within
-1e-4 (float32).  Runs on whichever Keras backend KERAS_BACKEND selects (`make test` runs it on
-TensorFlow, JAX and PyTorch).
+ConvNeXt: for each distinct architecture (variant, head size) of the registry, a Hugging Face
+transformers ConvNext with random, well-spread weights is written in the official checkpoint
+layout, in transformers' own layout and in timm's layout; each is converted by this library and
+run on the same random input at 224x224 (a 224 and a 384 checkpoint of one architecture have
+the same tensors and the same graph: ConvNeXt has no position-dependent part; a 384 checkpoint
+is compared with PyTorch at 384 in test_export, other sizes, non-square ones included, below and
+in test_runtime).
+
+ConvNeXt V2: for each variant, a transformers ConvNextV2 (GRN scale and shift far from zero) is
+written in the official, transformers, timm and FCMAE (sparse encoder) layouts: the classifier
+rows (logits, pooled, pyramid) and the FCMAE encoder row (pyramid; pooled features through the
+encoder's fresh final LayerNorm) of every size, on TensorFlow at the largest resolution any
+checkpoint of the variant has (384; huge 512), on JAX and PyTorch at 224 (the same graph).
+
+Logits, pooled features and the four pyramid outputs must agree within 1e-4 (float32).  Runs on
+whichever Keras backend KERAS_BACKEND selects (`make test` runs it on TensorFlow, JAX and
+PyTorch; the `slow` ones on TensorFlow only).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import torch_reference as ref
 
 import convnext_keras as ck
 from convnext_keras import registry
+from convnext_keras.model import build_for_loading
 
 TOLERANCE = 1e-4
 LAYOUTS_SKIPPED_FOR = ("large", "xlarge")
@@ -29,10 +38,12 @@ pytestmark = pytest.mark.equality
 
 
 def _architectures():
-    """Distinct (variant, classes) -> its registry entries, the smallest resolution first."""
+    """Distinct ConvNeXt (variant, classes) -> its registry entries, the smallest resolution
+    first."""
     groups: dict[tuple, list[str]] = {}
     for c in registry.CHECKPOINTS.values():
-        groups.setdefault((c.variant, c.num_classes), []).append(c.name)
+        if c.family == "convnext":
+            groups.setdefault((c.variant, c.num_classes), []).append(c.name)
     return {
         key: sorted(names, key=lambda n: (registry.CHECKPOINTS[n].resolution, n))
         for key, names in groups.items()
@@ -55,10 +66,23 @@ def _params():
         yield pytest.param(names, id=f"{variant}-{classes}-{res}", marks=marks)
 
 
+def _v2_variants():
+    """ConvNeXt V2 variant -> its registry entries (classifiers and the FCMAE encoder)."""
+    groups: dict[str, list[str]] = {}
+    for c in registry.CHECKPOINTS.values():
+        if c.family == "convnextv2":
+            groups.setdefault(c.variant, []).append(c.name)
+    return groups
+
+
+V2_VARIANTS = _v2_variants()
+
+
 def test_every_registry_entry_is_covered():
     covered = {n for names in ARCHITECTURES.values() for n in names}
+    covered |= {n for names in V2_VARIANTS.values() for n in names}
     assert covered == set(registry.CHECKPOINTS)
-    assert len(registry.CHECKPOINTS) == 21
+    assert len(registry.CHECKPOINTS) == 21 + 26
 
 
 def _max_diff(a, b):
@@ -163,3 +187,126 @@ def test_edge_variants_match_pytorch(variant, tmp_path):
     expected = ref.hf_outputs(torch_model, images)
     model = ck.load_model(f"convnext_{variant}", weights=path, num_classes=10)
     assert _max_diff(model.predict_on_batch(images), expected["logits"]) <= TOLERANCE
+
+
+# ---------------------------------------------------------------------------------------------
+# ConvNeXt V2
+
+#: Sizes whose other layouts (transformers, timm) are checked: the renaming does not depend on
+#: the size; large/huge files are 0.8-2.6 GB each.
+V2_LAYOUTS_UP_TO = ("atto", "femto", "pico", "nano", "tiny", "base")
+
+
+def _v2_params():
+    for variant, names in V2_VARIANTS.items():
+        size = registry.VARIANTS[variant].size
+        # `slow` (TensorFlow only): femto, pico and nano are atto's code (conv-MLP timm files
+        # included) at other widths and depths, large and huge base's.
+        slow = size in ("femto", "pico", "nano", "large", "huge")
+        marks = [pytest.mark.slow] if slow else []
+        yield pytest.param(variant, names, id=f"v2-{size}", marks=marks)
+
+
+def _layer_norm(x, eps=registry.LAYER_NORM_EPSILON):
+    x = np.asarray(x, np.float64)
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps)
+
+
+@pytest.mark.parametrize(("variant", "names"), list(_v2_params()))
+def test_v2_variant_matches_pytorch(variant, names, tmp_path):
+    """Every ConvNeXt V2 checkpoint of a size, at the largest resolution the size has (on
+    TensorFlow; the smallest on the other backends, where building and running at 384 costs a
+    minute of CI for the same graph).
+
+    The official file goes through ``load_model`` and is compared with PyTorch (logits, pooled,
+    pyramid).  The transformers, timm and FCMAE layouts of the same weights must convert to
+    exactly the same arrays (bit for bit, so to the same outputs; the FCMAE encoder without
+    head, its final LayerNorm at scale 1 / shift 0, whose pooled output is checked too).
+    """
+    spec = registry.VARIANTS[variant]
+    rows = [registry.CHECKPOINTS[n] for n in names]
+    classifier = next(c for c in rows if c.has_head)
+    pick = max if keras.backend.backend() == "tensorflow" else min
+    resolution = pick(c.resolution for c in rows)
+    for name in names:
+        assert ck.registry.resolve(name).variant is spec
+    torch_model = ref.hf_v2_model(spec.depths, spec.dims, 1000, seed=len(spec.size))
+    torch_params = sum(p.numel() for p in torch_model.parameters())
+    assert ck.count_params(spec, 1000) == torch_params
+    head_params = torch_model.classifier.weight.numel() + torch_model.classifier.bias.numel()
+    assert ck.count_params(spec) == torch_params - head_params
+    images = np.random.default_rng(0).standard_normal((1, resolution, resolution, 3))
+    images = images.astype(np.float32)
+    expected = ref.hf_outputs(torch_model, images)
+    # Up to base through a file and load_model; large/huge (0.8-2.6 GB) straight from memory.
+    small = spec.size in V2_LAYOUTS_UP_TO
+    path = ref.save_official(torch_model, tmp_path / classifier.filename) if small else None
+
+    # The layouts, as arrays sharing the PyTorch model's memory.
+    layouts = {"official": ref.official_state_dict(torch_model)}
+    layouts["fcmae"] = ref.fcmae_state_dict(torch_model)
+    if small:
+        layouts["huggingface"] = torch_model.state_dict()
+        # timm stores atto..nano's MLP as 1x1 convolutions (conv_mlp=True)
+        conv_mlp = spec.size in ("atto", "femto", "pico", "nano")
+        layouts["timm"] = ref.timm_state_dict(torch_model, conv_mlp)
+    layouts = {k: {n: t.numpy() for n, t in v.items()} for k, v in layouts.items()}
+    official = ck.convert_state_dict(layouts.pop("official"), spec)
+    for layout, state in layouts.items():
+        converted = ck.convert_state_dict(state, spec)
+        if layout == "fcmae":
+            assert "head_fc" not in converted
+            norm = converted.pop("head_norm")
+            np.testing.assert_array_equal(norm[0], np.ones(spec.num_features, "float32"))
+            np.testing.assert_array_equal(norm[1], np.zeros(spec.num_features, "float32"))
+        expected_layers = {k for k in official if layout != "fcmae" or not k.startswith("head")}
+        assert set(converted) == expected_layers, layout
+        for layer, arrays in converted.items():
+            for a, b in zip(arrays, official[layer], strict=True):
+                np.testing.assert_array_equal(a, b, err_msg=f"{layout} {layer}")
+        del converted
+    head_norm = official["head_norm"]
+    del torch_model, layouts, state
+    gc.collect()
+
+    if small:
+        del official
+        model = ck.load_model(classifier.name, weights=path, features="all")
+    else:
+        model = build_for_loading(spec, head="all", name=classifier.name)
+        ck.checkpoints.assign_weights(model, official)
+        del official
+    assert model.count_params() == torch_params
+    got = _run(model, images)
+    _assert_outputs_equal(got, expected, resolution, spec.dims, "official")
+    # The encoder's pooled features: the backbone's, through LayerNorm(scale 1, shift 0).
+    raw = (np.asarray(got["pooled"], np.float64) - head_norm[1]) / head_norm[0]
+    np.testing.assert_allclose(raw, _layer_norm(got["stage4"].mean(axis=(1, 2))), atol=1e-4)
+    del model
+    keras.backend.clear_session()
+    gc.collect()
+
+
+def test_v2_equality_check_can_fail(tmp_path):
+    """One block's GRN scale 10% off moves the logits far beyond tolerance (GRN is not the
+    identity in the reference), and so does a transposed depthwise kernel in the FCMAE file."""
+    import torch
+
+    spec = registry.VARIANTS["convnextv2_atto"]
+    torch_model = ref.hf_v2_model(spec.depths, spec.dims, 1000, seed=2)
+    images = np.random.default_rng(1).standard_normal((1, 64, 64, 3)).astype(np.float32)
+    expected = ref.hf_outputs(torch_model, images)
+    state = ref.official_state_dict(torch_model)
+    state["stages.2.3.grn.gamma"] = state["stages.2.3.grn.gamma"] * 1.1
+    torch.save({"model": state}, tmp_path / "bad.pt")
+    model = ck.load_model("convnextv2_atto_1k_224", weights=tmp_path / "bad.pt", features="all")
+    assert _max_diff(_run(model, images)["logits"], expected["logits"]) > 10 * TOLERANCE
+    sparse = ref.fcmae_state_dict(torch_model)
+    kernel = sparse["encoder.stages.0.1.dwconv.kernel"]
+    sparse["encoder.stages.0.1.dwconv.kernel"] = (
+        kernel.reshape(7, 7, -1).transpose(0, 1).reshape(49, -1)
+    )
+    weights = ck.convert_state_dict({k: v.numpy() for k, v in sparse.items()}, spec)
+    ck.checkpoints.assign_weights(model, weights, load_head=False)
+    assert _max_diff(_run(model, images)["stage4"], expected["stage4"]) > 10 * TOLERANCE

@@ -1,8 +1,10 @@
-"""An independent PyTorch reference: Hugging Face transformers' ConvNext, and checkpoint writers.
+"""An independent PyTorch reference: Hugging Face transformers' ConvNext and ConvNextV2, and
+checkpoint writers.
 
-The renaming tables below are written here from the three projects' own module names, on
-purpose independently of ``convnext_keras.checkpoints``: a bug in the library's mapping cannot
-hide behind the same bug in the test.
+The renaming tables below are written here from the projects' own module names, on purpose
+independently of ``convnext_keras.checkpoints``: a bug in the library's mapping cannot hide
+behind the same bug in the test.  The FCMAE writer builds ConvNeXt V2's sparse pre-training
+layout (MinkowskiEngine kernels) from a dense network, offset by offset.
 """
 
 from __future__ import annotations
@@ -12,7 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import ConvNextConfig, ConvNextForImageClassification
+from transformers import (
+    ConvNextConfig,
+    ConvNextForImageClassification,
+    ConvNextV2Config,
+    ConvNextV2ForImageClassification,
+)
+
+try:  # transformers >= 5
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers 4.x
+    from transformers.modeling_utils import no_init_weights
 
 
 def hf_model(depths, dims, num_classes: int, seed: int = 0) -> ConvNextForImageClassification:
@@ -31,10 +43,12 @@ def hf_model(depths, dims, num_classes: int, seed: int = 0) -> ConvNextForImageC
         drop_path_rate=0.0,
         layer_scale_init_value=1e-6,
     )
-    torch.manual_seed(seed)
-    model = ConvNextForImageClassification(config).eval()
+    # Every parameter is drawn below: transformers' own initialisation would only cost time.
+    with no_init_weights():
+        model = ConvNextForImageClassification(config).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        assert not any(b.numel() for b in model.buffers())  # nothing left undrawn
         for name, p in model.named_parameters():
             if name.endswith("layer_scale_parameter"):
                 p.copy_(torch.rand(p.shape, generator=gen) * 0.4 + 0.1)
@@ -48,13 +62,50 @@ def hf_model(depths, dims, num_classes: int, seed: int = 0) -> ConvNextForImageC
     return model
 
 
+def hf_v2_model(depths, dims, num_classes: int, seed: int = 0) -> ConvNextV2ForImageClassification:
+    """A transformers ConvNextV2 (``layer_norm_eps=1e-6``, as the original) with well-spread
+    weights: as :func:`hf_model`, with GRN scale and shift far from their zero initialisation
+    (with which GRN would be the identity and prove nothing), of both signs."""
+    config = ConvNextV2Config(
+        depths=list(depths),
+        hidden_sizes=list(dims),
+        num_labels=num_classes,
+        layer_norm_eps=1e-6,
+        hidden_act="gelu",
+        drop_path_rate=0.0,
+    )
+    with no_init_weights():
+        model = ConvNextV2ForImageClassification(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        assert not any(b.numel() for b in model.buffers())  # nothing left undrawn
+        for name, p in model.named_parameters():
+            if ".grn." in name and name.endswith("weight"):
+                sign = torch.where(torch.rand(p.shape, generator=gen) < 0.5, -1.0, 1.0)
+                p.copy_(sign * (torch.rand(p.shape, generator=gen) * 0.4 + 0.1))
+            elif ".grn." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            elif p.ndim == 1 and "layernorm" in name and name.endswith("weight"):
+                p.copy_(torch.rand(p.shape, generator=gen) * 0.6 + 0.7)
+            elif p.ndim == 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            else:
+                fan_in = int(np.prod(p.shape[1:]))
+                # The residual branch has no layer scale: keep it from swamping the stream.
+                scale = 0.3 if "pwconv2" in name else 1.0
+                p.copy_(torch.randn(p.shape, generator=gen) * scale / np.sqrt(fan_in))
+    return model
+
+
 def hf_outputs(model, images_nhwc: np.ndarray) -> dict[str, np.ndarray]:
     """Logits, pooled features and the 4 stage outputs (NHWC) of the reference model."""
     x = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2)))
     with torch.no_grad():
-        out = model(pixel_values=x, output_hidden_states=True)
-        pooled = model.convnext(pixel_values=x).pooler_output
-    result = {"logits": out.logits.numpy(), "pooled": pooled.numpy()}
+        # One pass: the backbone's outputs, then the model's own classifier on its pooler
+        # output (what ``model(pixel_values=x).logits`` computes).
+        out = model.base_model(pixel_values=x, output_hidden_states=True)
+        logits = model.classifier(out.pooler_output)
+    result = {"logits": logits.numpy(), "pooled": out.pooler_output.numpy()}
     for i, h in enumerate(out.hidden_states[1:]):
         result[f"stage{i + 1}"] = h.numpy().transpose(0, 2, 3, 1)
     return result
@@ -77,6 +128,19 @@ _HF_TO_OFFICIAL = [
     (r"^convnext\.layernorm\.", "norm."),
     (r"^classifier\.", "head."),
 ]
+# Hugging Face ConvNextV2 -> official facebookresearch/ConvNeXt-V2 names: as for ConvNext, with
+# the "convnextv2." prefix and GRN ("grn.weight/bias" -> "grn.gamma/beta", both (1, 1, 1, C)).
+_HF_V2_TO_OFFICIAL = [
+    (
+        r"^convnextv2\.encoder\.stages\.(\d+)\.layers\.(\d+)\.grn\.weight$",
+        r"stages.\1.\2.grn.gamma",
+    ),
+    (r"^convnextv2\.encoder\.stages\.(\d+)\.layers\.(\d+)\.grn\.bias$", r"stages.\1.\2.grn.beta"),
+    *(
+        (pattern.replace("^convnext\\.", "^convnextv2\\."), repl)
+        for pattern, repl in _HF_TO_OFFICIAL
+    ),
+]
 # Official -> timm names (timm/models/convnext.py: stem, stages.N.downsample, blocks, head).
 _OFFICIAL_TO_TIMM = [
     (r"^downsample_layers\.0\.0\.", "stem.0."),
@@ -85,6 +149,8 @@ _OFFICIAL_TO_TIMM = [
     (r"^stages\.(\d+)\.(\d+)\.dwconv\.", r"stages.\1.blocks.\2.conv_dw."),
     (r"^stages\.(\d+)\.(\d+)\.pwconv1\.", r"stages.\1.blocks.\2.mlp.fc1."),
     (r"^stages\.(\d+)\.(\d+)\.pwconv2\.", r"stages.\1.blocks.\2.mlp.fc2."),
+    (r"^stages\.(\d+)\.(\d+)\.grn\.gamma$", r"stages.\1.blocks.\2.mlp.grn.weight"),
+    (r"^stages\.(\d+)\.(\d+)\.grn\.beta$", r"stages.\1.blocks.\2.mlp.grn.bias"),
     (r"^stages\.(\d+)\.(\d+)\.(norm|gamma)", r"stages.\1.blocks.\2.\3"),
     (r"^norm\.", "head.norm."),
     (r"^head\.", "head.fc."),
@@ -105,17 +171,97 @@ def _rename(state: dict, rules) -> dict:
 
 
 def official_state_dict(model) -> dict[str, torch.Tensor]:
+    """The official layout (ConvNeXt's, or ConvNeXt V2's for a ConvNextV2 model)."""
+    if isinstance(model, ConvNextV2ForImageClassification):
+        return _rename(model.state_dict(), _HF_V2_TO_OFFICIAL)
     return _rename(model.state_dict(), _HF_TO_OFFICIAL)
 
 
 def timm_state_dict(model, conv_mlp: bool = False) -> dict[str, torch.Tensor]:
     state = _rename(official_state_dict(model), _OFFICIAL_TO_TIMM)
+    # timm's GlobalResponseNorm holds 1-D weight/bias.
+    state = {k: (v.reshape(-1) if ".grn." in k else v) for k, v in state.items()}
     if conv_mlp:  # timm's atto..nano store the MLP as 1x1 convolutions
         state = {
             k: (v[:, :, None, None] if re.search(r"mlp\.fc\d\.weight$", k) else v)
             for k, v in state.items()
         }
     return state
+
+
+def minkowski_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """A dense convolution weight as MinkowskiEngine stores the kernel of the same convolution.
+
+    MinkowskiEngine enumerates a 2-D kernel's offsets with the first spatial axis (height)
+    fastest, offset ``(h, w)`` in row ``h + k * w``; each row holds the ``(in, out)`` matrix of
+    that offset (``MinkowskiConvolution.kernel``: ``(k*k, in, out)``), or the per-channel
+    taps of a depthwise kernel (``MinkowskiDepthwiseConvolution.kernel``: ``(k*k, channels)``).
+    Dense weights: ``(out, in, k, k)``; depthwise ``(channels, 1, k, k)``.
+    """
+    out_ch, in_ch, kh, kw = weight.shape
+    assert kh == kw
+    depthwise = in_ch == 1 and out_ch > 1
+    rows = []
+    for w in range(kw):  # row index h + k * w: h runs fastest
+        for h in range(kh):
+            taps = weight[:, :, h, w]  # (out, in)
+            rows.append(taps[:, 0] if depthwise else taps.T)
+    return torch.stack(rows).contiguous()
+
+
+def fcmae_state_dict(model, decoder_dim: int = 32) -> dict[str, torch.Tensor]:
+    """The checkpoint of ConvNeXt V2's FCMAE pre-training (``models/fcmae.py``) whose encoder
+    is ``model``'s backbone: the sparse encoder under ``encoder.`` (MinkowskiEngine kernels,
+    ``(1, C)`` biases and GRN parameters, ``ln.`` / ``linear.`` wrappers, no final norm, no
+    head) and the decoder's tensors, random (a projection, the mask token, one dense V2 block,
+    the pixel predictor), which the encoder does not use."""
+    out = {}
+    for key, value in official_state_dict(model).items():
+        if key.startswith(("norm.", "head.")):
+            continue
+        name = "encoder." + key
+        if key.startswith("downsample_layers.0."):  # the dense stem: Conv2d + LayerNorm
+            out[name] = value
+        elif re.search(r"(dwconv|downsample_layers\.\d\.1)\.weight$", key):
+            out[name.removesuffix("weight") + "kernel"] = minkowski_kernel(value)
+        elif re.search(r"(dwconv|downsample_layers\.\d\.1)\.bias$", key):
+            out[name] = value.reshape(1, -1)
+        elif re.search(r"(\.norm|downsample_layers\.\d\.0)\.(weight|bias)$", key):
+            out[re.sub(r"\.(weight|bias)$", r".ln.\1", name)] = value
+        elif re.search(r"pwconv\d\.(weight|bias)$", key):
+            out[re.sub(r"\.(weight|bias)$", r".linear.\1", name)] = value
+        elif ".grn." in key:
+            out[name] = value.reshape(1, -1)
+        else:
+            raise KeyError(f"no FCMAE name for {key}")
+    gen = torch.Generator().manual_seed(7)
+    dims = model.config.hidden_sizes
+    out["proj.weight"] = torch.randn(decoder_dim, dims[-1], 1, 1, generator=gen)
+    out["proj.bias"] = torch.randn(decoder_dim, generator=gen)
+    out["mask_token"] = torch.randn(1, decoder_dim, 1, 1, generator=gen)
+    block = {
+        "dwconv.weight": (decoder_dim, 1, 7, 7),
+        "dwconv.bias": (decoder_dim,),
+        "norm.weight": (decoder_dim,),
+        "norm.bias": (decoder_dim,),
+        "pwconv1.weight": (4 * decoder_dim, decoder_dim),
+        "pwconv1.bias": (4 * decoder_dim,),
+        "grn.gamma": (1, 1, 1, 4 * decoder_dim),
+        "grn.beta": (1, 1, 1, 4 * decoder_dim),
+        "pwconv2.weight": (decoder_dim, 4 * decoder_dim),
+        "pwconv2.bias": (decoder_dim,),
+    }
+    for key, shape in block.items():
+        out[f"decoder.0.{key}"] = torch.randn(*shape, generator=gen)
+    out["pred.weight"] = torch.randn(32 * 32 * 3, decoder_dim, 1, 1, generator=gen)
+    out["pred.bias"] = torch.randn(32 * 32 * 3, generator=gen)
+    return out
+
+
+def save_fcmae(model, path: Path) -> Path:
+    """The FCMAE release format: ``torch.save({"model": fcmae_state_dict})``."""
+    torch.save({"model": fcmae_state_dict(model)}, path)
+    return path
 
 
 def save_official(model, path: Path) -> Path:

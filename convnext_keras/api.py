@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from . import checkpoints, hub, registry
-from .model import build_model, dtype_policy
+from .model import build_for_loading, build_model, draw_kernel, dtype_policy
 
 #: ``weights=`` value meaning "the official checkpoint of this name" (downloaded and cached).
 OFFICIAL = "official"
@@ -141,8 +141,10 @@ def load_model(
             "its features (features='pooled' / 'pyramid', or the name with '_fe')."
         )
     model_name = resolved.name
+    # With weights to load, no kernel is drawn only to be overwritten (but a new head is).
+    build = build_model if weights is None else build_for_loading
     with dtype_policy(precision) if precision else contextlib.nullcontext():
-        model = build_model(
+        model = build(
             resolved.variant,
             num_classes=classes,
             head=head,
@@ -173,8 +175,8 @@ def load_model(
     ckpt_classes = converted["head_fc"][1].shape[0] if "head_fc" in converted else None
     load_head = num_classes is None or num_classes == ckpt_classes
     checkpoints.assign_weights(model, converted, load_head=load_head, source=source)
-    if not load_head:
-        _scale_head(model, head_init_scale)
+    if not load_head and any(layer.name == "head_fc" for layer in model.layers):
+        draw_kernel(model.get_layer("head_fc"), head_init_scale)
     return model
 
 

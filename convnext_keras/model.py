@@ -11,6 +11,7 @@ collection's SavedModels); :mod:`convnext_keras.preprocess` does the normalisati
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import re
 
 import keras
@@ -85,10 +86,46 @@ def dtype_policy(precision: str):
         keras.config.set_dtype_policy(previous)
 
 
+#: True while :func:`build_for_loading` builds: kernels start as zeros instead of draws.
+_UNDRAWN = contextvars.ContextVar("convnext_keras_undrawn_kernels", default=False)
+
+
+class _Undrawn(keras.initializers.Zeros):
+    """Marks a kernel :func:`build_for_loading` leaves undrawn (replaced before it returns)."""
+
+
 def _kernel_init():
+    if _UNDRAWN.get():
+        return _Undrawn()
     return keras.initializers.TruncatedNormal(
         stddev=registry.KERNEL_INIT_STD / _TRUNCATED_STD_FACTOR
     )
+
+
+def build_for_loading(variant, **kwargs) -> keras.Model:
+    """:func:`build_model` for a model whose weights are all assigned right after (what
+    ``load_model`` does with a checkpoint): kernels start as zeros instead of truncated-normal
+    draws, which cost seconds per model on JAX and PyTorch (ConvNeXt V2-atto: 10 s of its
+    14 s build on JAX; ConvNeXt V2-B: 15 s on PyTorch).  The layers keep the truncated normal
+    as their initialiser (their config, a clone, and :func:`draw_kernel` use it)."""
+    token = _UNDRAWN.set(True)
+    try:
+        model = build_model(variant, **kwargs)
+    finally:
+        _UNDRAWN.reset(token)
+    for layer in model.layers:
+        for attr in ("kernel_initializer", "depthwise_initializer"):
+            if isinstance(getattr(layer, attr, None), _Undrawn):
+                setattr(layer, attr, _kernel_init())
+    return model
+
+
+def draw_kernel(layer, scale: float = 1.0) -> None:
+    """(Re)initialise a Dense layer as :func:`build_model` does: kernel from its initialiser
+    (times ``scale``), bias zero."""
+    kernel = layer.kernel_initializer(tuple(layer.kernel.shape), dtype=layer.kernel.dtype)
+    layer.kernel.assign(kernel * scale)
+    layer.bias.assign(keras.ops.zeros(tuple(layer.bias.shape), dtype=layer.bias.dtype))
 
 
 def _norm(name):

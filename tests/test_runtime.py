@@ -47,6 +47,47 @@ def test_runner_equals_torch_reference(atto_checkpoint, size):
     )
 
 
+@pytest.fixture(scope="module")
+def atto_v2_checkpoint(tmp_path_factory):
+    """A transformers ConvNextV2-atto (GRN scale and shift far from zero), official layout."""
+    spec = registry.VARIANTS["convnextv2_atto"]
+    model = ref.hf_v2_model(spec.depths, spec.dims, 1000, seed=3)
+    path = ref.save_official(model, tmp_path_factory.mktemp("atto_v2") / "atto_v2.pt")
+    return model, path
+
+
+@pytest.mark.backends
+def test_runner_runs_convnext_v2_with_grn(atto_v2_checkpoint):
+    """GRN (folded into per-sample pwconv2 weights): logits and pooled features equal
+    transformers' ConvNextV2 within 1e-4, for batch 1 and 3 through one session, at an uneven
+    size; the graph also equals Keras' pyramid with a dynamic size (opset 17 and 20)."""
+    import onnxruntime as ort
+
+    hf, path = atto_v2_checkpoint
+    classifier = ck.load_model("convnextv2_atto_1k_224", weights=path)
+    pooled = ck.load_model("convnextv2_atto_1k_224_fe", weights=path)
+    runner, features = runtime.OnnxRunner(classifier), runtime.OnnxRunner(pooled)
+    for n in (1, 3):
+        images = _images(n, 70, 45, seed=n)
+        expected = ref.hf_outputs(hf, images)
+        np.testing.assert_allclose(runner(images), expected["logits"], atol=TOLERANCE, rtol=0)
+        np.testing.assert_allclose(features(images), expected["pooled"], atol=TOLERANCE, rtol=0)
+    assert list(runner._sessions) == [(70, 45)]
+    pyramid = ck.load_model("convnextv2_atto_1k_224", weights=path, features="pyramid")
+    images = _images(2, 96, 64, seed=5)
+    want = pyramid.predict_on_batch(images)
+    for opset in (17, 20):
+        graph = runtime.build_onnx_graph(pyramid, None, None, opset=opset)
+        session = ort.InferenceSession(
+            graph.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        got = dict(
+            zip([o.name for o in session.get_outputs()], session.run(None, {"images": images}))
+        )
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], atol=TOLERANCE, rtol=0, err_msg=key)
+
+
 def test_runner_without_layer_scale_and_any_batch(atto_checkpoint):
     """Models built without layer scale, and batch sizes 1 and 3 through one cached session."""
     model = ck.build_model("atto", num_classes=7, layer_scale_init=None)

@@ -17,21 +17,27 @@ from convnext_keras import preprocess, registry
 from convnext_keras.finetune import data as data_lib
 
 #: A five-block ConvNeXt for the fine-tuning runs: every code path of a registry variant (all
-#: layer kinds, stage 2 spread over the layer-decay groups), traced about twice as fast as atto.
+#: layer kinds, stage 2 spread over the layer-decay groups), traced about twice as fast as atto;
+#: and its ConvNeXt V2 twin (GRN blocks), ``convnextv2_micro``.
 MICRO = registry.Variant("micro", (1, 1, 2, 1), (16, 32, 48, 64))
-#: The same registration for a subprocess (``python -c MICRO_CLI finetune ...``).
+MICRO_V2 = registry.Variant("convnextv2_micro", (1, 1, 2, 1), (16, 32, 48, 64), "convnextv2", "grn")
+#: The same registrations for a subprocess (``python -c MICRO_CLI finetune ...``).
 MICRO_SETUP = (
     "from convnext_keras import registry; "
-    "registry.VARIANTS['micro'] = registry.Variant('micro', (1, 1, 2, 1), (16, 32, 48, 64))"
+    "registry.VARIANTS['micro'] = registry.Variant('micro', (1, 1, 2, 1), (16, 32, 48, 64)); "
+    "registry.VARIANTS['convnextv2_micro'] = registry.Variant('convnextv2_micro', "
+    "(1, 1, 2, 1), (16, 32, 48, 64), 'convnextv2', 'grn')"
 )
 MICRO_CLI = MICRO_SETUP + "; from convnext_keras.cli import main; main()"
 
 
 @contextlib.contextmanager
 def micro_variant():
-    """``convnext_micro`` is a model name for the duration of the block."""
+    """``convnext_micro`` and ``convnextv2_micro`` are model names for the duration of the
+    block."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(registry.VARIANTS, "micro", MICRO)
+        patch.setitem(registry.VARIANTS, "convnextv2_micro", MICRO_V2)
         yield
 
 

@@ -2,10 +2,10 @@
 
 scikit-learn's digits (real scans of handwriting, 10 classes) are written out as 32x32 PNG
 files, 60 per class; 20% of each class is held out by the run's own stratified split.
-ConvNeXt-atto starts from random weights - no pretrained weights can be downloaded here - so
-the run uses the original's from-scratch settings (lr 4e-3, weight decay 0.05, warmup, no
-layer decay) on the library's unchanged pipeline: folder scan, random resized crop, label
-smoothing, warmup + cosine, validation with the official eval transform.
+ConvNeXt-atto and ConvNeXt V2-atto start from random weights - no pretrained weights can be
+downloaded here - so the runs use the original's from-scratch settings (lr 4e-3, weight decay
+0.05, warmup, no layer decay) on the library's unchanged pipeline: folder scan, random resized
+crop, label smoothing, warmup + cosine, validation with the official eval transform.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ import convnext_keras as ck
 
 
 @pytest.mark.slow
-def test_atto_learns_handwritten_digits(tmp_path):
+@pytest.mark.parametrize("model", ["convnext_atto", "convnextv2_atto"])
+def test_atto_learns_handwritten_digits(model, tmp_path):
     data = digits_folder(tmp_path / "digits", per_class=60, size=32)
     result = ck.finetune.run(
         data,
         tmp_path / "run",
-        model="convnext_atto",
+        model=model,
         epochs=8,
         batch_size=32,
         resolution=32,

@@ -73,6 +73,55 @@ def test_layer_groups_are_monotone_for_every_variant(variant):
         assert per_block == [3 + b // 3 for b in range(27)]
 
 
+#: ConvNeXt-V2 optim_factory.py ``get_num_layer_for_convnext_single`` for V2-atto (depths 2, 2,
+#: 6, 2; n = 12 blocks), written out: "downsample_layers.s" -> sum(depths[:s]) + 1,
+#: "stages.s.b" -> sum(depths[:s]) + b + 1, anything else -> n + 1.
+V2_ATTO_SINGLE = {
+    "stem": 1,  # downsample_layers.0
+    "stage0_block0": 1,
+    "stage0_block1": 2,
+    "stage1_downsample": 3,
+    "stage1_block0": 3,
+    "stage1_block1": 4,
+    "stage2_downsample": 5,
+    **{f"stage2_block{b}": 5 + b for b in range(6)},  # 5 .. 10
+    "stage3_downsample": 11,
+    "stage3_block0": 11,
+    "stage3_block1": 12,
+    "head": 13,  # norm, head
+}
+
+
+def test_single_layer_decay_of_v2_atto_matches_the_original_table():
+    groups = optim.layer_groups("convnextv2_atto", "single")
+    assert len(groups) == 2 + 3 * 2 + 12 * 5 + 2  # stem, downsampling, blocks (with GRN), head
+    for layer, group in groups.items():
+        key = next(k for k in V2_ATTO_SINGLE if layer.startswith(k + "_"))
+        assert group == V2_ATTO_SINGLE[key], layer
+    # main_finetune.py: values = [layer_decay ** (num_layers + 1 - i) for i in 0 .. n + 1]
+    model = ck.build_model("convnextv2_atto", num_classes=3, input_shape=(32, 32, 3))
+    params = optim.parameter_groups(model, 0.9, "single")
+    for g, v in zip(params, model.trainable_variables):
+        assert g["group"] == groups[g["layer"]]
+        assert g["lr_scale"] == pytest.approx(0.9 ** (12 + 1 - g["group"]))
+        # optim_factory: no decay for 1-D, ".bias", ".gamma", ".beta" (GRN's included)
+        assert g["weight_decay"] == (len(v.shape) > 1), g["path"]
+    assert {"stage2_block3_grn/gamma", "stage2_block3_grn/beta"} <= {
+        g["path"] for g in params if not g["weight_decay"]
+    }
+    with pytest.raises(ValueError, match="layer_decay_type must be one of group, single"):
+        optim.parameter_groups(model, 0.9, "layerwise")
+
+
+def test_group_layer_decay_of_v2_base_is_the_v1_table():
+    """ConvNeXt-V2's 'group' type (for base/large) is get_num_layer_for_convnext: the same
+    table as ConvNeXt-B, GRN layers in their block's group."""
+    groups = optim.layer_groups("convnextv2_base", "group")
+    for layer, group in groups.items():
+        assert group == _expected_group_base(layer), layer
+    assert groups["stage2_block26_grn"] == 11
+
+
 def test_parameter_groups_decay_only_kernels():
     model = ck.build_model("atto", num_classes=3, input_shape=(32, 32, 3))
     groups = optim.parameter_groups(model, 0.7)

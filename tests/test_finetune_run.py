@@ -1,10 +1,11 @@
 """``convnext finetune`` / ``ck.finetune.run`` end to end: outputs, kill -9 + resume, faults.
 
-The runs train a five-block ConvNeXt (``convnext_micro``, registered by the tests: the code
-paths of a real variant, traced in half atto's time) at 32x32 on four classes of scikit-learn's
-digits, with EMA, gradient accumulation and mixup/cutmix switched on so that every piece of
-state a resume has to restore (EMA, accumulators, step counter, seed generators, running
-metrics) is in play.
+The runs train a five-block ConvNeXt (``convnext_micro`` and, for the reference run that is
+killed and resumed, its ConvNeXt V2 twin ``convnextv2_micro`` with GRN blocks and V2's
+one-group-per-block layer decay; registered by the tests: the code paths of a real variant,
+traced in half atto's time) at 32x32 on four classes of scikit-learn's digits, with EMA,
+gradient accumulation and mixup/cutmix switched on so that every piece of state a resume has to
+restore (EMA, accumulators, step counter, seed generators, running metrics) is in play.
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ from convnext_keras.cli import main
 from convnext_keras.finetune import loop, state
 
 RECIPE = [
-    "--model", "convnext_micro",
+    "--model", "convnextv2_micro",
     "--epochs", "3",
     "--batch-size", "8",
     "--accum-steps", "2",
     "--resolution", "32",
     "--lr", "2e-3",
     "--layer-decay", "0.9",
+    "--layer-decay-type", "single",
     "--weight-decay", "0.05",
     "--ema", "0.8",
     "--mixup", "0.8",
@@ -87,6 +89,7 @@ def test_cli_run_writes_every_output(reference):
     assert (out / "labels.txt").read_text().split() == [f"digit{i}" for i in range(4)]
     info = json.loads((out / "run.json").read_text())
     assert info["recipe"]["accumulation"] == 2 and info["recipe"]["ema"] == 0.8
+    assert info["recipe"]["layer_decay_type"] == "single"
     assert info["recipe"]["drop_path"] == loop.DEFAULT_DROP_PATH  # atto: no published rate
     assert info["data"]["train"] == 48 and info["data"]["val"] == 16
     history = _metrics(out)
@@ -243,6 +246,34 @@ def test_recipe_defaults_are_the_original_fine_tuning_recipe():
     large = loop.resolve_recipe(model="convnext_large_21k_1k_384")
     assert (large.drop_path, large.resolution, large.crop_pct) == (0.3, 384, 1.0)
     assert loop.resolve_recipe(model="convnext_atto").weights is None
+    assert r.layer_decay_type == large.layer_decay_type == "group"
+
+
+def test_v2_models_take_the_v2_recipe():
+    """ConvNeXt-V2 TRAINING.md: atto (single, 0.9, drop path 0.1, blr 2e-4, wd 0.3), tiny
+    (single, 0.9, 0.2, 8e-4, 0.05), base (group, 0.6, 0.1, 6.25e-4, 0.05); lr = blr * batch /
+    256 with the effective batch (batch x accumulation)."""
+    atto = loop.resolve_recipe(model="convnextv2_atto_fcmae")
+    assert (atto.layer_decay_type, atto.layer_decay, atto.drop_path, atto.weight_decay) == (
+        "single",
+        0.9,
+        0.1,
+        0.3,
+    )
+    assert atto.lr == pytest.approx(2e-4 * 32 / 256) and atto.weights == "official"
+    tiny = loop.resolve_recipe(model="convnextv2_tiny_1k_224", batch_size=64, accumulation=2)
+    assert (tiny.layer_decay_type, tiny.layer_decay, tiny.drop_path) == ("single", 0.9, 0.2)
+    assert tiny.lr == pytest.approx(8e-4 * 128 / 256)
+    base = loop.resolve_recipe(model="convnextv2_base_21k_1k_384", lr=1e-4, layer_decay=0.7)
+    assert (base.layer_decay_type, base.layer_decay, base.lr, base.resolution) == (
+        "group",
+        0.7,
+        1e-4,
+        384,
+    )
+    assert (base.drop_path, base.weight_decay, base.crop_pct) == (0.1, 0.05, 1.0)
+    with pytest.raises(ValueError, match="layer_decay_type must be one of group, single"):
+        loop.resolve_recipe(model="convnextv2_atto", layer_decay_type="block")
 
 
 def _copy_run(reference, tmp_path) -> Path:

@@ -15,7 +15,8 @@ _RECIPE_OPTIONS = [
         "--model",
         "model",
         str,
-        "Model name (convnext_tiny_1k_224, convnext_atto, ...). [default: convnext_tiny_1k_224]",
+        "Model name (convnext_tiny_1k_224, convnext_atto, convnextv2_atto_fcmae, ...). "
+        "[default: convnext_tiny_1k_224]",
     ),
     (
         "--weights",
@@ -38,22 +39,40 @@ _RECIPE_OPTIONS = [
         "Batches whose gradients are averaged per update (effective batch = batch x steps). "
         "[default: 1]",
     ),
-    ("--lr", "lr", float, "Peak learning rate. [default: 5e-5]"),
+    (
+        "--lr",
+        "lr",
+        float,
+        "Peak learning rate. [default: 5e-5; ConvNeXt V2: its base lr x batch x accum / 256]",
+    ),
     ("--min-lr", "min_lr", float, "Final learning rate of the cosine. [default: 1e-6]"),
     ("--warmup-epochs", "warmup_epochs", float, "Linear warmup. [default: 0]"),
-    ("--layer-decay", "layer_decay", float, "Layer-wise lr decay; 1 = off. [default: 0.8]"),
+    (
+        "--layer-decay",
+        "layer_decay",
+        float,
+        "Layer-wise lr decay; 1 = off. [default: 0.8; ConvNeXt V2: 0.9 atto..tiny, 0.6 base+]",
+    ),
+    (
+        "--layer-decay-type",
+        "layer_decay_type",
+        click.Choice(["group", "single"]),
+        "'group': 12 groups of blocks; 'single': one group per block. "
+        "[default: group; ConvNeXt V2 atto..tiny: single]",
+    ),
     (
         "--weight-decay",
         "weight_decay",
         float,
-        "AdamW decoupled weight decay of kernels. [default: 1e-8]",
+        "AdamW decoupled weight decay of kernels. [default: 1e-8; ConvNeXt V2: 0.3 atto..nano, "
+        "0.05 tiny+]",
     ),
     (
         "--drop-path",
         "drop_path",
         float,
         "Stochastic depth rate. [default: the original's per model: base 0.2, large 0.3, "
-        "xlarge 0.4; others 0.1]",
+        "xlarge 0.4; others 0.1; ConvNeXt V2: atto..nano 0.1, tiny 0.2, base+ 0.1]",
     ),
     ("--smoothing", "label_smoothing", float, "Label smoothing. [default: 0.1]"),
     ("--mixup", "mixup", float, "Mixup alpha; 0 = off. [default: 0]"),

@@ -60,6 +60,8 @@ class Recipe:
 
     Defaults are the original's ImageNet-22k -> 1k fine-tuning recipe (facebookresearch/ConvNeXt
     TRAINING.md, main.py); ``None`` means "derived from the model" (see :func:`resolve_recipe`).
+    ConvNeXt V2 models take ConvNeXt-V2's per-size settings instead (``registry.FINETUNE``):
+    layer-decay type and rate, drop path, weight decay, and ``lr = base lr x batch / 256``.
     """
 
     model: str = "convnext_tiny_1k_224"
@@ -74,6 +76,9 @@ class Recipe:
     min_lr: float = 1e-6
     warmup_epochs: float = 0.0
     layer_decay: float = 0.8
+    #: "group" (ConvNeXt's 12 groups of blocks) or "single" (one group per block, ConvNeXt V2's
+    #: for atto..tiny); see finetune.optim.
+    layer_decay_type: str = "group"
     weight_decay: float = 1e-8
     drop_path: float | None = None
     label_smoothing: float = 0.1
@@ -121,9 +126,9 @@ def resolve_recipe(**options) -> Recipe:
             f"Unknown fine-tuning option(s) {unknown}; valid ones: {', '.join(RECIPE_FIELDS)}."
         )
     given = {k: v for k, v in options.items() if v is not None or k in _NONE_IS_A_VALUE}
-    given["model"] = registry.canonical_name(given.get("model", Recipe.model))
-    resolved = registry.resolve(given["model"])
-    if resolved.head != "classifier":
+    resolved = registry.resolve(given.get("model", Recipe.model))
+    given["model"] = resolved.name
+    if resolved.head == "pooled":
         raise ValueError(
             f"{given['model']!r} is a feature extractor name; fine-tune the classifier name "
             f"without '{registry.FEATURE_EXTRACTOR_SUFFIX}' (its head is replaced anyway)."
@@ -133,6 +138,15 @@ def resolve_recipe(**options) -> Recipe:
     config = preprocess.config_for(given.get("model", Recipe.model))
     published = registry.FINETUNE.get(resolved.variant.name)
     given.setdefault("drop_path", published.drop_path if published else DEFAULT_DROP_PATH)
+    if published:
+        given.setdefault("layer_decay_type", published.layer_decay_type)
+        for field in ("layer_decay", "weight_decay"):
+            if getattr(published, field) is not None:
+                given.setdefault(field, getattr(published, field))
+        if published.base_lr is not None:  # the original's lr = blr * effective batch / 256
+            batch = given.get("batch_size", Recipe.batch_size)
+            batch *= given.get("accumulation", Recipe.accumulation)
+            given.setdefault("lr", published.base_lr * batch / 256)
     given.setdefault("resolution", config.resolution)
     given.setdefault("crop_pct", config.crop_pct)
     if "crop_scale" in given:
@@ -157,6 +171,11 @@ def _check(r: Recipe) -> None:
     need(r.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {r.warmup_epochs}.")
     need(r.warmup_epochs < r.epochs, "warmup_epochs must be shorter than the training.")
     need(0 < r.layer_decay <= 1, f"layer_decay must be in (0, 1], got {r.layer_decay}.")
+    need(
+        r.layer_decay_type in optim.LAYER_DECAY_TYPES,
+        f"layer_decay_type must be one of {', '.join(optim.LAYER_DECAY_TYPES)}, got "
+        f"{r.layer_decay_type!r}.",
+    )
     need(r.weight_decay >= 0, f"weight_decay must be >= 0, got {r.weight_decay}.")
     need(0 <= r.drop_path < 1, f"drop_path must be in [0, 1), got {r.drop_path}.")
     need(0 <= r.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {r.label_smoothing}.")
@@ -404,7 +423,7 @@ def _inference_model(info: dict, weights: dict) -> keras.Model:
     variant = registry.resolve(recipe.model).variant
     with dtype_policy("fp32"):
         model = build_model(
-            variant, num_classes=len(info["classes"]), name=f"convnext_{variant.name}_finetuned"
+            variant, num_classes=len(info["classes"]), name=f"{variant.arch_name}_finetuned"
         )
     checkpoints.assign_weights(model, weights, source="the fine-tuned weights")
     return model
@@ -612,6 +631,7 @@ class _Trainer:
             self.model,
             lr=self.schedule,
             layer_decay=r.layer_decay,
+            layer_decay_type=r.layer_decay_type,
             weight_decay=r.weight_decay,
             ema=r.ema,
             accumulation=r.accumulation,
@@ -793,7 +813,7 @@ def _check_resume(out: Path, recipe_options: dict) -> tuple[dict, dict | None]:
     saved = info["recipe"]
     explicit = {k: v for k, v in recipe_options.items() if v is not None or k in _NONE_IS_A_VALUE}
     if "model" in explicit:
-        explicit["model"] = registry.canonical_name(explicit["model"])
+        explicit["model"] = registry.resolve(explicit["model"]).name
     if "weights" in explicit and explicit["weights"] not in (None, OFFICIAL):
         explicit["weights"] = str(Path(explicit["weights"]).expanduser())
     if "crop_scale" in explicit:

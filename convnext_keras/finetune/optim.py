@@ -1,8 +1,10 @@
-"""The original's fine-tuning optimizer: AdamW with layer-wise learning-rate decay.
+"""The originals' fine-tuning optimizer: AdamW with layer-wise learning-rate decay.
 
-facebookresearch/ConvNeXt (``optim_factory.py``, ``get_num_layer_for_convnext``) splits the
-network into 14 groups and scales the learning rate of group ``i`` by
-``layer_decay ** (13 - i)``::
+Two ways of grouping layers, ``layer_decay_type``:
+
+``"group"`` - facebookresearch/ConvNeXt (``optim_factory.py``, ``get_num_layer_for_convnext``;
+ConvNeXt-V2 uses it for base and larger) splits the network into 14 groups and scales the
+learning rate of group ``i`` by ``layer_decay ** (13 - i)``::
 
     stem (downsample 0)         0
     stage 0 blocks              1
@@ -16,7 +18,15 @@ The original only accepts small/base/large/xlarge (27 blocks in stage 2).  Here 
 blocks are spread over the same nine groups for any depth, ``3 + b * 9 // depth``, which is
 ``b // 3`` for 27 blocks and monotone for every variant (tiny: 9 blocks -> 3..11, atto: 6
 blocks -> 3, 4, 6, 7, 9, 10).  Parameters with one dimension (biases, LayerNorm scale and
-shift, layer-scale ``gamma``) get no weight decay, as in the original ``get_parameter_groups``.
+shift, layer-scale ``gamma``, GRN ``gamma`` / ``beta``) get no weight decay, as in the originals'
+``get_parameter_groups``.
+
+``"single"`` - facebookresearch/ConvNeXt-V2 (``optim_factory.py``,
+``get_num_layer_for_convnext_single``; its recipe for atto..tiny): one group per block.  With
+``n = sum(depths)`` blocks, block ``b`` of stage ``s`` is group ``sum(depths[:s]) + b + 1``, the
+downsampling layers before stage ``s`` (the stem for ``s = 0``) join that stage's first block,
+and the final norm, the head and anything else are group ``n + 1``; group ``i`` learns at
+``layer_decay ** (n + 1 - i)``.
 
 Everything is written with ``keras.ops`` on top of Keras' own ``AdamW``, so it runs on the
 TensorFlow, JAX and PyTorch backends and under ``tf.distribute`` / ``keras.distribution``.
@@ -63,19 +73,48 @@ def layer_group(layer_name: str, stage2_depth: int) -> int:
     return HEAD_GROUP
 
 
-def layer_groups(variant: str | registry.Variant) -> dict[str, int]:
+LAYER_DECAY_TYPES = ("group", "single")
+
+
+def single_layer_group(layer_name: str, depths) -> int:
+    """The ``"single"`` layer-decay group of a ConvNeXt layer name: one per block (1..n), the
+    head's (and anything else's) ``n + 1`` for ``n = sum(depths)`` blocks."""
+    m = _DOWNSAMPLE.match(layer_name)
+    stage = int(m.group(1)) if m else (0 if layer_name.startswith("stem_") else None)
+    if stage is not None:
+        return sum(depths[:stage]) + 1
+    m = _BLOCK.match(layer_name)
+    if m:
+        stage, block = int(m.group(1)), int(m.group(2))
+        return sum(depths[:stage]) + block + 1
+    return sum(depths) + 1
+
+
+def _grouping(layer_decay_type: str, depths):
+    """``(layer name -> group, head group)`` of a decay type for a network's stage depths."""
+    if layer_decay_type == "group":
+        return (lambda name: layer_group(name, depths[2])), HEAD_GROUP
+    if layer_decay_type == "single":
+        return (lambda name: single_layer_group(name, depths)), sum(depths) + 1
+    raise ValueError(
+        f"layer_decay_type must be one of {', '.join(LAYER_DECAY_TYPES)} (ConvNeXt-V2's "
+        f"'single': one group per block; 'group': 12 groups of blocks), got {layer_decay_type!r}."
+    )
+
+
+def layer_groups(
+    variant: str | registry.Variant, layer_decay_type: str = "group"
+) -> dict[str, int]:
     """``{layer name: group}`` for every weight-carrying layer of a variant (the decay table)."""
     spec = registry.variant(variant)
-    return {
-        name: layer_group(name, spec.depths[2])
-        for names in layer_names(spec).values()
-        for name in names
-    }
+    group_of, _ = _grouping(layer_decay_type, spec.depths)
+    return {name: group_of(name) for names in layer_names(spec).values() for name in names}
 
 
-def group_scale(group: int, layer_decay: float) -> float:
-    """Learning-rate multiplier of a group: ``layer_decay ** (13 - group)``."""
-    return float(layer_decay) ** (HEAD_GROUP - group)
+def group_scale(group: int, layer_decay: float, head_group: int = HEAD_GROUP) -> float:
+    """Learning-rate multiplier of a group: ``layer_decay ** (head_group - group)`` (13 for
+    ``"group"``, ``sum(depths) + 1`` for ``"single"``)."""
+    return float(layer_decay) ** (head_group - group)
 
 
 def _layer_of(variable) -> str:
@@ -84,21 +123,26 @@ def _layer_of(variable) -> str:
     return parts[-2] if len(parts) >= 2 else parts[0]
 
 
-def _stage2_depth(variables) -> int:
-    depth = 0
+def _depths(variables) -> list[int]:
+    """Blocks per stage of the ConvNeXt layers among ``variables`` (at least 1 in stage 2)."""
+    depths = [0, 0, 0, 0]
     for v in variables:
         m = _BLOCK.match(_layer_of(v))
-        if m and m.group(1) == "2":
-            depth = max(depth, int(m.group(2)) + 1)
-    return depth or 1
+        if m:
+            stage = int(m.group(1))
+            depths[stage] = max(depths[stage], int(m.group(2)) + 1)
+    depths[2] = depths[2] or 1
+    return depths
 
 
-def parameter_groups(model: keras.Model, layer_decay: float) -> list[dict]:
+def parameter_groups(
+    model: keras.Model, layer_decay: float, layer_decay_type: str = "group"
+) -> list[dict]:
     """The original's parameter groups for ``model``, one dict per trainable variable.
 
     Each dict has ``path``, ``layer``, ``group``, ``lr_scale`` and ``weight_decay`` (bool).
     Works for any model holding ConvNeXt layers (also nested in a bigger model); variables of
-    other layers (a new head, say) go to group 13 with scale 1, as in the original.
+    other layers (a new head, say) go to the head's group with scale 1, as in the originals.
     """
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(
@@ -106,18 +150,18 @@ def parameter_groups(model: keras.Model, layer_decay: float) -> list[dict]:
             f"fine-tunes with 0.7-0.8), got {layer_decay}."
         )
     variables = model.trainable_variables
-    depth = _stage2_depth(variables)
+    group_of, head_group = _grouping(layer_decay_type, _depths(variables))
     groups = []
     for v in variables:
         layer = _layer_of(v)
-        group = layer_group(layer, depth)
+        group = group_of(layer)
         groups.append(
             {
                 "path": v.path,
                 "layer": layer,
                 "group": group,
-                "lr_scale": group_scale(group, layer_decay),
-                # The original: no decay for 1-D parameters (biases, norms, layer scale).
+                "lr_scale": group_scale(group, layer_decay, head_group),
+                # The originals: no decay for 1-D parameters (biases, norms, layer scale, GRN).
                 "weight_decay": len(v.shape) > 1,
             }
         )
@@ -285,6 +329,7 @@ def optimizer(
     *,
     lr: float | keras.optimizers.schedules.LearningRateSchedule = 5e-5,
     layer_decay: float = 0.8,
+    layer_decay_type: str = "group",
     weight_decay: float = 1e-8,
     ema: float | None = None,
     accumulation: int = 1,
@@ -295,8 +340,11 @@ def optimizer(
     Args:
         model: a ConvNeXt (or a model containing ConvNeXt layers) whose variables exist.
         lr: peak learning rate, or a schedule (see :func:`schedule`).
-        layer_decay: per-group decay; group ``i`` learns at ``lr * layer_decay ** (13 - i)``.
+        layer_decay: per-group decay; group ``i`` learns at ``lr * layer_decay ** (13 - i)``
+            (``"group"``) or ``lr * layer_decay ** (sum(depths) + 1 - i)`` (``"single"``).
             1.0 trains every layer at ``lr``.
+        layer_decay_type: ``"group"`` (ConvNeXt's 12 groups of blocks) or ``"single"`` (one
+            group per block, ConvNeXt-V2's recipe for atto..tiny).
         weight_decay: decoupled weight decay of kernels (not of biases, norms, layer scale).
         ema: decay of an exponential moving average of the weights (e.g. 0.9999), or None.
         accumulation: number of batches whose gradients are averaged per update.
@@ -315,7 +363,7 @@ def optimizer(
             "The model has no trainable variables: build it (call it once or give it an "
             "input shape) and unfreeze what should learn before creating the optimizer."
         )
-    groups = parameter_groups(model, layer_decay)
+    groups = parameter_groups(model, layer_decay, layer_decay_type)
     return LayerDecayAdamW(
         learning_rate=lr,
         weight_decay=weight_decay,

@@ -13,6 +13,10 @@ For every checkpoint of the registry (or those ``PATTERN`` selects) the build wr
         convnext_tiny_1k_224.keras         the classifier as a Keras 3 file
         manifest.json                      weights used, every verification, versions
 
+An encoder without classification head (ConvNeXt V2's FCMAE rows) has no classifier: its
+directory holds the feature extractor (SavedModel and ``<name>_fe.keras``).  Model cards name
+each family's paper, code and weights licence (ConvNeXt: MIT; ConvNeXt V2: CC BY-NC 4.0).
+
 Each model directory is built in a temporary directory beside it and renamed into place only
 when every export is verified (see :mod:`convnext_keras.export`), so a directory that exists is
 complete; the build skips those unless ``overwrite``.  A model whose weights are not available,
@@ -37,12 +41,6 @@ MANIFEST = "manifest.json"
 CARD = "README.md"
 #: Version of the manifest layout; a different one is rebuilt, not skipped.
 MANIFEST_FORMAT = 1
-PAPER = "https://arxiv.org/abs/2201.03545"
-PAPER_TITLE = (
-    "Zhuang Liu, Hanzi Mao, Chao-Yuan Wu, Christoph Feichtenhofer, Trevor Darrell, Saining Xie. "
-    '"A ConvNet for the 2020s." CVPR 2022. arXiv:2201.03545'
-)
-ORIGINAL = "https://github.com/facebookresearch/ConvNeXt"
 #: Registry dataset -> (short phrase, what the model card's table says).
 _DATASETS = {
     "imagenet-1k": (
@@ -57,6 +55,18 @@ _DATASETS = {
         "on ImageNet-21k and fine-tuned on ImageNet-1k",
         "ImageNet-21k pre-training, then ImageNet-1k fine-tuning",
     ),
+    "fcmae imagenet-1k": (
+        "self-supervised on ImageNet-1k (FCMAE masked-image pre-training, no labels)",
+        "ImageNet-1k images without labels (FCMAE pre-training); no head",
+    ),
+    "fcmae -> imagenet-1k": (
+        "with FCMAE on ImageNet-1k and fine-tuned on ImageNet-1k",
+        "FCMAE pre-training on ImageNet-1k, then ImageNet-1k fine-tuning",
+    ),
+    "fcmae -> imagenet-21k -> imagenet-1k": (
+        "with FCMAE on ImageNet-1k, fine-tuned on ImageNet-21k, then on ImageNet-1k",
+        "FCMAE pre-training on ImageNet-1k, ImageNet-21k fine-tuning, then ImageNet-1k fine-tuning",
+    ),
 }
 
 
@@ -65,10 +75,19 @@ class CollectionError(ValueError):
 
 
 def _artifacts(name: str) -> dict[str, tuple[str, str]]:
-    """{key: (file name inside the model directory, export format)} of one model."""
+    """{key: (file name inside the model directory, export format)} of one model (an encoder
+    without head: the feature extractor's SavedModel and .keras file)."""
     from .export import default_path
 
     fe = name + registry.FEATURE_EXTRACTOR_SUFFIX
+    if not registry.CHECKPOINTS[name].has_head:
+        return {
+            "feature_extractor_savedmodel": (
+                default_path(fe, ".", "savedmodel").name,
+                "savedmodel",
+            ),
+            "feature_extractor_keras": (default_path(fe, ".", "keras").name, "keras"),
+        }
     return {
         "classifier_savedmodel": (default_path(name, ".", "savedmodel").name, "savedmodel"),
         "feature_extractor_savedmodel": (default_path(fe, ".", "savedmodel").name, "savedmodel"),
@@ -98,63 +117,102 @@ def _eval_transform_text(ckpt: registry.Checkpoint) -> str:
     )
 
 
+def _licence_text(ckpt: registry.Checkpoint) -> str:
+    family = registry.FAMILIES[ckpt.family]
+    terms = " (non-commercial use only)" if "-NC" in ckpt.licence else ""
+    return f"{ckpt.licence}{terms}, {family.licence_url}"
+
+
 def model_card(name: str, manifest: dict | None = None) -> str:
     """The model card (Markdown) of a collection model, in the style of TF-Hub's model pages.
 
-    Everything comes from the registry; ``manifest`` (what a build recorded) adds the weights'
-    provenance and the measured verification.
+    Everything comes from the registry (the family's paper, code and weights licence included);
+    ``manifest`` (what a build recorded) adds the weights' provenance and the measured
+    verification.  An encoder without head (FCMAE) gets a feature-extractor card.
     """
     from .export import INPUT_CONTRACT, TOLERANCE
 
     resolved = registry.resolve(name)
     ckpt = resolved.checkpoint
-    if ckpt is None or resolved.head != "classifier":
+    if ckpt is None or resolved.head == "pooled":
         raise CollectionError(
             f"{name!r} is not a checkpoint of the collection; model cards exist for "
             f"{', '.join(registry.CHECKPOINTS)}."
         )
+    family = registry.FAMILIES[ckpt.family]
+    repo = family.original.removeprefix("https://github.com/")
     spec, name, res = ckpt.spec, ckpt.name, ckpt.resolution
     fe = name + registry.FEATURE_EXTRACTOR_SUFFIX
     cls_params, fe_params = _params(ckpt)
-    title = spec.name.capitalize()
-    acc = (
-        f"{ckpt.reported_acc1:.1f}% (reported by the original)"
-        if ckpt.reported_acc1 is not None
-        else "not reported (ImageNet-21k head)"
-    )
+    title = f"{family.title}-{spec.size.capitalize()}"
+    phrase, data = _DATASETS[ckpt.dataset]
     contract = INPUT_CONTRACT.format(mean=registry.IMAGENET_MEAN, std=registry.IMAGENET_STD)
     mean, std = list(registry.IMAGENET_MEAN), list(registry.IMAGENET_STD)
+    converted = (
+        f"converted from the official PyTorch checkpoint of [{repo}]({family.original}) to "
+        "Keras 3 and exported as TensorFlow SavedModels in the style of the TF-Hub ConvNeXt "
+        "collection: callable with `tf.saved_model.load`, servable with TF Serving and "
+        "fine-tunable with `hub.KerasLayer(..., trainable=True)`."
+    )
+    features = f"`features`: {spec.num_features}-d pooled, layer-normalised features (`{fe}`)"
+    if ckpt.has_head:
+        acc = (
+            f"{ckpt.reported_acc1:.1f}% (reported by the original)"
+            if ckpt.reported_acc1 is not None
+            else "not reported (ImageNet-21k head)"
+        )
+        intro = (
+            f"{title} image classifier trained {phrase} at {res}x{res}, and its feature "
+            f"extractor `{fe}`, {converted}"
+        )
+        params = f"{cls_params:,} (classifier), {fe_params:,} (feature extractor)"
+        outputs = f"`logits`: {ckpt.num_classes} classes (`{name}`); {features}"
+        files = [
+            f"- `{name}/`: classifier SavedModel; `serving_default`: `images` -> `logits`.",
+            f"- `{fe}/`: feature-extractor SavedModel; `serving_default`: `images` -> `features`.",
+            f"- `{name}.keras`: the classifier as a Keras 3 file (`import convnext_keras` "
+            "before `keras.saving.load_model`; its `head_norm` layer's output is the feature "
+            "vector).",
+        ]
+    else:
+        acc = "not reported (a self-supervised encoder without head)"
+        intro = (
+            f"{title} encoder pre-trained {phrase} at {res}x{res}, as the feature extractor "
+            f"`{fe}` (no classification head: fine-tune it, or use its features), {converted}"
+        )
+        params = f"{fe_params:,} (feature extractor)"
+        outputs = (
+            f"{features}; the encoder has no final LayerNorm of its own: this one starts at "
+            "scale 1 and shift 0, as the original fine-tuning does"
+        )
+        files = [
+            f"- `{fe}/`: feature-extractor SavedModel; `serving_default`: `images` -> `features`.",
+            f"- `{fe}.keras`: the feature extractor as a Keras 3 file (`import "
+            "convnext_keras` before `keras.saving.load_model`).",
+        ]
     lines = [
         f"# {name}",
         "",
-        f"ConvNeXt-{title} image classifier trained {_DATASETS[ckpt.dataset][0]} at "
-        f"{res}x{res}, and its feature extractor `{fe}`, converted from the official "
-        f"PyTorch checkpoint of [facebookresearch/ConvNeXt]({ORIGINAL}) to Keras 3 and "
-        "exported as TensorFlow SavedModels in the style of the TF-Hub ConvNeXt collection: "
-        "callable with `tf.saved_model.load`, servable with TF Serving and fine-tunable with "
-        "`hub.KerasLayer(..., trainable=True)`.",
+        intro,
         "",
         "## Overview",
         "",
         "| | |",
         "|---|---|",
-        f"| Architecture | ConvNeXt-{title}: depths {'-'.join(map(str, spec.depths))}, "
+        f"| Architecture | {title}: depths {'-'.join(map(str, spec.depths))}, "
         f"widths {'-'.join(map(str, spec.dims))} |",
-        f"| Training data | {_DATASETS[ckpt.dataset][1]} |",
+        f"| Training data | {data} |",
         f"| Resolution | {res}x{res} |",
-        f"| Parameters | {cls_params:,} (classifier), {fe_params:,} (feature extractor) |",
+        f"| Parameters | {params} |",
         f"| ImageNet-1k top-1 | {acc} |",
-        f"| Outputs | `logits`: {ckpt.num_classes} classes (`{name}`); `features`: "
-        f"{spec.num_features}-d pooled, layer-normalised features (`{fe}`) |",
+        f"| Outputs | {outputs} |",
         f"| Official checkpoint | [`{ckpt.filename}`]"
-        f"({registry.OFFICIAL_BASE_URL}{ckpt.filename}) |",
+        f"({registry.OFFICIAL_BASE_URL}{ckpt.source.path}) |",
+        f"| Weights licence | {_licence_text(ckpt)} |",
         "",
         "## Files",
         "",
-        f"- `{name}/`: classifier SavedModel; `serving_default`: `images` -> `logits`.",
-        f"- `{fe}/`: feature-extractor SavedModel; `serving_default`: `images` -> `features`.",
-        f"- `{name}.keras`: the classifier as a Keras 3 file (`import convnext_keras` before "
-        "`keras.saving.load_model`; its `head_norm` layer's output is the feature vector).",
+        *files,
         "- `manifest.json`: the weights used, every verification and the versions.",
         "",
         "## Input contract",
@@ -167,30 +225,54 @@ def model_card(name: str, manifest: dict | None = None) -> str:
         "",
         "## Usage",
         "",
-        "### Classification",
-        "",
-        "```python",
-        "import numpy as np",
-        "import tensorflow as tf",
-        "from PIL import Image",
-        "",
-        f'model = tf.saved_model.load("{name}")',
-        'image = Image.open("photo.jpg").convert("RGB")',
-        *_preprocess_snippet(ckpt),
-        f"x = (np.asarray(image, np.float32) / 255.0 - {mean}) / {std}",
-        "logits = model(x[None].astype(np.float32))      # or:",
-        'logits = model.signatures["serving_default"](images=x[None].astype(np.float32))["logits"]',
-        "top5 = tf.math.top_k(logits, k=5)",
-        "```",
-        "",
-        "With Keras 3 (any backend that has TensorFlow installed):",
-        "",
-        "```python",
-        "import keras",
-        f'layer = keras.layers.TFSMLayer("{name}", call_endpoint="serving_default")',
-        'logits = layer(x[None])["logits"]',
-        "```",
-        "",
+    ]
+    if ckpt.has_head:
+        lines += [
+            "### Classification",
+            "",
+            "```python",
+            "import numpy as np",
+            "import tensorflow as tf",
+            "from PIL import Image",
+            "",
+            f'model = tf.saved_model.load("{name}")',
+            'image = Image.open("photo.jpg").convert("RGB")',
+            *_preprocess_snippet(ckpt),
+            f"x = (np.asarray(image, np.float32) / 255.0 - {mean}) / {std}",
+            "logits = model(x[None].astype(np.float32))      # or:",
+            'logits = model.signatures["serving_default"](images=x[None].astype(np.float32))'
+            '["logits"]',
+            "top5 = tf.math.top_k(logits, k=5)",
+            "```",
+            "",
+            "With Keras 3 (any backend that has TensorFlow installed):",
+            "",
+            "```python",
+            "import keras",
+            f'layer = keras.layers.TFSMLayer("{name}", call_endpoint="serving_default")',
+            'logits = layer(x[None])["logits"]',
+            "```",
+            "",
+        ]
+    else:
+        lines += [
+            "### Features",
+            "",
+            "```python",
+            "import numpy as np",
+            "import tensorflow as tf",
+            "from PIL import Image",
+            "",
+            f'model = tf.saved_model.load("{fe}")',
+            'image = Image.open("photo.jpg").convert("RGB")',
+            *_preprocess_snippet(ckpt),
+            f"x = (np.asarray(image, np.float32) / 255.0 - {mean}) / {std}",
+            'features = model.signatures["serving_default"](images=x[None].astype(np.float32))'
+            '["features"]',
+            "```",
+            "",
+        ]
+    lines += [
         "### Fine-tuning (TF-Hub workflow, tf-keras)",
         "",
         "```python",
@@ -207,7 +289,9 @@ def model_card(name: str, manifest: dict | None = None) -> str:
         "model.fit(train_ds, validation_data=val_ds, epochs=10)",
         "```",
         "",
-        "The SavedModel carries no regularisation losses: use the optimiser's weight decay.",
+        "The SavedModel carries no regularisation losses: use the optimiser's weight decay. "
+        f"`convnext finetune DATA --model {name} --out RUN` fine-tunes with the original's "
+        "recipe instead.",
     ]
     if manifest:
         lines += _verification_section(manifest, TOLERANCE)
@@ -215,8 +299,8 @@ def model_card(name: str, manifest: dict | None = None) -> str:
         "",
         "## References",
         "",
-        f"- {PAPER_TITLE}. {PAPER}",
-        f"- Original code and weights (MIT licence): {ORIGINAL}",
+        f"- {family.citation}. {family.paper}",
+        f"- Original code: {family.original}; the weights' licence: {_licence_text(ckpt)}.",
         "- This conversion: convnext_keras (Keras 3; equality with a PyTorch reference is "
         "tested for every checkpoint architecture).",
         "",
@@ -274,33 +358,39 @@ def index_markdown(manifests: list[dict], problems: dict[str, str] | None = None
     """The collection's index page: one table row per built model, then what is missing."""
     order = list(registry.CHECKPOINTS)
     rows = sorted(manifests, key=lambda m: order.index(m["model"]))
+    sources = ", ".join(
+        f"[{f.original.removeprefix('https://github.com/')}]({f.original}) "
+        f"([paper]({f.paper}); weights {f.licence})"
+        for f in registry.FAMILIES.values()
+    )
     lines = [
         "# ConvNeXt collection (Keras 3 / TensorFlow SavedModel)",
         "",
-        "Classifier and feature-extractor SavedModels of the official ConvNeXt checkpoints "
-        f"([facebookresearch/ConvNeXt]({ORIGINAL}), [paper]({PAPER})). Each model's card "
-        "lists its input contract, usage for classification and fine-tuning, and the "
-        "verification of every file.",
+        f"Classifier and feature-extractor SavedModels of the official checkpoints of {sources}. "
+        "Each model's card lists its input contract, usage for classification and "
+        "fine-tuning, the weights' licence, and the verification of every file.",
         "",
-        "| model | pre-training | resolution | params | acc@1 | classifier | feature extractor "
-        "| max abs diff |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | pre-training | resolution | params | acc@1 | licence | classifier "
+        "| feature extractor | max abs diff |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m in rows:
         ckpt = registry.CHECKPOINTS[m["model"]]
-        cls_params, _ = _params(ckpt)
+        cls_params, fe_params = _params(ckpt)
         acc = "-" if ckpt.reported_acc1 is None else f"{ckpt.reported_acc1:.1f}"
         arts = m["artifacts"]
         worst = max(a["max_abs_diff"] for a in arts.values())
-        cls = arts["classifier_savedmodel"]["file"]
+        cls = arts.get("classifier_savedmodel", {}).get("file")
         fe = arts["feature_extractor_savedmodel"]["file"]
+        cls_cell = f"[`{cls}`]({m['model']}/{cls})" if cls else "- (encoder)"
+        params = (cls_params if ckpt.has_head else fe_params) / 1e6
         lines.append(
             f"| [{m['model']}]({m['model']}/{CARD}) | {ckpt.dataset} | {ckpt.resolution} "
-            f"| {cls_params / 1e6:.1f}M | {acc} | [`{cls}`]({m['model']}/{cls}) "
+            f"| {params:.1f}M | {acc} | {ckpt.licence} | {cls_cell} "
             f"| [`{fe}`]({m['model']}/{fe}) | {worst:.2g} |"
         )
     if not rows:
-        lines.append("| (nothing built yet) | | | | | | | |")
+        lines.append("| (nothing built yet) | | | | | | | | |")
     if problems:
         lines += ["", "## Not built in the last run", ""]
         lines += [f"- `{name}`: {why}" for name, why in problems.items()]
@@ -420,13 +510,15 @@ def _build_one(ckpt: registry.Checkpoint, weights: _Weights, model_dir: Path, ov
     from .export import export, staged
 
     start = time.time()
-    classifier = load_model(ckpt.name, weights=weights.load_as)
-    features = keras.Model(
-        classifier.input,
-        classifier.get_layer("head_norm").output,
-        name=ckpt.name + registry.FEATURE_EXTRACTOR_SUFFIX,
-    )
-    models = {"classifier": classifier, "feature_extractor": features}
+    fe_name = ckpt.name + registry.FEATURE_EXTRACTOR_SUFFIX
+    if ckpt.has_head:
+        classifier = load_model(ckpt.name, weights=weights.load_as)
+        features = keras.Model(
+            classifier.input, classifier.get_layer("head_norm").output, name=fe_name
+        )
+        models = {"classifier": classifier, "feature_extractor": features}
+    else:  # an encoder: its feature extractor only
+        models = {"feature_extractor": load_model(fe_name, weights=weights.load_as)}
     with staged(model_dir, overwrite=overwrite) as tmp:
         tmp.mkdir()
         artifacts = {}
@@ -507,10 +599,11 @@ def build_collection(
 
     Args:
         out: collection directory (created if needed).
-        models: a shell pattern over the checkpoint names (``"convnext_tiny_*"``), a list of
-            names, or None for all 21.
+        models: a shell pattern over the checkpoint names (``"convnext_tiny_*"``,
+            ``"convnextv2*"``), a list of names, or None for all.
         weights_dir: a directory holding official checkpoint files under their official names
-            (``convnext_tiny_1k_224_ema.pth``...); only these and the cache are used.  Without
+            (``convnext_tiny_1k_224_ema.pth``, ``convnextv2_tiny_1k_224_ema.pt``...); only these
+            and the cache are used.  Without
             it, weights come from the cache or are downloaded (``CONVNEXT_BASE_URL``).
         overwrite: rebuild models that are already built.
         log: called with one line per event (None: silent).

@@ -411,9 +411,13 @@ def _metadata(model, plan: _Plan, source: str | None) -> dict:
     from . import __version__
 
     try:
-        ckpt = registry.resolve(model.name).checkpoint
+        resolved = registry.resolve(model.name)
     except registry.UnknownModelError:
-        ckpt = None
+        resolved = None
+    ckpt = resolved.checkpoint if resolved else None
+    # A model name the registry does not know is a ConvNeXt built by this library (the only
+    # models exported); its family defaults to ConvNeXt's.
+    family = registry.FAMILIES[resolved.variant.family if resolved else "convnext"]
     return {
         "model": model.name,
         "outputs": plan.outputs,
@@ -432,10 +436,10 @@ def _metadata(model, plan: _Plan, source: str | None) -> dict:
         "dataset": ckpt.dataset if ckpt else None,
         "reported_acc1": ckpt.reported_acc1 if ckpt else None,
         "weights": source,
-        "references": [
-            "https://arxiv.org/abs/2201.03545",
-            "https://github.com/facebookresearch/ConvNeXt",
-        ],
+        "family": family.name,
+        # The official weights' licence (None: other weights, whose licence is their owner's).
+        "licence": ckpt.licence if ckpt and source == ckpt.url else None,
+        "references": [family.paper, family.original],
         "convnext_keras": __version__,
         "keras": keras.__version__,
     }

@@ -134,7 +134,16 @@ def load_classifier(model, *, weights="official", config=None, precision: str | 
         return loaded, preprocess.as_config(config or "convnext_tiny")
     if isinstance(model, (str, os.PathLike)):
         name = str(model)
-        ckpt = registry.resolve(name).checkpoint
+        resolved = registry.resolve(name)
+        ckpt = resolved.checkpoint
+        if resolved.head != "classifier":
+            what = "a feature extractor" if resolved.head == "pooled" else "an encoder"
+            classifiers = registry.checkpoints_for(resolved.variant.name, 1000)
+            raise ValueError(
+                f"{name!r} is {what} without a classification head; predict and evaluate need "
+                f"a classifier name (e.g. {(classifiers or ['convnext_tiny_1k_224'])[0]}), or "
+                "fine-tune it first (convnext finetune)."
+            )
         if isinstance(weights, str) and weights == api.OFFICIAL and ckpt is not None:
             # Download (or fail) before spending time building the network.
             hub.official_weights(ckpt)

@@ -19,7 +19,7 @@ from convnext_keras.cli import main
 TF = keras.backend.backend() == "tensorflow"
 
 
-@pytest.mark.parametrize("name", list(registry.CHECKPOINTS))
+@pytest.mark.parametrize("name", registry.families("convnext"))
 def test_model_card_says_what_the_registry_says(name):
     ckpt = registry.CHECKPOINTS[name]
     card = collection.model_card(name)
@@ -50,10 +50,38 @@ def test_model_card_says_what_the_registry_says(name):
     assert f'hub.KerasLayer("{fe}", trainable=True)' in card
     assert f"tf_keras.Input(({ckpt.resolution}, {ckpt.resolution}, 3))" in card
     assert "arXiv:2201.03545" in card and "https://github.com/facebookresearch/ConvNeXt" in card
+    assert "| Weights licence | MIT, " in card and "ConvNeXt-V2" not in card
     if ckpt.resolution >= registry.SQUASH_RESOLUTION:
         assert f"resize to {ckpt.resolution}x{ckpt.resolution} (bicubic, no crop)" in card
     else:
         assert "resize the shorter side to 256 (bicubic), centre-crop 224x224" in card
+
+
+@pytest.mark.parametrize("name", registry.families("convnextv2"))
+def test_v2_model_cards_name_the_v2_paper_licence_and_encoders(name):
+    ckpt = registry.CHECKPOINTS[name]
+    card = collection.model_card(name)
+    fe = name + "_fe"
+    assert card.startswith(f"# {name}\n")
+    size = ckpt.spec.size.capitalize()
+    assert f"| Architecture | ConvNeXt V2-{size}: depths" in card
+    assert "| Weights licence | CC-BY-NC-4.0 (non-commercial use only), " in card
+    assert "https://creativecommons.org/licenses/by-nc/4.0/" in card
+    assert "arXiv:2301.00808" in card and "https://github.com/facebookresearch/ConvNeXt-V2" in card
+    assert "arXiv:2201.03545" not in card
+    url = f"https://dl.fbaipublicfiles.com/convnext/{ckpt.source.path}"
+    assert f"[`{ckpt.filename}`]({url})" in card
+    assert f'hub.KerasLayer("{fe}", trainable=True)' in card
+    if ckpt.has_head:
+        params = ck.count_params(ckpt.variant, ckpt.num_classes)
+        assert f"| ImageNet-1k top-1 | {ckpt.reported_acc1:.1f}% (reported" in card
+        assert f"{params:,} (classifier)" in card and f'tf.saved_model.load("{name}")' in card
+        assert "FCMAE pre-training on ImageNet-1k" in card
+    else:
+        assert "encoder pre-trained self-supervised on ImageNet-1k (FCMAE" in card
+        assert "not reported (a self-supervised encoder without head)" in card
+        assert "classifier" not in card.split("## Usage")[0].replace("classification head", "")
+        assert f'tf.saved_model.load("{fe}")' in card and "`logits`" not in card
 
 
 def test_model_card_snippet_is_the_official_transform():
@@ -196,3 +224,44 @@ def test_build_a_collection(tiny_reference, tmp_path, monkeypatch):
     assert "convnext_tiny_21k_224: missing weights: no convnext_tiny_22k_224.pth" in result.output
     assert "convnext_tiny_21k_1k_224: missing weights" in result.output
     assert (out / built[0] / "manifest.json").read_bytes() == before
+
+
+@pytest.mark.skipif(not TF, reason="SavedModel export runs on the TensorFlow pass")
+def test_build_a_v2_collection_with_an_encoder(tmp_path):
+    """ConvNeXt V2-atto's FCMAE encoder from a local file in its official format: the
+    feature-extractor SavedModel and .keras file, verified, equal to transformers'
+    ConvNextV2's backbone; the card and index carry the V2 licence.  (A classifier's
+    directory is built by the code test_build_a_collection runs for ConvNeXt-T; the V2
+    classifier's exports are checked in test_export.)"""
+    import tensorflow as tf
+
+    spec = registry.VARIANTS["convnextv2_atto"]
+    torch_model = ref.hf_v2_model(spec.depths, spec.dims, 1000, seed=9)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    name = "convnextv2_atto_fcmae"
+    ref.save_fcmae(torch_model, weights / registry.CHECKPOINTS[name].filename)
+    out = tmp_path / "collection"
+    report = collection.build_collection(out, "convnextv2_atto_*", weights_dir=weights, log=None)
+    assert report.built == [name] and list(report.missing) == ["convnextv2_atto_1k_224"]
+    assert "convnextv2_atto_1k_224_ema.pt" in report.missing["convnextv2_atto_1k_224"]
+
+    encoder = out / name
+    assert sorted(p.name for p in encoder.iterdir()) == sorted(
+        ["README.md", "manifest.json", f"{name}_fe", f"{name}_fe.keras"]
+    )
+    manifest = json.loads((encoder / "manifest.json").read_text())
+    assert set(manifest["artifacts"]) == {"feature_extractor_savedmodel", "feature_extractor_keras"}
+    assert all(a["max_abs_diff"] <= 1e-4 for a in manifest["artifacts"].values())
+    # The encoder's features: the backbone's, through a LayerNorm at scale 1, shift 0.
+    images = np.random.default_rng(6).standard_normal((2, 224, 224, 3)).astype(np.float32)
+    stage4 = ref.hf_outputs(torch_model, images)["stage4"].mean(axis=(1, 2), dtype=np.float64)
+    want = (stage4 - stage4.mean(-1, keepdims=True)) / np.sqrt(stage4.var(-1, keepdims=True) + 1e-6)
+    got = tf.saved_model.load(str(encoder / f"{name}_fe"))(images).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    restored = keras.saving.load_model(str(encoder / f"{name}_fe.keras"))
+    np.testing.assert_allclose(restored.predict_on_batch(images), want, atol=1e-4)
+    assert "CC-BY-NC-4.0 (non-commercial use only)" in (encoder / "README.md").read_text()
+    index = (out / "index.md").read_text()
+    assert f"| CC-BY-NC-4.0 | - (encoder) | [`{name}_fe`]({name}/{name}_fe) |" in index
+    assert "`convnextv2_atto_1k_224`: " in index

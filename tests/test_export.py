@@ -496,3 +496,55 @@ def test_384_and_21k_models_in_every_format(name, tmp_path):
 
 def _plan_of(result):
     return ex._Plan(result.format, result.input_shape[1], False, False, None, result.outputs, 1, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# ConvNeXt V2: every format, the feature extractor fine-tuned the TF-Hub way, the metadata
+
+
+@needs_tf
+def test_v2_model_in_every_format_and_its_fe_fine_tunes_with_tf_hub(tmp_path):
+    """ConvNeXt V2-atto (GRN) through `convnext export`: SavedModel, ONNX (the library's own
+    graph), TFLite and .keras, each verified and equal to transformers' ConvNextV2; its _fe
+    SavedModel fine-tunes with hub.KerasLayer(trainable=True) (GRN's scale and shift get
+    gradients); the metadata name V2's paper and the weights' licence."""
+    import tensorflow as tf
+
+    name = "convnextv2_atto_1k_224"
+    spec = registry.CHECKPOINTS[name].spec
+    torch_model = ref.hf_v2_model(spec.depths, spec.dims, 1000, seed=8)
+    checkpoint = ref.save_official(torch_model, tmp_path / "convnextv2_atto_1k_224_ema.pt")
+    x = np.random.default_rng(9).standard_normal((2, 224, 224, 3)).astype(np.float32)
+    want = ref.hf_outputs(torch_model, x)
+    result = CliRunner().invoke(
+        main,
+        ["export", name, "--weights", str(checkpoint), "--out", str(tmp_path / "out")]
+        + ["--format", "savedmodel", "--format", "onnx", "--format", "tflite"]
+        + ["--format", "keras"],
+    )
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    for fmt in ex.FORMATS:
+        path = ex.default_path(name, out, fmt)
+        plan = ex._Plan(fmt, 224, False, False, None, ["logits"], 2, 0)
+        (_, _, got), *_ = ex._RUNNERS[fmt](path, plan, [x])
+        assert _diff(got["logits"], want["logits"]) <= ex.TOLERANCE[fmt], fmt
+    meta = json.loads(tf.saved_model.load(str(out / name)).metadata().numpy().decode())
+    assert meta["family"] == "convnextv2" and meta["licence"] is None  # a local file's weights
+    assert meta["references"] == [
+        "https://arxiv.org/abs/2301.00808",
+        "https://github.com/facebookresearch/ConvNeXt-V2",
+    ]
+
+    fe = ex.export_named(
+        name + "_fe", tmp_path / "fe", ["savedmodel"], weights=str(checkpoint), check_hub=True
+    )[0]
+    assert fe.max_abs_diff <= 1e-4
+    features = tf.saved_model.load(str(fe.path))(x).numpy()
+    assert _diff(features, want["pooled"]) <= 1e-4
+    report = fe.hub_check
+    assert report["none_gradients"] == 0 and report["zero_gradients"] == 0
+    assert report["changed"] == report["backbone_variables"]
+    assert report["backbone_variables"] == len(
+        ck.load_model(name + "_fe", weights=None).trainable_variables
+    )

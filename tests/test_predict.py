@@ -329,3 +329,66 @@ def test_make_demo_fails_fast_offline(loopback_server, monkeypatch):
     assert message.startswith("error: Could not download " + url)
     assert "404" in message and "--weights FILE" in message and "CONVNEXT_BASE_URL" in message
     assert loopback_server.requests == ["/convnext_tiny_1k_224_ema.pth"]
+
+
+# --- ConvNeXt V2 --------------------------------------------------------------------------------
+
+ATTO_V2 = registry.VARIANTS["convnextv2_atto"]
+
+
+@pytest.fixture(scope="module")
+def atto_v2(tmp_path_factory):
+    """A transformers ConvNextV2-atto (GRN far from the identity) and its official file."""
+    model = ref.hf_v2_model(ATTO_V2.depths, ATTO_V2.dims, 1000, seed=3)
+    path = ref.save_official(model, tmp_path_factory.mktemp("atto_v2") / "atto_v2.pt")
+    return model, path
+
+
+@pytest.mark.backends
+def test_v2_predict_gradcam_and_bf16_equal_pytorch(atto_v2):
+    """ConvNeXt V2 by name: predictions (official V2 transform), Grad-CAM and bf16 logits
+    against transformers' ConvNextV2 (bf16: relative error <= 1e-2, same top-1 wherever the
+    reference's margin exceeds bf16's error)."""
+    model, ckpt = atto_v2
+    name = "convnextv2_atto_1k_224"
+    results = predict_files(name, PHOTOS, weights=ckpt, top=3, batch_size=4)
+    want = _reference_probs(model, PHOTOS)
+    for r, probs in zip(results, want):
+        order = np.argsort(-probs)[:3]
+        assert [p.index for p in r.predictions] == order.tolist(), r.path
+        np.testing.assert_allclose([p.probability for p in r.predictions], probs[order], atol=1e-5)
+
+    keras_model, config = load_classifier(name, weights=ckpt)
+    assert tuple(config) == (224, 0.875, "bicubic")
+    images = np.stack([reference(preprocess.load_image(p), 224, 0.875, "bicubic") for p in PHOTOS])
+    logits = ref.hf_outputs(model, images)["logits"]
+    cams, classes = GradCAM(keras_model)(images[:2])
+    np.testing.assert_array_equal(classes, logits[:2].argmax(-1))
+    np.testing.assert_allclose(cams, _reference_cam(model, images[:2], classes), atol=2e-3)
+
+    bf16, _ = load_classifier(name, weights=ckpt, precision="bf16")
+    got = np.asarray(bf16.predict_on_batch(images))
+    assert np.linalg.norm(got - logits) / np.linalg.norm(logits) <= 1e-2
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    sure = top2[:, 1] - top2[:, 0] > 2 * np.abs(got - logits).max(axis=-1)
+    assert sure.sum() >= len(PHOTOS) // 2
+    np.testing.assert_array_equal(got.argmax(-1)[sure], logits.argmax(-1)[sure])
+
+
+def test_v2_cli_predict_with_cam_and_encoders_refused(atto_v2, tmp_path):
+    _, ckpt = atto_v2
+    out = tmp_path / "cams"
+    result = _invoke(
+        ["predict", str(EXAMPLES / "cat.jpg"), "--model", "convnextv2_atto_1k_224_ema",
+         "--weights", str(ckpt), "--top", "2", "--cam", str(out)]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (out / "cat_cam.png").is_file() and "2. " in result.stdout
+    for name, what in (
+        ("convnextv2_atto_fcmae", "an encoder"),
+        ("convnextv2_atto_1k_224_fe", "a feature extractor"),
+    ):
+        bad = _invoke(["predict", str(EXAMPLES / "cat.jpg"), "--model", name])
+        assert bad.exit_code == 2, bad.output
+        assert f"is {what} without a classification head" in bad.stderr
+        assert "convnextv2_atto_1k_224" in bad.stderr

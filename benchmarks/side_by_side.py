@@ -1,6 +1,7 @@
 """This library against its peers, side by side in one process, on the CPU.
 
     python benchmarks/side_by_side.py                     # ConvNeXt-T, 224, batch 8
+    python benchmarks/side_by_side.py --model convnextv2_tiny   # ConvNeXt V2-T (GRN)
     python benchmarks/side_by_side.py --model convnext_atto --resolution 64 --repeats 3
     python benchmarks/side_by_side.py --torch-compile --out results/   # + torch.compile, files
 
@@ -9,11 +10,12 @@ programs hits all alike; ratios are to onnxruntime running the PyTorch model's O
 
 * float32: this library's default inference path (``runtime.inference_function``: onnxruntime
   on its own graph), the same model through Keras ``predict_on_batch`` (active backend),
-  keras.applications ConvNeXt (same backend), Hugging Face transformers ConvNext in PyTorch
-  eager (and ``torch.compile`` with ``--torch-compile``), onnxruntime on that model's ONNX
-  export, timm where it can be imported, and OpenVINO (when installed; ``--no-openvino``
-  skips it) on both ONNX graphs: this library's and the PyTorch export - another CPU
-  inference engine that could have been the default (it was not faster, BENCHMARKS.md);
+  keras.applications ConvNeXt (same backend; it has no V2), Hugging Face transformers
+  ConvNext / ConvNextV2 in PyTorch eager (and ``torch.compile`` with ``--torch-compile``),
+  onnxruntime on that model's ONNX export, timm where it can be imported, and OpenVINO
+  (when installed; ``--no-openvino`` skips it) on both ONNX graphs: this library's and the
+  PyTorch export - another CPU inference engine that could have been the default (it was not
+  faster, BENCHMARKS.md);
 * bfloat16 (skip with ``--no-bf16``): this library with ``mixed_bfloat16`` against PyTorch
   eager with bf16 autocast, plus bf16-vs-float32 relative error and top-1 agreement on real
   photos;
@@ -51,16 +53,20 @@ def sample_photos() -> list[Path]:
 
 
 def hf_peer(variant: str):
-    """transformers' ConvNext (PyTorch) with the registry's architecture, random weights."""
+    """``(model, name)``: transformers' ConvNext, or ConvNextV2 for a GRN variant (PyTorch),
+    with the registry's architecture and random weights."""
     import torch
-    from transformers import ConvNextConfig, ConvNextForImageClassification
+    import transformers
 
     from convnext_keras import registry
 
-    spec = registry.VARIANTS[variant]
-    config = ConvNextConfig(depths=list(spec.depths), hidden_sizes=list(spec.dims), num_labels=1000)
+    spec = registry.variant(variant)
+    kind = "ConvNextV2" if spec.block == "grn" else "ConvNext"
+    config = getattr(transformers, f"{kind}Config")(
+        depths=list(spec.depths), hidden_sizes=list(spec.dims), num_labels=1000
+    )
     torch.manual_seed(0)
-    return ConvNextForImageClassification(config).eval()
+    return getattr(transformers, f"{kind}ForImageClassification")(config).eval(), kind
 
 
 def onnx_export(torch_model, x_nchw, path: Path):
@@ -117,7 +123,12 @@ def openvino_contenders(graphs: dict[str, tuple[Path, np.ndarray]], threads: int
 def keras_applications_peer(variant: str, resolution: int):
     import keras
 
-    fn = getattr(keras.applications, f"ConvNeXt{variant.capitalize()}", None)
+    from convnext_keras import registry
+
+    spec = registry.variant(variant)
+    if spec.family != "convnext":  # keras.applications has ConvNeXt (V1) only
+        return None
+    fn = getattr(keras.applications, f"ConvNeXt{spec.size.capitalize()}", None)
     if fn is None:
         return None
     return fn(weights=None, input_shape=(resolution, resolution, 3), include_preprocessing=False)
@@ -176,7 +187,7 @@ def main():
     ours, _ = bench.bench_model(args.model, resolution=res)
     default_fn, engine = runtime.inference_function(ours)
     check = np.abs(default_fn(x) - ours.predict_on_batch(x)).max()
-    hf = hf_peer(variant)
+    hf, hf_kind = hf_peer(variant)
     contenders = {
         f"convnext_keras default ({engine})": lambda: default_fn(x),
         f"convnext_keras Keras predict_on_batch ({keras.backend.backend()})": (
@@ -193,7 +204,7 @@ def main():
         with torch.inference_mode():
             return hf(x_nchw).logits
 
-    contenders["transformers ConvNext, PyTorch eager"] = hf_eager
+    contenders[f"transformers {hf_kind}, PyTorch eager"] = hf_eager
     if args.torch_compile:
         try:
             compiled = torch.compile(hf)
@@ -204,13 +215,13 @@ def main():
                 with torch.inference_mode():
                     return compiled(x_nchw).logits
 
-            contenders["transformers ConvNext, torch.compile"] = hf_compiled
+            contenders[f"transformers {hf_kind}, torch.compile"] = hf_compiled
         except Exception as e:  # noqa: BLE001
             print(f"torch.compile failed: {type(e).__name__}: {str(e)[:200]}")
     try:
         import timm
 
-        tm = timm.create_model(f"convnext_{variant}", pretrained=False).eval()
+        tm = timm.create_model(registry.variant(variant).arch_name, pretrained=False).eval()
 
         def timm_eager():
             with torch.inference_mode():
@@ -265,7 +276,7 @@ def main():
                 "convnext_keras --precision bf16 (Keras mixed_bfloat16)": (
                     lambda: ours16.predict_on_batch(x)
                 ),
-                "transformers ConvNext, PyTorch eager bf16 autocast": hf_bf16,
+                f"transformers {hf_kind}, PyTorch eager bf16 autocast": hf_bf16,
             },
             bs,
             warmup=1,
@@ -274,7 +285,8 @@ def main():
         accuracy = bf16_accuracy(ours, ours16, res)
 
     photos = sample_photos()
-    pre = bench.preprocessing_rate(photos * 8, f"convnext_{variant}") if photos else None
+    arch = registry.variant(variant).arch_name
+    pre = bench.preprocessing_rate(photos * 8, arch) if photos else None
 
     ref = fp32[ort_name].images_per_second
     ref_seconds = np.asarray(fp32[ort_name].seconds)

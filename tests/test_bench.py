@@ -69,15 +69,16 @@ def test_flops_equal_pytorch_flop_counter(variant, resolution):
 
 
 @pytest.mark.backends
-def test_benchmark_inference_runs_the_default_engine():
+@pytest.mark.parametrize("name", ["convnext_atto", "convnextv2_atto_1k_224"])
+def test_benchmark_inference_runs_the_default_engine(name):
     result = bench.benchmark(
-        "convnext_atto", batch_size=2, resolution=64, warmup=1, repeats=2, precision="fp32"
+        name, batch_size=2, resolution=64, warmup=1, repeats=2, precision="fp32"
     )
     assert result.engine in ("onnxruntime", "keras", "keras-jax-jit")
     assert result.mode == "infer" and result.resolution == 64
     assert len(result.timing.seconds) == 2 and result.timing.images_per_second > 0
     d = result.as_dict()
-    assert d["model"] == "convnext_atto" and d["batch_size"] == 2
+    assert d["model"] == name and d["batch_size"] == 2
 
 
 @pytest.mark.backends

@@ -1,6 +1,8 @@
-"""``benchmarks/side_by_side.py`` end to end at a tiny size: every contender runs, the default
-engine equals Keras, the ratios are to onnxruntime on the PyTorch export, and the bf16 row
-carries its accuracy check.  Speed itself is never asserted (BENCHMARKS.md holds the numbers)."""
+"""``benchmarks/side_by_side.py`` end to end at a tiny size (ConvNeXt V2-atto: the V2 peers,
+transformers' ConvNextV2 and onnxruntime on its ONNX export; ConvNeXt's differ only by the
+transformers class): every contender runs, the default engine equals Keras, the ratios are to
+onnxruntime on the PyTorch export, and the bf16 row carries its accuracy check.  Speed itself
+is never asserted (BENCHMARKS.md holds the numbers)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_side_by_side_runs_every_contender(tmp_path):
     out = tmp_path / "out"
-    args = ["--model", "convnext_atto", "--resolution", "64", "--batch-size", "2",
+    args = ["--model", "convnextv2_atto", "--resolution", "64", "--batch-size", "2",
             "--repeats", "1", "--warmup", "1", "--bf16-repeats", "1", "--threads", "2",
             "--no-keras-applications", "--out", str(out)]  # fmt: skip
     env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
@@ -29,7 +31,7 @@ def test_side_by_side_runs_every_contender(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "results.json").read_text())
-    assert report["model"] == "atto @ 64, batch 2, 2 threads"
+    assert report["model"] == "convnextv2_atto @ 64, batch 2, 2 threads"
     assert report["default_engine_vs_keras_max_abs_diff"] < 1e-4
     rows = {(r["group"], r["name"]): r for r in report["rows"]}
     names = {name for group, name in rows if group == "fp32"}
@@ -37,7 +39,7 @@ def test_side_by_side_runs_every_contender(tmp_path):
     assert {
         "convnext_keras default (onnxruntime)",
         "convnext_keras Keras predict_on_batch (tensorflow)",
-        "transformers ConvNext, PyTorch eager",
+        "transformers ConvNextV2, PyTorch eager",
         reference,
     } <= names
     if importlib.util.find_spec("openvino"):

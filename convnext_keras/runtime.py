@@ -10,11 +10,9 @@ weights - no TensorFlow, no tf2onnx - arranged for that engine:
   its GEMM rate instead of its direct-convolution rate;
 * each block's layer scale is folded into ``pwconv2``'s weights and bias (``(xW + b) * g ==
   x(W g) + b g``), one pass over the activations less per block;
-* ConvNeXt V2's Global Response Normalization costs one read of the hidden activations (its
-  sum of squares over height and width) and no pass that writes them: its output
-  ``y * (1 + gamma * N) + beta`` goes into ``pwconv2`` as per-sample weights
-  ``diag(1 + gamma * N) W`` (``4C x C`` values per image instead of ``H x W x 4C``) and the
-  bias ``b + beta W``;
+* ConvNeXt V2's Global Response Normalization ``y * (1 + gamma * N) + beta`` costs one read
+  of the hidden activations (their sum of squares over height and width) and one scaling
+  pass: ``beta`` is folded into ``pwconv2``'s bias (``b + beta W``);
 * LayerNorm and exact (erf) GELU are single fused operators.
 
 The graph computes the same function as the Keras model in float32 (tested against it and,
@@ -224,26 +222,21 @@ def _reduce(g, op, x, axes, opset, name):
     return g.op(op, [x], name, keepdims=1, axes=list(axes))
 
 
-def _grn_pwconv2(g, y, block_input, grn, w2, b2, opset, name):
-    """``pwconv2(GRN(y))`` with GRN folded into per-sample weights (see the module notes).
+def _grn_pwconv2(g, y, grn, w2, b2, opset, name):
+    """``pwconv2(GRN(y))`` on the GELU output ``y`` ``(N, H, W, 4C)``.
 
-    ``y``: the GELU output ``(N, H, W, 4C)``; ``block_input``: the block's input, whose shape
-    ``(N, H, W, C)`` the result takes.  GRN: ``N_c = G_c / (mean_c G + eps)`` with ``G`` the L2
-    norm over height and width; ``GRN(y) = y * (1 + gamma * N) + beta``.
+    GRN: ``N_c = G_c / (mean_c G + eps)`` with ``G`` the L2 norm over height and width, and
+    ``GRN(y) = y * (1 + gamma * N) + beta``; ``beta`` goes into ``pwconv2``'s bias
+    (``b + beta W``), so GRN costs one read of ``y`` (its sum of squares) and one scaling pass.
     """
     gamma, beta = grn
-    hidden, dim = w2.shape
     norm = g.op("Sqrt", [_reduce(g, "ReduceSumSquare", y, [1, 2], opset, name)], name)
     mean = _reduce(g, "ReduceMean", norm, [-1], opset, name)
     eps = g.const(np.array(registry.GRN_EPSILON, np.float32), f"{name}_grn_eps")
     ratio = g.op("Div", [norm, g.op("Add", [mean, eps], name)], name)  # (N, 1, 1, 4C)
     one = g.const(np.array(1.0, np.float32), f"{name}_one")
     scale = g.op("Add", [g.op("Mul", [ratio, g.const(gamma, f"{name}_grn_g")], name), one], name)
-    column = g.const(np.array([-1, hidden, 1], np.int64), f"{name}_col")
-    weights = g.op("Mul", [g.op("Reshape", [scale, column], name), g.const(w2, f"{name}_w2")], name)
-    rows = g.const(np.array([0, -1, hidden], np.int64), f"{name}_rows")  # (N, H*W, 4C)
-    out = g.op("MatMul", [g.op("Reshape", [y, rows], name), weights], name)
-    out = g.op("Reshape", [out, g.op("Shape", [block_input], name)], name)
+    out = g.op("MatMul", [g.op("Mul", [y, scale], name), g.const(w2, f"{name}_w2")], name)
     return g.op("Add", [out, g.const(b2 + beta @ w2, f"{name}_b2")], name)
 
 
@@ -334,7 +327,7 @@ def build_onnx_graph(
             y = _gelu(g, g.op("Add", [y, g.const(b1, f"{p}_b1")], p), opset, p)
             w2, b2 = W[f"{p}_pwconv2"]
             if f"{p}_grn" in W:
-                y = _grn_pwconv2(g, y, x, W[f"{p}_grn"], w2, b2, opset, p)
+                y = _grn_pwconv2(g, y, W[f"{p}_grn"], w2, b2, opset, p)
             else:
                 if f"{p}_layer_scale" in W:
                     (scale,) = W[f"{p}_layer_scale"]

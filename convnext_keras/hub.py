@@ -2,7 +2,9 @@
 
 Cache layout under ``CONVNEXT_HOME`` (default ``~/.cache/convnext_keras``)::
 
-    checkpoints/<official file name>      the downloaded file, exactly as published
+    checkpoints/<official path>           the downloaded file, exactly as published (the path
+                                          under the official server: convnext_tiny_1k_224_ema.pth,
+                                          convnextv2/im1k/convnextv2_tiny_1k_224_ema.pt, ...)
     keras/<model name>.safetensors        converted Keras weights ({layer/index: array})
 
 A file only ever appears under its final name complete and verified: downloads go to a
@@ -42,7 +44,7 @@ def cache_dir() -> Path:
 
 
 def checkpoint_cache_path(ckpt: registry.Checkpoint) -> Path:
-    return cache_dir() / "checkpoints" / ckpt.filename
+    return cache_dir() / "checkpoints" / ckpt.source.cache_name
 
 
 def converted_cache_path(ckpt: registry.Checkpoint) -> Path:

@@ -16,15 +16,17 @@ def test_list_shows_the_whole_collection():
     result = CliRunner().invoke(main, ["list", "--json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
-    assert len(rows) == 21
+    assert len(rows) == 21 + 26
     tiny = next(r for r in rows if r["name"] == "convnext_tiny_1k_224")
     assert tiny == {
         "name": "convnext_tiny_1k_224",
+        "family": "convnext",
         "params": 28_589_128,
         "resolution": 224,
         "classes": 1000,
         "dataset": "imagenet-1k",
         "acc1": 82.1,
+        "licence": "MIT",
         "cached": False,
         "url": "https://dl.fbaipublicfiles.com/convnext/convnext_tiny_1k_224_ema.pth",
     }
@@ -32,6 +34,23 @@ def test_list_shows_the_whole_collection():
     assert table.exit_code == 0
     assert "convnext_xlarge_21k_1k_384" in table.output and "tiny" not in table.output
     assert "87.8" in table.output
+
+
+def test_list_shows_convnext_v2_with_its_licence():
+    result = CliRunner().invoke(main, ["list", "convnextv2*", "--json"])
+    rows = json.loads(result.output)
+    assert len(rows) == 26 and {r["licence"] for r in rows} == {"CC-BY-NC-4.0"}
+    tiny = next(r for r in rows if r["name"] == "convnextv2_tiny_1k_224")
+    assert (tiny["params"], tiny["acc1"], tiny["family"]) == (28_635_496, 83.0, "convnextv2")
+    encoder = next(r for r in rows if r["name"] == "convnextv2_tiny_fcmae")
+    assert encoder["classes"] is None and encoder["acc1"] is None
+    table = CliRunner().invoke(main, ["list", "convnextv2*", "--markdown"])
+    lines = table.output.splitlines()
+    assert len(lines) == 2 + 26 and lines[0].endswith("| licence |")
+    assert "| convnextv2_huge_21k_1k_512 | 660.3M | 512 | 1000 |" in table.output
+    assert "| convnextv2_atto_fcmae | 3.4M | 224 | - | fcmae imagenet-1k | - | CC-BY-NC-4.0 |" in (
+        table.output
+    )
 
 
 def test_convert_cli(tmp_path, tiny_reference):

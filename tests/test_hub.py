@@ -141,3 +141,62 @@ def test_two_processes_share_one_download(mirror, isolated_cache):
     files = [f for f in _cache_files(isolated_cache) if not f.endswith(".lock")]
     assert files == [f"checkpoints/{TINY.filename}", "keras/convnext_tiny_1k_224.safetensors"]
     assert hub.load_converted(isolated_cache / files[1]) is not None
+
+
+def test_v2_checkpoints_in_every_layout_download_and_load(
+    loopback_server, isolated_cache, monkeypatch
+):
+    """ConvNeXt V2 files served under their official paths (convnextv2/im1k/..., .../pt_only/...)
+    in each layout the loader reads - official, timm, Hugging Face, FCMAE - load by name and
+    compute what transformers' ConvNextV2 computes; the FCMAE encoder as pyramid, ``_fe`` and
+    with a new head."""
+    import keras
+
+    spec = registry.VARIANTS["convnextv2_atto"]
+    torch_model = ref.hf_v2_model(spec.depths, spec.dims, 1000, seed=4)
+    x = np.random.default_rng(1).standard_normal((1, 64, 64, 3)).astype("float32")
+    want = ref.hf_outputs(torch_model, x)
+    monkeypatch.setenv("CONVNEXT_BASE_URL", loopback_server.url)
+    classifier = registry.CHECKPOINTS["convnextv2_atto_1k_224"]
+    encoder = registry.CHECKPOINTS["convnextv2_atto_fcmae"]
+    served = loopback_server.root / classifier.source.path
+    served.parent.mkdir(parents=True)
+    writers = {
+        "official": lambda p: ref.save_official(torch_model, p),
+        "timm": lambda p: ref.save_timm(torch_model, p, conv_mlp=True),
+        "huggingface": lambda p: shutil.copy(ref.save_hf(torch_model, p.parent / "hf"), p),
+    }
+    for layout, write in writers.items():
+        write(served)
+        shutil.rmtree(isolated_cache, ignore_errors=True)
+        got = ck.load_model(classifier.name).predict_on_batch(x)
+        assert np.abs(got - want["logits"]).max() <= 1e-4, layout
+    assert loopback_server.requests == [f"/{classifier.source.path}"] * 3
+    assert (isolated_cache / "checkpoints" / classifier.source.path).is_file()
+
+    encoder_file = loopback_server.root / encoder.source.path
+    encoder_file.parent.mkdir(parents=True)
+    ref.save_fcmae(torch_model, encoder_file)
+    pyramid = ck.load_model("convnextv2_atto_1k_224_fcmae")  # the file name's spelling
+    got = {k: keras.ops.convert_to_numpy(v) for k, v in pyramid(x).items()}
+    for key in ("stage1", "stage2", "stage3", "stage4"):
+        assert np.abs(got[key] - want[key]).max() <= 1e-4, key
+    assert ck.load_model("convnextv2_atto_fcmae_fe").output.shape[-1] == 320
+    assert ck.load_model("convnextv2_atto_fcmae", num_classes=4).output.shape[-1] == 4
+    assert loopback_server.requests[-1] == f"/{encoder.source.path}"
+    assert len(loopback_server.requests) == 4  # then from the converted cache
+
+
+@pytest.mark.parametrize("name", registry.families("convnextv2"))
+def test_every_v2_name_resolves_to_its_model(name):
+    """load_model(name, weights=None) builds what the row says (built here for atto; the
+    other sizes are built with weights by tests/test_equality.py)."""
+    ckpt = registry.CHECKPOINTS[name]
+    resolved, fe = registry.resolve(name), registry.resolve(name + "_fe")
+    assert resolved.variant is fe.variant is ckpt.spec and fe.head == "pooled"
+    assert resolved.head == ("classifier" if ckpt.has_head else "pyramid")
+    if ckpt.spec.size == "atto":
+        model = ck.load_model(name, weights=None)
+        outputs = model.output if ckpt.has_head else model.output["stage4"]
+        assert outputs.shape[-1] == (1000 if ckpt.has_head else 320)
+        assert ck.load_model(name + "_fe", weights=None).output.shape[-1] == 320

@@ -226,19 +226,24 @@ def model_card(name: str, manifest: dict | None = None) -> str:
         "## Usage",
         "",
     ]
+    # The same preprocessing feeds both usages: the classifier's, or the encoder's features.
+    saved = name if ckpt.has_head else fe
+    prelude = [
+        "```python",
+        "import numpy as np",
+        "import tensorflow as tf",
+        "from PIL import Image",
+        "",
+        f'model = tf.saved_model.load("{saved}")',
+        'image = Image.open("photo.jpg").convert("RGB")',
+        *_preprocess_snippet(ckpt),
+        f"x = (np.asarray(image, np.float32) / 255.0 - {mean}) / {std}",
+    ]
     if ckpt.has_head:
         lines += [
             "### Classification",
             "",
-            "```python",
-            "import numpy as np",
-            "import tensorflow as tf",
-            "from PIL import Image",
-            "",
-            f'model = tf.saved_model.load("{name}")',
-            'image = Image.open("photo.jpg").convert("RGB")',
-            *_preprocess_snippet(ckpt),
-            f"x = (np.asarray(image, np.float32) / 255.0 - {mean}) / {std}",
+            *prelude,
             "logits = model(x[None].astype(np.float32))      # or:",
             'logits = model.signatures["serving_default"](images=x[None].astype(np.float32))'
             '["logits"]',
@@ -258,15 +263,7 @@ def model_card(name: str, manifest: dict | None = None) -> str:
         lines += [
             "### Features",
             "",
-            "```python",
-            "import numpy as np",
-            "import tensorflow as tf",
-            "from PIL import Image",
-            "",
-            f'model = tf.saved_model.load("{fe}")',
-            'image = Image.open("photo.jpg").convert("RGB")',
-            *_preprocess_snippet(ckpt),
-            f"x = (np.asarray(image, np.float32) / 255.0 - {mean}) / {std}",
+            *prelude,
             'features = model.signatures["serving_default"](images=x[None].astype(np.float32))'
             '["features"]',
             "```",

@@ -154,7 +154,7 @@ def test_build_a_collection(tiny_reference, tmp_path, monkeypatch):
     manifest) between a corrupt checkpoint, which fails without stopping the others or leaving a
     directory, and a model without weights, reported missing; a second run skips what is built.
     (One model is built: each build is half a minute of SavedModel export on CI's CPU, and the
-    cards of all 21 checkpoints are checked above.)"""
+    cards of all 47 checkpoints are checked above.)"""
     import tensorflow as tf
 
     torch_model, checkpoint = tiny_reference

@@ -339,9 +339,8 @@ ATTO_V2 = registry.VARIANTS["convnextv2_atto"]
 @pytest.fixture(scope="module")
 def atto_v2(tmp_path_factory):
     """A transformers ConvNextV2-atto (GRN far from the identity) and its official file."""
-    model = ref.hf_v2_model(ATTO_V2.depths, ATTO_V2.dims, 1000, seed=3)
-    path = ref.save_official(model, tmp_path_factory.mktemp("atto_v2") / "atto_v2.pt")
-    return model, path
+    model = ref.reference(ATTO_V2, seed=3)
+    return model, ref.save_official(model, tmp_path_factory.mktemp("atto_v2") / "atto_v2.pt")
 
 
 @pytest.mark.backends

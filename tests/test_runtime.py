@@ -50,10 +50,8 @@ def test_runner_equals_torch_reference(atto_checkpoint, size):
 @pytest.fixture(scope="module")
 def atto_v2_checkpoint(tmp_path_factory):
     """A transformers ConvNextV2-atto (GRN scale and shift far from zero), official layout."""
-    spec = registry.VARIANTS["convnextv2_atto"]
-    model = ref.hf_v2_model(spec.depths, spec.dims, 1000, seed=3)
-    path = ref.save_official(model, tmp_path_factory.mktemp("atto_v2") / "atto_v2.pt")
-    return model, path
+    model = ref.reference(registry.VARIANTS["convnextv2_atto"], seed=3)
+    return model, ref.save_official(model, tmp_path_factory.mktemp("atto_v2") / "atto_v2.pt")
 
 
 @pytest.mark.backends

@@ -27,74 +27,72 @@ except ImportError:  # transformers 4.x
     from transformers.modeling_utils import no_init_weights
 
 
-def hf_model(depths, dims, num_classes: int, seed: int = 0) -> ConvNextForImageClassification:
-    """A transformers ConvNext with the original's hyper-parameters and well-spread weights.
-
-    Weights are drawn so that every part of the network visibly changes the output: unit-scale
-    fan-in kernels, LayerNorm affine parameters away from 1/0, and layer-scale values far from
-    their 1e-6 initialisation (with which the blocks would contribute nothing measurable).
-    """
-    config = ConvNextConfig(
-        depths=list(depths),
-        hidden_sizes=list(dims),
-        num_labels=num_classes,
-        layer_norm_eps=1e-6,
-        hidden_act="gelu",
-        drop_path_rate=0.0,
-        layer_scale_init_value=1e-6,
-    )
-    # Every parameter is drawn below: transformers' own initialisation would only cost time.
-    with no_init_weights():
-        model = ConvNextForImageClassification(config).eval()
+def _well_spread(model, seed: int, residual_scale: float = 1.0):
+    """Draw every parameter so that every part of the network visibly changes the output:
+    unit-scale fan-in kernels (``pwconv2``'s times ``residual_scale``), LayerNorm affine
+    parameters away from 1/0, layer-scale values far from their 1e-6 initialisation, GRN scale
+    (of both signs) and shift far from their zero initialisation."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         assert not any(b.numel() for b in model.buffers())  # nothing left undrawn
         for name, p in model.named_parameters():
             if name.endswith("layer_scale_parameter"):
                 p.copy_(torch.rand(p.shape, generator=gen) * 0.4 + 0.1)
+            elif ".grn." in name and name.endswith("weight"):
+                sign = torch.where(torch.rand(p.shape, generator=gen) < 0.5, -1.0, 1.0)
+                p.copy_(sign * (torch.rand(p.shape, generator=gen) * 0.4 + 0.1))
             elif p.ndim == 1 and "layernorm" in name and name.endswith("weight"):
                 p.copy_(torch.rand(p.shape, generator=gen) * 0.6 + 0.7)
-            elif p.ndim == 1:
+            elif p.ndim == 1 or ".grn." in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
             else:
                 fan_in = int(np.prod(p.shape[1:]))
-                p.copy_(torch.randn(p.shape, generator=gen) / np.sqrt(fan_in))
+                scale = residual_scale if "pwconv2" in name else 1.0
+                p.copy_(torch.randn(p.shape, generator=gen) * scale / np.sqrt(fan_in))
     return model
 
 
-def hf_v2_model(depths, dims, num_classes: int, seed: int = 0) -> ConvNextV2ForImageClassification:
-    """A transformers ConvNextV2 (``layer_norm_eps=1e-6``, as the original) with well-spread
-    weights: as :func:`hf_model`, with GRN scale and shift far from their zero initialisation
-    (with which GRN would be the identity and prove nothing), of both signs."""
-    config = ConvNextV2Config(
+def _hf(config_class, model_class, depths, dims, num_classes, **config):
+    config = config_class(
         depths=list(depths),
         hidden_sizes=list(dims),
         num_labels=num_classes,
         layer_norm_eps=1e-6,
         hidden_act="gelu",
         drop_path_rate=0.0,
+        **config,
     )
+    # Every parameter is drawn by _well_spread: transformers' own initialisation only costs time.
     with no_init_weights():
-        model = ConvNextV2ForImageClassification(config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        assert not any(b.numel() for b in model.buffers())  # nothing left undrawn
-        for name, p in model.named_parameters():
-            if ".grn." in name and name.endswith("weight"):
-                sign = torch.where(torch.rand(p.shape, generator=gen) < 0.5, -1.0, 1.0)
-                p.copy_(sign * (torch.rand(p.shape, generator=gen) * 0.4 + 0.1))
-            elif ".grn." in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-            elif p.ndim == 1 and "layernorm" in name and name.endswith("weight"):
-                p.copy_(torch.rand(p.shape, generator=gen) * 0.6 + 0.7)
-            elif p.ndim == 1:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-            else:
-                fan_in = int(np.prod(p.shape[1:]))
-                # The residual branch has no layer scale: keep it from swamping the stream.
-                scale = 0.3 if "pwconv2" in name else 1.0
-                p.copy_(torch.randn(p.shape, generator=gen) * scale / np.sqrt(fan_in))
-    return model
+        return model_class(config).eval()
+
+
+def hf_model(depths, dims, num_classes: int, seed: int = 0) -> ConvNextForImageClassification:
+    """A transformers ConvNext with the original's hyper-parameters and well-spread weights."""
+    model = _hf(
+        ConvNextConfig,
+        ConvNextForImageClassification,
+        depths,
+        dims,
+        num_classes,
+        layer_scale_init_value=1e-6,
+    )
+    return _well_spread(model, seed)
+
+
+def hf_v2_model(depths, dims, num_classes: int, seed: int = 0) -> ConvNextV2ForImageClassification:
+    """A transformers ConvNextV2 (``layer_norm_eps=1e-6``, as the original) with well-spread
+    weights, GRN's included (at their zero initialisation GRN is the identity and proves
+    nothing).  Its residual branches have no layer scale: ``pwconv2`` is drawn at 0.3x so
+    that they do not swamp the stream."""
+    model = _hf(ConvNextV2Config, ConvNextV2ForImageClassification, depths, dims, num_classes)
+    return _well_spread(model, seed, residual_scale=0.3)
+
+
+def reference(spec, num_classes: int = 1000, seed: int = 0):
+    """The transformers model of a registry ``Variant``: ConvNextV2 for GRN blocks."""
+    build = hf_v2_model if spec.block == "grn" else hf_model
+    return build(spec.depths, spec.dims, num_classes, seed=seed)
 
 
 def hf_outputs(model, images_nhwc: np.ndarray) -> dict[str, np.ndarray]:

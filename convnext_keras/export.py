@@ -131,9 +131,14 @@ def canonical_format(format: str) -> str:
 
 
 def default_path(name: str, directory: str | os.PathLike, format: str = "savedmodel") -> Path:
-    """Where ``convnext export NAME --out DIRECTORY`` writes: ``DIRECTORY/NAME[.suffix]``."""
+    """Where ``convnext export NAME --out DIRECTORY`` writes: ``DIRECTORY/NAME[.suffix]``, NAME
+    in the registry's spelling (``convnextv2_base_22k_224`` -> ``convnextv2_base_21k_1k_224``)."""
     fmt = canonical_format(format)
-    return Path(directory) / (registry.canonical_name(name) + FORMATS[fmt])
+    try:
+        key = registry.resolve(name).name
+    except registry.UnknownModelError:
+        key = registry.canonical_name(name)
+    return Path(directory) / (key + FORMATS[fmt])
 
 
 def _check_path(path: Path, fmt: str, overwrite: bool) -> None:

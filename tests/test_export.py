@@ -512,6 +512,8 @@ def test_v2_model_in_every_format_and_its_fe_fine_tunes_with_tf_hub(tmp_path):
 
     name = "convnextv2_atto_1k_224"
     spec = registry.CHECKPOINTS[name].spec
+    # the file name's spelling exports under the registry name
+    assert ex.default_path("convnextv2_atto_1k_224_ema_fe", "o", "onnx").name == f"{name}_fe.onnx"
     torch_model = ref.hf_v2_model(spec.depths, spec.dims, 1000, seed=8)
     checkpoint = ref.save_official(torch_model, tmp_path / "convnextv2_atto_1k_224_ema.pt")
     x = np.random.default_rng(9).standard_normal((2, 224, 224, 3)).astype(np.float32)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from . import checkpoints, hub, registry
-from .model import build_model, dtype_policy
+from .interface import fix
 
 #: ``weights=`` value meaning "the official checkpoint of this name" (downloaded and cached).
 OFFICIAL = "official"
@@ -116,6 +116,8 @@ def load_model(
             pooled features.  Faster on GPUs; on CPUs without native bfloat16 slower than
             float32 (BENCHMARKS.md).  The global policy is left as it was.
     """
+    from .model import build_model, dtype_policy
+
     resolved = registry.resolve(name)
     if features not in _FEATURES:
         raise ValueError(
@@ -141,8 +143,10 @@ def load_model(
         if resolved.checkpoint is None:
             official = registry.checkpoints_for(resolved.variant.name)
             raise ValueError(
-                f"{name!r} is an architecture without an official checkpoint: pass weights=None "
-                "for random initialisation or weights='FILE' for a local checkpoint."
+                f"{name!r} is an architecture without an official checkpoint: pass "
+                f"{fix('weights=None', '--weights none')} for random initialisation or "
+                + fix("weights='FILE'", "--weights FILE")
+                + " for a local checkpoint."
                 + (f" Names with official weights: {', '.join(official)}." if official else "")
             )
         converted = hub.official_weights(resolved.checkpoint)
@@ -185,7 +189,9 @@ def convert_checkpoint(
     if out.suffix != ".keras":
         raise ValueError(f"Output must end in .keras (Keras 3's model format), got {out}.")
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it.")
+        raise FileExistsError(
+            f"{out} exists; pass {fix('overwrite=True', '--overwrite')} to replace it."
+        )
     model = load_model(name, weights=checkpoint, features=features)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.part.keras")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import registry
+from .interface import fix
 
 
 class CheckpointError(ValueError):
@@ -429,8 +430,8 @@ def assign_weights(
             if layer.name == "head_fc":
                 raise CheckpointError(
                     f"The checkpoint{where} has no classification head; load it as a feature "
-                    "extractor ('_fe' name / features='pooled') or pass num_classes=N to start "
-                    "a new head."
+                    f"extractor ('_fe' name / {fix('features=', '--features ')}'pooled') or "
+                    f"{fix('pass num_classes=N to start a new head', 'fine-tune a new head')}."
                 )
             raise CheckpointError(f"No weights for layer {layer.name!r}{where}.")
         arrays = weights[layer.name]

@@ -30,6 +30,7 @@ import numpy as np
 
 from . import labels as labels_mod
 from . import preprocess, registry, runtime
+from .interface import fix
 from .model import precision_of
 
 _WNID = re.compile(r"^n\d{8}$")
@@ -165,7 +166,7 @@ def _flat(root: Path, ground_truth: Path | None) -> EvalSet | None:
         raise ValueError(
             f"{root} holds ILSVRC2012_val_* images but no ground truth was found in it or "
             f"the {_SEARCH_UP} folders above ({', '.join(GROUND_TRUTH_FILES)}); pass "
-            "--ground-truth FILE (ground_truth=...)."
+            f"{fix('ground_truth=FILE', '--ground-truth FILE')}."
         )
     if not gt.is_file():
         raise FileNotFoundError(f"Ground-truth file not found: {gt}")
@@ -351,7 +352,7 @@ def evaluate(
     """
     import keras
 
-    from .predict import load_classifier
+    from .predict import load_classifier, random_weights
 
     if engine not in runtime.ENGINES:
         raise ValueError(f"engine must be one of {runtime.ENGINES}, got {engine!r}.")
@@ -362,8 +363,10 @@ def evaluate(
     devices = _local_devices() if data_parallel else ["default"]
     if len(devices) > 1 and engine == "onnxruntime":
         raise ValueError(
-            "engine='onnxruntime' runs on one device; pass data_parallel=False "
-            "(CLI: --single-device) or engine='auto'."
+            fix("engine='onnxruntime'", "--engine onnxruntime")
+            + f" runs on one device; pass {fix('data_parallel=False', '--single-device')} or "
+            + fix("engine='auto'", "--engine auto")
+            + "."
         )
     with _data_parallel(devices):
         keras_model, config = load_classifier(
@@ -451,6 +454,7 @@ def evaluate(
         "backend": keras.backend.backend(),
         "engine": engine_used,
         "precision": precision_of(keras_model),
+        "random_weights": random_weights(model, weights),
     }
     return _result(
         keras_model.name, str(data), dataset, top5, done, real_labels, unreadable, settings, timing

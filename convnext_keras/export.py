@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from . import registry
+from .interface import fix
 
 #: Export formats and the file suffix each writes (a SavedModel is a directory).
 FORMATS = {"savedmodel": "", "onnx": ".onnx", "tflite": ".tflite", "keras": ".keras"}
@@ -105,6 +106,8 @@ class ExportResult:
     seconds: float
     #: What :func:`hub_finetune_check` reported, when it was run (SavedModel only).
     hub_check: dict | None = None
+    #: A named model exported with ``weights=None``: random initialisation, not a trained model.
+    random_weights: bool = False
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -147,7 +150,9 @@ def _check_path(path: Path, fmt: str, overwrite: bool) -> None:
             f"{[f for f, s in FORMATS.items() if s == path.suffix][0]!r}."
         )
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it.")
+        raise FileExistsError(
+            f"{path} exists; pass {fix('overwrite=True', '--overwrite')} to replace it."
+        )
 
 
 def _replace(src: Path, dest: Path) -> None:
@@ -181,7 +186,9 @@ def staged(dest: str | os.PathLike, overwrite: bool = False):
     """
     dest = Path(dest)
     if dest.exists() and not overwrite:
-        raise FileExistsError(f"{dest} exists; pass overwrite=True (--overwrite) to replace it.")
+        raise FileExistsError(
+            f"{dest} exists; pass {fix('overwrite=True', '--overwrite')} to replace it."
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
     try:
@@ -236,8 +243,8 @@ def _default_image_size(model) -> int | None:
     if h is not None and w is not None:
         if h != w:
             raise ValueError(
-                f"Model {model.name!r} has a non-square input {h}x{w}; pass image_size= "
-                "to export it at a square size."
+                f"Model {model.name!r} has a non-square input {h}x{w}; pass "
+                f"{fix('image_size=N', '--image-size N')} to export it at a square size."
             )
         return int(h)
     try:
@@ -311,7 +318,7 @@ def _plan(model, fmt, image_size, dynamic_size, include_preprocessing, verify_ba
     if image_size is None:
         raise ValueError(
             f"Cannot tell the image size of {model.name!r} (its input is dynamic and its name "
-            "is not in the registry); pass image_size=N (--image-size N)."
+            f"is not in the registry); pass {fix('image_size=N', '--image-size N')}."
         )
     if not isinstance(image_size, int) or image_size < 32:
         raise ValueError(f"image_size must be an integer >= 32, got {image_size!r}.")
@@ -323,13 +330,14 @@ def _plan(model, fmt, image_size, dynamic_size, include_preprocessing, verify_ba
         )
     if include_preprocessing and fmt not in ("savedmodel", "keras"):
         raise ValueError(
-            "include_preprocessing (--include-preprocessing) is available for savedmodel and "
-            f"keras exports, not {fmt}: feed {fmt} models normalised float32 images."
+            f"{fix('include_preprocessing', '--include-preprocessing')} is available for "
+            f"savedmodel and keras exports, not {fmt}: feed {fmt} models normalised float32 images."
         )
     if dynamic_size and fmt == "tflite":
         raise ValueError(
-            "TFLite exports need a fixed image size: drop dynamic_size (--dynamic-size) and "
-            "choose one with image_size=N (--image-size N)."
+            "TFLite exports need a fixed image size: drop "
+            f"{fix('dynamic_size', '--dynamic-size')} and choose one with "
+            f"{fix('image_size=N', '--image-size N')}."
         )
     if not isinstance(verify_batch, int) or verify_batch < 1:
         raise ValueError(f"verify_batch must be a positive integer, got {verify_batch!r}.")
@@ -810,6 +818,7 @@ def export_named(
     results = []
     for fmt, path in zip(fmts, paths):
         result = export(model, path, fmt, overwrite=overwrite, _source=source, **options)
+        result.random_weights = weights is None
         if check_hub and fmt == "savedmodel":
             result.hub_check = hub_finetune_check(path)
         results.append(result)

@@ -4,17 +4,21 @@ Cache layout under ``CONVNEXT_HOME`` (default ``~/.cache/convnext_keras``)::
 
     checkpoints/<official file name>      the downloaded file, exactly as published
     keras/<model name>.safetensors        converted Keras weights ({layer/index: array})
+    locks/                                the cross-process lock files (empty; kept)
 
 A file only ever appears under its final name complete and verified: downloads go to a
 temporary file in the same directory, are checked (length, readable, every tensor fits the
 architecture) and then atomically renamed.  A per-file lock makes concurrent processes share
-one download instead of racing.
+one download instead of racing.  ``CONVNEXT_BASE_URL`` may also be a folder
+(``file:///path/`` or a plain path): files are copied from it, no server needed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -24,6 +28,7 @@ from typing import TypeVar
 import numpy as np
 
 from . import checkpoints, registry
+from .interface import fix
 
 T = TypeVar("T")
 
@@ -54,12 +59,26 @@ def is_cached(ckpt: registry.Checkpoint) -> bool:
     return converted_cache_path(ckpt).is_file() or checkpoint_cache_path(ckpt).is_file()
 
 
+def _lock_path(path: Path) -> Path:
+    """The lock file guarding ``path``: in the cache's ``locks/`` folder, not beside the file.
+
+    Lock files stay (deleting one that another process may be waiting on would let two
+    processes in), so they are kept out of the folders users look into.
+    """
+    try:
+        relative = path.resolve().relative_to(cache_dir().resolve())
+    except ValueError:
+        return path.with_name(path.name + ".lock")
+    return cache_dir() / "locks" / ("--".join(relative.parts) + ".lock")
+
+
 @contextlib.contextmanager
 def _locked(path: Path):
     from filelock import FileLock
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
+    lock = _lock_path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock)):
         yield
 
 
@@ -78,12 +97,52 @@ def atomic_path(dest: Path):
 
 
 def _offline_help(url: str, reason: str) -> str:
+    """Why ``url`` could not be fetched, and the three ways to go on without internet."""
+    filename = url.rsplit("/", 1)[-1]
+    names = [c.name for c in registry.CHECKPOINTS.values() if c.filename == filename]
+    fetch_it = f"`convnext fetch {names[0]} --to DIR` downloads it; " if names else ""
     return (
         f"Could not download {url} ({reason}).\n"
-        "Ways out: pass a local copy of the checkpoint (weights='FILE' in Python, --weights FILE "
-        "on the command line), or set CONVNEXT_BASE_URL to a mirror that serves the official "
-        "file names."
+        f"No internet? Copy the official file {filename} ({fetch_it}"
+        f"{registry.OFFICIAL_BASE_URL}{filename}) from a machine that has it and pass "
+        + fix("weights='FILE'", "--weights FILE")
+        + "; or set CONVNEXT_BASE_URL to a folder holding it (file:///path/to/folder/) or to a "
+        "mirror; or see the whole pipeline run with random weights "
+        f"({fix('weights=None', '--weights none')}: the answers then mean nothing)."
     )
+
+
+def _local_source(url: str) -> Path | None:
+    """The file behind a ``file:`` URL or a plain path (a folder as CONVNEXT_BASE_URL)."""
+    if url.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+        from urllib.request import url2pathname
+
+        return Path(url2pathname(unquote(urlparse(url).path)))
+    if "://" not in url:
+        return Path(url).expanduser()
+    return None
+
+
+def _copy_verified(source: Path, url: str, dest: Path, verify: Callable[[Path], T]) -> T:
+    """Copy a local file to ``dest`` atomically, keeping it only if ``verify`` passes."""
+    if not source.is_file():
+        raise DownloadError(_offline_help(url, f"no such file: {source}"))
+    with atomic_path(dest) as tmp:
+        try:
+            shutil.copyfile(source, tmp)
+        except OSError as e:
+            raise DownloadError(_offline_help(url, f"{type(e).__name__}: {e}")) from e
+        return _verified(url, tmp, verify)
+
+
+def _verified(url: str, tmp: Path, verify: Callable[[Path], T]) -> T:
+    try:
+        return verify(tmp)
+    except checkpoints.CheckpointError as e:
+        raise DownloadError(
+            f"{url} did not deliver a usable checkpoint, so nothing was cached:\n{e}"
+        ) from e
 
 
 def _progress(total: int | None, description: str):
@@ -115,8 +174,12 @@ def fetch(url: str, dest: Path, *, verify: Callable[[Path], T], timeout: float =
     """Download ``url`` to ``dest`` atomically, keeping it only if ``verify(tmp_path)`` passes.
 
     Returns what ``verify`` returned.  Any failure leaves ``dest`` untouched and raises
-    ``DownloadError`` naming the URL and the way out.
+    ``DownloadError`` naming the URL and the way out.  A ``file:`` URL or a plain path is
+    copied instead (``CONVNEXT_BASE_URL`` naming a folder).
     """
+    local = _local_source(url)
+    if local is not None:
+        return _copy_verified(local, url, dest, verify)
     import requests
 
     with atomic_path(dest) as tmp:
@@ -155,14 +218,10 @@ def fetch(url: str, dest: Path, *, verify: Callable[[Path], T], timeout: float =
         if expected is not None and received != expected:
             raise DownloadError(
                 f"Download of {url} is incomplete: {received} of {expected} bytes arrived. "
-                "Nothing was cached; try again, or pass a local file with weights=FILE."
+                "Nothing was cached; try again, or pass a local file with "
+                f"{fix('weights=FILE', '--weights FILE')}."
             )
-        try:
-            result = verify(tmp)
-        except checkpoints.CheckpointError as e:
-            raise DownloadError(
-                f"{url} did not deliver a usable checkpoint, so nothing was cached:\n{e}"
-            ) from e
+        result = _verified(url, tmp, verify)
     return result
 
 
@@ -205,6 +264,14 @@ def load_converted(path: Path) -> dict[str, list[np.ndarray]] | None:
     return weights
 
 
+def convert_official(ckpt: registry.Checkpoint, path: Path) -> dict[str, list[np.ndarray]]:
+    """Keras weights of the checkpoint file ``path`` of ``ckpt``; CheckpointError if the file is
+    not that checkpoint (unreadable, another architecture or head size)."""
+    weights = checkpoints.convert_state_dict(checkpoints.read_state_dict(path), ckpt.variant)
+    _check_head(ckpt, weights, ckpt.filename)
+    return weights
+
+
 def official_weights(ckpt: registry.Checkpoint) -> dict[str, list[np.ndarray]]:
     """Converted Keras weights of an official checkpoint: from cache, else download + convert.
 
@@ -217,14 +284,7 @@ def official_weights(ckpt: registry.Checkpoint) -> dict[str, list[np.ndarray]]:
             if weights is not None:
                 return weights
         source = checkpoint_cache_path(ckpt)
-
-        def convert(path: Path):
-            weights = checkpoints.convert_state_dict(
-                checkpoints.read_state_dict(path), ckpt.variant
-            )
-            _check_head(ckpt, weights, ckpt.filename)
-            return weights
-
+        convert = functools.partial(convert_official, ckpt)
         with _locked(source):
             if source.is_file():
                 weights = convert(source)
@@ -232,3 +292,29 @@ def official_weights(ckpt: registry.Checkpoint) -> dict[str, list[np.ndarray]]:
                 weights = fetch(ckpt.url, source, verify=convert)
         save_converted(weights, converted, {"source": ckpt.filename, "model": ckpt.name})
         return weights
+
+
+def fetch_official(ckpt: registry.Checkpoint, folder: str | os.PathLike) -> tuple[Path, str]:
+    """Put the official file of ``ckpt`` into ``folder`` under its official name, verified,
+    to carry to a machine without internet (``convnext fetch``).
+
+    The cache's copy is used when it holds one, else the file is downloaded (from
+    ``CONVNEXT_BASE_URL`` when set).  Returns ``(path, how)``, ``how`` being ``"present"``
+    (already there and valid), ``"copied from the cache"`` or ``"downloaded"``.  Raises
+    DownloadError as :func:`fetch` does; a damaged file already in ``folder`` is replaced.
+    """
+    dest = Path(folder).expanduser() / ckpt.filename
+    verify = functools.partial(convert_official, ckpt)
+    if dest.is_file():
+        try:
+            verify(dest)
+            return dest, "present"
+        except checkpoints.CheckpointError:
+            pass  # replaced below
+    cached = checkpoint_cache_path(ckpt)
+    with _locked(cached):
+        if cached.is_file():
+            _copy_verified(cached, str(cached), dest, verify)
+            return dest, "copied from the cache"
+    fetch(ckpt.url, dest, verify=verify)
+    return dest, "downloaded"

@@ -2,7 +2,8 @@
 
 All are written with ``keras.ops`` only, so they run on the TensorFlow, JAX and PyTorch
 backends.  They are registered under the ``convnext_keras`` package, so
-``keras.saving.load_model("m.keras")`` needs no ``custom_objects`` once this package is imported.
+``keras.saving.load_model("m.keras")`` needs no ``custom_objects`` once this package is imported
+(``_registration`` imports this module as soon as Keras is imported).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import keras
 from keras import ops
 
-PACKAGE = "convnext_keras"
+from ._registration import PACKAGE
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

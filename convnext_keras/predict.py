@@ -105,6 +105,27 @@ def with_precision(model, precision: str):
     return copy
 
 
+def random_weights(model, weights) -> bool:
+    """True when ``model`` is a name loaded with ``weights=None``: a randomly initialised
+    network, whose answers mean nothing (``convnext ... --weights none`` says so on every
+    result)."""
+    return weights is None and isinstance(model, (str, os.PathLike)) and not _is_keras_file(model)
+
+
+def _is_keras_file(model) -> bool:
+    return isinstance(model, (str, os.PathLike)) and str(model).endswith(".keras")
+
+
+def labels_beside(path: str | os.PathLike) -> list[str] | None:
+    """Class names from ``labels.txt`` beside a ``.keras`` file (a fine-tuning run's
+    ``best.keras`` / ``last.keras``), one per line; None when there is none."""
+    file = Path(path).with_name("labels.txt")
+    if not file.is_file():
+        return None
+    names = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    return [n for n in names if n] or None
+
+
 def load_classifier(model, *, weights="official", config=None, precision: str | None = None):
     """``(keras_model, preprocess_config)`` from a model name, a ``.keras`` file or a model.
 
@@ -126,7 +147,7 @@ def load_classifier(model, *, weights="official", config=None, precision: str | 
     def converted(m):
         return m if precision is None else with_precision(m, precision)
 
-    if isinstance(model, (str, os.PathLike)) and str(model).endswith(".keras"):
+    if _is_keras_file(model):
         path = Path(model)
         if not path.is_file():
             raise FileNotFoundError(f"No such model file: {path}")
@@ -153,13 +174,15 @@ class ImageResult:
     predictions: list[Prediction] | None = None
     error: str | None = None
     cam_path: str | None = None
+    #: The model was a name loaded with ``weights=None``: the predictions mean nothing.
+    random_weights: bool = False
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def to_dict(self) -> dict:
-        out: dict = {"file": self.path}
+        out: dict = {"file": self.path, "random_weights": self.random_weights}
         if self.error is not None:
             out["error"] = self.error
         else:
@@ -205,7 +228,8 @@ def predict_files(
         paths: image files (any format PIL reads).
         weights: for names: ``"official"`` or a local checkpoint file.
         top: classes per image.
-        labels: class names for heads that are neither 1k nor 21k.
+        labels: class names for heads that are neither 1k nor 21k (default for a ``.keras``
+            file: ``labels.txt`` beside it, as a fine-tuning run writes it).
         cam_dir: write a Grad-CAM overlay ``<stem>_cam.png`` of each image's top class here.
         config: preprocessing settings (default: the model name's registry entry).
         exif_transpose: turn photos upright by their EXIF orientation first (default True).
@@ -221,6 +245,8 @@ def predict_files(
         model, weights=weights, config=config, precision=precision
     )
     num_classes = int(keras_model.output_shape[-1])
+    if labels is None and _is_keras_file(model):
+        labels = labels_beside(model)
     names = _as_labels(labels, num_classes)
     cam = None
     if cam_dir is not None:
@@ -229,7 +255,8 @@ def predict_files(
         cam_paths = _cam_names(paths, cam_dir)
     # The fastest correct engine for this model (onnxruntime on a CPU, else Keras).
     run_batch, _ = runtime.inference_function(keras_model)
-    results = [ImageResult(str(p)) for p in paths]
+    random = random_weights(model, weights)
+    results = [ImageResult(str(p), random_weights=random) for p in paths]
     batches = preprocess.ImageBatches(
         paths, config, batch_size, exif_transpose=exif_transpose, skip_errors=True
     )

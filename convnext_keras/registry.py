@@ -16,6 +16,8 @@ import difflib
 import os
 import re
 
+from .interface import fix
+
 #: Where the official checkpoints are published; ``CONVNEXT_BASE_URL`` overrides it (mirrors).
 OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com/convnext/"
 
@@ -233,7 +235,8 @@ def resolve(name: str) -> ResolvedName:
         f"Unknown model name {name!r}.{hint} Run `convnext list` (or "
         f"convnext_keras.list_models()) for the {len(CHECKPOINTS)} checkpoints; add "
         f"'{FEATURE_EXTRACTOR_SUFFIX}' for a feature extractor, or use an architecture name "
-        f"({', '.join('convnext_' + v for v in VARIANTS)}) with weights=None or a local file."
+        f"({', '.join('convnext_' + v for v in VARIANTS)}) with "
+        f"{fix('weights=None', '--weights none')} or a local file."
     )
 
 

@@ -8,6 +8,7 @@ import sys
 import click
 
 from .. import __version__
+from ._quiet import quiet_backend_logs
 
 
 class ConvnextGroup(click.Group):
@@ -32,8 +33,12 @@ class ConvnextGroup(click.Group):
 
 @click.group(cls=ConvnextGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="convnext")
-def main():
+@click.pass_context
+def main(ctx):
     """ConvNeXt for Keras 3: official checkpoints, conversion, prediction, export, training."""
+    from ..interface import command_line
+
+    ctx.with_resource(command_line())  # errors name flags (--weights none), not weights=None
 
 
 def echo_table(title: str, columns: list[str], rows: list[list], justify=None):
@@ -50,7 +55,8 @@ def echo_table(title: str, columns: list[str], rows: list[list], justify=None):
 
 
 def backend_option(f):
-    """``--backend tensorflow|jax|torch``: sets KERAS_BACKEND before Keras is imported."""
+    """``--backend tensorflow|jax|torch``: sets KERAS_BACKEND before Keras is imported, and
+    quiets the backends' C++ start-up logging (``_quiet``): for every command that computes."""
 
     @click.option(
         "--backend",
@@ -66,6 +72,7 @@ def backend_option(f):
             if "keras" in sys.modules and os.environ.get("KERAS_BACKEND", "tensorflow") != backend:
                 raise click.UsageError("--backend must be chosen before Keras is imported.")
             os.environ["KERAS_BACKEND"] = backend
+        quiet_backend_logs()
         return f(*args, **kwargs)
 
     return wrapper
@@ -103,6 +110,13 @@ def precision_option(help_text: str):
 WEIGHTS_HELP = (
     "'official' (download once, then cached), 'none' (random initialisation) or a local "
     "checkpoint file (.pth/.bin/.safetensors; official, timm or Hugging Face layout)."
+)
+
+
+#: Printed with every human-readable result of a model with random weights (``--weights none``).
+RANDOM_WEIGHTS_BANNER = (
+    "RANDOM WEIGHTS (--weights none): the pipeline runs, but the answers mean nothing; "
+    "--weights official or --weights FILE gives the trained model."
 )
 
 

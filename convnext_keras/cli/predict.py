@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ._app import (
+    RANDOM_WEIGHTS_BANNER,
     WEIGHTS_HELP,
     backend_option,
     engine_option,
@@ -49,7 +50,8 @@ def _read_labels(path):
     "--labels",
     "labels_file",
     type=click.Path(exists=True, dir_okay=False),
-    help="Class names, one per line, for heads that are neither ImageNet-1k nor -21k.",
+    help="Class names, one per line, for heads that are neither ImageNet-1k nor -21k "
+    "(default for a .keras file: labels.txt beside it, as `convnext finetune` writes).",
 )
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option(
@@ -80,10 +82,12 @@ def predict_command(
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=2))
     else:
+        if any(r.random_weights for r in results):
+            click.echo(RANDOM_WEIGHTS_BANNER)
         for r in results:
             if not r.ok:
                 continue
-            click.echo(r.path)
+            click.echo(r.path + ("  [random weights]" if r.random_weights else ""))
             width = max(len(p.name) for p in r.predictions)
             for rank, p in enumerate(r.predictions, 1):
                 wnid = f"  {p.wnid}" if p.wnid else ""
@@ -150,6 +154,8 @@ def eval_command(
         engine=engine,
         precision=precision,
     )
+    if result.config.get("random_weights"):
+        click.echo(RANDOM_WEIGHTS_BANNER)
     click.echo(
         f"model     {result.model}  ({result.config['backend']}, {result.devices} device(s),"
         f" engine {result.config.get('engine', 'keras')}, {result.config.get('precision', 'fp32')})"

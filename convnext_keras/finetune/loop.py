@@ -36,6 +36,7 @@ import numpy as np
 
 from .. import checkpoints, hub, preprocess, registry
 from ..api import OFFICIAL, load_model
+from ..interface import fix
 from ..model import PRECISIONS, build_model, dtype_policy, layer_names
 from . import data as data_lib
 from . import optim
@@ -866,8 +867,8 @@ def run(
     else:
         if (out / RUN_FILE).exists() or state_path.exists():
             raise FileExistsError(
-                f"{out} already holds a fine-tuning run; continue it with --resume "
-                "(resume=True) or choose another --out."
+                f"{out} already holds a fine-tuning run; continue it with "
+                f"{fix('resume=True', '--resume')} or choose another {fix('out', '--out')}."
             )
         recipe = resolve_recipe(**options)
         info, meta = None, None

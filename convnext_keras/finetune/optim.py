@@ -30,8 +30,7 @@ import keras
 from keras import ops
 
 from .. import registry
-from ..layers import PACKAGE
-from ..model import layer_names
+from .._registration import PACKAGE
 
 #: Groups of blocks the original divides ConvNeXt into (``num_max_layer``); ids run 0..13.
 NUM_LAYER_GROUPS = 12
@@ -65,6 +64,9 @@ def layer_group(layer_name: str, stage2_depth: int) -> int:
 
 def layer_groups(variant: str | registry.Variant) -> dict[str, int]:
     """``{layer name: group}`` for every weight-carrying layer of a variant (the decay table)."""
+    # (Imported here: this module is imported when Keras is, see ``_registration``.)
+    from ..model import layer_names
+
     spec = registry.VARIANTS[variant] if isinstance(variant, str) else variant
     return {
         name: layer_group(name, spec.depths[2])

@@ -116,9 +116,11 @@ def load_model(
             pooled features.  Faster on GPUs; on CPUs without native bfloat16 slower than
             float32 (BENCHMARKS.md).  The global policy is left as it was.
     """
-    from .model import build_model, dtype_policy
+    from .model import build_model, dtype_policy, policy_name
 
     resolved = registry.resolve(name)
+    if precision:
+        policy_name(precision)  # a bad value fails before any download
     if features not in _FEATURES:
         raise ValueError(
             f"features must be one of {sorted(k for k in _FEATURES if k)} or None, "
@@ -127,18 +129,8 @@ def load_model(
     head = _FEATURES[features] or resolved.head
     classes = resolved.num_classes if num_classes is None else num_classes
     model_name = registry.canonical_name(name)
-    with dtype_policy(precision) if precision else contextlib.nullcontext():
-        model = build_model(
-            resolved.variant,
-            num_classes=classes,
-            head=head,
-            input_shape=input_shape,
-            drop_path_rate=drop_path_rate,
-            name=model_name,
-        )
-    if weights is None:
-        _scale_head(model, head_init_scale)
-        return model
+    # The weights first (download, read, check), so a bad source fails before the build.
+    converted = source = None
     if isinstance(weights, str) and weights == OFFICIAL:
         if resolved.checkpoint is None:
             official = registry.checkpoints_for(resolved.variant.name)
@@ -151,12 +143,24 @@ def load_model(
             )
         converted = hub.official_weights(resolved.checkpoint)
         source = resolved.checkpoint.url
-    else:
+    elif weights is not None:
         path = Path(weights).expanduser()
         converted = checkpoints.convert_state_dict(
             checkpoints.read_state_dict(path), resolved.variant
         )
         source = str(path)
+    with dtype_policy(precision) if precision else contextlib.nullcontext():
+        model = build_model(
+            resolved.variant,
+            num_classes=classes,
+            head=head,
+            input_shape=input_shape,
+            drop_path_rate=drop_path_rate,
+            name=model_name,
+        )
+    if converted is None:
+        _scale_head(model, head_init_scale)
+        return model
     # An explicit num_classes other than the checkpoint's head means "start a new head".
     ckpt_classes = converted["head_fc"][1].shape[0] if "head_fc" in converted else None
     load_head = num_classes is None or num_classes == ckpt_classes

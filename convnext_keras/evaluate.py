@@ -288,6 +288,7 @@ def _data_parallel(devices: list[str]):
 def _progress(total: int, enabled: bool):
     if not enabled:
         return None
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -303,6 +304,7 @@ def _progress(total: int, enabled: bool):
         TextColumn("{task.fields[status]}"),
         TimeRemainingColumn(),
         transient=False,
+        console=Console(stderr=True),  # the terminal the check above saw; stdout stays clean
     )
     bar.start()
     return bar, bar.add_task("eval", total=total, status="")

@@ -146,9 +146,11 @@ def _verified(url: str, tmp: Path, verify: Callable[[Path], T]) -> T:
 
 
 def _progress(total: int | None, description: str):
-    """A rich progress bar on a terminal, nothing otherwise."""
+    """A rich progress bar when stderr is a terminal (drawn there, never on stdout: output
+    such as ``--json`` stays clean), nothing otherwise."""
     if not sys.stderr.isatty() or os.environ.get("CONVNEXT_NO_PROGRESS"):
         return None
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -164,6 +166,7 @@ def _progress(total: int | None, description: str):
         TransferSpeedColumn(),
         TimeRemainingColumn(),
         transient=True,
+        console=Console(stderr=True),
     )
     bar.start()
     task = bar.add_task(description, total=total)

@@ -49,6 +49,8 @@ DEFAULT_DROP_PATH = 0.1
 STATE_FILE = "checkpoint.safetensors"
 BEST_WEIGHTS = "best.weights.safetensors"
 RUN_FILE = "run.json"
+#: Files that exist only once a run has trained (beside STATE_FILE).
+_TRAINED_FILES = (BEST_WEIGHTS, "metrics.csv", "best.keras", "last.keras")
 
 
 class TrainingDiverged(RuntimeError):
@@ -447,6 +449,7 @@ class _Progress:
     def __init__(self, enabled: bool):
         self.bar = None
         if enabled and sys.stderr.isatty() and not os.environ.get("CONVNEXT_NO_PROGRESS"):
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
             self.bar = Progress(
@@ -456,6 +459,7 @@ class _Progress:
                 TimeRemainingColumn(),
                 "{task.fields[stats]}",
                 transient=True,
+                console=Console(stderr=True),  # on the terminal checked above, not stdout
             )
             self.bar.start()
             self.task = None
@@ -865,7 +869,9 @@ def run(
         info, meta = _check_resume(out, options)
         recipe = Recipe.from_json(info["recipe"])
     else:
-        if (out / RUN_FILE).exists() or state_path.exists():
+        # A run that never saved a training step (its start failed: no weights, bad data) is
+        # no run: a new one may take its place.  Nothing is written before that point anyway.
+        if state_path.exists() or any((out / f).exists() for f in _TRAINED_FILES):
             raise FileExistsError(
                 f"{out} already holds a fine-tuning run; continue it with "
                 f"{fix('resume=True', '--resume')} or choose another {fix('out', '--out')}."
@@ -943,27 +949,28 @@ def run(
             f"batch_size {recipe.batch_size} does not split over {devices.replicas} devices; "
             f"use a multiple of {devices.replicas}."
         )
-    if info is None and devices.chief:
-        out.mkdir(parents=True, exist_ok=True)
-        info = {
-            "out": str(out),
-            "recipe": recipe.to_json(),
-            "classes": folder.classes,
-            "data": folder.summary(),
-            "skipped": [list(s) for s in folder.skipped],
-            "backend": keras.backend.backend(),
-            "keras": keras.__version__,
-        }
-        _write_json(out / RUN_FILE, info)
-        _write_text(out / "labels.txt", "\n".join(folder.classes) + "\n")
-    say(
-        f"fine-tuning {recipe.model} on {len(folder.train)} images / {len(folder.classes)} "
-        f"classes ({len(folder.val)} for validation), {trainer.steps} steps per epoch, "
-        f"{devices.description}"
-    )
     try:
         with dtype_policy(recipe.precision), devices.scope:
-            trainer.build()
+            trainer.build()  # the weights are in hand (downloaded, read) from here on
+            if info is None and devices.chief:
+                # The run's first files: only now that the model and the data are ready.
+                out.mkdir(parents=True, exist_ok=True)
+                info = {
+                    "out": str(out),
+                    "recipe": recipe.to_json(),
+                    "classes": folder.classes,
+                    "data": folder.summary(),
+                    "skipped": [list(s) for s in folder.skipped],
+                    "backend": keras.backend.backend(),
+                    "keras": keras.__version__,
+                }
+                _write_json(out / RUN_FILE, info)
+                _write_text(out / "labels.txt", "\n".join(folder.classes) + "\n")
+            say(
+                f"fine-tuning {recipe.model} on {len(folder.train)} images / "
+                f"{len(folder.classes)} classes ({len(folder.val)} for validation), "
+                f"{trainer.steps} steps per epoch, {devices.description}"
+            )
             restored_metrics = None
             if meta is not None:
                 arrays, meta = state_lib.load(state_path)

@@ -327,3 +327,38 @@ def test_export_writes_a_verified_savedmodel_of_the_best_classifier(reference, t
     path, note = loop._export(reference[0] / "best.keras", tmp_path, 32)
     assert path is not None, note
     assert (path / "saved_model.pb").is_file() and "verified against Keras" in note
+
+
+def test_predict_with_a_run_s_model_reads_its_labels(reference, digits4):
+    """`convnext predict --model RUN/best.keras` names the run's classes (labels.txt beside it)
+    without --labels."""
+    out, _ = reference
+    image = sorted((digits4 / "digit2").iterdir())[0]
+    result = CliRunner().invoke(
+        main, ["predict", str(image), "--model", str(out / "best.keras"), "--json", "--top", "4"]
+    )
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)
+    assert sorted(p["label"] for p in row["predictions"]) == [f"digit{i}" for i in range(4)]
+    assert row["random_weights"] is False
+
+
+def test_a_failed_start_writes_nothing_and_a_never_trained_folder_can_start_again(
+    digits4, tmp_path, loopback_server, monkeypatch
+):
+    """Offline, the official weights cannot be had: the run stops before writing anything (and
+    before announcing itself), so the same --out takes other options next time; so does a folder
+    whose run never trained a step (as earlier versions left one)."""
+    monkeypatch.setenv("CONVNEXT_BASE_URL", loopback_server.url)  # serves nothing
+    out = tmp_path / "run"
+    args = ["finetune", str(digits4), "--out", str(out), "--model", "convnext_tiny_1k_224"]
+    result = CliRunner().invoke(main, [*args, "--batch-size", "8", "--resolution", "32"])
+    assert result.exit_code == 2 and "Could not download" in result.stderr
+    assert "fine-tuning" not in result.stdout and not out.exists()
+
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"recipe": {"weights": "official"}}))
+    (out / "labels.txt").write_text("digit0\n")
+    again = CliRunner().invoke(main, [*args, "--weights", str(tmp_path / "mine.pth")])
+    assert again.exit_code == 2 and "mine.pth" in again.stderr
+    assert "already holds" not in again.stderr

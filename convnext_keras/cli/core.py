@@ -104,18 +104,15 @@ def fetch_command(names, folder):
         if any(c in name for c in "*?["):
             matched = api.list_models(name, include_fe=False)
             if not matched:
-                raise click.BadParameter(
-                    f"{name!r} matches no model; see `convnext list`.", param_hint="NAMES"
-                )
+                raise ValueError(f"{name!r} matches no model name; see `convnext list`.")
         else:
             matched = [name]
         for each in matched:
             resolved = registry.resolve(each)
             if resolved.checkpoint is None:
-                raise click.BadParameter(
+                raise ValueError(
                     f"{each!r} is an architecture without an official checkpoint; see "
-                    "`convnext list` for the names that have one.",
-                    param_hint="NAMES",
+                    "`convnext list` for the names that have one."
                 )
             wanted[resolved.checkpoint.filename] = resolved.checkpoint
     for ckpt in wanted.values():

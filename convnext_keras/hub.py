@@ -100,14 +100,14 @@ def _offline_help(url: str, reason: str) -> str:
     """Why ``url`` could not be fetched, and the three ways to go on without internet."""
     filename = url.rsplit("/", 1)[-1]
     names = [c.name for c in registry.CHECKPOINTS.values() if c.filename == filename]
-    fetch_it = f"`convnext fetch {names[0]} --to DIR` downloads it; " if names else ""
+    fetch_it = f"`convnext fetch {names[0]} --to DIR`, or " if names else ""
     return (
         f"Could not download {url} ({reason}).\n"
-        f"No internet? Copy the official file {filename} ({fetch_it}"
-        f"{registry.OFFICIAL_BASE_URL}{filename}) from a machine that has it and pass "
+        f"No internet? On a machine that has it, get the official file {filename} ({fetch_it}"
+        f"{registry.OFFICIAL_BASE_URL}{filename}), carry it here and pass "
         + fix("weights='FILE'", "--weights FILE")
-        + "; or set CONVNEXT_BASE_URL to a folder holding it (file:///path/to/folder/) or to a "
-        "mirror; or see the whole pipeline run with random weights "
+        + "; or set CONVNEXT_BASE_URL to the folder holding it (file:///path/to/folder/) or to "
+        "a mirror; or see the whole pipeline run with random weights "
         f"({fix('weights=None', '--weights none')}: the answers then mean nothing)."
     )
 

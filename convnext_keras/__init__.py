@@ -34,5 +34,12 @@ _PUBLIC = {
     "registry": ["UnknownModelError"],
 }
 
-__getattr__, __dir__, __all__ = _lazy.attach(__name__, ["finetune", "registry"], _PUBLIC)
+#: Submodules reachable as attributes (``ck.hub.official_weights``), also imported on first use.
+_SUBMODULES = [
+    *("api", "bench", "checkpoints", "collection", "evaluate", "finetune", "gradcam", "hub"),
+    *("interface", "labels", "layers", "model", "predict", "preprocess", "registry", "runtime"),
+]  # (``export`` is the function; the module is ``convnext_keras.export`` to import)
+
+__getattr__, __dir__, _ = _lazy.attach(__name__, _SUBMODULES, _PUBLIC)
+__all__ = sorted(["finetune", "registry", *(n for names in _PUBLIC.values() for n in names)])
 _registration.install()

@@ -230,7 +230,7 @@ def test_bad_data_folders(tmp_path):
     flat = tmp_path / "flat_no_gt"
     flat.mkdir()
     (flat / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"x")
-    with pytest.raises(ValueError, match="--ground-truth"):
+    with pytest.raises(ValueError, match="ground_truth=FILE"):
         find_dataset(flat)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_startup import run_python
 
 import convnext_keras as ck
 from convnext_keras import hub, labels, registry
@@ -115,15 +116,8 @@ def test_cli_start_on_a_real_process_is_quiet_and_random_weights_say_so():
     banner and the per-image mark name the random weights."""
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     env["KERAS_BACKEND"] = "tensorflow"
-    result = subprocess.run(
-        [sys.executable, "-c", "from convnext_keras.cli import main; main()"]
-        + ["predict", str(PHOTO), "--model", "convnext_atto", "--weights", "none", "--top", "1"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=300,
-    )
+    args = ["predict", str(PHOTO), "--model", "convnext_atto", "--weights", "none", "--top", "1"]
+    result = run_python("from convnext_keras.cli import main; main()", *args, env=env)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("RANDOM WEIGHTS (--weights none)")

@@ -16,20 +16,21 @@ ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("keras", "tensorflow", "jax", "torch")
 
 
-def _python(code: str, *, env=None, timeout=300) -> subprocess.CompletedProcess:
+def run_python(code: str, *args: str, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """``python -c code args...`` in the repository root; ``env``: the whole environment."""
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
+        [sys.executable, "-c", textwrap.dedent(code), *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={**os.environ, **(env or {})},
+        env=os.environ if env is None else env,
         timeout=timeout,
     )
 
 
 def test_cli_help_version_and_list_import_no_backend():
     """--help, --version, list (table, --json) and every subcommand's --help, in one process."""
-    result = _python(
+    result = run_python(
         """
         import contextlib, io, json, sys
         from convnext_keras.cli import main
@@ -152,14 +153,7 @@ def test_quiet_backend_logs_drops_start_up_noise_and_keeps_warnings(user_level):
         print("python: error: one line", file=sys.stderr)
         print(on, os.environ["TF_CPP_MIN_LOG_LEVEL"])
     """
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=60,
-    )
+    result = run_python(code, env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     if user_level is None:
         assert result.stdout.split() == ["True", "1"]

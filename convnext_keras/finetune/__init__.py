@@ -38,4 +38,5 @@ _PUBLIC = {
     "state": ["StateError"],
 }
 
-__getattr__, __dir__, __all__ = _lazy.attach(__name__, None, _PUBLIC)
+__getattr__, __dir__, _ = _lazy.attach(__name__, ["data", "loop", "optim", "state"], _PUBLIC)
+__all__ = sorted(n for names in _PUBLIC.values() for n in names)

@@ -18,6 +18,7 @@ import numpy as np
 from . import hub, preprocess, registry, runtime
 from . import labels as labels_mod
 from .gradcam import GradCAM, overlay, save_png
+from .interface import fix
 
 
 class Prediction(NamedTuple):
@@ -247,6 +248,12 @@ def predict_files(
     num_classes = int(keras_model.output_shape[-1])
     if labels is None and _is_keras_file(model):
         labels = labels_beside(model)
+        if labels is not None and len(labels) != num_classes:
+            raise ValueError(
+                f"{Path(model).with_name('labels.txt')} names {len(labels)} classes but the model "
+                f"has {num_classes}; pass the right names with "
+                f"{fix('labels=[...]', '--labels FILE')}."
+            )
     names = _as_labels(labels, num_classes)
     cam = None
     if cam_dir is not None:

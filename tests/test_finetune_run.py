@@ -329,7 +329,7 @@ def test_export_writes_a_verified_savedmodel_of_the_best_classifier(reference, t
     assert (path / "saved_model.pb").is_file() and "verified against Keras" in note
 
 
-def test_predict_with_a_run_s_model_reads_its_labels(reference, digits4):
+def test_predict_with_a_run_s_model_reads_its_labels(reference, digits4, tmp_path):
     """`convnext predict --model RUN/best.keras` names the run's classes (labels.txt beside it)
     without --labels."""
     out, _ = reference
@@ -341,6 +341,19 @@ def test_predict_with_a_run_s_model_reads_its_labels(reference, digits4):
     (row,) = json.loads(result.stdout)
     assert sorted(p["label"] for p in row["predictions"]) == [f"digit{i}" for i in range(4)]
     assert row["random_weights"] is False
+
+    elsewhere = tmp_path / "copy"
+    elsewhere.mkdir()
+    shutil.copy(out / "best.keras", elsewhere / "best.keras")
+    (elsewhere / "labels.txt").write_text("cat\ndog\n")
+    wrong = CliRunner().invoke(
+        main, ["predict", str(image), "--model", str(elsewhere / "best.keras")]
+    )
+    assert wrong.exit_code == 2
+    assert (
+        "labels.txt names 2 classes but the model has 4; pass the right names with --labels FILE"
+        in wrong.stderr
+    )
 
 
 def test_a_failed_start_writes_nothing_and_a_never_trained_folder_can_start_again(

@@ -874,7 +874,8 @@ def run(
         if state_path.exists() or any((out / f).exists() for f in _TRAINED_FILES):
             raise FileExistsError(
                 f"{out} already holds a fine-tuning run; continue it with "
-                f"{fix('resume=True', '--resume')} or choose another {fix('out', '--out')}."
+                f"{fix('resume=True', '--resume')} or choose another "
+                f"{fix('out directory', '--out')}."
             )
         recipe = resolve_recipe(**options)
         info, meta = None, None

@@ -127,10 +127,7 @@ def load_classifier(model, *, weights="official", config=None, precision: str | 
         return m if precision is None else with_precision(m, precision)
 
     if isinstance(model, (str, os.PathLike)) and str(model).endswith(".keras"):
-        path = Path(model)
-        if not path.is_file():
-            raise FileNotFoundError(f"No such model file: {path}")
-        loaded = converted(keras.saving.load_model(path))
+        loaded = converted(api.load_keras_file(model, compile=True))
         return loaded, preprocess.as_config(config or "convnext_tiny")
     if isinstance(model, (str, os.PathLike)):
         name = str(model)

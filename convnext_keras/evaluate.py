@@ -236,10 +236,10 @@ class EvalResult:
 
     def write(self, path) -> Path:
         """Write the JSON report atomically."""
-        from .gradcam import atomic_output
+        from .hub import atomic_path
 
         path = Path(path)
-        with atomic_output(path) as tmp:
+        with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
         return path
 

@@ -101,6 +101,10 @@ class Checkpoint:
     #: Top-1 accuracy on ImageNet-1k val reported by facebookresearch/ConvNeXt (None for 21k heads).
     reported_acc1: float | None
     interpolation: str = DEFAULT_INTERPOLATION
+    #: Expected SHA-256 (hex) of the published file, checked at download and when the cache is
+    #: read.  The official host publishes none, so the rows leave it None; users pin one with
+    #: ``CONVNEXT_SHA256_<NAME>`` or ``CONVNEXT_SHA256SUMS`` (convnext_keras.hub).
+    sha256: str | None = None
 
     @property
     def crop_pct(self) -> float:

@@ -313,8 +313,10 @@ def _plan(model, fmt, image_size, dynamic_size, include_preprocessing, verify_ba
             f"Cannot tell the image size of {model.name!r} (its input is dynamic and its name "
             "is not in the registry); pass image_size=N (--image-size N)."
         )
-    if not isinstance(image_size, int) or image_size < 32:
-        raise ValueError(f"image_size must be an integer >= 32, got {image_size!r}.")
+    if not isinstance(image_size, int) or image_size < registry.MIN_INPUT_SIZE:
+        raise ValueError(
+            f"image_size must be an integer >= {registry.MIN_INPUT_SIZE}, got {image_size!r}."
+        )
     static = model.inputs[0].shape[1:3]
     if None not in static and tuple(static) != (image_size, image_size):
         raise ValueError(
@@ -568,12 +570,14 @@ def _write_onnx_graph(model, path: Path, plan: _Plan) -> None:
     import onnx
 
     from . import runtime
+    from .model import variant_of
 
     side = None if plan.dynamic_size else plan.image_size
     proto = runtime.build_onnx_graph(model, side, side, opset=ONNX_OPSET, output_names=plan.outputs)
-    onnx.helper.set_model_props(
-        proto, {"convnext_keras.model": model.name, "convnext_keras.input": plan.contract()}
-    )
+    props = {"convnext_keras.model": model.name, "convnext_keras.input": plan.contract()}
+    # A dynamic-size graph cannot refuse small images itself (ONNX has no assertion): say it.
+    props["convnext_keras.min_input_size"] = str(variant_of(model).min_input_size)
+    onnx.helper.set_model_props(proto, props)
     onnx.save(proto, str(path))
 
 

@@ -68,6 +68,12 @@ class Variant:
     def num_features(self) -> int:
         return self.dims[-1]
 
+    @property
+    def min_input_size(self) -> int:
+        """Smallest height and width the network takes: the stem's patch times every stride-2
+        downsampling (4 x 2 x 2 x 2 = 32).  Below it the last stage has no pixels left."""
+        return STEM_PATCH * DOWNSAMPLE_STRIDE ** (len(self.depths) - 1)
+
 
 # facebookresearch/ConvNeXt models/convnext.py for tiny..xlarge; timm's convnext.py for the
 # small edge variants (atto/femto/pico/nano).
@@ -85,6 +91,10 @@ VARIANTS: dict[str, Variant] = {
         Variant("xlarge", (3, 3, 27, 3), (256, 512, 1024, 2048)),
     )
 }
+
+
+#: The smallest height/width any variant takes (``Variant.min_input_size``): option checks.
+MIN_INPUT_SIZE = min(v.min_input_size for v in VARIANTS.values())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -200,6 +200,7 @@ def test_onnx_pyramid_with_dynamic_size_on_any_backend(tmp_path, monkeypatch):
     props = {p.key: p.value for p in proto.metadata_props}
     assert props["convnext_keras.model"] == "convnext_atto"
     assert "ImageNet mean" in props["convnext_keras.input"]
+    assert props["convnext_keras.min_input_size"] == "32"
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(4).standard_normal((2, 77, 45, 3)).astype(np.float32)
     got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"images": x})))
@@ -277,6 +278,9 @@ def test_dynamic_size_savedmodel(atto, tmp_path):
     obj = tf.saved_model.load(str(result.path))
     x = np.random.default_rng(0).standard_normal((1, 128, 96, 3)).astype(np.float32)
     assert _diff(obj(x), atto.predict_on_batch(x)) <= 1e-4
+    # An image the network cannot take is refused by the signature, never answered with NaN.
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"at least 32x32 pixels"):
+        obj.signatures["serving_default"](images=tf.zeros((1, 16, 28, 3)))
 
 
 # ----------------------------------------------------------------------------------------------

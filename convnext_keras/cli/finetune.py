@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from .. import registry
 from ._app import backend_option, main, parse_weights
 
 # Recipe options: every default is None ("the recipe's default", or the saved value when
@@ -73,7 +74,7 @@ _RECIPE_OPTIONS = [
     (
         "--resolution",
         "resolution",
-        click.IntRange(min=32),
+        click.IntRange(min=registry.MIN_INPUT_SIZE),
         "Training/validation image size. [default: the model's, 224 or 384]",
     ),
     ("--crop-pct", "crop_pct", float, "Validation centre-crop fraction. [default: the model's]"),

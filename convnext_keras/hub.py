@@ -130,8 +130,9 @@ def atomic_path(dest: Path):
         os.close(fd)
         tmp = Path(tmp)
         try:
-            os.chmod(tmp, 0o666 & ~_umask())
             yield tmp
+            # After the writer: some (safetensors) replace the file with a private one of theirs.
+            os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)

@@ -225,12 +225,15 @@ def convert_checkpoint(
         raise ValueError(f"Output must end in .keras (Keras 3's model format), got {out}.")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it.")
+    from .errors import writing
+
     model = load_model(name, weights=checkpoint, features=features)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.part.keras")
-    try:
-        model.save(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with writing(out, "the model file"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.stem}.part.keras")
+        try:
+            model.save(tmp)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
     return out

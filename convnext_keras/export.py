@@ -177,18 +177,23 @@ def staged(dest: str | os.PathLike, overwrite: bool = False):
 
     Works for files and directories.  The temp directory (``.NAME.XXXX.part``) is removed in
     every case, so a failure leaves neither a partial export nor a stray folder, and an existing
-    ``dest`` is only replaced (``overwrite=True``) by a complete one.
+    ``dest`` is only replaced (``overwrite=True``) by a complete one.  A failed write - a full
+    disk (also TensorFlow's ``ResourceExhaustedError`` while writing variables), a read-only or
+    forbidden folder - raises :class:`convnext_keras.errors.WriteError` naming ``dest``.
     """
+    from .errors import writing
+
     dest = Path(dest)
     if dest.exists() and not overwrite:
         raise FileExistsError(f"{dest} exists; pass overwrite=True (--overwrite) to replace it.")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
-    try:
-        yield tmp / dest.name
-        _replace(tmp / dest.name, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with writing(dest, "the export"):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
+        try:
+            yield tmp / dest.name
+            _replace(tmp / dest.name, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _output_names(model) -> list[str]:
@@ -831,6 +836,7 @@ _ERRORS = {
     "FileExistsError": FileExistsError,
     "FileNotFoundError": FileNotFoundError,
 }
+#: The child reports a failed write as ``WriteError`` with its errno; the parent re-raises it.
 
 
 def _tensorflow_env() -> dict:
@@ -893,6 +899,10 @@ def _export_via_tensorflow(model, path: Path, plan: _Plan, overwrite: bool, sour
             text=True,
         )
     reply = _parse_child(proc, f"{plan.fmt} export in a TensorFlow subprocess")
+    if reply.get("error") == "WriteError":
+        from .errors import WriteError
+
+        raise WriteError(reply["errno"], path, "the export")
     if "error" in reply:
         cls = _ERRORS.get(reply["error"], ExportError)
         if cls is VerificationError:
@@ -1024,10 +1034,14 @@ def _main(argv: list[str]) -> int:
             reply = _child_hub_check(path, int(classes), int(batch), int(seed))
         else:
             raise ValueError(f"unknown command {command!r}")
-    except (ExportError, ValueError, FileExistsError, FileNotFoundError) as e:
+    except (ExportError, ValueError, OSError) as e:
+        from .errors import WriteError
+
         reply = {"error": type(e).__name__, "message": str(e)}
         if isinstance(e, VerificationError):
             reply.update(max_abs_diff=e.max_abs_diff, tolerance=e.tolerance)
+        if isinstance(e, WriteError):
+            reply["errno"] = e.errno
     print(_RESULT_MARK + json.dumps(reply), flush=True)
     return 1 if "error" in reply else 0
 

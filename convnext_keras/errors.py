@@ -33,6 +33,9 @@ WRITE_ERRORS = {
 }
 # safetensors (Rust) reports "Os { code: 28, ... }"; TensorFlow and others quote strerror().
 _OS_CODE = re.compile(r"\bOs \{ code: (\d+)")
+#: Libraries whose write failures are recognised by their message (not this library's own
+#: errors, nor a download's: "Permission denied" from a socket is no failed write).
+_FOREIGN_WRITERS = ("tensorflow", "safetensors", "keras", "h5py", "onnx", "tf2onnx", "jax", "torch")
 
 
 def plain(text: str) -> str:
@@ -43,11 +46,14 @@ def plain(text: str) -> str:
 def write_errno(error: BaseException) -> int | None:
     """The errno of a write failure in :data:`WRITE_ERRORS` that ``error`` reports, else None.
 
-    An ``OSError`` gives its own errno; other libraries' errors are recognised by the standard
-    text of the errno (``os.strerror``) or a Rust ``Os { code: N }`` in their message.
+    An ``OSError`` gives its own errno; the errors of the libraries that write files for this
+    one (TensorFlow, safetensors, Keras, ONNX...) are recognised by the standard text of the
+    errno (``os.strerror``) or a Rust ``Os { code: N }`` in their message.
     """
     if isinstance(error, OSError):
         return error.errno if error.errno in WRITE_ERRORS else None
+    if type(error).__module__.split(".")[0] not in _FOREIGN_WRITERS:
+        return None
     text = str(error)
     match = _OS_CODE.search(text)
     if match and int(match.group(1)) in WRITE_ERRORS:

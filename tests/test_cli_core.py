@@ -68,6 +68,8 @@ def test_convert_cli_reports_a_mismatch(tmp_path, tiny_reference):
 class _ResourceExhaustedError(Exception):
     """Stands in for tensorflow's: a write failure reported in a library's own terms."""
 
+    __module__ = "tensorflow.python.framework.errors_impl"
+
 
 @pytest.mark.parametrize(
     "error, expected",
@@ -101,6 +103,15 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(api, "model_table", lambda *a, **k: {}["missing"])
     result = CliRunner().invoke(main, ["list"])
     assert result.exit_code == 1 and isinstance(result.exception, KeyError)
+    # Only the writing libraries' messages are read for a failed write: not a plain bug's.
+    bug = RuntimeError("Permission denied")
+    monkeypatch.setattr(api, "model_table", lambda *a, **k: _raise(bug))
+    result = CliRunner().invoke(main, ["list"])
+    assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
+
+
+def _raise(error):
+    raise error
 
 
 def test_plain_strips_terminal_codes():

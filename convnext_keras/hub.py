@@ -95,12 +95,18 @@ def is_cached(ckpt: registry.Checkpoint) -> bool:
     return converted_cache_path(ckpt).is_file() or checkpoint_cache_path(ckpt).is_file()
 
 
+def _lock_path(path: Path) -> Path:
+    """The lock file guarding ``path`` (every writer of ``path`` holds it until the rename)."""
+    return path.with_name(path.name + ".lock")
+
+
 @contextlib.contextmanager
 def _locked(path: Path):
     from filelock import FileLock
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
+    lock = _lock_path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock)):
         yield
 
 
@@ -242,7 +248,7 @@ def clean_stale(directory: Path, max_age: float = STALE_SECONDS) -> list[Path]:
             if now - entry.stat().st_mtime < max_age:
                 continue
             try:  # writers hold the lock of the file they write until the rename
-                with FileLock(str(directory / match.group("dest")) + ".lock", timeout=0):
+                with FileLock(str(_lock_path(directory / match.group("dest"))), timeout=0):
                     size = entry.stat().st_size
                     entry.unlink()
             except Timeout:

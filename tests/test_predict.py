@@ -331,8 +331,13 @@ def test_make_demo_fails_fast_offline(loopback_server, monkeypatch):
     assert loopback_server.requests == ["/convnext_tiny_1k_224_ema.pth"]
 
 
-def test_cli_predict_never_prints_nan_a_non_finite_logit_fails_that_image(atto, monkeypatch):
+def test_cli_predict_never_prints_nan_a_non_finite_logit_fails_that_image(
+    atto, monkeypatch, tmp_path
+):
     from convnext_keras import predict as predict_lib
+
+    tiny = tmp_path / "tiny.png"  # 16x16: predict owns the resize, so the network can take it
+    Image.open(PHOTOS[0]).resize((16, 16)).save(tiny)
 
     real = predict_lib.runtime.inference_function
 
@@ -347,7 +352,7 @@ def test_cli_predict_never_prints_nan_a_non_finite_logit_fails_that_image(atto, 
         return run_batch, name
 
     monkeypatch.setattr(predict_lib.runtime, "inference_function", broken)
-    args = ["predict", str(PHOTOS[0]), str(PHOTOS[1]), "--model", "convnext_atto", "--json"]
+    args = ["predict", str(tiny), str(PHOTOS[1]), "--model", "convnext_atto", "--json"]
     result = _invoke([*args, "--weights", str(atto[1])])
     assert result.exit_code == 1, result.output
     assert "NaN" not in result.stdout.replace("NaN or infinite", "")

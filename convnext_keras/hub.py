@@ -227,7 +227,8 @@ def _check_record(path: Path, pinned: tuple[str, str] | None = None) -> str:
     if pinned is not None and pinned[0] != digest:
         raise DamagedFileError(f"its SHA-256 {digest[:12]}... is not the one pinned by {pinned[1]}")
     if recorded is None:
-        write_record(path, digest)
+        with contextlib.suppress(OSError):  # a read-only (shared) cache still reads
+            write_record(path, digest)
     return digest
 
 

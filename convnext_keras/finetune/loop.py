@@ -408,7 +408,7 @@ def load_run(out: str | os.PathLike, which: str = "best") -> keras.Model:
         return keras.saving.load_model(final, compile=False)
     if which == "best" and (out / BEST_WEIGHTS).is_file():
         info = json.loads((out / RUN_FILE).read_text())
-        return _inference_model(info, hub.load_converted(out / BEST_WEIGHTS))
+        return _inference_model(info, hub.read_converted(out / BEST_WEIGHTS))
     raise FileNotFoundError(
         f"{out} has no {which} model yet ({final.name} is written when training ends"
         + (f", {BEST_WEIGHTS} after the first validated epoch" if which == "best" else "")
@@ -1059,7 +1059,7 @@ def run(
     if devices.chief:
         classifier = _inference_model(info, final)
         _save_keras(classifier, files["last"])
-        checkpoints.assign_weights(classifier, hub.load_converted(out / BEST_WEIGHTS))
+        checkpoints.assign_weights(classifier, hub.read_converted(out / BEST_WEIGHTS))
         _save_keras(classifier, files["best"])
         if export:
             export_path, note = _export(files["best"], out, recipe.resolution)

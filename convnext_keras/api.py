@@ -170,6 +170,45 @@ def load_model(
     return model
 
 
+class ModelFileError(ValueError):
+    """A ``.keras`` file that cannot be loaded (damaged, not a model, or refused as unsafe)."""
+
+
+def load_keras_file(path: str | os.PathLike, *, compile: bool = False):
+    """``keras.saving.load_model(path)`` in Keras' safe mode, with errors for people.
+
+    A file that is not a readable ``.keras`` archive, or whose configuration names code Keras
+    will not run (a ``Lambda`` layer calling ``os.system``, ``builtins.exec``...; safe mode
+    refuses it), raises :class:`ModelFileError` naming the file and Keras' reason.
+
+    Raises:
+        FileNotFoundError: no such file.  ModelFileError: it cannot be loaded.
+    """
+    import keras
+
+    from . import layers  # noqa: F401  (registers this library's layers)
+    from .errors import plain
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"No such model file: {path}")
+    try:
+        return keras.saving.load_model(path, compile=compile, safe_mode=True)
+    except Exception as e:
+        root = e
+        while root.__cause__ is not None or root.__context__ is not None:
+            root = root.__cause__ or root.__context__
+        # Keras' innermost message, first sentence ("Could not locate function 'system'").
+        lines = plain(str(root)).strip().splitlines() or ["no reason given"]
+        reason = lines[0].split(". ")[0].rstrip(".")
+        raise ModelFileError(
+            f"{path} could not be loaded as a Keras model ({type(root).__name__}: {reason}). "
+            "Keras' safe mode never runs code "
+            "stored in a file; load only .keras files written by this library or a source you "
+            "trust, or rebuild the model with convnext_keras.load_model."
+        ) from e
+
+
 def _scale_head(model, scale: float) -> None:
     if scale != 1.0 and any(layer.name == "head_fc" for layer in model.layers):
         head = model.get_layer("head_fc")
@@ -196,12 +235,15 @@ def convert_checkpoint(
         raise FileExistsError(
             f"{out} exists; pass {fix('overwrite=True', '--overwrite')} to replace it."
         )
+    from .errors import writing
+
     model = load_model(name, weights=checkpoint, features=features)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.part.keras")
-    try:
-        model.save(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with writing(out, "the model file"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.stem}.part.keras")
+        try:
+            model.save(tmp)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
     return out

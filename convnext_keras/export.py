@@ -182,20 +182,25 @@ def staged(dest: str | os.PathLike, overwrite: bool = False):
 
     Works for files and directories.  The temp directory (``.NAME.XXXX.part``) is removed in
     every case, so a failure leaves neither a partial export nor a stray folder, and an existing
-    ``dest`` is only replaced (``overwrite=True``) by a complete one.
+    ``dest`` is only replaced (``overwrite=True``) by a complete one.  A failed write - a full
+    disk (also TensorFlow's ``ResourceExhaustedError`` while writing variables), a read-only or
+    forbidden folder - raises :class:`convnext_keras.errors.WriteError` naming ``dest``.
     """
+    from .errors import writing
+
     dest = Path(dest)
     if dest.exists() and not overwrite:
         raise FileExistsError(
             f"{dest} exists; pass {fix('overwrite=True', '--overwrite')} to replace it."
         )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
-    try:
-        yield tmp / dest.name
-        _replace(tmp / dest.name, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with writing(dest, "the export"):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
+        try:
+            yield tmp / dest.name
+            _replace(tmp / dest.name, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _output_names(model) -> list[str]:
@@ -320,8 +325,10 @@ def _plan(model, fmt, image_size, dynamic_size, include_preprocessing, verify_ba
             f"Cannot tell the image size of {model.name!r} (its input is dynamic and its name "
             f"is not in the registry); pass {fix('image_size=N', '--image-size N')}."
         )
-    if not isinstance(image_size, int) or image_size < 32:
-        raise ValueError(f"image_size must be an integer >= 32, got {image_size!r}.")
+    if not isinstance(image_size, int) or image_size < registry.MIN_INPUT_SIZE:
+        raise ValueError(
+            f"image_size must be an integer >= {registry.MIN_INPUT_SIZE}, got {image_size!r}."
+        )
     static = model.inputs[0].shape[1:3]
     if None not in static and tuple(static) != (image_size, image_size):
         raise ValueError(
@@ -576,12 +583,14 @@ def _write_onnx_graph(model, path: Path, plan: _Plan) -> None:
     import onnx
 
     from . import runtime
+    from .model import variant_of
 
     side = None if plan.dynamic_size else plan.image_size
     proto = runtime.build_onnx_graph(model, side, side, opset=ONNX_OPSET, output_names=plan.outputs)
-    onnx.helper.set_model_props(
-        proto, {"convnext_keras.model": model.name, "convnext_keras.input": plan.contract()}
-    )
+    props = {"convnext_keras.model": model.name, "convnext_keras.input": plan.contract()}
+    # A dynamic-size graph cannot refuse small images itself (ONNX has no assertion): say it.
+    props["convnext_keras.min_input_size"] = str(variant_of(model).min_input_size)
+    onnx.helper.set_model_props(proto, props)
     onnx.save(proto, str(path))
 
 
@@ -836,6 +845,7 @@ _ERRORS = {
     "FileExistsError": FileExistsError,
     "FileNotFoundError": FileNotFoundError,
 }
+#: The child reports a failed write as ``WriteError`` with its errno; the parent re-raises it.
 
 
 def _tensorflow_env() -> dict:
@@ -898,6 +908,10 @@ def _export_via_tensorflow(model, path: Path, plan: _Plan, overwrite: bool, sour
             text=True,
         )
     reply = _parse_child(proc, f"{plan.fmt} export in a TensorFlow subprocess")
+    if reply.get("error") == "WriteError":
+        from .errors import WriteError
+
+        raise WriteError(reply["errno"], path, "the export")
     if "error" in reply:
         cls = _ERRORS.get(reply["error"], ExportError)
         if cls is VerificationError:
@@ -1029,10 +1043,14 @@ def _main(argv: list[str]) -> int:
             reply = _child_hub_check(path, int(classes), int(batch), int(seed))
         else:
             raise ValueError(f"unknown command {command!r}")
-    except (ExportError, ValueError, FileExistsError, FileNotFoundError) as e:
+    except (ExportError, ValueError, OSError) as e:
+        from .errors import WriteError
+
         reply = {"error": type(e).__name__, "message": str(e)}
         if isinstance(e, VerificationError):
             reply.update(max_abs_diff=e.max_abs_diff, tolerance=e.tolerance)
+        if isinstance(e, WriteError):
+            reply["errno"] = e.errno
     print(_RESULT_MARK + json.dumps(reply), flush=True)
     return 1 if "error" in reply else 0
 

@@ -65,6 +65,12 @@ def decode_predictions(
         scores = scores[None]
     if scores.ndim != 2:
         raise ValueError(f"Expected logits of shape (batch, classes), got {scores.shape}.")
+    bad = np.flatnonzero(~np.isfinite(scores).all(axis=1))
+    if bad.size:
+        raise ValueError(
+            f"Rows {bad[:10].tolist()} of the logits hold NaN or infinity: there is no ranking to "
+            "decode (the model's weights or inputs are broken)."
+        )
     if not isinstance(top, (int, np.integer)) or top < 1:
         raise ValueError(f"top must be a positive integer, got {top!r}.")
     names = _as_labels(labels, scores.shape[1])
@@ -149,10 +155,7 @@ def load_classifier(model, *, weights="official", config=None, precision: str | 
         return m if precision is None else with_precision(m, precision)
 
     if _is_keras_file(model):
-        path = Path(model)
-        if not path.is_file():
-            raise FileNotFoundError(f"No such model file: {path}")
-        loaded = converted(keras.saving.load_model(path))
+        loaded = converted(api.load_keras_file(model, compile=True))
         return loaded, preprocess.as_config(config or "convnext_tiny")
     if isinstance(model, (str, os.PathLike)):
         name = str(model)
@@ -222,7 +225,8 @@ def predict_files(
     exif_transpose: bool = True,
     precision: str | None = None,
 ) -> list[ImageResult]:
-    """Classify image files; unreadable ones come back with ``error`` set, never raise.
+    """Classify image files; unreadable ones (and any whose logits are not finite) come back
+    with ``error`` set, never raise.
 
     Args:
         model: a model name (``"convnext_tiny_1k_224"``), a ``.keras`` file or a keras.Model.
@@ -269,6 +273,16 @@ def predict_files(
     )
     for images, indices in batches:
         logits = np.asarray(run_batch(images), dtype=np.float32)
+        # A non-finite logit is an error for that image, never a NaN probability.
+        finite = np.isfinite(logits).all(axis=1)
+        for i in np.asarray(indices)[~finite]:
+            results[i].error = (
+                f"{results[i].path}: the model returned NaN or infinite logits (its weights are "
+                "damaged or the image breaks it); no prediction"
+            )
+        if not finite.any():
+            continue
+        images, indices, logits = images[finite], np.asarray(indices)[finite], logits[finite]
         decoded = decode_predictions(logits, top, labels=names)
         for i, preds in zip(indices, decoded):
             results[i].predictions = preds
@@ -279,6 +293,6 @@ def predict_files(
                 results[i].cam_path = str(save_png(overlay(photo, heat, config), cam_paths[i]))
     by_path = {e.path: str(e) for e in batches.errors}
     for r in results:
-        if r.predictions is None:
+        if r.predictions is None and r.error is None:
             r.error = by_path.get(r.path, f"{r.path}: not processed")
     return results

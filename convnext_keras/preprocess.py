@@ -417,7 +417,11 @@ class EvalPreprocessing(keras.layers.Layer):
             x = tf.image.resize(x, (new_h, new_w), method=self.config.interpolation, antialias=True)
             return x[..., top : top + res, left : left + res, :]
         x = ops.image.resize(
-            x, (new_h, new_w), interpolation=self.config.interpolation, antialias=True
+            x,
+            (new_h, new_w),
+            interpolation=self.config.interpolation,
+            antialias=True,
+            data_format="channels_last",
         )
         return x[..., top : top + res, left : left + res, :]
 
@@ -426,7 +430,11 @@ class EvalPreprocessing(keras.layers.Layer):
         res = self.config.resolution
         if self.config.squash:
             x = ops.image.resize(
-                x, (res, res), interpolation=self.config.interpolation, antialias=True
+                x,
+                (res, res),
+                interpolation=self.config.interpolation,
+                antialias=True,
+                data_format="channels_last",
             )
         else:
             x = self._resize_crop(x)

@@ -70,6 +70,12 @@ class Variant:
     def num_features(self) -> int:
         return self.dims[-1]
 
+    @property
+    def min_input_size(self) -> int:
+        """Smallest height and width the network takes: the stem's patch times every stride-2
+        downsampling (4 x 2 x 2 x 2 = 32).  Below it the last stage has no pixels left."""
+        return STEM_PATCH * DOWNSAMPLE_STRIDE ** (len(self.depths) - 1)
+
 
 # facebookresearch/ConvNeXt models/convnext.py for tiny..xlarge; timm's convnext.py for the
 # small edge variants (atto/femto/pico/nano).
@@ -89,6 +95,10 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
+#: The smallest height/width any variant takes (``Variant.min_input_size``): option checks.
+MIN_INPUT_SIZE = min(v.min_input_size for v in VARIANTS.values())
+
+
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
     """One released checkpoint and everything needed to use it faithfully."""
@@ -103,6 +113,10 @@ class Checkpoint:
     #: Top-1 accuracy on ImageNet-1k val reported by facebookresearch/ConvNeXt (None for 21k heads).
     reported_acc1: float | None
     interpolation: str = DEFAULT_INTERPOLATION
+    #: Expected SHA-256 (hex) of the published file, checked at download and when the cache is
+    #: read.  The official host publishes none, so the rows leave it None; users pin one with
+    #: ``CONVNEXT_SHA256_<NAME>`` or ``CONVNEXT_SHA256SUMS`` (convnext_keras.hub).
+    sha256: str | None = None
 
     @property
     def crop_pct(self) -> float:

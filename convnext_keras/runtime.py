@@ -33,6 +33,7 @@ import threading
 import numpy as np
 
 from . import registry
+from .layers import too_small_message
 from .model import non_float32_layer, variant_of
 
 #: ONNX opset of the graph (``Gelu`` is an operator from opset 20).
@@ -51,7 +52,7 @@ def onnxruntime_available() -> bool:
 
 #: Every layer of a plain ConvNeXt built by this library (anything else: not ours to rebuild).
 _PLAIN_LAYER = re.compile(
-    r"images|stem_(conv|norm)|stage\d_downsample_(norm|conv)"
+    r"images|input_size_check|stem_(conv|norm)|stage\d_downsample_(norm|conv)"
     r"|stage\d_block\d+_(dwconv|norm|pwconv1|pwconv2|layer_scale|drop_path|add)"
     r"|head_(pool|norm|fc)"
 )
@@ -250,13 +251,9 @@ def build_onnx_graph(
     if len(names) != len(outputs):
         raise ValueError(f"{model.name!r} has {len(outputs)} outputs, got names {names}.")
     spec = variant_of(model)
-    stride = registry.STEM_PATCH * registry.DOWNSAMPLE_STRIDE ** (len(spec.depths) - 1)
     for side in (height, width):
-        if side is not None and side < stride:
-            raise ValueError(
-                f"Input {height}x{width} is smaller than ConvNeXt's total stride {stride}; "
-                f"resize images to at least {stride}x{stride} (the checkpoints use 224 or 384)."
-            )
+        if side is not None and side < spec.min_input_size:
+            raise ValueError(too_small_message(height, width, spec.min_input_size))
     W = _weights(model)
     g = _GraphBuilder()
     k = registry.DWCONV_KERNEL
@@ -364,6 +361,7 @@ class OnnxRunner:
                 "(or pip install 'convnext-keras[export]')."
             )
         self.model = model
+        self.min_size = variant_of(model).min_input_size
         env = os.environ.get("CONVNEXT_THREADS")
         self.threads = threads if threads is not None else (int(env) if env else None)
         self._sessions = {}
@@ -394,6 +392,8 @@ class OnnxRunner:
                 f"Expected an NHWC batch of RGB images (batch, height, width, 3), got shape "
                 f"{x.shape}; add a batch axis with x[None] for a single image."
             )
+        if min(x.shape[1:3]) < self.min_size:
+            raise ValueError(too_small_message(x.shape[1], x.shape[2], self.min_size))
         return self.session(x.shape[1], x.shape[2]).run(None, {"images": x})[0]
 
     predict_on_batch = __call__

@@ -375,3 +375,38 @@ def test_a_failed_start_writes_nothing_and_a_never_trained_folder_can_start_agai
     again = CliRunner().invoke(main, [*args, "--weights", str(tmp_path / "mine.pth")])
     assert again.exit_code == 2 and "mine.pth" in again.stderr
     assert "already holds" not in again.stderr
+
+
+def test_resume_refuses_a_data_set_whose_files_changed(reference, digits4, tmp_path):
+    out = _copy_run(reference, tmp_path)
+    shutil.copy(reference[0] / loop.DATA_FILES, out / loop.DATA_FILES)
+    data = tmp_path / "data"
+    shutil.copytree(digits4, data)
+    (data / "digit1" / "0003.png").unlink()
+    shutil.copy(data / "digit2" / "0001.png", data / "digit2" / "extra.png")
+    with pytest.raises(loop.data_lib.DataError, match="changed since the run") as info:
+        loop.run(data, out, resume=True, verbose=0)
+    text = str(info.value)
+    assert "1 gone (digit1/0003.png)" in text and "1 new (digit2/extra.png)" in text
+    assert "start a new run" in text
+
+
+def test_resume_keeps_every_setting_of_the_run(reference, digits4, tmp_path):
+    """The reference run was made with --no-export: resuming it (complete) exports nothing."""
+    out = tmp_path / "again"
+    shutil.copytree(reference[0], out)
+    info = json.loads((out / "run.json").read_text())
+    assert info["settings"] == {**loop.RUN_SETTINGS, "export": False, "checkpoint_every": 3}
+    with micro_variant():
+        result = CliRunner().invoke(main, ["finetune", str(digits4), "--resume", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "already complete" in result.output and "not exported" in result.output
+    assert not (out / "savedmodel").exists()
+
+
+def test_run_files_get_the_umask_s_permissions(reference):
+    out = reference[0]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
+    assert set(modes.values()) == {0o666 & ~mask}, sorted(modes.items())

@@ -4,6 +4,7 @@ and the download progress bar on a real terminal."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pty
@@ -66,7 +67,10 @@ def test_fetch_into_a_folder_then_use_it_as_base_url_without_a_server(
     args = ["fetch", "convnext_tiny_1k_224", "convnext_tiny_1k_224_fe", "--to", str(carry)]
     result = _invoke(args)
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in carry.iterdir()) == [TINY.filename]  # the _fe twin: same file
+    # The _fe twin has the same file; its SHA-256 record travels with it (`sha256sum -c`).
+    assert sorted(p.name for p in carry.iterdir()) == [TINY.filename, TINY.filename + ".sha256"]
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert (carry / (TINY.filename + ".sha256")).read_text().split() == [digest, TINY.filename]
     assert "downloaded" in result.stdout and f"CONVNEXT_BASE_URL=file://{carry}/" in result.stdout
     assert (carry / TINY.filename).read_bytes() == checkpoint.read_bytes()
     assert "present" in _invoke(args).stdout and len(loopback_server.requests) == 1

@@ -217,7 +217,7 @@ def test_bf16_logits_within_bf16_tolerance_of_pytorch_float32(atto, keras_atto):
     sure = top2[:, 1] - top2[:, 0] > 2 * np.abs(got - want).max(axis=-1)
     assert sure.sum() >= len(photos) // 2
     np.testing.assert_array_equal(got.argmax(-1)[sure], want.argmax(-1)[sure])
-    pinned = {x.name for x in bf16.layers if x.weights and x.dtype_policy.name == "float32"}
+    pinned = {x.name for x in bf16.layers[1:] if x.dtype_policy.name == "float32"}  # no input
     assert pinned == FLOAT32_LAYERS
 
     # A model object (or .keras file) in float32 -> the same bf16 network, weights shared.
@@ -329,3 +329,58 @@ def test_make_demo_fails_fast_offline(loopback_server, monkeypatch):
     assert message.startswith("error: Could not download " + url)
     assert "404" in message and "--weights FILE" in message and "CONVNEXT_BASE_URL" in message
     assert loopback_server.requests == ["/convnext_tiny_1k_224_ema.pth"]
+
+
+def test_cli_predict_never_prints_nan_a_non_finite_logit_fails_that_image(
+    atto, monkeypatch, tmp_path
+):
+    from convnext_keras import predict as predict_lib
+
+    tiny = tmp_path / "tiny.png"  # 16x16: predict owns the resize, so the network can take it
+    Image.open(PHOTOS[0]).resize((16, 16)).save(tiny)
+
+    real = predict_lib.runtime.inference_function
+
+    def broken(model, engine="auto"):  # the second image of every batch comes back NaN
+        run, name = real(model, engine)
+
+        def run_batch(images):
+            logits = np.array(run(images), dtype=np.float32)
+            logits[1:2] = np.nan
+            return logits
+
+        return run_batch, name
+
+    monkeypatch.setattr(predict_lib.runtime, "inference_function", broken)
+    args = ["predict", str(tiny), str(PHOTOS[1]), "--model", "convnext_atto", "--json"]
+    result = _invoke([*args, "--weights", str(atto[1])])
+    assert result.exit_code == 1, result.output
+    assert "NaN" not in result.stdout.replace("NaN or infinite", "")
+    rows = json.loads(result.stdout)  # valid JSON
+    assert "predictions" in rows[0] and "NaN or infinite logits" in rows[1]["error"]
+    assert "1 of 2 images could not be classified" in result.stderr
+    with pytest.raises(ValueError, match=r"Rows \[1\] of the logits hold NaN"):
+        decode_predictions(np.array([[1.0, 2.0], [np.nan, 0.0]]), labels=["a", "b"])
+
+
+def test_cli_predict_with_a_keras_file_safe_mode_refuses_is_one_line(tmp_path):
+    import zipfile
+
+    inputs = keras.Input((4,))
+    keras.Model(inputs, keras.layers.Lambda(lambda x: x)(inputs)).save(tmp_path / "ok.keras")
+    with zipfile.ZipFile(tmp_path / "ok.keras") as archive:
+        files = {n: archive.read(n) for n in archive.namelist()}
+    config = json.loads(files["config.json"])
+    for module, function in (("os", "system"), ("builtins", "exec")):
+        config["config"]["layers"][1]["config"]["function"] = {
+            "module": module, "class_name": "function", "config": function,
+            "registered_name": "function",
+        }  # fmt: skip
+        evil = tmp_path / f"{function}.keras"
+        with zipfile.ZipFile(evil, "w") as archive:
+            for name, data in files.items():
+                archive.writestr(name, json.dumps(config) if name == "config.json" else data)
+        result = CliRunner().invoke(main, ["predict", str(PHOTOS[0]), "--model", str(evil)])
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith(f"error: {evil} could not be loaded as a Keras model")
+        assert f"'{function}'" in result.output and result.output.count("\n") == 1

@@ -140,7 +140,9 @@ def test_bad_inputs_are_explained():
         runner(np.zeros((64, 64, 3), np.float32))
     with pytest.raises(ValueError, match=r"NHWC"):
         runner(np.zeros((1, 3, 64, 64), np.float32))
-    with pytest.raises(ValueError, match="smaller than ConvNeXt's total stride 32"):
-        runner(np.ones((1, 16, 16, 3), np.float32))
+    with pytest.raises(ValueError, match="at least 32x32 pixels .*; got 16x40"):
+        runner(np.ones((1, 16, 40, 3), np.float32))
+    with pytest.raises(ValueError, match="at least 32x32 pixels .*; got 31x64"):
+        runtime.build_onnx_graph(ck.build_model("atto"), 31, 64)
     with pytest.raises(ValueError, match="not a ConvNeXt"):
         runtime.OnnxRunner(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]))

@@ -12,23 +12,41 @@ from ._quiet import quiet_backend_logs
 
 
 class ConvnextGroup(click.Group):
-    """Turns the library's user errors into one readable line and exit status 2, not a trace."""
+    """The error boundary of every command: a user's error becomes one readable line on stderr
+    and exit status 2, never a traceback.  (Exit status 1 is a command's own "some inputs
+    failed"; 3 a diverged fine-tuning run.)
+
+    User errors: the library's (``CheckpointError``, ``DownloadError``, and every
+    ``ValueError``: bad names, options, data, files), any ``OSError`` (a missing file, a full
+    disk, a read-only or forbidden folder - named with its errno and the fix), and a write
+    failure another library reports in its own terms (TensorFlow's ``ResourceExhaustedError``
+    for a full disk).  Anything else is a bug and keeps its traceback.
+    """
 
     def invoke(self, ctx):
-        from ..checkpoints import CheckpointError
-        from ..hub import DownloadError
-
         try:
             return super().invoke(ctx)
-        except (
-            CheckpointError,
-            DownloadError,
-            ValueError,
-            FileNotFoundError,
-            FileExistsError,
-        ) as e:
-            click.echo(f"error: {e}", err=True)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as e:
+            message = user_error(e)
+            if message is None:
+                raise
+            click.echo(f"error: {message}", err=True)
             sys.exit(2)
+
+
+def user_error(error: Exception) -> str | None:
+    """The one-line message of an error the user can fix, or None for anything else (a bug)."""
+    from ..checkpoints import CheckpointError
+    from ..errors import describe, write_errno
+    from ..hub import DownloadError
+
+    if isinstance(error, (CheckpointError, DownloadError, ValueError, OSError)):
+        return describe(error)
+    if write_errno(error) is not None:  # e.g. TensorFlow's ResourceExhaustedError (disk full)
+        return describe(error).splitlines()[0]
+    return None
 
 
 @click.group(cls=ConvnextGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .. import registry
 from ._app import backend_option, echo_table, engine_option, main, precision_option
 
 
@@ -19,7 +20,7 @@ from ._app import backend_option, echo_table, engine_option, main, precision_opt
 @click.option(
     "--resolution",
     default=None,
-    type=click.IntRange(min=32),
+    type=click.IntRange(min=registry.MIN_INPUT_SIZE),
     help="Input height and width (default: the checkpoint's, 224 for architectures).",
 )
 @precision_option("float32, or mixed bfloat16 / float16 (Keras dtype policy).")

@@ -64,7 +64,8 @@ def predict_command(
 ):
     """Classify IMAGES: top-k labels with probabilities (softmax of the logits).
 
-    Unreadable files are reported and skipped; the exit status is 1 if any failed.
+    Unreadable files (and any the model returns NaN/inf for) are reported and skipped; the
+    exit status is 1 if any failed, 2 for a bad command (unknown model, damaged weights...).
     """
     from ..predict import predict_files
 
@@ -79,8 +80,8 @@ def predict_command(
         exif_transpose=not no_exif,
         precision=precision,
     )
-    if as_json:
-        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+    if as_json:  # allow_nan=False: never the invalid JSON token NaN (predict_files has none)
+        click.echo(json.dumps([r.to_dict() for r in results], indent=2, allow_nan=False))
     else:
         if any(r.random_weights for r in results):
             click.echo(RANDOM_WEIGHTS_BANNER)
@@ -98,7 +99,7 @@ def predict_command(
     for r in failed:
         click.echo(f"skipped: {r.error}", err=True)
     if failed:
-        click.echo(f"{len(failed)} of {len(results)} images could not be read.", err=True)
+        click.echo(f"{len(failed)} of {len(results)} images could not be classified.", err=True)
         sys.exit(1)
 
 
@@ -130,14 +131,23 @@ def predict_command(
 @click.option(
     "--single-device", is_flag=True, help="Do not replicate the model over several devices."
 )
+@click.option(
+    "--allow-unreadable",
+    is_flag=True,
+    help="Exit with status 0 even when some files could not be evaluated (default: 1).",
+)
 @engine_option("auto: onnxruntime on a single CPU device when installed (as predict), else Keras.")
 @precision_option(_PRECISION_HELP)
 @backend_option
 def eval_command(
     data, model_name, weights, batch_size, limit, report, ground_truth, real, workers,
-    processes, single_device, engine, precision,
+    processes, single_device, allow_unreadable, engine, precision,
 ):  # fmt: skip
-    """Accuracy on ImageNet-1k validation DATA (class folders or flat ILSVRC2012 layout)."""
+    """Accuracy on ImageNet-1k validation DATA (class folders or flat ILSVRC2012 layout).
+
+    Files that could not be evaluated (unreadable, unlabelled, a directory where an image should
+    be, NaN/inf logits) are listed and make the exit status 1, unless --allow-unreadable.
+    """
     from ..evaluate import evaluate
 
     result = evaluate(
@@ -178,3 +188,10 @@ def eval_command(
         click.echo(f"... and {len(result.unreadable) - 10} more (see --report)", err=True)
     if report:
         click.echo(f"report    {result.write(report)}")
+    if result.unreadable and not allow_unreadable:
+        click.echo(
+            f"{len(result.unreadable)} file(s) could not be evaluated (exit status 1; "
+            "--allow-unreadable accepts that).",
+            err=True,
+        )
+        sys.exit(1)

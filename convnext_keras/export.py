@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -979,10 +980,13 @@ def hub_finetune_check(
     if "error" in reply:
         raise ExportError(f"hub.KerasLayer fine-tuning check failed: {reply['message']}")
     suspicious = ("variable", "checkpoint", "unresolved", "not found", "zero trainable")
+    # absl INFO lines ("I0000 00:00:... port.cc:153] oneDNN ... environment variable ...") are
+    # start-up notes that TensorFlow >= 2.16 prints whatever TF_CPP_MIN_LOG_LEVEL says.
+    info = re.compile(r"I\d{4} [\d:.]+ +\d+ \S+:\d+\] ")
     reply["warnings"] += [
         line
         for line in proc.stderr.splitlines()
-        if any(word in line.lower() for word in suspicious)
+        if any(word in line.lower() for word in suspicious) and not info.match(line)
     ]
     return reply
 

@@ -445,8 +445,43 @@ class BenchResult:
         }
 
 
+#: CPU flags that decide which kernels the engines run (named in :func:`device_description`).
+CPU_FLAGS_OF_NOTE = (
+    "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8",
+)  # fmt: skip
+
+
+def cpu_description() -> str:
+    """The CPU as ``lscpu`` names it: model name, family and model, the flags of
+    :data:`CPU_FLAGS_OF_NOTE` it has, and the cores this process may use (Linux
+    ``/proc/cpuinfo``; the model name and cores alone elsewhere)."""
+    fields = {}
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model", "flags") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break  # the first processor's block is enough
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    name = fields.get("model name", "CPU")
+    details = []
+    if "cpu family" in fields:
+        details.append(f"family {fields['cpu family']} model {fields.get('model', '?')}")
+    flags = set(fields.get("flags", "").split())
+    if flags:
+        details.append(" ".join(f for f in CPU_FLAGS_OF_NOTE if f in flags) or "no AVX2")
+    details.append(f"{cores} cores")
+    return f"{name} ({', '.join(details)})"
+
+
 def device_description() -> str:
-    """What the backend computes on, in words (GPU name, or the CPU model and core count)."""
+    """What the backend computes on, in words (GPU name, or :func:`cpu_description`)."""
     import keras
 
     if accelerator() and keras.backend.backend() == "jax":
@@ -459,18 +494,7 @@ def device_description() -> str:
         return torch.cuda.get_device_name()
     if accelerator():
         return "GPU"
-    name = "CPU"
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-    return f"{name} ({cores} cores)"
+    return cpu_description()
 
 
 def benchmark(

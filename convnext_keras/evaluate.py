@@ -357,9 +357,9 @@ def evaluate(
     """
     import keras
 
-    from .predict import _check_calibration, load_classifier
+    from .predict import load_classifier
 
-    engine_precision = _check_calibration(precision, calibration)
+    engine_precision = runtime.engine_precision(precision, calibration)
     runtime.check_engine(engine, engine_precision)
     dataset = find_dataset(data, ground_truth=ground_truth).subset(limit)
     if len(dataset) == 0:

@@ -145,21 +145,6 @@ def load_classifier(model, *, weights="official", config=None, precision: str | 
     raise ValueError(f"Expected a model name, a .keras file or a keras.Model, got {model!r}.")
 
 
-def _check_calibration(precision: str | None, calibration) -> str | None:
-    """The engine precision of ``precision`` (``runtime.split_precision``); ``ValueError`` for
-    calibration photos given without ``"int8"`` and ``FileNotFoundError`` for missing ones - both
-    before anything is downloaded."""
-    engine_precision = runtime.split_precision(precision)[1]
-    if calibration is not None:
-        if engine_precision != runtime.INT8:
-            raise ValueError(
-                f"calibration photos are for precision 'int8' (got precision {precision!r}); "
-                "add precision='int8' (CLI: --precision int8) or leave calibration out."
-            )
-        runtime.calibration_files(calibration)
-    return engine_precision
-
-
 @dataclasses.dataclass
 class ImageResult:
     """What happened to one input file."""
@@ -239,7 +224,7 @@ def predict_files(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     paths = [Path(p) for p in paths]
-    engine_precision = _check_calibration(precision, calibration)
+    engine_precision = runtime.engine_precision(precision, calibration)
     keras_model, config = load_classifier(
         model, weights=weights, config=config, precision=precision
     )

@@ -705,6 +705,21 @@ def split_precision(precision: str | None) -> tuple[str | None, str | None]:
     )
 
 
+def engine_precision(precision: str | None, calibration=None) -> str | None:
+    """The engine precision of a predict / eval ``precision`` (:func:`split_precision`), after
+    checking the calibration photos: ``ValueError`` when they are given without ``"int8"``,
+    ``FileNotFoundError`` when they do not exist - before anything is downloaded."""
+    engine = split_precision(precision)[1]
+    if calibration is not None:
+        if engine != INT8:
+            raise ValueError(
+                f"calibration photos are for precision 'int8' (got precision {precision!r}); "
+                "add precision='int8' (CLI: --precision int8) or leave calibration out."
+            )
+        calibration_files(calibration)
+    return engine
+
+
 def check_engine(engine: str, precision: str | None = None) -> None:
     """``ValueError`` for an ``engine`` not in :data:`ENGINES`, an engine ``precision`` other
     than None or ``"int8"``, and ``"int8"`` on the Keras engine."""

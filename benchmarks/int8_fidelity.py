@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 #: Crops per photo (``patches``): training crops from the left part, held-out from the right.
 PATCHES_TRAIN, PATCHES_VAL, PATCH_SPLIT = 96, 24, 0.7
@@ -266,6 +267,8 @@ def main():
     parser.add_argument("--out", default=None, help="folder for results.json and results.md")
     args = parser.parse_args()
 
+    from side_by_side import write_results
+
     from convnext_keras import bench
 
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -282,13 +285,7 @@ def main():
     text = markdown(report)
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        for name, content in (("results.json", json.dumps(report, indent=2)),
-                              ("results.md", text)):  # fmt: skip
-            part = out / f".{name}.part"
-            part.write_text(content)
-            part.replace(out / name)
+        write_results(args.out, report, text)
 
 
 if __name__ == "__main__":

@@ -909,6 +909,16 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(folder, report: dict, text: str) -> None:
+    """``results.json`` and ``results.md`` in ``folder``, each written whole (temp + rename)."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, content in (("results.json", json.dumps(report, indent=2)), ("results.md", text)):
+        part = out / f".{name}.part"
+        part.write_text(content)
+        part.replace(out / name)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="convnext_tiny")
@@ -1009,13 +1019,7 @@ def main():
     text = markdown(report)
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        for name, content in (("results.json", json.dumps(report, indent=2)),
-                              ("results.md", text)):  # fmt: skip
-            part = out / f".{name}.part"
-            part.write_text(content)
-            part.replace(out / name)
+        write_results(args.out, report, text)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import torch_reference as ref
 
 import convnext_keras as ck
 from convnext_keras import registry, runtime
+from convnext_keras.model import dtype_policy
 
 TOLERANCE = 1e-4
 
@@ -224,12 +225,8 @@ def test_int8_is_an_onnxruntime_choice_with_clear_errors(atto_int8, tmp_path):
         runtime.calibration_images(tmp_path)
     with pytest.raises(FileNotFoundError, match="No such calibration image"):
         runtime.calibration_images(tmp_path / "missing")
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    try:
+    with dtype_policy("bf16"):
         bf16 = ck.build_model("atto")
-    finally:
-        keras.config.set_dtype_policy(previous)
     with pytest.raises(ValueError, match="computes in bfloat16"):
         runtime.inference_function(bf16, precision="int8")
 

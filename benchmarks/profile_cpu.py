@@ -4,11 +4,10 @@ per operator kind, at several batch sizes (onnxruntime's own per-node profile).
     python benchmarks/profile_cpu.py                       # ConvNeXt-T 224, batches 1, 8, 32
     python benchmarks/profile_cpu.py --batch-size 1 --calls 20 --out DIR
 
-Both graphs run in this one process, one after the other, with the engine's session settings
-(``runtime.onnx_session``; the export gets onnxruntime's defaults, the same thread count).
-The first call of each is dropped; per node the median over the other calls is summed by
-operator kind.  Shares within a graph are robust to load; times across graphs are only
-comparable on a quiet machine.
+Both graphs run in this one process with onnxruntime's default settings (what
+``runtime.onnx_session`` uses too) and the same thread count, their calls alternating so that
+load from other programs hits both alike.  The first call of each is dropped; per node the
+median over the other calls is summed by operator kind.
 """
 
 from __future__ import annotations
@@ -27,18 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def profile(graph: Path, feed_name: str, batch: np.ndarray, threads: int, calls: int) -> dict:
-    """``{operator kind: ms per call}`` from onnxruntime's profile of ``calls`` runs."""
+def _session(graph: Path, threads: int):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.enable_profiling = True
     options.profile_file_prefix = str(graph.with_suffix(""))
-    session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-    for _ in range(calls + 1):
-        session.run(None, {feed_name: batch})
-    events = json.loads(Path(session.end_profiling()).read_text())
+    return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+
+
+def by_operator(profile_file: str) -> dict:
+    """``{operator kind: ms per call}``: per node the median over the calls after the first,
+    summed by kind."""
+    events = json.loads(Path(profile_file).read_text())
     per_node = collections.defaultdict(list)
     kind = {}
     for e in events:
@@ -49,6 +50,16 @@ def profile(graph: Path, feed_name: str, batch: np.ndarray, threads: int, calls:
     for name, times in per_node.items():
         out[kind[name]] += float(np.median(times[1:]))
     return dict(out)
+
+
+def profile_pair(graphs: dict, feeds: dict, threads: int, calls: int) -> dict:
+    """Profile several graphs with their calls alternating (load hits all alike):
+    ``{label: {operator kind: ms per call}}``."""
+    sessions = {label: _session(path, threads) for label, path in graphs.items()}
+    for _ in range(calls + 1):
+        for label, session in sessions.items():
+            session.run(None, feeds[label])
+    return {label: by_operator(s.end_profiling()) for label, s in sessions.items()}
 
 
 def main():
@@ -82,9 +93,12 @@ def main():
                     tmp / "hf.onnx")  # fmt: skip
         for bs in (int(b) for b in args.batch_size.split(",")):
             x = bench.random_batch(bs, res)
-            a = profile(tmp / "ours.onnx", "images", x, threads, args.calls)
-            b = profile(tmp / "hf.onnx", "pixel_values", np.ascontiguousarray(
-                x.transpose(0, 3, 1, 2)), threads, args.calls)  # fmt: skip
+            result = profile_pair(
+                {"ours": tmp / "ours.onnx", "export": tmp / "hf.onnx"},
+                {"ours": {"images": x},
+                 "export": {"pixel_values": np.ascontiguousarray(x.transpose(0, 3, 1, 2))}},
+                threads, args.calls)  # fmt: skip
+            a, b = result["ours"], result["export"]
             lines += [
                 f"### batch {bs}: ms per call by operator kind (node time, {args.calls} calls)",
                 "",

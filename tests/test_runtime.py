@@ -204,6 +204,16 @@ def test_int8_runner_runs_any_size_close_to_float32(atto_int8):
         int8(np.ones((1, 16, 16, 3), np.float32))
 
 
+def test_int8_pooled_features(atto_checkpoint, atto_int8):
+    """The ``_fe`` head (no classifier to exclude): pooled features close to float32."""
+    photos = atto_int8[3]
+    pooled = ck.load_model("convnext_atto", weights=atto_checkpoint[1], features="pooled")
+    got = runtime.OnnxRunner(pooled, precision="int8", calibration=photos[::2])(photos[1::2])
+    want = runtime.OnnxRunner(pooled)(photos[1::2])
+    assert got.shape == want.shape == (7, 320)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.1
+
+
 def test_int8_is_an_onnxruntime_choice_with_clear_errors(atto_int8, tmp_path):
     model = atto_int8[0]
     with pytest.raises(ValueError, match="int8' runs on the onnxruntime engine only"):

@@ -226,6 +226,8 @@ def test_int8_is_an_onnxruntime_choice_with_clear_errors(atto_int8, tmp_path):
     with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16, int8"):
         runtime.split_precision("int4")
     assert runtime.split_precision("int8") == ("fp32", "int8")
+    with pytest.raises(ValueError, match="'int8' is not a Keras dtype policy"):
+        ck.load_model("convnext_atto", weights=None, precision="int8")
     assert runtime.split_precision("bf16") == ("bf16", None)
     with pytest.raises(ValueError, match=r"calibration must be .*got shape \(224, 224, 3\)"):
         runtime.OnnxRunner(model, precision="int8", calibration=np.zeros((224, 224, 3)))

@@ -344,6 +344,7 @@ def evaluate(
     data_parallel: bool = True,
     engine: str = "auto",
     precision: str | None = None,
+    calibration=None,
 ) -> EvalResult:
     """acc@1 / acc@5 of a 1000-class model on ImageNet-1k validation data.
 
@@ -367,20 +368,26 @@ def evaluate(
             insist.  The report's ``config["engine"]`` says which ran.
         precision: ``"fp32"``, or Keras mixed precision ``"bf16"`` / ``"fp16"`` (runs on
             Keras; ``engine="onnxruntime"`` refuses it); None (default): as
-            :func:`convnext_keras.predict.load_classifier`.  The precision the model ran in is
+            :func:`convnext_keras.predict.load_classifier`; ``"int8"`` (opt-in): onnxruntime
+            on one CPU device with the model quantized to int8
+            (:func:`convnext_keras.runtime.quantize_int8`).  The precision the model ran in is
             recorded in ``config["precision"]``.
+        calibration: ``"int8"`` only: the photos that calibrate the quantization (a folder or
+            files, read through the model's transform; default: the sample photos of
+            scikit-image and scikit-learn).  Calibrate on photos that are not in ``data``.
     """
     import keras
 
     from .predict import load_classifier, random_weights
 
-    if engine not in runtime.ENGINES:
-        raise ValueError(f"engine must be one of {runtime.ENGINES}, got {engine!r}.")
+    engine_precision = runtime.engine_precision(precision, calibration)
+    runtime.check_engine(engine, engine_precision)
     dataset = find_dataset(data, ground_truth=ground_truth).subset(limit)
     if len(dataset) == 0:
         raise ValueError(f"{data}: no images to evaluate.")
     real_labels = _real_targets(dataset) if real else None
-    devices = _local_devices() if data_parallel else ["default"]
+    # int8 is onnxruntime on the CPU: one device.
+    devices = _local_devices() if data_parallel and not engine_precision else ["default"]
     if len(devices) > 1 and engine == "onnxruntime":
         raise ValueError(
             fix("engine='onnxruntime'", "--engine onnxruntime")
@@ -399,7 +406,14 @@ def evaluate(
                 "use a 1k model (for the 21k-pre-trained ones: convnext_*_21k_1k_*)."
             )
         run_batch, engine_used = (
-            runtime.inference_function(keras_model, engine)
+            runtime.inference_function(
+                keras_model,
+                engine,
+                precision=engine_precision,
+                calibration=(
+                    runtime.calibration_images(calibration, config) if engine_precision else None
+                ),
+            )
             if len(devices) == 1
             else (None, "keras")
         )
@@ -482,7 +496,7 @@ def evaluate(
         **config._asdict(),
         "backend": keras.backend.backend(),
         "engine": engine_used,
-        "precision": precision_of(keras_model),
+        "precision": engine_precision or precision_of(keras_model),
         "random_weights": random_weights(model, weights),
     }
     return _result(

@@ -38,6 +38,14 @@ _TRUNCATED_STD_FACTOR = 0.8796256610342398
 
 def policy_name(precision: str) -> str:
     """The Keras dtype policy of a :data:`PRECISIONS` key; ``ValueError`` for anything else."""
+    from .runtime import INT8
+
+    if precision == INT8:
+        raise ValueError(
+            f"precision {INT8!r} is not a Keras dtype policy but the onnxruntime engine's opt-in "
+            "path: build or load the model in fp32 and pass precision='int8' to predict_files / "
+            "evaluate / bench.benchmark or runtime.OnnxRunner (CLI: --precision int8)."
+        )
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
     return PRECISIONS[precision]

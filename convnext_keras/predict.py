@@ -141,15 +141,15 @@ def load_classifier(model, *, weights="official", config=None, precision: str | 
     224 / 0.875 / bicubic, the original's evaluation settings).  ``precision``: None (names
     follow the global Keras dtype policy; files and objects stay as they are), ``"fp32"``, or
     Keras mixed precision ``"bf16"`` / ``"fp16"`` (float32 logits; these run on Keras, not
-    onnxruntime) - see :func:`with_precision`.
+    onnxruntime) - see :func:`with_precision`; ``"int8"`` gives the float32 model (the engine
+    quantizes it: :func:`convnext_keras.runtime.inference_function`).
     """
     import keras
 
     from . import api
-    from .model import policy_name
 
-    if precision is not None:
-        policy_name(precision)  # a bad value fails before any download
+    # A bad value fails before any download.
+    precision = runtime.split_precision(precision)[0]
 
     def converted(m):
         return m if precision is None else with_precision(m, precision)
@@ -224,6 +224,7 @@ def predict_files(
     config=None,
     exif_transpose: bool = True,
     precision: str | None = None,
+    calibration=None,
 ) -> list[ImageResult]:
     """Classify image files; unreadable ones (and any whose logits are not finite) come back
     with ``error`` set, never raise.
@@ -240,12 +241,19 @@ def predict_files(
         exif_transpose: turn photos upright by their EXIF orientation first (default True).
         precision: ``"fp32"`` (onnxruntime on a CPU), or Keras mixed precision ``"bf16"`` /
             ``"fp16"`` (on Keras: faster on GPUs, slower on CPUs without native bfloat16;
-            logits within bf16 rounding of float32's).  None (default): as
-            :func:`load_classifier` - the global Keras policy for names, a model as it is.
+            logits within bf16 rounding of float32's), or ``"int8"`` (opt-in: onnxruntime on
+            the CPU with the model quantized to int8, see
+            :func:`convnext_keras.runtime.quantize_int8`; Grad-CAM stays float32).  None
+            (default): as :func:`load_classifier` - the global Keras policy for names, a model
+            as it is.
+        calibration: ``"int8"`` only: the photos that calibrate the quantization (a folder,
+            files; read through ``config``'s transform); default: the sample photos of
+            scikit-image and scikit-learn (:func:`convnext_keras.runtime.sample_photos`).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     paths = [Path(p) for p in paths]
+    engine_precision = runtime.engine_precision(precision, calibration)
     keras_model, config = load_classifier(
         model, weights=weights, config=config, precision=precision
     )
@@ -265,7 +273,10 @@ def predict_files(
         cam_dir = Path(cam_dir)
         cam_paths = _cam_names(paths, cam_dir)
     # The fastest correct engine for this model (onnxruntime on a CPU, else Keras).
-    run_batch, _ = runtime.inference_function(keras_model)
+    images_for_int8 = runtime.calibration_images(calibration, config) if engine_precision else None
+    run_batch, _ = runtime.inference_function(
+        keras_model, precision=engine_precision, calibration=images_for_int8
+    )
     random = random_weights(model, weights)
     results = [ImageResult(str(p), random_weights=random) for p in paths]
     batches = preprocess.ImageBatches(

@@ -269,6 +269,18 @@ def test_eval_engine_choice(tmp_path):
         evaluate(fixed_model(), root, precision="fp64")
 
 
+def test_eval_int8_runs_on_onnxruntime_on_one_device(tmp_path):
+    root = _flat(tmp_path, [1, 2], [WNIDS[970], WNIDS[5]])
+    model = ck.build_model("atto")
+    result = evaluate(model, root, precision="int8", calibration=SOURCES[:2])
+    assert result.config["engine"] == "onnxruntime" and result.config["precision"] == "int8"
+    assert result.devices == 1 and result.evaluated == 2
+    with pytest.raises(ValueError, match="int8' runs on the onnxruntime engine only"):
+        evaluate(model, root, precision="int8", engine="keras")
+    with pytest.raises(ValueError, match="calibration photos are for precision 'int8'"):
+        evaluate(model, root, calibration=SOURCES[:2])
+
+
 def test_cli_eval_report(tmp_path):
     root = _flat(tmp_path, [1, 2, 3, 4], [WNIDS[970], WNIDS[5], WNIDS[2], WNIDS[600]])
     model_file = tmp_path / "fixed.keras"

@@ -248,16 +248,20 @@ def test_precision_none_follows_the_global_policy_and_a_value_overrides_it():
 
 
 def test_bad_precision_fails_before_any_download():
-    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16, got 'fp8'"):
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16, int8, got"):
         load_classifier("convnext_tiny_1k_224", precision="fp8")
     with pytest.raises(ValueError, match="precision must be one of"):
-        predict_files("convnext_tiny_1k_224", PHOTOS, precision="int8")
+        predict_files("convnext_tiny_1k_224", PHOTOS, precision="int4")
+    with pytest.raises(ValueError, match="calibration photos are for precision 'int8'"):
+        predict_files("convnext_tiny_1k_224", PHOTOS, calibration=EXAMPLES)
+    with pytest.raises(FileNotFoundError, match="No such calibration image or folder"):
+        predict_files("convnext_tiny_1k_224", PHOTOS, precision="int8", calibration="missing/")
 
 
 def test_cli_precision_choices_are_the_model_precisions():
     from convnext_keras.cli import _app
 
-    assert _app.PRECISIONS == tuple(PRECISIONS)
+    assert _app.PRECISIONS == (*PRECISIONS, runtime.INT8)
 
 
 # --- the command line ---------------------------------------------------------------------------
@@ -302,6 +306,25 @@ def test_cli_predict_bf16(atto, keras_atto):
     assert got["probability"] == pytest.approx(float(probs.max()), rel=2e-2)
     bad = _invoke([*args, "--precision", "fp8"])
     assert bad.exit_code == 2 and "'fp8' is not one of 'fp32', 'bf16', 'fp16'" in bad.output
+
+
+def test_cli_predict_int8(atto, keras_atto):
+    """``--precision int8 --calibration DIR``: the int8 engine calibrated on DIR's photos
+    through the model's official transform (the same logits as that runner made by hand)."""
+    _, ckpt = atto
+    args = ["predict", str(PHOTOS[0]), "--model", "convnext_atto", "--weights", str(ckpt)]
+    result = _invoke([*args, "--precision", "int8", "--calibration", str(EXAMPLES), "--json"])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)[0]["predictions"]
+    config = preprocess.as_config("convnext_atto")
+    runner = runtime.OnnxRunner(
+        keras_atto, precision="int8", calibration=runtime.calibration_images(EXAMPLES, config)
+    )
+    probs = softmax(runner(preprocess.transform_file(PHOTOS[0], config)[None]))[0]
+    assert [p["index"] for p in got] == list(np.argsort(-probs)[:5])
+    assert got[0]["probability"] == pytest.approx(float(probs.max()), rel=1e-5)
+    bad = _invoke([*args, "--calibration", str(EXAMPLES)])
+    assert bad.exit_code == 2 and "error: calibration photos are for precision 'int8'" in bad.output
 
 
 def test_cli_predict_cam(atto, tmp_path):

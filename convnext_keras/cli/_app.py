@@ -108,13 +108,14 @@ def engine_option(help_text: str):
     )
 
 
-#: ``--precision`` values (``model.PRECISIONS``' keys, repeated for the same reason; a test
-#: keeps them equal).
-PRECISIONS = ("fp32", "bf16", "fp16")
+#: ``--precision`` values (``model.PRECISIONS``' keys and ``runtime.INT8``, repeated for the
+#: same reason; a test keeps them equal).
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 
 def precision_option(help_text: str):
-    """``--precision fp32|bf16|fp16`` (float32 or a Keras mixed-precision policy)."""
+    """``--precision fp32|bf16|fp16|int8`` (float32, a Keras mixed-precision policy, or the
+    onnxruntime engine's opt-in int8)."""
     return click.option(
         "--precision",
         type=click.Choice(PRECISIONS),
@@ -145,3 +146,17 @@ def parse_weights(value: str | None):
     if value.lower() == "official":
         return "official"
     return value
+
+
+def calibration_option(f):
+    """``--calibration PATH``: the photos that calibrate ``--precision int8``."""
+    import pathlib
+
+    return click.option(
+        "--calibration",
+        type=click.Path(exists=True, path_type=pathlib.Path),
+        default=None,
+        help="--precision int8 only: a folder (or file) of photos like the ones you will "
+        "classify, to calibrate the quantization (default: scikit-image's and scikit-learn's "
+        "sample photos).",
+    )(f)

@@ -23,7 +23,10 @@ from ._app import backend_option, echo_table, engine_option, main, precision_opt
     type=click.IntRange(min=registry.MIN_INPUT_SIZE),
     help="Input height and width (default: the checkpoint's, 224 for architectures).",
 )
-@precision_option("float32, or mixed bfloat16 / float16 (Keras dtype policy).")
+@precision_option(
+    "float32, mixed bfloat16 / float16 (Keras dtype policy), or int8 (inference only: "
+    "onnxruntime with the model quantized to int8, calibrated on the sample photos)."
+)
 @click.option("--mode", type=click.Choice(["infer", "train"]), default="infer", show_default=True)
 @engine_option("Inference engine: auto = the default predict/eval path.")
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0))

@@ -12,6 +12,7 @@ from ._app import (
     RANDOM_WEIGHTS_BANNER,
     WEIGHTS_HELP,
     backend_option,
+    calibration_option,
     engine_option,
     main,
     parse_weights,
@@ -21,7 +22,8 @@ from ._app import (
 _MODEL_HELP = "Model name (convnext_tiny_1k_224, ...; see `convnext list`) or a .keras file."
 _PRECISION_HELP = (
     "fp32, or Keras mixed precision bf16 / fp16 (runs on Keras: faster on GPUs, slower on CPUs "
-    "without native bfloat16)."
+    "without native bfloat16), or int8 (opt-in: onnxruntime on the CPU, the model quantized to "
+    "int8 after calibration on real photos; close to fp32, not equal: see BENCHMARKS.md)."
 )
 
 
@@ -58,10 +60,12 @@ def _read_labels(path):
     "--no-exif", is_flag=True, help="Ignore EXIF orientation (default: photos turned upright)."
 )
 @precision_option(_PRECISION_HELP)
+@calibration_option
 @backend_option
 def predict_command(
-    images, model_name, weights, top, as_json, cam_dir, labels_file, batch_size, no_exif, precision
-):
+    images, model_name, weights, top, as_json, cam_dir, labels_file, batch_size, no_exif,
+    precision, calibration,
+):  # fmt: skip
     """Classify IMAGES: top-k labels with probabilities (softmax of the logits).
 
     Unreadable files (and any the model returns NaN/inf for) are reported and skipped; the
@@ -79,6 +83,7 @@ def predict_command(
         cam_dir=cam_dir,
         exif_transpose=not no_exif,
         precision=precision,
+        calibration=calibration,
     )
     if as_json:  # allow_nan=False: never the invalid JSON token NaN (predict_files has none)
         click.echo(json.dumps([r.to_dict() for r in results], indent=2, allow_nan=False))
@@ -138,10 +143,11 @@ def predict_command(
 )
 @engine_option("auto: onnxruntime on a single CPU device when installed (as predict), else Keras.")
 @precision_option(_PRECISION_HELP)
+@calibration_option
 @backend_option
 def eval_command(
     data, model_name, weights, batch_size, limit, report, ground_truth, real, workers,
-    processes, single_device, allow_unreadable, engine, precision,
+    processes, single_device, allow_unreadable, engine, precision, calibration,
 ):  # fmt: skip
     """Accuracy on ImageNet-1k validation DATA (class folders or flat ILSVRC2012 layout).
 
@@ -163,6 +169,7 @@ def eval_command(
         data_parallel=not single_device,
         engine=engine,
         precision=precision,
+        calibration=calibration,
     )
     if result.config.get("random_weights"):
         click.echo(RANDOM_WEIGHTS_BANNER)

@@ -364,8 +364,8 @@ def test_cli_predict_never_prints_nan_a_non_finite_logit_fails_that_image(
 
     real = predict_lib.runtime.inference_function
 
-    def broken(model, engine="auto"):  # the second image of every batch comes back NaN
-        run, name = real(model, engine)
+    def broken(model, engine="auto", **options):  # the second image of every batch is NaN
+        run, name = real(model, engine, **options)
 
         def run_batch(images):
             logits = np.array(run(images), dtype=np.float32)

@@ -7,20 +7,26 @@ PY := $(BIN)/python
 # torch 2.13.0: the CPU wheel this project's machines carry (any other spec may pull CUDA).
 TORCH ?= torch==2.13.0
 PYTEST := $(PY) -m pytest -p no:cacheprovider
-export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup demo test test-fast lint format bench clean
+.PHONY: setup setup-demo demo test test-fast lint format bench clean
 
+# Two installs: the demo's (the package, its default backend TensorFlow, and PyTorch to read the
+# official .pth files) and, on top of it, everything the tests, exports and notebooks use.
+setup-demo: $(VENV)/.installed-demo
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed-demo: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" -e ".[torch]"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-demo
 	$(PY) -m pip install -q "$(TORCH)" -e ".[torch,jax,export,test]"
 	touch $@
 
 # The README's main job: classify the sample photos with the official ConvNeXt-T.
-demo: setup
+demo: setup-demo
 	$(BIN)/convnext predict examples/images/*.jpg --model convnext_tiny_1k_224 --top 3
 
 lint: setup

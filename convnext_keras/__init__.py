@@ -4,48 +4,43 @@ import convnext_keras as ck
 ck.list_models()
 model = ck.load_model("convnext_tiny_1k_224")       # ConvNeXt (MIT weights)
 model = ck.load_model("convnextv2_tiny_1k_224")     # ConvNeXt V2 (CC BY-NC 4.0 weights)
+
+Importing the package imports no Keras and no backend: each public name below is imported
+from its module on first use (lazy_loader), and Keras learns the package's layers when Keras
+itself is imported (``_registration``), so ``keras.saving.load_model("m.keras")`` needs no
+``custom_objects`` after ``import convnext_keras``.
 """
 
-from . import finetune, registry
-from .api import OFFICIAL, convert_checkpoint, count_params, list_models, load_model
-from .checkpoints import CheckpointError, UnsafeCheckpointError, convert_state_dict, read_state_dict
-from .export import ExportError, VerificationError, export
-from .hub import DownloadError
+import lazy_loader as _lazy
 
-# Importing the layers registers them with Keras, so keras.saving.load_model("m.keras") needs no
-# custom_objects once this package is imported.
-from .layers import GlobalResponseNormalization, LayerScale, StochasticDepth
-from .model import build_model
-from .predict import decode_predictions, predict_files
-from .preprocess import ImageError, eval_transform, load_image
-from .registry import UnknownModelError
+from . import _registration
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "OFFICIAL",
-    "CheckpointError",
-    "DownloadError",
-    "ExportError",
-    "GlobalResponseNormalization",
-    "ImageError",
-    "LayerScale",
-    "StochasticDepth",
-    "UnknownModelError",
-    "UnsafeCheckpointError",
-    "VerificationError",
-    "build_model",
-    "convert_checkpoint",
-    "convert_state_dict",
-    "count_params",
-    "decode_predictions",
-    "eval_transform",
-    "export",
-    "finetune",
-    "list_models",
-    "load_image",
-    "load_model",
-    "predict_files",
-    "read_state_dict",
-    "registry",
-]
+#: Module -> the public names it defines, imported on first access.
+_PUBLIC = {
+    "api": ["OFFICIAL", "convert_checkpoint", "count_params", "list_models", "load_model"],
+    "checkpoints": [
+        "CheckpointError",
+        "UnsafeCheckpointError",
+        "convert_state_dict",
+        "read_state_dict",
+    ],
+    "export": ["ExportError", "VerificationError", "export"],
+    "hub": ["DownloadError"],
+    "layers": ["GlobalResponseNormalization", "LayerScale", "StochasticDepth"],
+    "model": ["build_model"],
+    "predict": ["decode_predictions", "predict_files"],
+    "preprocess": ["ImageError", "eval_transform", "load_image"],
+    "registry": ["UnknownModelError"],
+}
+
+#: Submodules reachable as attributes (``ck.hub.official_weights``), also imported on first use.
+_SUBMODULES = [
+    *("api", "bench", "checkpoints", "collection", "evaluate", "finetune", "gradcam", "hub"),
+    *("interface", "labels", "layers", "model", "predict", "preprocess", "registry", "runtime"),
+]  # (``export`` is the function; the module is ``convnext_keras.export`` to import)
+
+__getattr__, __dir__, _ = _lazy.attach(__name__, _SUBMODULES, _PUBLIC)
+__all__ = sorted(["finetune", "registry", *(n for names in _PUBLIC.values() for n in names)])
+_registration.install()

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from . import checkpoints, hub, registry
-from .model import build_for_loading, build_model, draw_kernel, dtype_policy
+from .interface import fix
 
 #: ``weights=`` value meaning "the official checkpoint of this name" (downloaded and cached).
 OFFICIAL = "official"
@@ -124,7 +124,11 @@ def load_model(
             pooled features.  Faster on GPUs; on CPUs without native bfloat16 slower than
             float32 (BENCHMARKS.md).  The global policy is left as it was.
     """
+    from .model import build_for_loading, build_model, draw_kernel, dtype_policy, policy_name
+
     resolved = registry.resolve(name)
+    if precision:
+        policy_name(precision)  # a bad value fails before any download
     if features not in _FEATURES:
         raise ValueError(
             f"features must be one of {sorted(k for k in _FEATURES if k)} or None, "
@@ -137,12 +141,33 @@ def load_model(
     if classes is None and head in ("classifier", "all"):
         raise ValueError(
             f"{name!r} is an encoder without classification head (self-supervised "
-            "pre-training): pass num_classes=N to start a new head for fine-tuning, or load "
-            "its features (features='pooled' / 'pyramid', or the name with '_fe')."
+            f"pre-training): pass {fix('num_classes=N', '--num-classes N')} to start a new head "
+            "for fine-tuning, or load its features (features='pooled' / 'pyramid', or the name "
+            "with '_fe')."
         )
     model_name = resolved.name
+    # The weights first (download, read, check), so a bad source fails before the build.
+    converted = source = None
+    if isinstance(weights, str) and weights == OFFICIAL:
+        if resolved.checkpoint is None:
+            official = registry.checkpoints_for(resolved.variant.name)
+            raise ValueError(
+                f"{name!r} is an architecture without an official checkpoint: pass "
+                f"{fix('weights=None', '--weights none')} for random initialisation or "
+                + fix("weights='FILE'", "--weights FILE")
+                + " for a local checkpoint."
+                + (f" Names with official weights: {', '.join(official)}." if official else "")
+            )
+        converted = hub.official_weights(resolved.checkpoint)
+        source = resolved.checkpoint.url
+    elif weights is not None:
+        path = Path(weights).expanduser()
+        converted = checkpoints.convert_state_dict(
+            checkpoints.read_state_dict(path), resolved.variant
+        )
+        source = str(path)
     # With weights to load, no kernel is drawn only to be overwritten (but a new head is).
-    build = build_model if weights is None else build_for_loading
+    build = build_model if converted is None else build_for_loading
     with dtype_policy(precision) if precision else contextlib.nullcontext():
         model = build(
             resolved.variant,
@@ -152,25 +177,9 @@ def load_model(
             drop_path_rate=drop_path_rate,
             name=model_name,
         )
-    if weights is None:
+    if converted is None:
         _scale_head(model, head_init_scale)
         return model
-    if isinstance(weights, str) and weights == OFFICIAL:
-        if resolved.checkpoint is None:
-            official = registry.checkpoints_for(resolved.variant.name)
-            raise ValueError(
-                f"{name!r} is an architecture without an official checkpoint: pass weights=None "
-                "for random initialisation or weights='FILE' for a local checkpoint."
-                + (f" Names with official weights: {', '.join(official)}." if official else "")
-            )
-        converted = hub.official_weights(resolved.checkpoint)
-        source = resolved.checkpoint.url
-    else:
-        path = Path(weights).expanduser()
-        converted = checkpoints.convert_state_dict(
-            checkpoints.read_state_dict(path), resolved.variant
-        )
-        source = str(path)
     # An explicit num_classes other than the checkpoint's head means "start a new head".
     ckpt_classes = converted["head_fc"][1].shape[0] if "head_fc" in converted else None
     load_head = num_classes is None or num_classes == ckpt_classes
@@ -178,6 +187,45 @@ def load_model(
     if not load_head and any(layer.name == "head_fc" for layer in model.layers):
         draw_kernel(model.get_layer("head_fc"), head_init_scale)
     return model
+
+
+class ModelFileError(ValueError):
+    """A ``.keras`` file that cannot be loaded (damaged, not a model, or refused as unsafe)."""
+
+
+def load_keras_file(path: str | os.PathLike, *, compile: bool = False):
+    """``keras.saving.load_model(path)`` in Keras' safe mode, with errors for people.
+
+    A file that is not a readable ``.keras`` archive, or whose configuration names code Keras
+    will not run (a ``Lambda`` layer calling ``os.system``, ``builtins.exec``...; safe mode
+    refuses it), raises :class:`ModelFileError` naming the file and Keras' reason.
+
+    Raises:
+        FileNotFoundError: no such file.  ModelFileError: it cannot be loaded.
+    """
+    import keras
+
+    from . import layers  # noqa: F401  (registers this library's layers)
+    from .errors import plain
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"No such model file: {path}")
+    try:
+        return keras.saving.load_model(path, compile=compile, safe_mode=True)
+    except Exception as e:
+        root = e
+        while root.__cause__ is not None or root.__context__ is not None:
+            root = root.__cause__ or root.__context__
+        # Keras' innermost message, first sentence ("Could not locate function 'system'").
+        lines = plain(str(root)).strip().splitlines() or ["no reason given"]
+        reason = lines[0].split(". ")[0].rstrip(".")
+        raise ModelFileError(
+            f"{path} could not be loaded as a Keras model ({type(root).__name__}: {reason}). "
+            "Keras' safe mode never runs code "
+            "stored in a file; load only .keras files written by this library or a source you "
+            "trust, or rebuild the model with convnext_keras.load_model."
+        ) from e
 
 
 def _scale_head(model, scale: float) -> None:
@@ -203,13 +251,18 @@ def convert_checkpoint(
     if out.suffix != ".keras":
         raise ValueError(f"Output must end in .keras (Keras 3's model format), got {out}.")
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it.")
+        raise FileExistsError(
+            f"{out} exists; pass {fix('overwrite=True', '--overwrite')} to replace it."
+        )
+    from .errors import writing
+
     model = load_model(name, weights=checkpoint, features=features)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.part.keras")
-    try:
-        model.save(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with writing(out, "the model file"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.stem}.part.keras")
+        try:
+            model.save(tmp)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
     return out

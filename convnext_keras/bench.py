@@ -288,7 +288,9 @@ def _jax_sync(out):
     return jax.block_until_ready(out)
 
 
-def inference_fn(model, images: np.ndarray, engine: str = "auto") -> tuple[Callable, str]:
+def inference_fn(
+    model, images: np.ndarray, engine: str = "auto", *, precision: str | None = None
+) -> tuple[Callable, str]:
     """A no-argument callable running one inference batch to completion, and its engine name.
 
     ``engine="auto"``: on an accelerator, Keras (below); on a CPU,
@@ -296,13 +298,23 @@ def inference_fn(model, images: np.ndarray, engine: str = "auto") -> tuple[Calla
     installed, else ``predict_on_batch``).  ``"keras"`` on the JAX backend is a jitted
     ``stateless_call`` on a device-resident batch (what ``predict_on_batch`` runs, without
     the host transfers); on TensorFlow / PyTorch it is ``predict_on_batch``.
+    ``precision="int8"``: onnxruntime with the model quantized to int8, calibrated on the
+    sample photos (:func:`convnext_keras.runtime.quantize_int8`), on the CPU everywhere.
     """
     import keras
 
-    from . import runtime
+    from . import preprocess, runtime
 
-    if engine not in runtime.ENGINES:
-        raise ValueError(f"engine must be one of {runtime.ENGINES}, got {engine!r}.")
+    runtime.check_engine(engine, precision)
+    if precision == runtime.INT8:
+        # Calibrated on the sample photos at the size timed (the ranges do not change the speed).
+        side = min(images.shape[1:3])
+        photos = runtime.calibration_images(None, (side, preprocess.DEFAULT_CROP_PCT))
+        fn, name = runtime.inference_function(
+            model, engine, precision=precision, calibration=photos
+        )
+        fn.session(*images.shape[1:3])  # quantize before the timing starts
+        return (lambda: fn(images)), name
     if engine == "auto" and accelerator():
         engine = "keras"
     if engine == "keras" and keras.backend.backend() == "jax":
@@ -433,8 +445,43 @@ class BenchResult:
         }
 
 
+#: CPU flags that decide which kernels the engines run (named in :func:`device_description`).
+CPU_FLAGS_OF_NOTE = (
+    "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8",
+)  # fmt: skip
+
+
+def cpu_description() -> str:
+    """The CPU as ``lscpu`` names it: model name, family and model, the flags of
+    :data:`CPU_FLAGS_OF_NOTE` it has, and the cores this process may use (Linux
+    ``/proc/cpuinfo``; the model name and cores alone elsewhere)."""
+    fields = {}
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model", "flags") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break  # the first processor's block is enough
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    name = fields.get("model name", "CPU")
+    details = []
+    if "cpu family" in fields:
+        details.append(f"family {fields['cpu family']} model {fields.get('model', '?')}")
+    flags = set(fields.get("flags", "").split())
+    if flags:
+        details.append(" ".join(f for f in CPU_FLAGS_OF_NOTE if f in flags) or "no AVX2")
+    details.append(f"{cores} cores")
+    return f"{name} ({', '.join(details)})"
+
+
 def device_description() -> str:
-    """What the backend computes on, in words (GPU name, or the CPU model and core count)."""
+    """What the backend computes on, in words (GPU name, or :func:`cpu_description`)."""
     import keras
 
     if accelerator() and keras.backend.backend() == "jax":
@@ -447,18 +494,7 @@ def device_description() -> str:
         return torch.cuda.get_device_name()
     if accelerator():
         return "GPU"
-    name = "CPU"
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-    return f"{name} ({cores} cores)"
+    return cpu_description()
 
 
 def benchmark(
@@ -478,7 +514,8 @@ def benchmark(
     Args:
         model: a model name (``convnext_tiny_1k_224``) or architecture (``convnext_tiny``).
         batch_size, resolution: batch shape (resolution default: the checkpoint's).
-        precision: ``"fp32"``, ``"bf16"`` (``mixed_bfloat16``) or ``"fp16"`` (``mixed_float16``).
+        precision: ``"fp32"``, ``"bf16"`` (``mixed_bfloat16``), ``"fp16"`` (``mixed_float16``)
+            or ``"int8"`` (inference only: onnxruntime with the model quantized to int8).
         mode: ``"infer"`` or ``"train"`` (AdamW step, stochastic depth 0.1).
         engine: inference engine (``"auto"``, ``"onnxruntime"``, ``"keras"``), see
             :func:`convnext_keras.runtime.inference_function`.
@@ -486,11 +523,19 @@ def benchmark(
     """
     import keras
 
+    from .runtime import split_precision
+
     _check_counts(warmup, repeats)
-    built, res = bench_model(model, resolution=resolution, precision=precision, mode=mode)
+    keras_precision, engine_precision = split_precision(precision)
+    if engine_precision and mode != "infer":
+        raise ValueError(
+            f"precision {precision!r} is an inference path (onnxruntime); train in fp32, bf16 "
+            "or fp16."
+        )
+    built, res = bench_model(model, resolution=resolution, precision=keras_precision, mode=mode)
     images = random_batch(batch_size, res, seed)
     if mode == "infer":
-        fn, engine_name = inference_fn(built, images, engine)
+        fn, engine_name = inference_fn(built, images, engine, precision=engine_precision)
     else:
         if engine not in ("auto", "keras"):
             raise ValueError(f"engine {engine!r} runs inference only; train uses Keras.")

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from . import registry
+from .errors import plain
+from .interface import fix
 
 
 class CheckpointError(ValueError):
@@ -85,7 +87,52 @@ def _torch_to_numpy(tensor) -> np.ndarray:
     return tensor.numpy()
 
 
+#: A zip checkpoint may declare at most this many times its own size of content, or
+#: ``ZIP_MIN_LIMIT`` bytes if that is more (:func:`check_zip`).  PyTorch stores tensors
+#: uncompressed (ratio 1); a record that inflates far beyond its file is a zip bomb.
+ZIP_INFLATION = 4
+ZIP_MIN_LIMIT = 16 << 20
+
+
+def check_zip(path: Path) -> None:
+    """Refuse a ``.pth`` zip whose records claim more bytes than the file can hold, or whose
+    bytes changed, before PyTorch reads (and allocates) anything.
+
+    The uncompressed sizes the zip declares (``ZipInfo.file_size``) must total at most
+    ``ZIP_INFLATION`` times the file's size (``ZIP_MIN_LIMIT`` at least); then every record's
+    CRC-32 is checked (``zipfile.testzip``), which PyTorch itself skips: one changed byte in a
+    tensor is found here.
+    """
+    import zipfile
+
+    size = path.stat().st_size
+    limit = max(ZIP_INFLATION * size, ZIP_MIN_LIMIT)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+            if declared > limit:
+                raise CheckpointError(
+                    f"Refused {path}: its records declare {declared:,} bytes of content in a "
+                    f"{size:,}-byte file (more than {limit:,}), so it was not read. It is damaged "
+                    "or built to exhaust memory (a zip bomb); PyTorch checkpoints store tensors "
+                    "uncompressed."
+                )
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, EOFError) as e:
+        raise CheckpointError(
+            f"{path} is not a complete PyTorch checkpoint ({e}); it is truncated or damaged: "
+            "download it again."
+        ) from e
+    if damaged is not None:
+        raise CheckpointError(
+            f"{path} is damaged: the CRC-32 of its record {damaged!r} does not match its bytes "
+            "(changed in transit or on disk); download it again."
+        )
+
+
 def _load_torch(path: Path):
+    if sniff_format(path) == "torch-zip":
+        check_zip(path)
     try:
         import torch
     except ImportError as e:
@@ -103,14 +150,19 @@ def _load_torch(path: Path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # PyTorch's first line advises weights_only=False; the line naming the global says why.
+        lines = [line.strip() for line in plain(str(e)).splitlines() if line.strip()] or [""]
+        reason = next((line for line in lines if "global" in line.lower()), lines[0])
         raise UnsafeCheckpointError(
             f"Refused to load {path}: its pickle asks for objects other than tensors and plain "
-            f"containers, which could run arbitrary code ({str(e).splitlines()[0]}). "
+            f"containers, which could run arbitrary code ({reason}). "
             "Only load checkpoints from sources you trust; if you trust this one, re-save its "
             "state dict with torch.save(model.state_dict(), ...) or as .safetensors."
         ) from e
     except RuntimeError as e:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {e}") from e
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint: {plain(str(e)).strip()}"
+        ) from e
 
 
 def _unwrap(obj, path: Path) -> dict:
@@ -153,7 +205,9 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
         try:
             raw = load_file(str(path))
         except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from e
+            raise CheckpointError(
+                f"{path} is not a valid safetensors file: {plain(str(e)).strip()}"
+            ) from e
         state = {k: np.asarray(v, dtype=np.float32) for k, v in raw.items()}
     else:
         state = {}
@@ -512,6 +566,7 @@ def convert_state_dict(
                 hb.astype(np.float32, copy=False),
             ]
     unexpected = sorted(set(official) - used)
+    _check_finite(official, used)
     if missing or wrong or unexpected:
         lines = [f"The checkpoint does not fit {spec.title}:"]
         for title, items in (
@@ -527,6 +582,23 @@ def convert_state_dict(
         lines.append(f"  Hint: {_describe_architecture(official)}.")
         raise CheckpointError("\n".join(lines))
     return weights
+
+
+def _check_finite(state: dict[str, np.ndarray], keys) -> None:
+    """``CheckpointError`` naming the tensors of ``keys`` that hold NaN or infinity."""
+    bad = []
+    for key in sorted(keys):
+        value = state[key]
+        if np.issubdtype(value.dtype, np.floating):
+            count = value.size - int(np.count_nonzero(np.isfinite(value)))
+            if count:
+                bad.append(f"{key} ({count} of {value.size} values)")
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; ... ({len(bad)} tensors in all)" if len(bad) > 5 else "")
+        raise CheckpointError(
+            f"The checkpoint holds NaN or infinite weights: {shown}. A trained ConvNeXt has "
+            "none; the file is damaged or was saved from a diverged run. Use another copy."
+        )
 
 
 def assign_weights(
@@ -548,8 +620,8 @@ def assign_weights(
             if layer.name == "head_fc":
                 raise CheckpointError(
                     f"The checkpoint{where} has no classification head; load it as a feature "
-                    "extractor ('_fe' name / features='pooled') or pass num_classes=N to start "
-                    "a new head."
+                    f"extractor ('_fe' name / {fix('features=', '--features ')}'pooled') or "
+                    f"{fix('pass num_classes=N to start a new head', 'fine-tune a new head')}."
                 )
             raise CheckpointError(f"No weights for layer {layer.name!r}{where}.")
         arrays = weights[layer.name]

@@ -27,7 +27,6 @@ weights other than the official ones.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -436,14 +435,6 @@ def _find_weights(ckpt: registry.Checkpoint, weights_dir: Path | None) -> _Weigh
     )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ----------------------------------------------------------------------------------------------
 # The build
 
@@ -503,6 +494,7 @@ def _build_one(ckpt: registry.Checkpoint, weights: _Weights, model_dir: Path, ov
     """Export one checkpoint's four artifacts + card + manifest into ``model_dir`` atomically."""
     import keras
 
+    from . import hub
     from .api import load_model
     from .export import export, staged
 
@@ -536,7 +528,7 @@ def _build_one(ckpt: registry.Checkpoint, weights: _Weights, model_dir: Path, ov
             "weights": {
                 "description": weights.description,
                 "file": ckpt.filename,
-                "sha256": _sha256(source) if source else None,
+                "sha256": hub.file_sha256(source) if source else None,
             },
             "artifacts": artifacts,
             "versions": _versions(),

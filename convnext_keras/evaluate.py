@@ -9,10 +9,12 @@ Layouts found automatically (:func:`find_dataset`):
   (TF-slim's ``imagenet_2012_validation_synset_labels.txt``), in ``DATA`` or a folder above it.
 
 Images go through the official evaluation transform (no EXIF rotation, as the original) in a
-thread pool that decodes ahead of the model.  Unreadable files are counted and listed in the
-report, never dropped silently and never a crash.  With several local accelerators (or virtual
-CPU devices) the model runs data-parallel: ``keras.distribution.DataParallel`` on JAX,
-``tf.distribute.MirroredStrategy`` on TensorFlow.
+thread pool that decodes ahead of the model.  Files that cannot be evaluated - unreadable,
+without a label, a directory where an image should be, or an image whose logits are NaN/inf -
+are counted and listed in the report (``unreadable``), never dropped silently and never a
+crash; ``convnext eval`` exits with status 1 when there are any (``--allow-unreadable``: 0).
+With several local accelerators (or virtual CPU devices) the model runs data-parallel:
+``keras.distribution.DataParallel`` on JAX, ``tf.distribute.MirroredStrategy`` on TensorFlow.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 
 from . import labels as labels_mod
 from . import preprocess, registry, runtime
+from .interface import fix
 from .model import precision_of
 
 _WNID = re.compile(r"^n\d{8}$")
@@ -41,6 +44,7 @@ GROUND_TRUTH_FILES = (
 )
 #: From this many images on, ``evaluate`` decodes in worker processes instead of threads.
 PROCESSES_FROM = 1000
+_NON_FINITE = "the model returned NaN or infinite logits; not counted"
 #: How many folders above DATA are searched for a ground-truth file.
 _SEARCH_UP = 3
 
@@ -53,7 +57,8 @@ class EvalSet:
     layout: str  # "class-folders" or "flat (<ground truth file>)"
     paths: list[Path]
     targets: np.ndarray  # int64, 1k head index of each path
-    #: Files that cannot be evaluated before reading them (e.g. no ground-truth label).
+    #: Entries that cannot be evaluated before reading them (no ground-truth label, a
+    #: directory where an image should be).
     unlabeled: list[dict] = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
@@ -72,8 +77,19 @@ class EvalSet:
         )
 
 
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+def _entries(folder: Path) -> tuple[list[Path], list[dict]]:
+    """Image files of a folder (hidden ones skipped), and the other entries as "cannot be
+    evaluated" records: a directory named ``x.jpg`` is reported, never silently ignored."""
+    files, others = [], []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_file():
+            files.append(p)
+        else:
+            what = "a directory" if p.is_dir() else "not a regular file (a broken link?)"
+            others.append({"file": str(p), "error": f"{what}, not an image file"})
+    return files, others
 
 
 def _class_folders(root: Path) -> EvalSet | None:
@@ -88,12 +104,13 @@ def _class_folders(root: Path) -> EvalSet | None:
             f"({', '.join(unknown[:5])}{'...' if len(unknown) > 5 else ''}); eval measures "
             "the 1000-class ImageNet-1k validation set."
         )
-    paths, targets = [], []
+    paths, targets, others = [], [], []
     for d in dirs:
-        files = _files(d)
+        files, not_files = _entries(d)
         paths += files
         targets += [names.index(d.name)] * len(files)
-    return EvalSet(root, "class-folders", paths, np.asarray(targets, np.int64))
+        others += not_files
+    return EvalSet(root, "class-folders", paths, np.asarray(targets, np.int64), others)
 
 
 def _find_ground_truth(root: Path) -> Path | None:
@@ -157,7 +174,9 @@ def _read_line_file(path: Path) -> dict[int, str]:
 
 
 def _flat(root: Path, ground_truth: Path | None) -> EvalSet | None:
-    files = [p for p in _files(root) if _VAL_NUMBER.search(p.name)]
+    files, others = _entries(root)
+    files = [p for p in files if _VAL_NUMBER.search(p.name)]
+    others = [o for o in others if _VAL_NUMBER.search(Path(o["file"]).name)]
     if not files:
         return None
     gt = Path(ground_truth) if ground_truth else _find_ground_truth(root)
@@ -165,13 +184,13 @@ def _flat(root: Path, ground_truth: Path | None) -> EvalSet | None:
         raise ValueError(
             f"{root} holds ILSVRC2012_val_* images but no ground truth was found in it or "
             f"the {_SEARCH_UP} folders above ({', '.join(GROUND_TRUTH_FILES)}); pass "
-            "--ground-truth FILE (ground_truth=...)."
+            f"{fix('ground_truth=FILE', '--ground-truth FILE')}."
         )
     if not gt.is_file():
         raise FileNotFoundError(f"Ground-truth file not found: {gt}")
     wnid_of = _read_loc_csv(gt) if gt.suffix.lower() == ".csv" else _read_line_file(gt)
     names = labels_mod.imagenet_1k()
-    paths, targets, unlabeled = [], [], []
+    paths, targets, unlabeled = [], [], others
     for p in files:
         wnid = wnid_of.get(int(_VAL_NUMBER.search(p.name).group(1)))
         if wnid is None or wnid not in names.wnids:
@@ -236,10 +255,10 @@ class EvalResult:
 
     def write(self, path) -> Path:
         """Write the JSON report atomically."""
-        from .gradcam import atomic_output
+        from .hub import atomic_path
 
         path = Path(path)
-        with atomic_output(path) as tmp:
+        with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
         return path
 
@@ -287,6 +306,7 @@ def _data_parallel(devices: list[str]):
 def _progress(total: int, enabled: bool):
     if not enabled:
         return None
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -302,6 +322,7 @@ def _progress(total: int, enabled: bool):
         TextColumn("{task.fields[status]}"),
         TimeRemainingColumn(),
         transient=False,
+        console=Console(stderr=True),  # the terminal the check above saw; stdout stays clean
     )
     bar.start()
     return bar, bar.add_task("eval", total=total, status="")
@@ -323,6 +344,7 @@ def evaluate(
     data_parallel: bool = True,
     engine: str = "auto",
     precision: str | None = None,
+    calibration=None,
 ) -> EvalResult:
     """acc@1 / acc@5 of a 1000-class model on ImageNet-1k validation data.
 
@@ -346,24 +368,32 @@ def evaluate(
             insist.  The report's ``config["engine"]`` says which ran.
         precision: ``"fp32"``, or Keras mixed precision ``"bf16"`` / ``"fp16"`` (runs on
             Keras; ``engine="onnxruntime"`` refuses it); None (default): as
-            :func:`convnext_keras.predict.load_classifier`.  The precision the model ran in is
+            :func:`convnext_keras.predict.load_classifier`; ``"int8"`` (opt-in): onnxruntime
+            on one CPU device with the model quantized to int8
+            (:func:`convnext_keras.runtime.quantize_int8`).  The precision the model ran in is
             recorded in ``config["precision"]``.
+        calibration: ``"int8"`` only: the photos that calibrate the quantization (a folder or
+            files, read through the model's transform; default: the sample photos of
+            scikit-image and scikit-learn).  Calibrate on photos that are not in ``data``.
     """
     import keras
 
-    from .predict import load_classifier
+    from .predict import load_classifier, random_weights
 
-    if engine not in runtime.ENGINES:
-        raise ValueError(f"engine must be one of {runtime.ENGINES}, got {engine!r}.")
+    engine_precision = runtime.engine_precision(precision, calibration)
+    runtime.check_engine(engine, engine_precision)
     dataset = find_dataset(data, ground_truth=ground_truth).subset(limit)
     if len(dataset) == 0:
         raise ValueError(f"{data}: no images to evaluate.")
     real_labels = _real_targets(dataset) if real else None
-    devices = _local_devices() if data_parallel else ["default"]
+    # int8 is onnxruntime on the CPU: one device.
+    devices = _local_devices() if data_parallel and not engine_precision else ["default"]
     if len(devices) > 1 and engine == "onnxruntime":
         raise ValueError(
-            "engine='onnxruntime' runs on one device; pass data_parallel=False "
-            "(CLI: --single-device) or engine='auto'."
+            fix("engine='onnxruntime'", "--engine onnxruntime")
+            + f" runs on one device; pass {fix('data_parallel=False', '--single-device')} or "
+            + fix("engine='auto'", "--engine auto")
+            + "."
         )
     with _data_parallel(devices):
         keras_model, config = load_classifier(
@@ -376,7 +406,14 @@ def evaluate(
                 "use a 1k model (for the 21k-pre-trained ones: convnext_*_21k_1k_*)."
             )
         run_batch, engine_used = (
-            runtime.inference_function(keras_model, engine)
+            runtime.inference_function(
+                keras_model,
+                engine,
+                precision=engine_precision,
+                calibration=(
+                    runtime.calibration_images(calibration, config) if engine_precision else None
+                ),
+            )
             if len(devices) == 1
             else (None, "keras")
         )
@@ -412,6 +449,7 @@ def evaluate(
         # compiled backends compile once.  The first call (compilation) is timed apart.
         call_size = -(-batch_size // len(devices)) * len(devices)
         model_seconds, first_call, first_images = 0.0, None, 0
+        non_finite: list[dict] = []
         start = time.perf_counter()
         try:
             for images, indices in batches:
@@ -422,8 +460,12 @@ def evaluate(
                     first_call, first_images = elapsed, len(images)
                 else:
                     model_seconds += elapsed
-                top5[indices] = _top5(logits)
-                done[indices] = True
+                finite = np.isfinite(logits).all(axis=1)  # NaN/inf: that image failed
+                indices = np.asarray(indices)
+                non_finite += [{"file": str(dataset.paths[i]), "error": _NON_FINITE} for i in
+                               indices[~finite]]  # fmt: skip
+                top5[indices[finite]] = _top5(logits[finite])
+                done[indices[finite]] = True
                 if bar:
                     n = int(done.sum())
                     correct = int((top5[done, 0] == dataset.targets[done]).sum())
@@ -445,12 +487,17 @@ def evaluate(
         "devices": len(devices),
         "preprocess_images_per_s": batches.images_per_second,
     }
-    unreadable = dataset.unlabeled + [{"file": e.path, "error": e.reason} for e in batches.errors]
+    unreadable = (
+        dataset.unlabeled
+        + [{"file": e.path, "error": e.reason} for e in batches.errors]
+        + non_finite
+    )
     settings = {
         **config._asdict(),
         "backend": keras.backend.backend(),
         "engine": engine_used,
-        "precision": precision_of(keras_model),
+        "precision": engine_precision or precision_of(keras_model),
+        "random_weights": random_weights(model, weights),
     }
     return _result(
         keras_model.name, str(data), dataset, top5, done, real_labels, unreadable, settings, timing

@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from . import registry
+from .interface import fix
 
 #: Export formats and the file suffix each writes (a SavedModel is a directory).
 FORMATS = {"savedmodel": "", "onnx": ".onnx", "tflite": ".tflite", "keras": ".keras"}
@@ -105,6 +107,8 @@ class ExportResult:
     seconds: float
     #: What :func:`hub_finetune_check` reported, when it was run (SavedModel only).
     hub_check: dict | None = None
+    #: A named model exported with ``weights=None``: random initialisation, not a trained model.
+    random_weights: bool = False
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -152,7 +156,9 @@ def _check_path(path: Path, fmt: str, overwrite: bool) -> None:
             f"{[f for f, s in FORMATS.items() if s == path.suffix][0]!r}."
         )
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it.")
+        raise FileExistsError(
+            f"{path} exists; pass {fix('overwrite=True', '--overwrite')} to replace it."
+        )
 
 
 def _replace(src: Path, dest: Path) -> None:
@@ -182,18 +188,25 @@ def staged(dest: str | os.PathLike, overwrite: bool = False):
 
     Works for files and directories.  The temp directory (``.NAME.XXXX.part``) is removed in
     every case, so a failure leaves neither a partial export nor a stray folder, and an existing
-    ``dest`` is only replaced (``overwrite=True``) by a complete one.
+    ``dest`` is only replaced (``overwrite=True``) by a complete one.  A failed write - a full
+    disk (also TensorFlow's ``ResourceExhaustedError`` while writing variables), a read-only or
+    forbidden folder - raises :class:`convnext_keras.errors.WriteError` naming ``dest``.
     """
+    from .errors import writing
+
     dest = Path(dest)
     if dest.exists() and not overwrite:
-        raise FileExistsError(f"{dest} exists; pass overwrite=True (--overwrite) to replace it.")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
-    try:
-        yield tmp / dest.name
-        _replace(tmp / dest.name, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        raise FileExistsError(
+            f"{dest} exists; pass {fix('overwrite=True', '--overwrite')} to replace it."
+        )
+    with writing(dest, "the export"):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
+        try:
+            yield tmp / dest.name
+            _replace(tmp / dest.name, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _output_names(model) -> list[str]:
@@ -241,8 +254,8 @@ def _default_image_size(model) -> int | None:
     if h is not None and w is not None:
         if h != w:
             raise ValueError(
-                f"Model {model.name!r} has a non-square input {h}x{w}; pass image_size= "
-                "to export it at a square size."
+                f"Model {model.name!r} has a non-square input {h}x{w}; pass "
+                f"{fix('image_size=N', '--image-size N')} to export it at a square size."
             )
         return int(h)
     try:
@@ -316,10 +329,12 @@ def _plan(model, fmt, image_size, dynamic_size, include_preprocessing, verify_ba
     if image_size is None:
         raise ValueError(
             f"Cannot tell the image size of {model.name!r} (its input is dynamic and its name "
-            "is not in the registry); pass image_size=N (--image-size N)."
+            f"is not in the registry); pass {fix('image_size=N', '--image-size N')}."
         )
-    if not isinstance(image_size, int) or image_size < 32:
-        raise ValueError(f"image_size must be an integer >= 32, got {image_size!r}.")
+    if not isinstance(image_size, int) or image_size < registry.MIN_INPUT_SIZE:
+        raise ValueError(
+            f"image_size must be an integer >= {registry.MIN_INPUT_SIZE}, got {image_size!r}."
+        )
     static = model.inputs[0].shape[1:3]
     if None not in static and tuple(static) != (image_size, image_size):
         raise ValueError(
@@ -328,13 +343,14 @@ def _plan(model, fmt, image_size, dynamic_size, include_preprocessing, verify_ba
         )
     if include_preprocessing and fmt not in ("savedmodel", "keras"):
         raise ValueError(
-            "include_preprocessing (--include-preprocessing) is available for savedmodel and "
-            f"keras exports, not {fmt}: feed {fmt} models normalised float32 images."
+            f"{fix('include_preprocessing', '--include-preprocessing')} is available for "
+            f"savedmodel and keras exports, not {fmt}: feed {fmt} models normalised float32 images."
         )
     if dynamic_size and fmt == "tflite":
         raise ValueError(
-            "TFLite exports need a fixed image size: drop dynamic_size (--dynamic-size) and "
-            "choose one with image_size=N (--image-size N)."
+            "TFLite exports need a fixed image size: drop "
+            f"{fix('dynamic_size', '--dynamic-size')} and choose one with "
+            f"{fix('image_size=N', '--image-size N')}."
         )
     if not isinstance(verify_batch, int) or verify_batch < 1:
         raise ValueError(f"verify_batch must be a positive integer, got {verify_batch!r}.")
@@ -577,12 +593,14 @@ def _write_onnx_graph(model, path: Path, plan: _Plan) -> None:
     import onnx
 
     from . import runtime
+    from .model import variant_of
 
     side = None if plan.dynamic_size else plan.image_size
     proto = runtime.build_onnx_graph(model, side, side, opset=ONNX_OPSET, output_names=plan.outputs)
-    onnx.helper.set_model_props(
-        proto, {"convnext_keras.model": model.name, "convnext_keras.input": plan.contract()}
-    )
+    props = {"convnext_keras.model": model.name, "convnext_keras.input": plan.contract()}
+    # A dynamic-size graph cannot refuse small images itself (ONNX has no assertion): say it.
+    props["convnext_keras.min_input_size"] = str(variant_of(model).min_input_size)
+    onnx.helper.set_model_props(proto, props)
     onnx.save(proto, str(path))
 
 
@@ -819,6 +837,7 @@ def export_named(
     results = []
     for fmt, path in zip(fmts, paths):
         result = export(model, path, fmt, overwrite=overwrite, _source=source, **options)
+        result.random_weights = weights is None
         if check_hub and fmt == "savedmodel":
             result.hub_check = hub_finetune_check(path)
         results.append(result)
@@ -836,6 +855,7 @@ _ERRORS = {
     "FileExistsError": FileExistsError,
     "FileNotFoundError": FileNotFoundError,
 }
+#: The child reports a failed write as ``WriteError`` with its errno; the parent re-raises it.
 
 
 def _tensorflow_env() -> dict:
@@ -898,6 +918,10 @@ def _export_via_tensorflow(model, path: Path, plan: _Plan, overwrite: bool, sour
             text=True,
         )
     reply = _parse_child(proc, f"{plan.fmt} export in a TensorFlow subprocess")
+    if reply.get("error") == "WriteError":
+        from .errors import WriteError
+
+        raise WriteError(reply["errno"], path, "the export")
     if "error" in reply:
         cls = _ERRORS.get(reply["error"], ExportError)
         if cls is VerificationError:
@@ -965,10 +989,13 @@ def hub_finetune_check(
     if "error" in reply:
         raise ExportError(f"hub.KerasLayer fine-tuning check failed: {reply['message']}")
     suspicious = ("variable", "checkpoint", "unresolved", "not found", "zero trainable")
+    # absl INFO lines ("I0000 00:00:... port.cc:153] oneDNN ... environment variable ...") are
+    # start-up notes that TensorFlow >= 2.16 prints whatever TF_CPP_MIN_LOG_LEVEL says.
+    info = re.compile(r"I\d{4} [\d:.]+ +\d+ \S+:\d+\] ")
     reply["warnings"] += [
         line
         for line in proc.stderr.splitlines()
-        if any(word in line.lower() for word in suspicious)
+        if any(word in line.lower() for word in suspicious) and not info.match(line)
     ]
     return reply
 
@@ -1029,10 +1056,14 @@ def _main(argv: list[str]) -> int:
             reply = _child_hub_check(path, int(classes), int(batch), int(seed))
         else:
             raise ValueError(f"unknown command {command!r}")
-    except (ExportError, ValueError, FileExistsError, FileNotFoundError) as e:
+    except (ExportError, ValueError, OSError) as e:
+        from .errors import WriteError
+
         reply = {"error": type(e).__name__, "message": str(e)}
         if isinstance(e, VerificationError):
             reply.update(max_abs_diff=e.max_abs_diff, tolerance=e.tolerance)
+        if isinstance(e, WriteError):
+            reply["errno"] = e.errno
     print(_RESULT_MARK + json.dumps(reply), flush=True)
     return 1 if "error" in reply else 0
 

@@ -9,8 +9,6 @@ gradient is taken through the model's own head layers (``head_pool``, ``head_nor
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 
 import keras
@@ -142,22 +140,8 @@ def overlay(
     return Image.blend(view, heat, alpha)
 
 
-@contextlib.contextmanager
-def atomic_output(path):
-    """Yield a temporary path beside ``path``, renamed onto it when the block succeeds.
-
-    Unlike the cache's private temp files, the result gets the usual permissions (0666 minus
-    the umask), as any file the user asked for."""
-    path = Path(path)
-    with hub.atomic_path(path) as tmp:
-        yield tmp
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-
-
 def save_png(image: Image.Image, path) -> Path:
     """Write a PNG atomically (temporary file beside it, renamed when complete)."""
-    with atomic_output(path) as tmp:
+    with hub.atomic_path(Path(path)) as tmp:
         image.save(tmp, format="PNG")
     return Path(path)

@@ -20,6 +20,7 @@ import json
 from importlib import resources
 
 from . import registry
+from .interface import fix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +91,8 @@ def for_num_classes(num_classes: int) -> Labels:
     raise ValueError(
         f"No ImageNet label list has {num_classes} classes (ImageNet-1k has "
         f"{registry.NUM_CLASSES_1K}, ImageNet-21k {registry.NUM_CLASSES_21K}); pass your own "
-        "class names (labels=[...]) for a fine-tuned head."
+        f"class names ({fix('labels=[...]', '--labels FILE, one name per line')}) for a "
+        "fine-tuned head."
     )
 
 

@@ -2,7 +2,8 @@
 
 All are written with ``keras.ops`` only, so they run on the TensorFlow, JAX and PyTorch
 backends.  They are registered under the ``convnext_keras`` package, so
-``keras.saving.load_model("m.keras")`` needs no ``custom_objects`` once this package is imported.
+``keras.saving.load_model("m.keras")`` needs no ``custom_objects`` once this package is imported
+(``_registration`` imports this module as soon as Keras is imported).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import keras
 from keras import ops
 
-PACKAGE = "convnext_keras"
+from ._registration import PACKAGE
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -127,6 +128,62 @@ class StochasticDepth(keras.layers.Layer):
         return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
 
+def too_small_message(height, width, minimum: int) -> str:
+    """The error for an input smaller than ConvNeXt takes (every entry point says the same)."""
+    return (
+        f"ConvNeXt needs images of at least {minimum}x{minimum} pixels (its stride-4 stem and "
+        f"three stride-2 downsamplings leave no pixel below that); got {height}x{width}. Resize "
+        "the images first (convnext predict / eval do), e.g. with preprocess.eval_transform."
+    )
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MinimumInputSize(keras.layers.Layer):
+    """Passes NHWC images through unchanged, refusing a height or width below ``min_size``.
+
+    ConvNeXt's last stage has ``size // 32`` pixels: a smaller image would reach it with none
+    and global pooling would average nothing - NaN logits on some backends, a shape error deep
+    inside on others.  A static size is checked in Python (``ValueError`` at build or call
+    time); a size only known when a TensorFlow graph runs (``model.predict`` after several
+    sizes, a SavedModel with a dynamic size) by an assertion in the graph
+    (``InvalidArgumentError`` carrying the same message).
+    """
+
+    def __init__(self, min_size: int, **kwargs):
+        super().__init__(autocast=False, **kwargs)
+        self.min_size = int(min_size)
+
+    def _check_static(self, height, width) -> None:
+        for side in (height, width):
+            if isinstance(side, int) and side < self.min_size:
+                error = ValueError(too_small_message(height, width, self.min_size))
+                # The message says it all: keep Keras from wrapping it in its dump of the call's
+                # arguments (it leaves errors carrying this mark as they are).
+                error._keras_call_info_injected = True
+                raise error
+
+    def call(self, inputs):
+        height, width = inputs.shape[1], inputs.shape[2]
+        self._check_static(height, width)
+        dynamic = not (isinstance(height, int) and isinstance(width, int))
+        if not dynamic or keras.backend.backend() != "tensorflow":
+            return inputs  # JAX and PyTorch always see static sizes (JAX's symbolic ones pass)
+        import tensorflow as tf
+
+        shape = tf.shape(inputs)
+        fits = tf.logical_and(shape[1] >= self.min_size, shape[2] >= self.min_size)
+        message = too_small_message("H", "W", self.min_size) + " H, W ="
+        with tf.control_dependencies([tf.debugging.Assert(fits, [message, shape[1], shape[2]])]):
+            return tf.identity(inputs)
+
+    def compute_output_shape(self, input_shape):
+        self._check_static(input_shape[1], input_shape[2])
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "min_size": self.min_size}
+
+
 _SQRT_HALF = 0.7071067811865476
 
 
@@ -215,6 +272,8 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
     IMPLEMENTATIONS = ("auto", "native", "shifted", "pallas", "xla")
 
     def __init__(self, *args, implementation: str = "auto", **kwargs):
+        # ConvNeXt is NHWC by contract, whatever keras.config.image_data_format() says.
+        kwargs.setdefault("data_format", "channels_last")
         super().__init__(*args, **kwargs)
         if implementation not in self.IMPLEMENTATIONS:
             raise ValueError(

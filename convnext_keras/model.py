@@ -22,6 +22,7 @@ from .layers import (
     DepthwiseConv2D,
     GlobalResponseNormalization,
     LayerScale,
+    MinimumInputSize,
     StochasticDepth,
     gelu,
 )
@@ -32,8 +33,8 @@ HEADS = ("classifier", "pooled", "pyramid", "all")
 #: compute, float32 logits and features.
 PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 #: Layers that compute in float32 under every policy (:func:`build_model` pins them), so that
-#: pooled features and logits come out in float32.
-FLOAT32_LAYERS = frozenset({"head_norm", "head_fc"})
+#: pooled features and logits come out in float32 (the input-size check computes nothing).
+FLOAT32_LAYERS = frozenset({"input_size_check", "head_norm", "head_fc"})
 #: Names of the pyramid outputs; strides 4, 8, 16, 32.
 PYRAMID_OUTPUTS = ("stage1", "stage2", "stage3", "stage4")
 
@@ -45,6 +46,14 @@ _TRUNCATED_STD_FACTOR = 0.8796256610342398
 
 def policy_name(precision: str) -> str:
     """The Keras dtype policy of a :data:`PRECISIONS` key; ``ValueError`` for anything else."""
+    from .runtime import INT8
+
+    if precision == INT8:
+        raise ValueError(
+            f"precision {INT8!r} is not a Keras dtype policy but the onnxruntime engine's opt-in "
+            "path: build or load the model in fp32 and pass precision='int8' to predict_files / "
+            "evaluate / bench.benchmark or runtime.OnnxRunner (CLI: --precision int8)."
+        )
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
     return PRECISIONS[precision]
@@ -184,7 +193,9 @@ def build_model(
             the TF-Hub ``_fe`` models) or ``"pyramid"`` (dict of the 4 stage outputs,
             strides 4/8/16/32) or ``"all"`` (dict of logits, pooled features and the pyramid in
             one pass; what Grad-CAM and multi-task users need).
-        input_shape: NHWC shape without the batch axis; ``(None, None, 3)`` takes any size.
+        input_shape: NHWC shape without the batch axis; ``(None, None, 3)`` takes any size
+            from ``spec.min_input_size`` (32) up: a smaller image is refused with a
+            ``ValueError`` (an assertion error inside a TensorFlow graph), never NaN.
         drop_path_rate: stochastic-depth rate of the last block; rates rise linearly from 0.
         layer_scale_init: initial layer-scale value of ConvNeXt blocks; ``None`` or 0
             disables layer scale.  ConvNeXt V2 blocks (GRN) have none: another value than
@@ -215,13 +226,17 @@ def build_model(
 
     rates = np.linspace(0.0, drop_path_rate, spec.num_blocks).tolist()
     inputs = keras.Input(shape=input_shape, name="images")
+    # Every spatial layer is pinned to NHWC: the network is the same whatever the global
+    # keras.config.image_data_format() (channels_first) says.
+    x = MinimumInputSize(spec.min_input_size, dtype="float32", name="input_size_check")(inputs)
     x = keras.layers.Conv2D(
         spec.dims[0],
         registry.STEM_PATCH,
         strides=registry.STEM_PATCH,
         kernel_initializer=_kernel_init(),
+        data_format="channels_last",
         name="stem_conv",
-    )(inputs)
+    )(x)
     x = _norm("stem_norm")(x)
     stage_outputs = {}
     block_index = 0
@@ -233,6 +248,7 @@ def build_model(
                 registry.DOWNSAMPLE_STRIDE,
                 strides=registry.DOWNSAMPLE_STRIDE,
                 kernel_initializer=_kernel_init(),
+                data_format="channels_last",
                 name=f"stage{stage}_downsample_conv",
             )(x)
         for b in range(depth):
@@ -243,7 +259,7 @@ def build_model(
     model_name = name or spec.arch_name
     if head == "pyramid":
         return keras.Model(inputs, stage_outputs, name=model_name)
-    x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
+    x = keras.layers.GlobalAveragePooling2D(data_format="channels_last", name="head_pool")(x)
     pooled = keras.layers.LayerNormalization(
         epsilon=registry.LAYER_NORM_EPSILON, dtype="float32", name="head_norm"
     )(x)

@@ -18,6 +18,7 @@ import numpy as np
 from . import hub, preprocess, registry, runtime
 from . import labels as labels_mod
 from .gradcam import GradCAM, overlay, save_png
+from .interface import fix
 
 
 class Prediction(NamedTuple):
@@ -64,6 +65,12 @@ def decode_predictions(
         scores = scores[None]
     if scores.ndim != 2:
         raise ValueError(f"Expected logits of shape (batch, classes), got {scores.shape}.")
+    bad = np.flatnonzero(~np.isfinite(scores).all(axis=1))
+    if bad.size:
+        raise ValueError(
+            f"Rows {bad[:10].tolist()} of the logits hold NaN or infinity: there is no ranking to "
+            "decode (the model's weights or inputs are broken)."
+        )
     if not isinstance(top, (int, np.integer)) or top < 1:
         raise ValueError(f"top must be a positive integer, got {top!r}.")
     names = _as_labels(labels, scores.shape[1])
@@ -105,6 +112,27 @@ def with_precision(model, precision: str):
     return copy
 
 
+def random_weights(model, weights) -> bool:
+    """True when ``model`` is a name loaded with ``weights=None``: a randomly initialised
+    network, whose answers mean nothing (``convnext ... --weights none`` says so on every
+    result)."""
+    return weights is None and isinstance(model, (str, os.PathLike)) and not _is_keras_file(model)
+
+
+def _is_keras_file(model) -> bool:
+    return isinstance(model, (str, os.PathLike)) and str(model).endswith(".keras")
+
+
+def labels_beside(path: str | os.PathLike) -> list[str] | None:
+    """Class names from ``labels.txt`` beside a ``.keras`` file (a fine-tuning run's
+    ``best.keras`` / ``last.keras``), one per line; None when there is none."""
+    file = Path(path).with_name("labels.txt")
+    if not file.is_file():
+        return None
+    names = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    return [n for n in names if n] or None
+
+
 def load_classifier(model, *, weights="official", config=None, precision: str | None = None):
     """``(keras_model, preprocess_config)`` from a model name, a ``.keras`` file or a model.
 
@@ -113,24 +141,21 @@ def load_classifier(model, *, weights="official", config=None, precision: str | 
     224 / 0.875 / bicubic, the original's evaluation settings).  ``precision``: None (names
     follow the global Keras dtype policy; files and objects stay as they are), ``"fp32"``, or
     Keras mixed precision ``"bf16"`` / ``"fp16"`` (float32 logits; these run on Keras, not
-    onnxruntime) - see :func:`with_precision`.
+    onnxruntime) - see :func:`with_precision`; ``"int8"`` gives the float32 model (the engine
+    quantizes it: :func:`convnext_keras.runtime.inference_function`).
     """
     import keras
 
     from . import api
-    from .model import policy_name
 
-    if precision is not None:
-        policy_name(precision)  # a bad value fails before any download
+    # A bad value fails before any download.
+    precision = runtime.split_precision(precision)[0]
 
     def converted(m):
         return m if precision is None else with_precision(m, precision)
 
-    if isinstance(model, (str, os.PathLike)) and str(model).endswith(".keras"):
-        path = Path(model)
-        if not path.is_file():
-            raise FileNotFoundError(f"No such model file: {path}")
-        loaded = converted(keras.saving.load_model(path))
+    if _is_keras_file(model):
+        loaded = converted(api.load_keras_file(model, compile=True))
         return loaded, preprocess.as_config(config or "convnext_tiny")
     if isinstance(model, (str, os.PathLike)):
         name = str(model)
@@ -162,13 +187,15 @@ class ImageResult:
     predictions: list[Prediction] | None = None
     error: str | None = None
     cam_path: str | None = None
+    #: The model was a name loaded with ``weights=None``: the predictions mean nothing.
+    random_weights: bool = False
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def to_dict(self) -> dict:
-        out: dict = {"file": self.path}
+        out: dict = {"file": self.path, "random_weights": self.random_weights}
         if self.error is not None:
             out["error"] = self.error
         else:
@@ -206,30 +233,48 @@ def predict_files(
     config=None,
     exif_transpose: bool = True,
     precision: str | None = None,
+    calibration=None,
 ) -> list[ImageResult]:
-    """Classify image files; unreadable ones come back with ``error`` set, never raise.
+    """Classify image files; unreadable ones (and any whose logits are not finite) come back
+    with ``error`` set, never raise.
 
     Args:
         model: a model name (``"convnext_tiny_1k_224"``), a ``.keras`` file or a keras.Model.
         paths: image files (any format PIL reads).
         weights: for names: ``"official"`` or a local checkpoint file.
         top: classes per image.
-        labels: class names for heads that are neither 1k nor 21k.
+        labels: class names for heads that are neither 1k nor 21k (default for a ``.keras``
+            file: ``labels.txt`` beside it, as a fine-tuning run writes it).
         cam_dir: write a Grad-CAM overlay ``<stem>_cam.png`` of each image's top class here.
         config: preprocessing settings (default: the model name's registry entry).
         exif_transpose: turn photos upright by their EXIF orientation first (default True).
         precision: ``"fp32"`` (onnxruntime on a CPU), or Keras mixed precision ``"bf16"`` /
             ``"fp16"`` (on Keras: faster on GPUs, slower on CPUs without native bfloat16;
-            logits within bf16 rounding of float32's).  None (default): as
-            :func:`load_classifier` - the global Keras policy for names, a model as it is.
+            logits within bf16 rounding of float32's), or ``"int8"`` (opt-in: onnxruntime on
+            the CPU with the model quantized to int8, see
+            :func:`convnext_keras.runtime.quantize_int8`; Grad-CAM stays float32).  None
+            (default): as :func:`load_classifier` - the global Keras policy for names, a model
+            as it is.
+        calibration: ``"int8"`` only: the photos that calibrate the quantization (a folder,
+            files; read through ``config``'s transform); default: the sample photos of
+            scikit-image and scikit-learn (:func:`convnext_keras.runtime.sample_photos`).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     paths = [Path(p) for p in paths]
+    engine_precision = runtime.engine_precision(precision, calibration)
     keras_model, config = load_classifier(
         model, weights=weights, config=config, precision=precision
     )
     num_classes = int(keras_model.output_shape[-1])
+    if labels is None and _is_keras_file(model):
+        labels = labels_beside(model)
+        if labels is not None and len(labels) != num_classes:
+            raise ValueError(
+                f"{Path(model).with_name('labels.txt')} names {len(labels)} classes but the model "
+                f"has {num_classes}; pass the right names with "
+                f"{fix('labels=[...]', '--labels FILE')}."
+            )
     names = _as_labels(labels, num_classes)
     cam = None
     if cam_dir is not None:
@@ -237,13 +282,27 @@ def predict_files(
         cam_dir = Path(cam_dir)
         cam_paths = _cam_names(paths, cam_dir)
     # The fastest correct engine for this model (onnxruntime on a CPU, else Keras).
-    run_batch, _ = runtime.inference_function(keras_model)
-    results = [ImageResult(str(p)) for p in paths]
+    images_for_int8 = runtime.calibration_images(calibration, config) if engine_precision else None
+    run_batch, _ = runtime.inference_function(
+        keras_model, precision=engine_precision, calibration=images_for_int8
+    )
+    random = random_weights(model, weights)
+    results = [ImageResult(str(p), random_weights=random) for p in paths]
     batches = preprocess.ImageBatches(
         paths, config, batch_size, exif_transpose=exif_transpose, skip_errors=True
     )
     for images, indices in batches:
         logits = np.asarray(run_batch(images), dtype=np.float32)
+        # A non-finite logit is an error for that image, never a NaN probability.
+        finite = np.isfinite(logits).all(axis=1)
+        for i in np.asarray(indices)[~finite]:
+            results[i].error = (
+                f"{results[i].path}: the model returned NaN or infinite logits (its weights are "
+                "damaged or the image breaks it); no prediction"
+            )
+        if not finite.any():
+            continue
+        images, indices, logits = images[finite], np.asarray(indices)[finite], logits[finite]
         decoded = decode_predictions(logits, top, labels=names)
         for i, preds in zip(indices, decoded):
             results[i].predictions = preds
@@ -254,6 +313,6 @@ def predict_files(
                 results[i].cam_path = str(save_png(overlay(photo, heat, config), cam_paths[i]))
     by_path = {e.path: str(e) for e in batches.errors}
     for r in results:
-        if r.predictions is None:
+        if r.predictions is None and r.error is None:
             r.error = by_path.get(r.path, f"{r.path}: not processed")
     return results

@@ -45,6 +45,7 @@ from keras import ops
 from PIL import Image, ImageOps
 
 from . import registry
+from ._registration import PACKAGE
 
 #: Default evaluation settings of architecture names without a checkpoint (from the registry).
 DEFAULT_RESOLUTION = registry.DEFAULT_RESOLUTION
@@ -330,7 +331,7 @@ def _normalize_ops(x, input_scale: float):
     return (x - ops.convert_to_tensor(_MEAN)) / ops.convert_to_tensor(_STD)
 
 
-@keras.saving.register_keras_serializable(package="convnext_keras")
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class Normalize(keras.layers.Layer):
     """Pixels in 0..``input_scale`` (``uint8`` images: 255) -> the model's normalised float32
     input, as :func:`normalize` (up to float rounding).  Feeding ``uint8`` to a model that
@@ -361,7 +362,7 @@ def with_normalization(model, resolution: int | None = None, input_scale: float 
     return keras.Model(inputs, outputs, name=model.name)
 
 
-@keras.saving.register_keras_serializable(package="convnext_keras")
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class EvalPreprocessing(keras.layers.Layer):
     """Resize + centre crop + normalise inside a Keras model (any backend).
 
@@ -416,7 +417,11 @@ class EvalPreprocessing(keras.layers.Layer):
             x = tf.image.resize(x, (new_h, new_w), method=self.config.interpolation, antialias=True)
             return x[..., top : top + res, left : left + res, :]
         x = ops.image.resize(
-            x, (new_h, new_w), interpolation=self.config.interpolation, antialias=True
+            x,
+            (new_h, new_w),
+            interpolation=self.config.interpolation,
+            antialias=True,
+            data_format="channels_last",
         )
         return x[..., top : top + res, left : left + res, :]
 
@@ -425,7 +430,11 @@ class EvalPreprocessing(keras.layers.Layer):
         res = self.config.resolution
         if self.config.squash:
             x = ops.image.resize(
-                x, (res, res), interpolation=self.config.interpolation, antialias=True
+                x,
+                (res, res),
+                interpolation=self.config.interpolation,
+                antialias=True,
+                data_format="channels_last",
             )
         else:
             x = self._resize_crop(x)

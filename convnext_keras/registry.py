@@ -29,6 +29,8 @@ import difflib
 import os
 import re
 
+from .interface import fix
+
 #: Where the official checkpoints are published; ``CONVNEXT_BASE_URL`` overrides it (mirrors).
 OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com/convnext/"
 
@@ -164,6 +166,12 @@ class Variant:
         """For messages and model cards: ``ConvNeXt-tiny``, ``ConvNeXt V2-tiny``."""
         return f"{FAMILIES[self.family].title}-{self.size}"
 
+    @property
+    def min_input_size(self) -> int:
+        """Smallest height and width the network takes: the stem's patch times every stride-2
+        downsampling (4 x 2 x 2 x 2 = 32).  Below it the last stage has no pixels left."""
+        return STEM_PATCH * DOWNSAMPLE_STRIDE ** (len(self.depths) - 1)
+
 
 # facebookresearch/ConvNeXt models/convnext.py for tiny..xlarge; timm's convnext.py for the
 # small edge variants (atto/femto/pico/nano); facebookresearch/ConvNeXt-V2 models/convnextv2.py
@@ -240,6 +248,13 @@ class Source:
         return self.path.rsplit("/", 1)[-1]
 
     @property
+    def official_url(self) -> str:
+        """The publisher's URL, whatever ``$CONVNEXT_BASE_URL`` says."""
+        if self.repo is not None:
+            return self.url
+        return OFFICIAL_BASE_URL + self.path
+
+    @property
     def url(self) -> str:
         if self.repo is not None:
             return (
@@ -261,6 +276,10 @@ def official_crop_pct(resolution: int) -> float:
     shorter side to ``res / 0.875`` and centre-crop below 384; at 384 and above it warps the
     image to ``res x res`` (no crop: 1.0)."""
     return 1.0 if resolution >= SQUASH_RESOLUTION else EVAL_CROP_PCT
+
+
+#: The smallest height/width any variant takes (``Variant.min_input_size``): option checks.
+MIN_INPUT_SIZE = min(v.min_input_size for v in VARIANTS.values())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,6 +304,10 @@ class Checkpoint:
     family: str = "convnext"
     #: SPDX identifier of the weights' licence.
     licence: str = "MIT"
+    #: Expected SHA-256 (hex) of the published file, checked at download and when the cache is
+    #: read.  The official host publishes none, so the rows leave it None; users pin one with
+    #: ``CONVNEXT_SHA256_<NAME>`` or ``CONVNEXT_SHA256SUMS`` (convnext_keras.hub).
+    sha256: str | None = None
 
     @property
     def filename(self) -> str:
@@ -606,7 +629,8 @@ def resolve(name: str) -> ResolvedName:
         f"Unknown model name {name!r}.{hint} Run `convnext list` (or "
         f"convnext_keras.list_models()) for the {len(CHECKPOINTS)} checkpoints; add "
         f"'{FEATURE_EXTRACTOR_SUFFIX}' for a feature extractor, or use an architecture name "
-        f"({', '.join(_by_arch_name())}) with weights=None or a local file."
+        f"({', '.join(_by_arch_name())}) with {fix('weights=None', '--weights none')} or a "
+        "local file."
     )
 
 

@@ -25,22 +25,37 @@ caches it.  Only models made of this library's ConvNeXt layers and nothing else 
 
 Weights are copied when the runner is made: a runner made before training or a
 ``load_weights`` call still holds the old weights (make a new one).
+
+Opt-in int8 (``OnnxRunner(model, precision="int8")``, ``--precision int8``): the same float
+graph quantized by onnxruntime's own static post-training quantizer (:func:`quantize_int8`):
+int8 weights per output channel and uint8 activations with ranges calibrated on real photos
+through the official transform, for the matrix products only (stem, downsampling and every
+block's two pointwise layers); LayerNorm, GELU, the depthwise convolution and the head stay
+float32.  How close it stays to float32 on a model that learned something, and how much faster
+it is, is measured in BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import tempfile
 import threading
+from pathlib import Path
 
 import numpy as np
 
 from . import registry
+from .layers import too_small_message
 from .model import non_float32_layer, variant_of
 
 #: ONNX opset of the graph (``Gelu`` is an operator from opset 20).
 OPSET = 20
 ENGINES = ("auto", "onnxruntime", "keras")
+#: The opt-in precision of the onnxruntime engine (static int8 post-training quantization).
+INT8 = "int8"
+#: What the onnxruntime engine computes in.
+PRECISIONS = ("fp32", INT8)
 
 
 def onnxruntime_available() -> bool:
@@ -54,7 +69,7 @@ def onnxruntime_available() -> bool:
 
 #: Every layer of a plain ConvNeXt built by this library (anything else: not ours to rebuild).
 _PLAIN_LAYER = re.compile(
-    r"images|stem_(conv|norm)|stage\d_downsample_(norm|conv)"
+    r"images|input_size_check|stem_(conv|norm)|stage\d_downsample_(norm|conv)"
     r"|stage\d_block\d+_(dwconv|norm|pwconv1|grn|pwconv2|layer_scale|drop_path|add)"
     r"|head_(pool|norm|fc)"
 )
@@ -251,6 +266,13 @@ def _layer_norm(g, x, weights, name):
     )
 
 
+def _check_input_size(spec, height: int | None, width: int | None) -> None:
+    """``ValueError`` for a height/width below what the network takes (None: dynamic)."""
+    for side in (height, width):
+        if side is not None and side < spec.min_input_size:
+            raise ValueError(too_small_message(height, width, spec.min_input_size))
+
+
 def build_onnx_graph(
     model,
     height: int | None,
@@ -280,13 +302,7 @@ def build_onnx_graph(
     if len(names) != len(outputs):
         raise ValueError(f"{model.name!r} has {len(outputs)} outputs, got names {names}.")
     spec = variant_of(model)
-    stride = registry.STEM_PATCH * registry.DOWNSAMPLE_STRIDE ** (len(spec.depths) - 1)
-    for side in (height, width):
-        if side is not None and side < stride:
-            raise ValueError(
-                f"Input {height}x{width} is smaller than ConvNeXt's total stride {stride}; "
-                f"resize images to at least {stride}x{stride} (the checkpoints use 224 or 384)."
-            )
+    _check_input_size(spec, height, width)
     W = _weights(model)
     g = _GraphBuilder()
     k = registry.DWCONV_KERNEL
@@ -373,21 +389,58 @@ def build_onnx_graph(
     return onnx_model
 
 
+def onnx_session(graph, threads: int | None = None):
+    """An onnxruntime CPU session of ``graph`` (an ``onnx.ModelProto`` or its bytes) with the
+    engine's settings: every graph optimisation, ``threads`` intra-op threads (None:
+    onnxruntime's default, one per physical core) and sequential execution."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    data = graph if isinstance(graph, bytes) else graph.SerializeToString()
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
 class OnnxRunner:
-    """Float32 inference of a ConvNeXt Keras model with onnxruntime (CPU).
+    """Inference of a float32 ConvNeXt Keras model with onnxruntime (CPU), in float32 or int8.
 
     ``runner(images)`` takes an NHWC float batch (numpy or anything ``np.asarray`` accepts)
     and returns a numpy array: logits for a classifier, pooled features for an ``_fe`` model -
-    the same as ``model.predict_on_batch(images)``.
+    the same as ``model.predict_on_batch(images)`` (in int8: close to it, see
+    :func:`quantize_int8`).
 
     Args:
         model: a classifier or pooled-feature model from :func:`convnext_keras.load_model` or
             :func:`convnext_keras.build_model`, in float32.
         threads: onnxruntime intra-op threads (default: onnxruntime's, one per physical core;
             ``$CONVNEXT_THREADS`` overrides).
+        precision: ``"fp32"`` (default) or ``"int8"`` (opt-in static quantization; the graph is
+            quantized once, on the first call, and serves every input size).
+        calibration: int8 only: the real images whose activation ranges set the quantization,
+            preprocessed as the model takes them, ``(n, height, width, 3)`` float32 (see
+            :func:`calibration_images`); default: the sample photos of scikit-image and
+            scikit-learn through the official 224 transform.
+
+    Raises ``ValueError`` for models it cannot run (:func:`unsupported_reason`) and a
+    ``precision`` other than ``"fp32"``/``"int8"``, ``ImportError`` without onnxruntime.
     """
 
-    def __init__(self, model, *, threads: int | None = None):
+    def __init__(
+        self,
+        model,
+        *,
+        threads: int | None = None,
+        precision: str = "fp32",
+        calibration=None,
+    ):
+        if precision not in PRECISIONS:
+            raise ValueError(
+                f"The onnxruntime engine computes in {' or '.join(PRECISIONS)}, got precision "
+                f"{precision!r} (bf16 / fp16 run on Keras: load_model(..., precision=...))."
+            )
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"OnnxRunner cannot run {model.name!r}: {reason}.")
@@ -397,8 +450,17 @@ class OnnxRunner:
                 "(or pip install 'convnext-keras[export]')."
             )
         self.model = model
+        self.min_size = variant_of(model).min_input_size
+        self.precision = precision
         env = os.environ.get("CONVNEXT_THREADS")
         self.threads = threads if threads is not None else (int(env) if env else None)
+        self.calibration = None
+        if precision == INT8:
+            self.calibration = (
+                calibration_images() if calibration is None else _as_calibration(calibration)
+            )
+        #: The int8 graph's quantization settings (``quantize_int8``'s metadata), once made.
+        self.quantization: dict[str, str] | None = None
         self._sessions = {}
         self._lock = threading.Lock()
 
@@ -406,18 +468,17 @@ class OnnxRunner:
         """The onnxruntime session for inputs of this size (built once, then cached)."""
         key = (int(height), int(width))
         with self._lock:
+            if self.precision == INT8:
+                # One quantized graph with a dynamic height/width serves every size.
+                _check_input_size(variant_of(self.model), *key)
+                key = None
             if key not in self._sessions:
-                import onnxruntime as ort
-
-                options = ort.SessionOptions()
-                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-                if self.threads:
-                    options.intra_op_num_threads = self.threads
-                options.inter_op_num_threads = 1
-                graph = build_onnx_graph(self.model, *key)
-                self._sessions[key] = ort.InferenceSession(
-                    graph.SerializeToString(), options, providers=["CPUExecutionProvider"]
-                )
+                if key is None:
+                    graph = quantize_int8(self.model, self.calibration)
+                    self.quantization = {p.key: p.value for p in graph.metadata_props}
+                else:
+                    graph = build_onnx_graph(self.model, *key)
+                self._sessions[key] = onnx_session(graph, self.threads)
             return self._sessions[key]
 
     def __call__(self, images) -> np.ndarray:
@@ -427,9 +488,214 @@ class OnnxRunner:
                 f"Expected an NHWC batch of RGB images (batch, height, width, 3), got shape "
                 f"{x.shape}; add a batch axis with x[None] for a single image."
             )
+        if min(x.shape[1:3]) < self.min_size:
+            raise ValueError(too_small_message(x.shape[1], x.shape[2], self.min_size))
         return self.session(x.shape[1], x.shape[2]).run(None, {"images": x})[0]
 
     predict_on_batch = __call__
+
+
+# ----------------------------------------------------------------------------------------------
+# Opt-in int8: onnxruntime's static post-training quantization of the float graph
+
+#: At most this many calibration photos are read (evenly spaced over the files given).
+MAX_CALIBRATION_IMAGES = 64
+#: Images per calibration call (onnxruntime keeps every intermediate tensor of a call).
+_CALIBRATION_BATCH = 4
+#: Real photos that ship inside scikit-image and scikit-learn (public domain / CC0, see
+#: examples/images/README.md): the default calibration set.
+_SAMPLE_PHOTOS = {
+    ("skimage", "data"): (
+        "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+        "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "camera.png", "brick.png",
+        "grass.png", "gravel.png",
+    ),
+    ("sklearn", "datasets/images"): ("china.jpg", "flower.jpg"),
+}  # fmt: skip
+
+
+def sample_photos() -> list[Path]:
+    """The real photos shipped inside scikit-image and scikit-learn, where those are installed
+    (found without importing them): the default int8 calibration set."""
+    import importlib.util
+
+    found = []
+    for (package, folder), names in _SAMPLE_PHOTOS.items():
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        root = Path(list(spec.submodule_search_locations)[0]) / folder
+        found += [root / name for name in names if (root / name).is_file()]
+    return found
+
+
+def calibration_files(source=None) -> list[Path]:
+    """The image files int8 calibration reads.
+
+    ``source``: None (:func:`sample_photos`), a folder (its image files, sub-folders included,
+    sorted; hidden files and files whose extension Pillow does not know are left out), one
+    image file, or a list of files.  Raises ``ValueError`` when that gives no image, and
+    ``FileNotFoundError`` for a path that does not exist.
+    """
+    from PIL import Image
+
+    if source is None:
+        files = sample_photos()
+        if not files:
+            raise ValueError(
+                "int8 calibrates on real photos and none were given: pass calibration=FOLDER "
+                "(CLI: --calibration DIR) with photos like the ones you will classify, or "
+                "install scikit-image (pip install scikit-image) for its sample photos."
+            )
+        return files
+    paths = [Path(source)] if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]
+    known = set(Image.registered_extensions())
+    files = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in known
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"No such calibration image or folder: {path}")
+    if not files:
+        raise ValueError(
+            f"No image files in {', '.join(map(str, paths)) or 'the empty list'}; int8 "
+            "calibration needs photos like the ones you will classify."
+        )
+    return files
+
+
+def calibration_images(
+    source=None, config="convnext_tiny_1k_224", *, limit: int = MAX_CALIBRATION_IMAGES
+) -> np.ndarray:
+    """Calibration photos through the official evaluation transform: ``(n, res, res, 3)``
+    float32, normalised as the model takes them.
+
+    ``source``: see :func:`calibration_files`; ``config``: the transform's settings (a model
+    name or a :class:`convnext_keras.preprocess.PreprocessConfig`); at most ``limit`` files,
+    evenly spaced over the list.  An unreadable file raises
+    :class:`convnext_keras.preprocess.ImageError` (a ``ValueError`` naming it).
+    """
+    from . import preprocess
+
+    if not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a positive integer, got {limit!r}.")
+    files = calibration_files(source)
+    if len(files) > limit:
+        files = [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
+    config = preprocess.as_config(config)
+    return np.stack([preprocess.transform_file(f, config) for f in files])
+
+
+def _as_calibration(images) -> np.ndarray:
+    x = np.ascontiguousarray(np.asarray(images), dtype=np.float32)
+    if x.ndim != 4 or x.shape[-1] != 3 or len(x) == 0:
+        raise ValueError(
+            "calibration must be preprocessed images (n, height, width, 3) as the model takes "
+            f"them (runtime.calibration_images(files, config) makes them), got shape {x.shape}."
+        )
+    if not np.isfinite(x).all():
+        raise ValueError("calibration images contain NaN or infinite values.")
+    return x
+
+
+def cpu_has_vnni() -> bool:
+    """Whether the CPU has 8-bit dot-product instructions (AVX512-VNNI or AVX-VNNI), from
+    ``/proc/cpuinfo``; False where that cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_vnni", "avx_vnni"})
+    except OSError:
+        pass
+    return False
+
+
+def quantize_int8(model, calibration, *, reduce_range: bool | None = None):
+    """The model's float graph (:func:`build_onnx_graph`, dynamic height/width) quantized to
+    int8 by onnxruntime's static post-training quantizer (``onnxruntime.quantization``).
+
+    * What is quantized: the matrix products with constant weights - the stem and downsampling
+      patch products and every block's two pointwise layers, about 97 % of ConvNeXt-T's
+      FLOPs - as QuantizeLinear/DequantizeLinear pairs that onnxruntime runs as integer
+      products (``MatMulIntegerToFloat``).  Weights: int8, one scale per output channel (symmetric);
+      activations: uint8 with a scale and zero point per tensor from the min/max over the
+      calibration images; each product's output stays float32.
+    * What stays float32: LayerNorm, GELU, the depthwise 7x7 convolution, the residual adds
+      and the head (pooling, its LayerNorm and the classifier).
+    * ``reduce_range`` (7-bit weights) is onnxruntime's advice for x86 CPUs without VNNI, whose
+      8-bit multiply-adds can saturate; default: on exactly when :func:`cpu_has_vnni` is False.
+
+    Args:
+        model: a float32 classifier or pooled-feature ConvNeXt (see :func:`unsupported_reason`).
+        calibration: real images, preprocessed as the model takes them, ``(n, h, w, 3)``
+            float32 (:func:`calibration_images`); their size need not be the one run later.
+
+    Returns the quantized ``onnx.ModelProto``; its ``metadata_props`` record the settings.
+    """
+    import onnx
+    from onnxruntime import quantization as q
+
+    reason = unsupported_reason(model)
+    if reason:
+        raise ValueError(f"Cannot quantize {model.name!r}: {reason}.")
+    images = _as_calibration(calibration)
+    _check_input_size(variant_of(model), images.shape[1], images.shape[2])
+    if reduce_range is None:
+        reduce_range = not cpu_has_vnni()
+
+    class Reader(q.CalibrationDataReader):
+        def __init__(self):
+            self._batches = iter(
+                {"images": images[i : i + _CALIBRATION_BATCH]}
+                for i in range(0, len(images), _CALIBRATION_BATCH)
+            )
+
+        def get_next(self):
+            return next(self._batches, None)
+
+    with tempfile.TemporaryDirectory(prefix="convnext_int8_") as tmp:
+        source, prepared, out = (Path(tmp, n) for n in ("float.onnx", "pre.onnx", "int8.onnx"))
+        onnx.save(build_onnx_graph(model, None, None), source)
+        q.quant_pre_process(source, prepared, skip_symbolic_shape=True)  # as onnxruntime advises
+        head = [n.name for n in onnx.load(prepared).graph.node if n.name.startswith("head")]
+        q.quantize_static(
+            prepared,
+            out,
+            Reader(),
+            quant_format=q.QuantFormat.QDQ,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            reduce_range=reduce_range,
+            activation_type=q.QuantType.QUInt8,
+            weight_type=q.QuantType.QInt8,
+            nodes_to_exclude=head,
+            calibrate_method=q.CalibrationMethod.MinMax,
+            extra_options={
+                "MatMulConstBOnly": True,
+                "OpTypesToExcludeOutputQuantization": ["MatMul"],
+            },
+        )
+        quantized = onnx.load(out)
+    onnx.helper.set_model_props(
+        quantized,
+        {
+            "convnext_keras.precision": INT8,
+            "convnext_keras.calibration_images": str(len(images)),
+            "convnext_keras.calibration_size": f"{images.shape[1]}x{images.shape[2]}",
+            "convnext_keras.reduce_range": str(bool(reduce_range)),
+        },
+    )
+    return quantized
 
 
 def accelerator() -> str | None:
@@ -453,16 +719,76 @@ def accelerator() -> str | None:
     return None
 
 
-def inference_function(model, engine: str = "auto"):
+def split_precision(precision: str | None) -> tuple[str | None, str | None]:
+    """A ``precision`` of predict / eval / bench -> ``(Keras precision, engine precision)``.
+
+    The Keras precisions (:data:`convnext_keras.model.PRECISIONS`: ``"fp32"``, ``"bf16"``,
+    ``"fp16"``) are dtype policies of the model: ``(precision, None)``.  ``"int8"`` is the
+    onnxruntime engine's opt-in path on a float32 model: ``("fp32", "int8")``.  None:
+    ``(None, None)``.  ``ValueError`` for anything else, listing every choice.
+    """
+    from .model import PRECISIONS as KERAS_PRECISIONS
+
+    if precision is None or precision in KERAS_PRECISIONS:
+        return precision, None
+    if precision == INT8:
+        return "fp32", INT8
+    raise ValueError(
+        f"precision must be one of {', '.join([*KERAS_PRECISIONS, INT8])}, got {precision!r}."
+    )
+
+
+def engine_precision(precision: str | None, calibration=None) -> str | None:
+    """The engine precision of a predict / eval ``precision`` (:func:`split_precision`), after
+    checking the calibration photos: ``ValueError`` when they are given without ``"int8"``,
+    ``FileNotFoundError`` when they do not exist - before anything is downloaded."""
+    engine = split_precision(precision)[1]
+    if calibration is not None:
+        if engine != INT8:
+            raise ValueError(
+                f"calibration photos are for precision 'int8' (got precision {precision!r}); "
+                "add precision='int8' (CLI: --precision int8) or leave calibration out."
+            )
+        calibration_files(calibration)
+    return engine
+
+
+def check_engine(engine: str, precision: str | None = None) -> None:
+    """``ValueError`` for an ``engine`` not in :data:`ENGINES`, an engine ``precision`` other
+    than None or ``"int8"``, and ``"int8"`` on the Keras engine."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}.")
+    if precision not in (None, INT8):
+        raise ValueError(
+            f"precision selects the onnxruntime engine's int8 path: None or {INT8!r}, got "
+            f"{precision!r} (float32 / bf16 / fp16 are the model's own: "
+            "load_model(..., precision=...))."
+        )
+    if precision == INT8 and engine == "keras":
+        raise ValueError(
+            "precision 'int8' runs on the onnxruntime engine only (static int8 quantization of "
+            "this library's ONNX graph); use engine 'auto' or 'onnxruntime'."
+        )
+
+
+def inference_function(
+    model, engine: str = "auto", *, precision: str | None = None, calibration=None
+):
     """The fastest correct way to run ``model`` on a batch: ``(fn, engine_name)``.
 
     ``engine="auto"`` picks onnxruntime (:class:`OnnxRunner`) on a CPU when it is installed
     and can run the model (float32 classifier or pooled features), else Keras'
     ``predict_on_batch`` (always on a GPU/TPU); ``"onnxruntime"`` insists (and raises if it
     cannot); ``"keras"`` always uses Keras.  ``fn(batch)`` returns numpy outputs either way.
+
+    ``precision="int8"`` (opt-in) runs the model quantized to int8 (:func:`quantize_int8`,
+    calibrated on ``calibration``, see :class:`OnnxRunner`) on onnxruntime, on the CPU even
+    where a GPU is present; it needs a float32 model and raises ``ValueError`` with
+    ``engine="keras"``.  None (default): the model as it computes.
     """
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}.")
+    check_engine(engine, precision)
+    if precision == INT8:
+        return OnnxRunner(model, precision=INT8, calibration=calibration), "onnxruntime"
     if engine == "keras" or (
         engine == "auto"
         and (unsupported_reason(model) or not onnxruntime_available() or accelerator())

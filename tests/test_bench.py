@@ -113,6 +113,17 @@ def test_benchmark_train_step_learns():
     assert np.isfinite(logits).all()
 
 
+def test_benchmark_int8_is_the_onnxruntime_engine():
+    result = bench.benchmark("convnext_atto", batch_size=2, resolution=64, warmup=0, repeats=1,
+                             precision="int8")  # fmt: skip
+    assert result.engine == "onnxruntime" and result.precision == "int8"
+    assert result.timing.images_per_second > 0
+    with pytest.raises(ValueError, match="'int8' is an inference path"):
+        bench.benchmark("convnext_atto", precision="int8", mode="train", resolution=32)
+    with pytest.raises(ValueError, match="int8' runs on the onnxruntime engine only"):
+        bench.benchmark("convnext_atto", precision="int8", engine="keras", resolution=32)
+
+
 def test_benchmark_rejects_bad_arguments():
     with pytest.raises(ValueError, match="precision must be one of"):
         bench.benchmark("convnext_atto", precision="fp8", resolution=32, repeats=1)

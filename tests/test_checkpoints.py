@@ -85,9 +85,10 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     torch.save({"model": {"x": torch.zeros(1)}, "payload": _Exploit(marker)}, path)
-    with pytest.raises(ck.UnsafeCheckpointError, match="Refused to load"):
+    with pytest.raises(ck.UnsafeCheckpointError, match="Refused to load") as info:
         ck.read_state_dict(path)
     assert not marker.exists()
+    assert "GLOBAL posix.system" in str(info.value) and "weights_only" not in str(info.value)
     # load_model goes through the same reader
     with pytest.raises(ck.UnsafeCheckpointError):
         ck.load_model("convnext_atto", weights=path)
@@ -355,3 +356,31 @@ def test_v1_and_v2_checkpoints_name_the_right_model(atto_v2_torch, tmp_path, tin
     fcmae = {k: v.numpy() for k, v in ref.fcmae_state_dict(atto_v2_torch).items()}
     with pytest.raises(ck.CheckpointError, match="no head\\): use convnextv2_atto_fcmae"):
         ck.convert_state_dict(fcmae, "femto")
+
+
+def test_a_zip_bomb_is_refused_before_pytorch_reads_it(tmp_path, monkeypatch):
+    import zipfile
+
+    path = tmp_path / "bomb.pth"  # 64 MiB of zeros deflate to 64 KiB
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+        archive.writestr("archive/data/0", bytes(64 << 20))
+    assert path.stat().st_size < 1 << 20
+
+    def never(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", never)
+    with pytest.raises(ck.CheckpointError, match="zip bomb") as info:
+        ck.read_state_dict(path)
+    assert "67,108,8" in str(info.value)  # the declared size, before anything was inflated
+
+
+def test_non_finite_weights_are_refused_at_conversion(atto_torch):
+    state = {k: v.numpy().copy() for k, v in ref.official_state_dict(atto_torch).items()}
+    state["stages.3.1.pwconv2.weight"][0, :5] = np.nan
+    state["head.bias"][3] = np.inf
+    with pytest.raises(ck.CheckpointError, match="NaN or infinite") as info:
+        ck.convert_state_dict(state, ATTO)
+    assert "stages.3.1.pwconv2.weight (5 of" in str(info.value)
+    assert "head.bias (1 of 10 values)" in str(info.value)

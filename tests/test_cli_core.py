@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 
 import keras
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 import convnext_keras as ck
 from convnext_keras.cli import main
+from convnext_keras.errors import WriteError, plain
 
 
 def test_list_shows_the_whole_collection():
@@ -78,3 +82,57 @@ def test_convert_cli_reports_a_mismatch(tmp_path, tiny_reference):
     assert result.exit_code == 2
     assert "error: The checkpoint is not a ConvNeXt-small" in result.output
     assert "convnext_tiny_1k_224" in result.output
+
+
+class _ResourceExhaustedError(Exception):
+    """Stands in for tensorflow's: a write failure reported in a library's own terms."""
+
+    __module__ = "tensorflow.python.framework.errors_impl"
+
+
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/out/m.onnx"), "(ENOSPC): /out/m.onnx"),
+        (OSError(errno.EROFS, os.strerror(errno.EROFS), "/ro/x"), "read-only"),
+        (PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/x"), "no permission"),
+        (WriteError(errno.ENOSPC, "/out/m", "the savedmodel export"), "Could not write the sav"),
+        (_ResourceExhaustedError("save failed; No space left on device\nmore"), "No space left"),
+        (ValueError("\x1b[1mbold\x1b[0m \x07words"), "bold words"),
+        (ck.CheckpointError("not a checkpoint"), "not a checkpoint"),
+    ],
+)
+def test_the_error_boundary_gives_one_line_and_status_2(monkeypatch, error, expected):
+    from convnext_keras import api
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(api, "model_table", fail)
+    result = CliRunner().invoke(main, ["list"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and expected in result.output
+    assert result.output.count("\n") == 1 and "\x1b" not in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    from convnext_keras import api
+
+    monkeypatch.setattr(api, "model_table", lambda *a, **k: {}["missing"])
+    result = CliRunner().invoke(main, ["list"])
+    assert result.exit_code == 1 and isinstance(result.exception, KeyError)
+    # Only the writing libraries' messages are read for a failed write: not a plain bug's.
+    bug = RuntimeError("Permission denied")
+    monkeypatch.setattr(api, "model_table", lambda *a, **k: _raise(bug))
+    result = CliRunner().invoke(main, ["list"])
+    assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
+
+
+def _raise(error):
+    raise error
+
+
+def test_plain_strips_terminal_codes():
+    text = "\x1b[1mWeightsUnpickler error:\x1b[0m \x1b]8;;http://x\x07link\x1b]8;;\x07\r\n\tok\x9b"
+    assert plain(text) == "WeightsUnpickler error: link\n\tok"

@@ -230,7 +230,7 @@ def test_bad_data_folders(tmp_path):
     flat = tmp_path / "flat_no_gt"
     flat.mkdir()
     (flat / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"x")
-    with pytest.raises(ValueError, match="--ground-truth"):
+    with pytest.raises(ValueError, match="ground_truth=FILE"):
         find_dataset(flat)
 
 
@@ -267,6 +267,18 @@ def test_eval_engine_choice(tmp_path):
     assert bf16.acc1 == 50.0
     with pytest.raises(ValueError, match="precision must be one of"):
         evaluate(fixed_model(), root, precision="fp64")
+
+
+def test_eval_int8_runs_on_onnxruntime_on_one_device(tmp_path):
+    root = _flat(tmp_path, [1, 2], [WNIDS[970], WNIDS[5]])
+    model = ck.build_model("atto")
+    result = evaluate(model, root, precision="int8", calibration=SOURCES[:2])
+    assert result.config["engine"] == "onnxruntime" and result.config["precision"] == "int8"
+    assert result.devices == 1 and result.evaluated == 2
+    with pytest.raises(ValueError, match="int8' runs on the onnxruntime engine only"):
+        evaluate(model, root, precision="int8", engine="keras")
+    with pytest.raises(ValueError, match="calibration photos are for precision 'int8'"):
+        evaluate(model, root, calibration=SOURCES[:2])
 
 
 def test_cli_eval_report(tmp_path):
@@ -344,3 +356,34 @@ def test_data_parallel_over_two_devices_agrees_with_reference(backend, tmp_path)
     assert len(out["devices"]) == 2 and out["used"] == 2
     assert out["top1"] == {str(f): int(c) for f, c in zip(files, top1)}
     assert out["acc1"] == pytest.approx(100 * np.mean(top1 == np.arange(5)))
+
+
+def test_cli_eval_fails_when_files_could_not_be_evaluated(tmp_path):
+    root = tmp_path / "val"
+    photo = (SKIMAGE / "rocket.jpg").read_bytes()
+    for wnid in (WNIDS[970], WNIDS[0]):
+        (root / wnid).mkdir(parents=True)
+        (root / wnid / "a.JPEG").write_bytes(photo)
+    (root / WNIDS[0] / "x.jpg").mkdir()  # a directory where an image should be
+    (root / WNIDS[0] / "cut.JPEG").write_bytes(photo[: len(photo) // 3])  # truncated JPEG
+    model_file = tmp_path / "fixed.keras"
+    fixed_model().save(model_file)
+    args = ["eval", str(root), "--model", str(model_file), "--report", str(tmp_path / "r.json")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert "2 evaluated, 2 unreadable" in result.stdout
+    assert "x.jpg: a directory, not an image file" in result.stderr
+    assert "cut.JPEG" in result.stderr and "2 file(s) could not be evaluated" in result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert {Path(u["file"]).name for u in report["unreadable"]} == {"x.jpg", "cut.JPEG"}
+    allowed = CliRunner().invoke(main, [*args, "--allow-unreadable"])
+    assert allowed.exit_code == 0, allowed.output
+
+    # NaN logits are a failure of that image, not a prediction.
+    broken = fixed_model()
+    broken.get_layer("fixed").set_weights(
+        [np.zeros((3, 1000), np.float32), np.full(1000, np.nan, np.float32)]
+    )
+    result = evaluate(broken, root, engine="keras")
+    assert result.evaluated == 0
+    assert sum("NaN or infinite" in u["error"] for u in result.unreadable) == 2

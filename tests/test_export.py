@@ -6,6 +6,7 @@ ConvNeXt-T exports share module fixtures (one export per format); error paths us
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import os
@@ -22,6 +23,7 @@ from click.testing import CliRunner
 import convnext_keras as ck
 from convnext_keras import registry
 from convnext_keras.cli import main
+from convnext_keras.errors import WriteError
 from convnext_keras.predict import with_precision
 
 # ``ck.export`` is the function; the module (for its helpers and monkeypatching) is here.
@@ -200,6 +202,7 @@ def test_onnx_pyramid_with_dynamic_size_on_any_backend(tmp_path, monkeypatch):
     props = {p.key: p.value for p in proto.metadata_props}
     assert props["convnext_keras.model"] == "convnext_atto"
     assert "ImageNet mean" in props["convnext_keras.input"]
+    assert props["convnext_keras.min_input_size"] == "32"
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(4).standard_normal((2, 77, 45, 3)).astype(np.float32)
     got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"images": x})))
@@ -277,6 +280,9 @@ def test_dynamic_size_savedmodel(atto, tmp_path):
     obj = tf.saved_model.load(str(result.path))
     x = np.random.default_rng(0).standard_normal((1, 128, 96, 3)).astype(np.float32)
     assert _diff(obj(x), atto.predict_on_batch(x)) <= 1e-4
+    # An image the network cannot take is refused by the signature, never answered with NaN.
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"at least 32x32 pixels"):
+        obj.signatures["serving_default"](images=tf.zeros((1, 16, 28, 3)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -550,3 +556,68 @@ def test_v2_model_in_every_format_and_its_fe_fine_tunes_with_tf_hub(tmp_path):
     assert report["backbone_variables"] == len(
         ck.load_model(name + "_fe", weights=None).trainable_variables
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing to a full disk, a read-only or a forbidden folder (simulated at the write: the tests
+# run as root, where permissions do not stop a write, and may not mount a small tmpfs)
+
+
+def _failing_write(code):
+    def write(proto, path, *args, **kwargs):
+        Path(path).write_bytes(b"half an export")  # a partial file first, as a real failure
+        raise OSError(code, os.strerror(code), str(path))
+
+    return write
+
+
+def test_cli_export_to_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import onnx
+
+    monkeypatch.setattr(onnx, "save", _failing_write(errno.ENOSPC))
+    out = tmp_path / "out"
+    args = ["export", "convnext_atto", "--weights", "none", "--format", "onnx", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert result.output == (
+        f"error: Could not write the export {out / 'convnext_atto.onnx'}: No space left on "
+        "device (ENOSPC); free some space or write somewhere else. Nothing was left "
+        "half-written.\n"
+    )
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_export_to_a_read_only_or_forbidden_folder_names_it(atto, tmp_path, monkeypatch, code):
+    import onnx
+
+    monkeypatch.setattr(onnx, "save", _failing_write(code))
+    with pytest.raises(WriteError) as info:
+        ck.export(atto, tmp_path / "m.onnx", "onnx")
+    assert info.value.errno == code and info.value.filename == str(tmp_path / "m.onnx")
+    assert errno.errorcode[code] in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_tf
+def test_tensorflow_s_full_disk_error_while_writing_variables_is_a_write_error(
+    atto, tmp_path, monkeypatch
+):
+    import tensorflow as tf
+
+    def full(model, path, plan, metadata):
+        path.mkdir()
+        (path / "variables").mkdir()
+        raise tf.errors.ResourceExhaustedError(
+            None, None, f"{path}/variables/variables.data-00000-of-00001.tempstate123; "
+            "No space left on device"
+        )  # fmt: skip
+
+    monkeypatch.setattr(ex, "_write_savedmodel", full)
+    with pytest.raises(WriteError, match=r"the export .*/sm: No space left on device"):
+        ck.export(atto, tmp_path / "sm")
+    assert list(tmp_path.iterdir()) == []
+    result = CliRunner().invoke(
+        main, ["export", "convnext_atto", "--weights", "none", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2 and "(ENOSPC)" in result.output, result.output

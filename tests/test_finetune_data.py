@@ -7,6 +7,7 @@ handwritten digits written out as PNG files, one folder per class.
 from __future__ import annotations
 
 import contextlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -319,3 +320,44 @@ def test_eval_batches_use_the_official_transform_and_pad_the_last_batch(colour_s
     np.testing.assert_array_equal(last[0], expected)
     np.testing.assert_array_equal(last[3], expected)  # padding repeats a real image
     np.testing.assert_array_equal(batches.labels, [y for _, y in colour_samples])
+
+
+def test_the_scan_decodes_every_file_a_truncated_jpeg_is_skipped(tmp_path):
+    root = _colour_folder(tmp_path, per_class=3, size=(64, 48))
+    buffer = io.BytesIO()
+    Image.open(root / "a" / "0.png").save(buffer, "JPEG", quality=95)
+    (root / "a" / "cut.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) * 2 // 3])
+    with Image.open(root / "a" / "cut.jpg") as image:
+        image.verify()  # what the scan used to check: it passes
+    folder = data_lib.scan(root, val_fraction=0.0)
+    assert [Path(p).name for p, _ in folder.skipped] == ["cut.jpg"]
+    assert "truncated" in folder.skipped[0][1] and len(folder.train) == 9
+
+
+def test_a_file_that_stops_decoding_never_stops_a_run(colour_samples):
+    aug = data_lib.Augment(resolution=32, crop_scale=(1.0, 1.0), hflip=0.0)
+    before = data_lib.TrainBatches(colour_samples, 3, aug, batch_size=4, epoch=0, seed=2)
+    victim = colour_samples[before.order[5]][0]  # row 1 of batch 1
+    replacement = before[1][0][2]  # the next image of the epoch's order
+    Path(victim).write_bytes(b"changed after the scan")
+    batches = data_lib.TrainBatches(colour_samples, 3, aug, batch_size=4, epoch=0, seed=2)
+    x, y = batches[1]
+    np.testing.assert_array_equal(x[1], replacement)  # replaced, deterministically
+    assert y[1].argmax() == colour_samples[before.order[6]][1]
+    assert list(batches.failures.files) == [victim]
+
+    evals = data_lib.EvalBatches(
+        colour_samples, resolution=32, crop_pct=0.875, interpolation="bicubic", batch_size=4
+    )
+    for i in range(len(evals)):
+        evals[i]
+    assert evals.failed == {colour_samples.index((victim, colour_samples[before.order[5]][1]))}
+    assert victim in evals.failures.files
+
+
+def test_a_change_of_files_is_described():
+    before = ["train\ta\tx/1.png", "train\ta\tx/2.png", "val\tb\ty/3.png"]
+    after = ["train\ta\tx/1.png", "train\tb\ty/3.png", "train\tb\ty/4.png"]
+    assert data_lib.describe_change(before, after) == (
+        "1 gone (x/2.png); 1 new (y/4.png); 1 moved to another split or class (y/3.png)"
+    )

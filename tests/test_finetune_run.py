@@ -358,3 +358,86 @@ def test_export_writes_a_verified_savedmodel_of_the_best_classifier(reference, t
     path, note = loop._export(reference[0] / "best.keras", tmp_path, 32)
     assert path is not None, note
     assert (path / "saved_model.pb").is_file() and "verified against Keras" in note
+
+
+def test_predict_with_a_run_s_model_reads_its_labels(reference, digits4, tmp_path):
+    """`convnext predict --model RUN/best.keras` names the run's classes (labels.txt beside it)
+    without --labels."""
+    out, _ = reference
+    image = sorted((digits4 / "digit2").iterdir())[0]
+    result = CliRunner().invoke(
+        main, ["predict", str(image), "--model", str(out / "best.keras"), "--json", "--top", "4"]
+    )
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)
+    assert sorted(p["label"] for p in row["predictions"]) == [f"digit{i}" for i in range(4)]
+    assert row["random_weights"] is False
+
+    elsewhere = tmp_path / "copy"
+    elsewhere.mkdir()
+    shutil.copy(out / "best.keras", elsewhere / "best.keras")
+    (elsewhere / "labels.txt").write_text("cat\ndog\n")
+    wrong = CliRunner().invoke(
+        main, ["predict", str(image), "--model", str(elsewhere / "best.keras")]
+    )
+    assert wrong.exit_code == 2
+    assert (
+        "labels.txt names 2 classes but the model has 4; pass the right names with --labels FILE"
+        in wrong.stderr
+    )
+
+
+def test_a_failed_start_writes_nothing_and_a_never_trained_folder_can_start_again(
+    digits4, tmp_path, loopback_server, monkeypatch
+):
+    """Offline, the official weights cannot be had: the run stops before writing anything (and
+    before announcing itself), so the same --out takes other options next time; so does a folder
+    whose run never trained a step (as earlier versions left one)."""
+    monkeypatch.setenv("CONVNEXT_BASE_URL", loopback_server.url)  # serves nothing
+    out = tmp_path / "run"
+    args = ["finetune", str(digits4), "--out", str(out), "--model", "convnext_tiny_1k_224"]
+    result = CliRunner().invoke(main, [*args, "--batch-size", "8", "--resolution", "32"])
+    assert result.exit_code == 2 and "Could not download" in result.stderr
+    assert "fine-tuning" not in result.stdout and not out.exists()
+
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"recipe": {"weights": "official"}}))
+    (out / "labels.txt").write_text("digit0\n")
+    again = CliRunner().invoke(main, [*args, "--weights", str(tmp_path / "mine.pth")])
+    assert again.exit_code == 2 and "mine.pth" in again.stderr
+    assert "already holds" not in again.stderr
+
+
+def test_resume_refuses_a_data_set_whose_files_changed(reference, digits4, tmp_path):
+    out = _copy_run(reference, tmp_path)
+    shutil.copy(reference[0] / loop.DATA_FILES, out / loop.DATA_FILES)
+    data = tmp_path / "data"
+    shutil.copytree(digits4, data)
+    (data / "digit1" / "0003.png").unlink()
+    shutil.copy(data / "digit2" / "0001.png", data / "digit2" / "extra.png")
+    with pytest.raises(loop.data_lib.DataError, match="changed since the run") as info:
+        loop.run(data, out, resume=True, verbose=0)
+    text = str(info.value)
+    assert "1 gone (digit1/0003.png)" in text and "1 new (digit2/extra.png)" in text
+    assert "start a new run" in text
+
+
+def test_resume_keeps_every_setting_of_the_run(reference, digits4, tmp_path):
+    """The reference run was made with --no-export: resuming it (complete) exports nothing."""
+    out = tmp_path / "again"
+    shutil.copytree(reference[0], out)
+    info = json.loads((out / "run.json").read_text())
+    assert info["settings"] == {**loop.RUN_SETTINGS, "export": False, "checkpoint_every": 3}
+    with micro_variant():
+        result = CliRunner().invoke(main, ["finetune", str(digits4), "--resume", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "already complete" in result.output and "not exported" in result.output
+    assert not (out / "savedmodel").exists()
+
+
+def test_run_files_get_the_umask_s_permissions(reference):
+    out = reference[0]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
+    assert set(modes.values()) == {0o666 & ~mask}, sorted(modes.items())

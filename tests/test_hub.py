@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ def mirror(loopback_server, tiny_reference, monkeypatch):
     _, path = tiny_reference
     shutil.copy(path, loopback_server.root / TINY.filename)
     monkeypatch.setenv("CONVNEXT_BASE_URL", loopback_server.url)
+    monkeypatch.setattr(hub, "RESUME_PAUSE_SECONDS", 0.0)
     return loopback_server
 
 
@@ -98,7 +100,8 @@ def test_missing_file_names_the_url_and_the_ways_out(loopback_server, monkeypatc
     text = str(info.value)
     assert "HTTP 404" in text
     assert f"{loopback_server.url}convnext_base_22k_1k_384.pth" in text
-    assert "weights='FILE'" in text and "--weights FILE" in text and "CONVNEXT_BASE_URL" in text
+    assert "weights='FILE'" in text and "weights=None" in text and "CONVNEXT_BASE_URL" in text
+    assert "--weights" not in text  # Python callers get Python keywords (the CLI: flags)
 
 
 def test_offline_machine(monkeypatch):
@@ -139,8 +142,9 @@ def test_two_processes_share_one_download(mirror, isolated_cache):
         assert "OK (768, 1000)" in out
     assert mirror.requests == [f"/{TINY.filename}"]
     files = [f for f in _cache_files(isolated_cache) if not f.endswith(".lock")]
-    assert files == [f"checkpoints/{TINY.filename}", "keras/convnext_tiny_1k_224.safetensors"]
-    assert hub.load_converted(isolated_cache / files[1]) is not None
+    cached = [f"checkpoints/{TINY.filename}", "keras/convnext_tiny_1k_224.safetensors"]
+    assert files == sorted(cached + [f + ".sha256" for f in cached])
+    assert hub.load_converted(isolated_cache / cached[1]) is not None
 
 
 def test_v2_checkpoints_in_every_layout_download_and_load(
@@ -200,3 +204,166 @@ def test_every_v2_name_resolves_to_its_model(name):
         outputs = model.output if ckpt.has_head else model.output["stage4"]
         assert outputs.shape[-1] == (1000 if ckpt.has_head else 320)
         assert ck.load_model(name + "_fe", weights=None).output.shape[-1] == 320
+
+
+# --- trust under faults: integrity records, pins, stalls, resumes, leftovers (issue 17) -------
+
+#: A registry-style row for an atto checkpoint: the hub's code paths at a fraction of the size.
+_ATTO_ROW = {
+    "name": "convnext_atto_test",
+    "variant": "atto",
+    "num_classes": 1000,
+    "resolution": 224,
+    "dataset": "imagenet-1k",
+    "reported_acc1": None,
+    "crop_pct": 0.875,
+}
+_ATTO_FILE = "convnext_atto_test.pth"
+ATTO = registry.Checkpoint(**_ATTO_ROW, source=registry.Source(_ATTO_FILE))
+
+
+@pytest.fixture(scope="module")
+def atto_file(tmp_path_factory):
+    spec = registry.VARIANTS["atto"]
+    model = ref.hf_model(spec.depths, spec.dims, 1000, seed=5)
+    return ref.save_official(model, tmp_path_factory.mktemp("atto") / ATTO.filename)
+
+
+@pytest.fixture
+def atto_mirror(loopback_server, atto_file, monkeypatch):
+    shutil.copy(atto_file, loopback_server.root / ATTO.filename)
+    monkeypatch.setenv("CONVNEXT_BASE_URL", loopback_server.url)
+    monkeypatch.setattr(hub, "RESUME_PAUSE_SECONDS", 0.0)
+    return loopback_server
+
+
+def _flip_byte(path, offset=None):
+    data = bytearray(path.read_bytes())
+    offset = len(data) // 2 if offset is None else offset
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        for x, y in zip(a[k], b[k], strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_damaged_cache_files_are_moved_aside_and_rebuilt(atto_mirror, isolated_cache, caplog):
+    source, converted = hub.checkpoint_cache_path(ATTO), hub.converted_cache_path(ATTO)
+    first = hub.official_weights(ATTO)
+    for path in (source, converted):  # a record of every cached file, written with it
+        assert hub.read_record(path) == hub.file_sha256(path)
+    assert atto_mirror.requests == [f"/{ATTO.filename}"]
+
+    # Bit rot in the converted weights (one mantissa bit): re-converted from the checkpoint.
+    _flip_byte(converted)
+    with caplog.at_level("WARNING", logger="convnext_keras"):
+        _same(hub.official_weights(ATTO), first)
+    assert f"{converted} is damaged" in caplog.text and "SHA-256" in caplog.text
+    assert len(list(converted.parent.glob("*.corrupt-*"))) == 1
+    assert len(atto_mirror.requests) == 1
+
+    # Bit rot in the checkpoint too: downloaded again, once.
+    _flip_byte(source)
+    converted.unlink()
+    _same(hub.official_weights(ATTO), first)
+    assert len(atto_mirror.requests) == 2 and len(list(source.parent.glob("*.corrupt-*"))) == 1
+
+    # An empty checkpoint without a record (an older version's cache, or a crash): replaced.
+    source.write_bytes(b"")
+    hub.record_path(source).unlink()
+    converted.unlink()
+    _same(hub.official_weights(ATTO), first)
+    assert len(atto_mirror.requests) == 3 and "empty" in caplog.text
+
+    # Weights with NaN behind a matching record (e.g. written by a buggy version): refused.
+    bad = {k: [a.copy() for a in v] for k, v in first.items()}
+    bad["stage3_block1_pwconv2"][0][-1, -64:] = np.nan
+    hub.save_converted(bad, converted, {"format": hub.CONVERTED_FORMAT})
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="convnext_keras"):
+        _same(hub.official_weights(ATTO), first)
+    assert "NaN or inf" in caplog.text
+    assert len(atto_mirror.requests) == 3  # rebuilt from the (good) checkpoint
+
+
+def test_a_changed_byte_in_a_download_is_refused(atto_mirror, atto_file, isolated_cache, tmp_path):
+    atto_mirror.mode = "corrupt"  # a bad mirror or proxy: one byte of a tensor flipped
+    with pytest.raises(ck.DownloadError, match="CRC-32") as info:
+        hub.official_weights(ATTO)
+    text = str(info.value)
+    assert ATTO.url in text and str(hub.checkpoint_cache_path(ATTO)) in text
+    assert ".part" not in text  # the temporary file is gone: never named
+    assert not [f for f in _cache_files(isolated_cache) if not f.endswith(".lock")]
+
+    # A pinned SHA-256 is checked too (env per model, or a sha256sum-style file).
+    digest = hub.file_sha256(atto_file)
+    sums = tmp_path / "SHA256SUMS"
+    sums.write_text(f"{'0' * 64}  {ATTO.filename}\n")
+    atto_mirror.mode = "ok"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CONVNEXT_SHA256SUMS", str(sums))
+        with pytest.raises(ck.DownloadError, match="not 0000.* as pinned by CONVNEXT_SHA256SUMS"):
+            hub.official_weights(ATTO)
+        mp.setenv("CONVNEXT_SHA256_CONVNEXT_ATTO_TEST", digest)  # the variable wins
+        hub.official_weights(ATTO)
+        assert hub.read_record(hub.checkpoint_cache_path(ATTO)) == digest
+        mp.setenv("CONVNEXT_SHA256_CONVNEXT_ATTO_TEST", "abc")
+        with pytest.raises(ValueError, match="not a SHA-256"):
+            hub.expected_sha256(ATTO)
+
+
+def test_a_dropped_connection_resumes_with_a_range_request(atto_mirror, atto_file):
+    atto_mirror.mode = "drop"  # hangs up after 40 % of the file, then honours Range
+    weights = hub.official_weights(ATTO)
+    assert weights["head_fc"][0].shape == (320, 1000)
+    size = atto_file.stat().st_size
+    assert atto_mirror.ranges == [None, f"bytes={size * 2 // 5}-"]
+    cached = hub.checkpoint_cache_path(ATTO)
+    assert cached.read_bytes() == atto_file.read_bytes()
+    assert hub.read_record(cached) == hub.file_sha256(atto_file)
+
+
+def test_a_trickling_server_is_abandoned_naming_the_url(atto_mirror, isolated_cache):
+    atto_mirror.mode = "trickle"  # one byte every 0.1 s: each read succeeds, nothing moves
+    start = time.monotonic()
+    with pytest.raises(ck.DownloadError, match="stalled") as info:
+        hub.fetch(ATTO.url, hub.checkpoint_cache_path(ATTO), verify=lambda p: p, stall=1.0)
+    assert time.monotonic() - start < 10
+    assert ATTO.url in str(info.value) and "CONVNEXT_BASE_URL" in str(info.value)
+    assert not [f for f in _cache_files(isolated_cache) if not f.endswith(".lock")]
+
+
+def test_kill_9_mid_download_leaves_a_temp_file_a_later_load_removes(atto_mirror, isolated_cache):
+    atto_mirror.mode = "trickle"
+    script = textwrap.dedent(
+        f"""
+        from convnext_keras import hub, registry
+        ckpt = registry.Checkpoint(**{_ATTO_ROW!r}, source=registry.Source({_ATTO_FILE!r}))
+        hub.official_weights(ckpt)
+        """
+    )
+    env = {**os.environ, "CONVNEXT_HOME": str(isolated_cache), "KERAS_BACKEND": "jax"}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env)
+    folder = isolated_cache / "checkpoints"
+    deadline = time.monotonic() + 60
+    while not (atto_mirror.requests and list(folder.glob(".*.part"))):  # mid-download
+        assert time.monotonic() < deadline and proc.poll() is None, "no download started"
+        time.sleep(0.1)
+    proc.kill()  # SIGKILL: no clean-up runs
+    proc.wait(timeout=30)
+    (leftover,) = folder.glob(".*.part")
+    hub.clean_stale(folder)
+    assert leftover.exists()  # fresh: it could belong to a running download
+    old = time.time() - hub.STALE_SECONDS - 60
+    os.utime(leftover, (old, old))
+    with hub._locked(folder / ATTO.filename):  # a writer holds the lock: kept
+        hub.clean_stale(folder)
+        assert leftover.exists()
+    atto_mirror.mode = "ok"
+    hub.official_weights(ATTO)  # the next load clears it
+    assert not leftover.exists()
+    assert not list(folder.glob(".*.part")) and not list((isolated_cache / "keras").glob(".*"))

@@ -185,3 +185,43 @@ def test_a_training_step_reduces_the_loss():
     for _ in range(15):
         last = float(model.train_on_batch(x, y))
     assert np.isfinite(first) and last < first
+
+
+@pytest.mark.backends
+def test_too_small_images_are_refused_with_the_minimum_never_nan():
+    minimum = registry.VARIANTS["atto"].min_input_size
+    assert minimum == registry.STEM_PATCH * registry.DOWNSAMPLE_STRIDE**3 == 32
+    model = ck.build_model("atto", num_classes=5)
+    small = np.zeros((1, 16, 28, 3), "float32")
+    message = r"at least 32x32 pixels .*; got 16x28\."
+    with pytest.raises(ValueError, match=message):
+        model(small)
+    with pytest.raises(ValueError, match=message):
+        model.predict_on_batch(small)
+    with pytest.raises(ValueError, match=r"at least 32x32 .*; got 16x16"):
+        ck.build_model("atto", input_shape=(16, 16, 3))
+    fine = model.predict_on_batch(np.ones((1, minimum, minimum + 7, 3), "float32"))
+    assert np.isfinite(fine).all()
+    if keras.backend.backend() == "tensorflow":
+        # After several sizes Keras traces predict() with an unknown size: the graph asserts.
+        for size in (64, 48, 40):
+            model.predict(np.zeros((1, size, size, 3), "float32"), verbose=0)
+        with pytest.raises(Exception, match=r"at least 32x32 pixels") as info:
+            model.predict(small, verbose=0)
+        assert "16" in str(info.value) and "28" in str(info.value)
+
+
+@pytest.mark.backends
+def test_channels_first_global_setting_builds_the_same_nhwc_network():
+    x = np.random.default_rng(0).standard_normal((2, 64, 48, 3)).astype("float32")
+    reference = ck.build_model("atto", num_classes=4)
+    previous = keras.config.image_data_format()
+    keras.config.set_image_data_format("channels_first")
+    try:
+        model = ck.build_model("atto", num_classes=4)
+        model.set_weights(reference.get_weights())
+        np.testing.assert_allclose(
+            model.predict_on_batch(x), reference.predict_on_batch(x), rtol=1e-5, atol=1e-5
+        )
+    finally:
+        keras.config.set_image_data_format(previous)

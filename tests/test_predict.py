@@ -217,7 +217,7 @@ def test_bf16_logits_within_bf16_tolerance_of_pytorch_float32(atto, keras_atto):
     sure = top2[:, 1] - top2[:, 0] > 2 * np.abs(got - want).max(axis=-1)
     assert sure.sum() >= len(photos) // 2
     np.testing.assert_array_equal(got.argmax(-1)[sure], want.argmax(-1)[sure])
-    pinned = {x.name for x in bf16.layers if x.weights and x.dtype_policy.name == "float32"}
+    pinned = {x.name for x in bf16.layers[1:] if x.dtype_policy.name == "float32"}  # no input
     assert pinned == FLOAT32_LAYERS
 
     # A model object (or .keras file) in float32 -> the same bf16 network, weights shared.
@@ -248,16 +248,20 @@ def test_precision_none_follows_the_global_policy_and_a_value_overrides_it():
 
 
 def test_bad_precision_fails_before_any_download():
-    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16, got 'fp8'"):
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16, int8, got"):
         load_classifier("convnext_tiny_1k_224", precision="fp8")
     with pytest.raises(ValueError, match="precision must be one of"):
-        predict_files("convnext_tiny_1k_224", PHOTOS, precision="int8")
+        predict_files("convnext_tiny_1k_224", PHOTOS, precision="int4")
+    with pytest.raises(ValueError, match="calibration photos are for precision 'int8'"):
+        predict_files("convnext_tiny_1k_224", PHOTOS, calibration=EXAMPLES)
+    with pytest.raises(FileNotFoundError, match="No such calibration image or folder"):
+        predict_files("convnext_tiny_1k_224", PHOTOS, precision="int8", calibration="missing/")
 
 
 def test_cli_precision_choices_are_the_model_precisions():
     from convnext_keras.cli import _app
 
-    assert _app.PRECISIONS == tuple(PRECISIONS)
+    assert _app.PRECISIONS == (*PRECISIONS, runtime.INT8)
 
 
 # --- the command line ---------------------------------------------------------------------------
@@ -302,6 +306,25 @@ def test_cli_predict_bf16(atto, keras_atto):
     assert got["probability"] == pytest.approx(float(probs.max()), rel=2e-2)
     bad = _invoke([*args, "--precision", "fp8"])
     assert bad.exit_code == 2 and "'fp8' is not one of 'fp32', 'bf16', 'fp16'" in bad.output
+
+
+def test_cli_predict_int8(atto, keras_atto):
+    """``--precision int8 --calibration DIR``: the int8 engine calibrated on DIR's photos
+    through the model's official transform (the same logits as that runner made by hand)."""
+    _, ckpt = atto
+    args = ["predict", str(PHOTOS[0]), "--model", "convnext_atto", "--weights", str(ckpt)]
+    result = _invoke([*args, "--precision", "int8", "--calibration", str(EXAMPLES), "--json"])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)[0]["predictions"]
+    config = preprocess.as_config("convnext_atto")
+    runner = runtime.OnnxRunner(
+        keras_atto, precision="int8", calibration=runtime.calibration_images(EXAMPLES, config)
+    )
+    probs = softmax(runner(preprocess.transform_file(PHOTOS[0], config)[None]))[0]
+    assert [p["index"] for p in got] == list(np.argsort(-probs)[:5])
+    assert got[0]["probability"] == pytest.approx(float(probs.max()), rel=1e-5)
+    bad = _invoke([*args, "--calibration", str(EXAMPLES)])
+    assert bad.exit_code == 2 and "error: calibration photos are for precision 'int8'" in bad.output
 
 
 def test_cli_predict_cam(atto, tmp_path):
@@ -391,3 +414,58 @@ def test_v2_cli_predict_with_cam_and_encoders_refused(atto_v2, tmp_path):
         assert bad.exit_code == 2, bad.output
         assert f"is {what} without a classification head" in bad.stderr
         assert "convnextv2_atto_1k_224" in bad.stderr
+
+
+def test_cli_predict_never_prints_nan_a_non_finite_logit_fails_that_image(
+    atto, monkeypatch, tmp_path
+):
+    from convnext_keras import predict as predict_lib
+
+    tiny = tmp_path / "tiny.png"  # 16x16: predict owns the resize, so the network can take it
+    Image.open(PHOTOS[0]).resize((16, 16)).save(tiny)
+
+    real = predict_lib.runtime.inference_function
+
+    def broken(model, engine="auto", **options):  # the second image of every batch is NaN
+        run, name = real(model, engine, **options)
+
+        def run_batch(images):
+            logits = np.array(run(images), dtype=np.float32)
+            logits[1:2] = np.nan
+            return logits
+
+        return run_batch, name
+
+    monkeypatch.setattr(predict_lib.runtime, "inference_function", broken)
+    args = ["predict", str(tiny), str(PHOTOS[1]), "--model", "convnext_atto", "--json"]
+    result = _invoke([*args, "--weights", str(atto[1])])
+    assert result.exit_code == 1, result.output
+    assert "NaN" not in result.stdout.replace("NaN or infinite", "")
+    rows = json.loads(result.stdout)  # valid JSON
+    assert "predictions" in rows[0] and "NaN or infinite logits" in rows[1]["error"]
+    assert "1 of 2 images could not be classified" in result.stderr
+    with pytest.raises(ValueError, match=r"Rows \[1\] of the logits hold NaN"):
+        decode_predictions(np.array([[1.0, 2.0], [np.nan, 0.0]]), labels=["a", "b"])
+
+
+def test_cli_predict_with_a_keras_file_safe_mode_refuses_is_one_line(tmp_path):
+    import zipfile
+
+    inputs = keras.Input((4,))
+    keras.Model(inputs, keras.layers.Lambda(lambda x: x)(inputs)).save(tmp_path / "ok.keras")
+    with zipfile.ZipFile(tmp_path / "ok.keras") as archive:
+        files = {n: archive.read(n) for n in archive.namelist()}
+    config = json.loads(files["config.json"])
+    for module, function in (("os", "system"), ("builtins", "exec")):
+        config["config"]["layers"][1]["config"]["function"] = {
+            "module": module, "class_name": "function", "config": function,
+            "registered_name": "function",
+        }  # fmt: skip
+        evil = tmp_path / f"{function}.keras"
+        with zipfile.ZipFile(evil, "w") as archive:
+            for name, data in files.items():
+                archive.writestr(name, json.dumps(config) if name == "config.json" else data)
+        result = CliRunner().invoke(main, ["predict", str(PHOTOS[0]), "--model", str(evil)])
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith(f"error: {evil} could not be loaded as a Keras model")
+        assert f"'{function}'" in result.output and result.output.count("\n") == 1

@@ -9,6 +9,7 @@ import torch_reference as ref
 
 import convnext_keras as ck
 from convnext_keras import registry, runtime
+from convnext_keras.model import dtype_policy
 
 TOLERANCE = 1e-4
 
@@ -179,7 +180,127 @@ def test_bad_inputs_are_explained():
         runner(np.zeros((64, 64, 3), np.float32))
     with pytest.raises(ValueError, match=r"NHWC"):
         runner(np.zeros((1, 3, 64, 64), np.float32))
-    with pytest.raises(ValueError, match="smaller than ConvNeXt's total stride 32"):
-        runner(np.ones((1, 16, 16, 3), np.float32))
+    with pytest.raises(ValueError, match="at least 32x32 pixels .*; got 16x40"):
+        runner(np.ones((1, 16, 40, 3), np.float32))
+    with pytest.raises(ValueError, match="at least 32x32 pixels .*; got 31x64"):
+        runtime.build_onnx_graph(ck.build_model("atto"), 31, 64)
     with pytest.raises(ValueError, match="not a ConvNeXt"):
         runtime.OnnxRunner(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]))
+
+
+# --- opt-in int8 (static post-training quantization by onnxruntime) ---------------------------
+
+
+@pytest.fixture(scope="module")
+def atto_int8(atto_checkpoint):
+    """The well-spread atto classifier, its float32 runner and its int8 runner calibrated on
+    every other sample photo (7 of 14; the other 7 are held out)."""
+    _, path = atto_checkpoint
+    model = ck.load_model("convnext_atto", weights=path)
+    photos = runtime.calibration_images(None, "convnext_atto")
+    int8 = runtime.OnnxRunner(model, precision="int8", calibration=photos[::2])
+    return model, runtime.OnnxRunner(model), int8, photos
+
+
+def test_int8_quantizes_the_matrix_products_only(atto_int8):
+    """Stem, downsampling and pointwise products become integer products with one weight scale
+    per output channel; LayerNorm, GELU, the depthwise convolution and the head stay float."""
+    model, _, _, photos = atto_int8
+    quantized = runtime.quantize_int8(model, photos[:2])
+    graph = quantized.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    inits = {i.name: i for i in graph.initializer}
+    spec = registry.VARIANTS["atto"]
+    products = [n for n in graph.node if n.op_type == "MatMul"]
+    assert len(products) == 1 + (len(spec.depths) - 1) + 2 * sum(spec.depths)  # head: a Gemm
+    for node in products:
+        data, weight = (producer[name] for name in node.input)
+        assert data.op_type == weight.op_type == "DequantizeLinear"
+        assert inits[weight.input[0]].data_type == 3  # int8 weights
+        out_channels = inits[weight.input[0]].dims[1]
+        assert list(inits[weight.input[1]].dims) == [out_channels]  # per channel
+    for node in graph.node:
+        if node.op_type in ("LayerNormalization", "Gelu", "Conv", "Gemm"):
+            assert all(
+                name in inits or producer[name].op_type != "DequantizeLinear" for name in node.input
+            ), node.name
+    props = {p.key: p.value for p in quantized.metadata_props}
+    assert props["convnext_keras.precision"] == "int8"
+    assert props["convnext_keras.calibration_images"] == "2"
+
+
+def test_int8_runner_runs_any_size_close_to_float32(atto_int8):
+    """Random weights make top-1 meaningless (the trained proxy in test_finetune_learning.py
+    measures agreement); here: shapes, one session for every size, and a bounded error."""
+    _, fp32, int8, photos = atto_int8
+    held_out = photos[1::2]
+    got, want = int8(held_out), fp32(held_out)
+    assert got.shape == want.shape == (len(held_out), 1000) and got.dtype == np.float32
+    assert np.isfinite(got).all()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.1
+    assert int8(_images(3, 70, 45)).shape == (3, 1000)
+    assert list(int8._sessions) == [None]  # quantized once, dynamic height/width
+    assert int8.quantization["convnext_keras.calibration_images"] == "7"
+    # (main's wording since issue 17: "at least 32x32 pixels"; either passes until the merge)
+    with pytest.raises(ValueError, match="total stride 32|at least 32x32 pixels"):
+        int8(np.ones((1, 16, 16, 3), np.float32))
+
+
+def test_int8_pooled_features(atto_checkpoint, atto_int8):
+    """The ``_fe`` head (no classifier to exclude): pooled features close to float32."""
+    photos = atto_int8[3]
+    pooled = ck.load_model("convnext_atto", weights=atto_checkpoint[1], features="pooled")
+    got = runtime.OnnxRunner(pooled, precision="int8", calibration=photos[::2])(photos[1::2])
+    want = runtime.OnnxRunner(pooled)(photos[1::2])
+    assert got.shape == want.shape == (7, 320)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.1
+
+
+def test_int8_is_an_onnxruntime_choice_with_clear_errors(atto_int8, tmp_path):
+    model = atto_int8[0]
+    with pytest.raises(ValueError, match="int8' runs on the onnxruntime engine only"):
+        runtime.inference_function(model, "keras", precision="int8")
+    with pytest.raises(ValueError, match="None or 'int8', got 'bf16'"):
+        runtime.inference_function(model, precision="bf16")
+    with pytest.raises(ValueError, match="computes in fp32 or int8, got precision 'fp16'"):
+        runtime.OnnxRunner(model, precision="fp16")
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16, int8"):
+        runtime.split_precision("int4")
+    assert runtime.split_precision("int8") == ("fp32", "int8")
+    with pytest.raises(ValueError, match="'int8' is not a Keras dtype policy"):
+        ck.load_model("convnext_atto", weights=None, precision="int8")
+    assert runtime.split_precision("bf16") == ("bf16", None)
+    with pytest.raises(ValueError, match=r"calibration must be .*got shape \(224, 224, 3\)"):
+        runtime.OnnxRunner(model, precision="int8", calibration=np.zeros((224, 224, 3)))
+    with pytest.raises(ValueError, match="NaN"):
+        runtime.OnnxRunner(model, precision="int8", calibration=np.full((1, 64, 64, 3), np.nan))
+    (tmp_path / "notes.txt").write_text("not a photo")
+    with pytest.raises(ValueError, match="No image files in"):
+        runtime.calibration_images(tmp_path)
+    with pytest.raises(FileNotFoundError, match="No such calibration image"):
+        runtime.calibration_images(tmp_path / "missing")
+    with dtype_policy("bf16"):
+        bf16 = ck.build_model("atto")
+    with pytest.raises(ValueError, match="computes in bfloat16"):
+        runtime.inference_function(bf16, precision="int8")
+
+
+def test_calibration_images_are_real_photos_through_the_official_transform(tmp_path):
+    from PIL import Image
+
+    from convnext_keras import preprocess
+
+    photos = runtime.sample_photos()
+    assert len(photos) == 14 and all(p.is_file() for p in photos)
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for i, p in enumerate(photos[:3]):
+        Image.open(p).convert("RGB").save(folder / ("sub" if i else ".") / f"{i}.png")
+    (folder / ".hidden.png").write_bytes(b"")
+    (folder / "labels.csv").write_text("a,b")
+    files = runtime.calibration_files(folder)
+    assert [f.relative_to(folder).as_posix() for f in files] == ["0.png", "sub/1.png", "sub/2.png"]
+    images = runtime.calibration_images(folder, (64, 0.875, "bicubic"), limit=2)
+    assert images.shape == (2, 64, 64, 3) and images.dtype == np.float32
+    expected = preprocess.transform_file(folder / "sub" / "2.png", (64, 0.875, "bicubic"))
+    np.testing.assert_array_equal(images[1], expected)  # evenly spaced: first and last

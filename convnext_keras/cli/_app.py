@@ -8,32 +8,55 @@ import sys
 import click
 
 from .. import __version__
+from ._quiet import quiet_backend_logs
 
 
 class ConvnextGroup(click.Group):
-    """Turns the library's user errors into one readable line and exit status 2, not a trace."""
+    """The error boundary of every command: a user's error becomes one readable line on stderr
+    and exit status 2, never a traceback.  (Exit status 1 is a command's own "some inputs
+    failed"; 3 a diverged fine-tuning run.)
+
+    User errors: the library's (``CheckpointError``, ``DownloadError``, and every
+    ``ValueError``: bad names, options, data, files), any ``OSError`` (a missing file, a full
+    disk, a read-only or forbidden folder - named with its errno and the fix), and a write
+    failure another library reports in its own terms (TensorFlow's ``ResourceExhaustedError``
+    for a full disk).  Anything else is a bug and keeps its traceback.
+    """
 
     def invoke(self, ctx):
-        from ..checkpoints import CheckpointError
-        from ..hub import DownloadError
-
         try:
             return super().invoke(ctx)
-        except (
-            CheckpointError,
-            DownloadError,
-            ValueError,
-            FileNotFoundError,
-            FileExistsError,
-        ) as e:
-            click.echo(f"error: {e}", err=True)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as e:
+            message = user_error(e)
+            if message is None:
+                raise
+            click.echo(f"error: {message}", err=True)
             sys.exit(2)
+
+
+def user_error(error: Exception) -> str | None:
+    """The one-line message of an error the user can fix, or None for anything else (a bug)."""
+    from ..checkpoints import CheckpointError
+    from ..errors import describe, write_errno
+    from ..hub import DownloadError
+
+    if isinstance(error, (CheckpointError, DownloadError, ValueError, OSError)):
+        return describe(error)
+    if write_errno(error) is not None:  # e.g. TensorFlow's ResourceExhaustedError (disk full)
+        return describe(error).splitlines()[0]
+    return None
 
 
 @click.group(cls=ConvnextGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="convnext")
-def main():
+@click.pass_context
+def main(ctx):
     """ConvNeXt for Keras 3: official checkpoints, conversion, prediction, export, training."""
+    from ..interface import command_line
+
+    ctx.with_resource(command_line())  # errors name flags (--weights none), not weights=None
 
 
 def echo_table(title: str, columns: list[str], rows: list[list], justify=None):
@@ -50,7 +73,8 @@ def echo_table(title: str, columns: list[str], rows: list[list], justify=None):
 
 
 def backend_option(f):
-    """``--backend tensorflow|jax|torch``: sets KERAS_BACKEND before Keras is imported."""
+    """``--backend tensorflow|jax|torch``: sets KERAS_BACKEND before Keras is imported, and
+    quiets the backends' C++ start-up logging (``_quiet``): for every command that computes."""
 
     @click.option(
         "--backend",
@@ -66,6 +90,7 @@ def backend_option(f):
             if "keras" in sys.modules and os.environ.get("KERAS_BACKEND", "tensorflow") != backend:
                 raise click.UsageError("--backend must be chosen before Keras is imported.")
             os.environ["KERAS_BACKEND"] = backend
+        quiet_backend_logs()
         return f(*args, **kwargs)
 
     return wrapper
@@ -83,13 +108,14 @@ def engine_option(help_text: str):
     )
 
 
-#: ``--precision`` values (``model.PRECISIONS``' keys, repeated for the same reason; a test
-#: keeps them equal).
-PRECISIONS = ("fp32", "bf16", "fp16")
+#: ``--precision`` values (``model.PRECISIONS``' keys and ``runtime.INT8``, repeated for the
+#: same reason; a test keeps them equal).
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 
 def precision_option(help_text: str):
-    """``--precision fp32|bf16|fp16`` (float32 or a Keras mixed-precision policy)."""
+    """``--precision fp32|bf16|fp16|int8`` (float32, a Keras mixed-precision policy, or the
+    onnxruntime engine's opt-in int8)."""
     return click.option(
         "--precision",
         type=click.Choice(PRECISIONS),
@@ -106,6 +132,13 @@ WEIGHTS_HELP = (
 )
 
 
+#: Printed with every human-readable result of a model with random weights (``--weights none``).
+RANDOM_WEIGHTS_BANNER = (
+    "RANDOM WEIGHTS (--weights none): the pipeline runs, but the answers mean nothing; "
+    "--weights official or --weights FILE gives the trained model."
+)
+
+
 def parse_weights(value: str | None):
     """``--weights`` -> ``load_model``'s ``weights=``: "official", None (random) or a path."""
     if value is None or value.lower() in ("none", "random"):
@@ -113,3 +146,17 @@ def parse_weights(value: str | None):
     if value.lower() == "official":
         return "official"
     return value
+
+
+def calibration_option(f):
+    """``--calibration PATH``: the photos that calibrate ``--precision int8``."""
+    import pathlib
+
+    return click.option(
+        "--calibration",
+        type=click.Path(exists=True, path_type=pathlib.Path),
+        default=None,
+        help="--precision int8 only: a folder (or file) of photos like the ones you will "
+        "classify, to calibrate the quantization (default: scikit-image's and scikit-learn's "
+        "sample photos).",
+    )(f)

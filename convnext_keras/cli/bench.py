@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .. import registry
 from ._app import backend_option, echo_table, engine_option, main, precision_option
 
 
@@ -19,10 +20,13 @@ from ._app import backend_option, echo_table, engine_option, main, precision_opt
 @click.option(
     "--resolution",
     default=None,
-    type=click.IntRange(min=32),
+    type=click.IntRange(min=registry.MIN_INPUT_SIZE),
     help="Input height and width (default: the checkpoint's, 224 for architectures).",
 )
-@precision_option("float32, or mixed bfloat16 / float16 (Keras dtype policy).")
+@precision_option(
+    "float32, mixed bfloat16 / float16 (Keras dtype policy), or int8 (inference only: "
+    "onnxruntime with the model quantized to int8, calibrated on the sample photos)."
+)
 @click.option("--mode", type=click.Choice(["infer", "train"]), default="infer", show_default=True)
 @engine_option("Inference engine: auto = the default predict/eval path.")
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0))

@@ -1,10 +1,12 @@
-"""``convnext list`` and ``convnext convert``."""
+"""``convnext list``, ``convnext convert`` and ``convnext fetch``."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from ._app import echo_table, main
+from ._app import echo_table, main, quiet_backend_logs
 
 
 @main.command("list")
@@ -71,9 +73,56 @@ def list_command(pattern, as_json, markdown):
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 def convert_command(checkpoint, model_name, out, features, overwrite):
     """Convert CHECKPOINT (official, timm or Hugging Face layout) to a .keras model."""
+    quiet_backend_logs()
     from .. import api
 
     path = api.convert_checkpoint(
         checkpoint, model_name, out, features=features, overwrite=overwrite
     )
     click.echo(f"wrote {path}")
+
+
+@main.command("fetch")
+@click.argument("names", nargs=-1, required=True)
+@click.option(
+    "--to",
+    "folder",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder to put the official files in (created).",
+)
+def fetch_command(names, folder):
+    """Download official checkpoint files into a folder, to carry to a machine without internet.
+
+    NAMES are model names (convnext_tiny_1k_224; an _fe twin means the same file) or shell
+    patterns ('convnext_tiny_*'). Each file is verified (it must be that checkpoint) and kept
+    under its official name; the cache's copy is used when there is one. On the other machine,
+    point CONVNEXT_BASE_URL at the folder, or pass one file with --weights FILE.
+    """
+    from .. import api, hub, registry
+
+    wanted: dict[str, registry.Checkpoint] = {}
+    for name in names:
+        if any(c in name for c in "*?["):
+            matched = api.list_models(name, include_fe=False)
+            if not matched:
+                raise ValueError(f"{name!r} matches no model name; see `convnext list`.")
+        else:
+            matched = [name]
+        for each in matched:
+            resolved = registry.resolve(each)
+            if resolved.checkpoint is None:
+                raise ValueError(
+                    f"{each!r} is an architecture without an official checkpoint; see "
+                    "`convnext list` for the names that have one."
+                )
+            wanted[resolved.checkpoint.filename] = resolved.checkpoint
+    for ckpt in wanted.values():
+        path, how = hub.fetch_official(ckpt, folder)
+        size = path.stat().st_size / 1e6
+        click.echo(f"{path}  ({ckpt.name}, {size:,.1f} MB, {how})")
+    where = folder.expanduser().resolve()
+    click.echo(
+        f"On the machine without internet: CONVNEXT_BASE_URL={where.as_uri()}/ convnext predict "
+        f"... --model NAME, or --weights {where}/FILE."
+    )

@@ -6,7 +6,14 @@ import sys
 
 import click
 
-from ._app import WEIGHTS_HELP, backend_option, main, parse_weights
+from ._app import (
+    RANDOM_WEIGHTS_BANNER,
+    WEIGHTS_HELP,
+    backend_option,
+    main,
+    parse_weights,
+    quiet_backend_logs,
+)
 
 
 def _fail(error: Exception):
@@ -94,6 +101,8 @@ def export_command(
         click.echo(json.dumps([r.to_dict() for r in results], indent=2))
         return
     for r in results:
+        if r.random_weights:
+            click.echo(RANDOM_WEIGHTS_BANNER)
         click.echo(
             f"wrote {r.path} ({r.format}; input {list(r.input_shape)} {r.input_dtype}; "
             f"outputs {', '.join(r.outputs)}; {r.seconds}s)"
@@ -124,6 +133,7 @@ def export_command(
 def collection_command(out, pattern, weights_dir, overwrite):
     """Build the TF-Hub-style collection: per model a classifier and a _fe SavedModel, .keras
     files and a model card, plus an index page. Skips what is already built and verified."""
+    quiet_backend_logs()
     from .. import collection
 
     report = collection.build_collection(

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from .. import registry
 from ._app import backend_option, main, parse_weights
 
 # Recipe options: every default is None ("the recipe's default", or the saved value when
@@ -92,7 +93,7 @@ _RECIPE_OPTIONS = [
     (
         "--resolution",
         "resolution",
-        click.IntRange(min=32),
+        click.IntRange(min=registry.MIN_INPUT_SIZE),
         "Training/validation image size. [default: the model's, 224 or 384]",
     ),
     ("--crop-pct", "crop_pct", float, "Validation centre-crop fraction. [default: the model's]"),
@@ -164,9 +165,8 @@ def _recipe_options(f):
 @click.option(
     "--distribution",
     type=click.Choice(["auto", "off"]),
-    default="auto",
-    show_default=True,
-    help="auto: data-parallel over every local device; off: one device.",
+    default=None,
+    help="auto: data-parallel over every local device; off: one device. [default: auto]",
 )
 @click.option(
     "--multi-host",
@@ -177,23 +177,21 @@ def _recipe_options(f):
 @click.option("--workers", type=click.IntRange(min=1), help="Image loader threads.")
 @click.option(
     "--checkpoint-every",
-    default=200,
-    show_default=True,
+    default=None,
     type=click.IntRange(min=0),
-    help="Write the training state every N steps (0: only at epoch ends and by time).",
+    help="Write the training state every N steps (0: only at epoch ends and by time). "
+    "[default: 200]",
 )
 @click.option(
     "--checkpoint-minutes",
-    default=10.0,
-    show_default=True,
+    default=None,
     type=click.FloatRange(min=0),
-    help="... or every M minutes, whichever comes first.",
+    help="... or every M minutes, whichever comes first. [default: 10]",
 )
 @click.option(
     "--export/--no-export",
-    default=True,
-    show_default=True,
-    help="Export the best classifier as a verified SavedModel at the end.",
+    default=None,
+    help="Export the best classifier as a verified SavedModel at the end. [default: export]",
 )
 @click.option(
     "--jit/--no-jit",
@@ -221,7 +219,9 @@ def finetune_command(
     The recipe is the original's ImageNet-22k -> 1k fine-tuning (facebookresearch/ConvNeXt
     TRAINING.md): AdamW, layer-wise lr decay 0.8, warmup + cosine per step, label smoothing
     0.1, a freshly initialised head scaled by 0.001. Writes checkpoints atomically; after a
-    crash or Ctrl-C, run again with --resume OUT.
+    crash or Ctrl-C, run again with --resume OUT: it keeps every setting of the run (options
+    after it override --distribution, --checkpoint-*, --export, --jit) and refuses a data
+    directory whose files changed.
     """
     if resume_dir and out and resume_dir != out:
         raise click.UsageError("--resume names the run directory; drop --out or make them equal.")
@@ -247,7 +247,7 @@ def finetune_command(
             checkpoint_every=checkpoint_every,
             checkpoint_minutes=checkpoint_minutes,
             export=export,
-            jit_compile="auto" if jit is None else jit,
+            jit_compile=jit,
             verbose=0 if quiet else 1,
             **given,
         )

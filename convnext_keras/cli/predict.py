@@ -9,8 +9,10 @@ from pathlib import Path
 import click
 
 from ._app import (
+    RANDOM_WEIGHTS_BANNER,
     WEIGHTS_HELP,
     backend_option,
+    calibration_option,
     engine_option,
     main,
     parse_weights,
@@ -20,7 +22,8 @@ from ._app import (
 _MODEL_HELP = "Model name (convnext_tiny_1k_224, ...; see `convnext list`) or a .keras file."
 _PRECISION_HELP = (
     "fp32, or Keras mixed precision bf16 / fp16 (runs on Keras: faster on GPUs, slower on CPUs "
-    "without native bfloat16)."
+    "without native bfloat16), or int8 (opt-in: onnxruntime on the CPU, the model quantized to "
+    "int8 after calibration on real photos; close to fp32, not equal: see BENCHMARKS.md)."
 )
 
 
@@ -49,20 +52,24 @@ def _read_labels(path):
     "--labels",
     "labels_file",
     type=click.Path(exists=True, dir_okay=False),
-    help="Class names, one per line, for heads that are neither ImageNet-1k nor -21k.",
+    help="Class names, one per line, for heads that are neither ImageNet-1k nor -21k "
+    "(default for a .keras file: labels.txt beside it, as `convnext finetune` writes).",
 )
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option(
     "--no-exif", is_flag=True, help="Ignore EXIF orientation (default: photos turned upright)."
 )
 @precision_option(_PRECISION_HELP)
+@calibration_option
 @backend_option
 def predict_command(
-    images, model_name, weights, top, as_json, cam_dir, labels_file, batch_size, no_exif, precision
-):
+    images, model_name, weights, top, as_json, cam_dir, labels_file, batch_size, no_exif,
+    precision, calibration,
+):  # fmt: skip
     """Classify IMAGES: top-k labels with probabilities (softmax of the logits).
 
-    Unreadable files are reported and skipped; the exit status is 1 if any failed.
+    Unreadable files (and any the model returns NaN/inf for) are reported and skipped; the
+    exit status is 1 if any failed, 2 for a bad command (unknown model, damaged weights...).
     """
     from ..predict import predict_files
 
@@ -76,14 +83,17 @@ def predict_command(
         cam_dir=cam_dir,
         exif_transpose=not no_exif,
         precision=precision,
+        calibration=calibration,
     )
-    if as_json:
-        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+    if as_json:  # allow_nan=False: never the invalid JSON token NaN (predict_files has none)
+        click.echo(json.dumps([r.to_dict() for r in results], indent=2, allow_nan=False))
     else:
+        if any(r.random_weights for r in results):
+            click.echo(RANDOM_WEIGHTS_BANNER)
         for r in results:
             if not r.ok:
                 continue
-            click.echo(r.path)
+            click.echo(r.path + ("  [random weights]" if r.random_weights else ""))
             width = max(len(p.name) for p in r.predictions)
             for rank, p in enumerate(r.predictions, 1):
                 wnid = f"  {p.wnid}" if p.wnid else ""
@@ -94,7 +104,7 @@ def predict_command(
     for r in failed:
         click.echo(f"skipped: {r.error}", err=True)
     if failed:
-        click.echo(f"{len(failed)} of {len(results)} images could not be read.", err=True)
+        click.echo(f"{len(failed)} of {len(results)} images could not be classified.", err=True)
         sys.exit(1)
 
 
@@ -126,14 +136,24 @@ def predict_command(
 @click.option(
     "--single-device", is_flag=True, help="Do not replicate the model over several devices."
 )
+@click.option(
+    "--allow-unreadable",
+    is_flag=True,
+    help="Exit with status 0 even when some files could not be evaluated (default: 1).",
+)
 @engine_option("auto: onnxruntime on a single CPU device when installed (as predict), else Keras.")
 @precision_option(_PRECISION_HELP)
+@calibration_option
 @backend_option
 def eval_command(
     data, model_name, weights, batch_size, limit, report, ground_truth, real, workers,
-    processes, single_device, engine, precision,
+    processes, single_device, allow_unreadable, engine, precision, calibration,
 ):  # fmt: skip
-    """Accuracy on ImageNet-1k validation DATA (class folders or flat ILSVRC2012 layout)."""
+    """Accuracy on ImageNet-1k validation DATA (class folders or flat ILSVRC2012 layout).
+
+    Files that could not be evaluated (unreadable, unlabelled, a directory where an image should
+    be, NaN/inf logits) are listed and make the exit status 1, unless --allow-unreadable.
+    """
     from ..evaluate import evaluate
 
     result = evaluate(
@@ -149,7 +169,10 @@ def eval_command(
         data_parallel=not single_device,
         engine=engine,
         precision=precision,
+        calibration=calibration,
     )
+    if result.config.get("random_weights"):
+        click.echo(RANDOM_WEIGHTS_BANNER)
     click.echo(
         f"model     {result.model}  ({result.config['backend']}, {result.devices} device(s),"
         f" engine {result.config.get('engine', 'keras')}, {result.config.get('precision', 'fp32')})"
@@ -172,3 +195,10 @@ def eval_command(
         click.echo(f"... and {len(result.unreadable) - 10} more (see --report)", err=True)
     if report:
         click.echo(f"report    {result.write(report)}")
+    if result.unreadable and not allow_unreadable:
+        click.echo(
+            f"{len(result.unreadable)} file(s) could not be evaluated (exit status 1; "
+            "--allow-unreadable accepts that).",
+            err=True,
+        )
+        sys.exit(1)

@@ -6,42 +6,37 @@
     model.compile(optimizer=ck.finetune.optimizer(model, lr=5e-5, layer_decay=0.8), ...)
 
     ck.finetune.run("flowers/", "runs/flowers", model="convnext_tiny_1k_224", epochs=10)
+
+Names are imported from their modules on first use (as the package's own), so that importing
+``convnext_keras.finetune.optim`` when Keras is imported pulls in nothing else.
 """
 
-from .data import DataError, ImageFolder, mix_batch, random_resized_crop, scan
-from .loop import Recipe, RunResult, TrainingDiverged, load_run, plot_curves, resolve_recipe, run
-from .optim import (
-    LayerDecayAdamW,
-    WarmupCosine,
-    group_scale,
-    layer_group,
-    layer_groups,
-    optimizer,
-    parameter_groups,
-    schedule,
-)
-from .state import StateError
+import lazy_loader as _lazy
 
-__all__ = [
-    "DataError",
-    "ImageFolder",
-    "LayerDecayAdamW",
-    "Recipe",
-    "RunResult",
-    "StateError",
-    "TrainingDiverged",
-    "WarmupCosine",
-    "group_scale",
-    "layer_group",
-    "layer_groups",
-    "load_run",
-    "mix_batch",
-    "optimizer",
-    "parameter_groups",
-    "plot_curves",
-    "random_resized_crop",
-    "resolve_recipe",
-    "run",
-    "scan",
-    "schedule",
-]
+#: Module -> the public names it defines, imported on first access.
+_PUBLIC = {
+    "data": ["DataError", "ImageFolder", "mix_batch", "random_resized_crop", "scan"],
+    "loop": [
+        "Recipe",
+        "RunResult",
+        "TrainingDiverged",
+        "load_run",
+        "plot_curves",
+        "resolve_recipe",
+        "run",
+    ],
+    "optim": [
+        "LayerDecayAdamW",
+        "WarmupCosine",
+        "group_scale",
+        "layer_group",
+        "layer_groups",
+        "optimizer",
+        "parameter_groups",
+        "schedule",
+    ],
+    "state": ["StateError"],
+}
+
+__getattr__, __dir__, _ = _lazy.attach(__name__, ["data", "loop", "optim", "state"], _PUBLIC)
+__all__ = sorted(n for names in _PUBLIC.values() for n in names)

@@ -2,8 +2,10 @@
 
 A data directory holds one sub-folder per class, optionally inside ``train/`` and ``val/``
 (or ``validation/``); without them a seeded, stratified validation split is drawn.  Every file
-is checked once when the folder is scanned: files PIL cannot read are skipped, counted and
-reported, never fed to the model.
+is decoded once when the folder is scanned (:func:`_check_image`): files PIL cannot decode are
+skipped, counted and reported, never fed to the model.  A file that stops decoding later (it
+changed after the scan) never stops a run either: in training it is replaced by the next image
+of the epoch's order, in validation left out, and both are counted.
 
 Batches are :class:`keras.utils.PyDataset` objects (no TensorFlow needed): batch ``b`` of epoch
 ``e`` is a pure function of ``(seed, e, b)`` - the order of the epoch, the random resized crop,
@@ -56,6 +58,22 @@ class ImageFolder:
     #: "folders" (train/ and val/ given) or "split" (validation drawn from one folder).
     layout: str
 
+    def file_list(self) -> list[str]:
+        """``"<split>\t<class>\t<path relative to root>"`` per sample, in order: what a run
+        trains and validates on (its fingerprint is :meth:`fingerprint`)."""
+        lines = []
+        for split, samples in (("train", self.train), ("val", self.val)):
+            for path, label in samples:
+                name = os.path.relpath(path, self.root)
+                lines.append(f"{split}\t{self.classes[label]}\t{name}")
+        return lines
+
+    def fingerprint(self) -> str:
+        """SHA-256 of :meth:`file_list`: equal iff the same files are in the same splits."""
+        import hashlib
+
+        return hashlib.sha256("\n".join(self.file_list()).encode()).hexdigest()
+
     def summary(self) -> dict:
         counts = np.bincount([y for _, y in self.train], minlength=len(self.classes))
         return {
@@ -67,6 +85,7 @@ class ImageFolder:
             "skipped": len(self.skipped),
             "min_per_class": int(counts.min()),
             "max_per_class": int(counts.max()),
+            "fingerprint": self.fingerprint(),
         }
 
 
@@ -84,10 +103,17 @@ def _files(folder: Path) -> list[Path]:
 
 
 def _check_image(path: Path) -> str | None:
-    """None if PIL can read the file as an image, else the reason."""
+    """None if PIL can decode the whole file as an image, else the reason.
+
+    A full decode, not ``Image.verify()`` (which reads no JPEG data: a truncated JPEG passes
+    it, then fails mid-training).  JPEGs decode in PIL's draft mode at 1/8 scale: every byte is
+    still read and entropy-decoded, so truncation and corrupt data are found, at a fraction of
+    the cost of a full-size decode.
+    """
     try:
         with Image.open(path) as image:
-            image.verify()
+            image.draft("RGB", (1, 1))
+            image.load()
     except (MemoryError, KeyboardInterrupt):
         raise
     except Image.UnidentifiedImageError:
@@ -166,6 +192,26 @@ def scan(
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}.")
     train, val = stratified_split(train, val_fraction, seed)
     return ImageFolder(root, classes, train, val, skipped, "split")
+
+
+def describe_change(before: list[str], after: list[str], shown: int = 5) -> str:
+    """What differs between two :meth:`ImageFolder.file_list` s, for an error message."""
+
+    def by_path(lines):
+        return {line.rsplit("\t", 1)[-1]: line for line in lines}
+
+    old, new = by_path(before), by_path(after)
+    parts = []
+    for title, names in (
+        ("gone", sorted(set(old) - set(new))),
+        ("new", sorted(set(new) - set(old))),
+        ("moved to another split or class", sorted(p for p in set(old) & set(new)
+                                                   if old[p] != new[p])),
+    ):  # fmt: skip
+        if names:
+            more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+            parts.append(f"{len(names)} {title} ({', '.join(names[:shown])}{more})")
+    return "; ".join(parts) or "the same files in another order"
 
 
 def stratified_split(samples, val_fraction: float, seed: int):
@@ -302,19 +348,26 @@ def _randaugment(images: np.ndarray, aug: Augment, seed: int) -> np.ndarray:
         factor=aug.randaugment_magnitude,
         interpolation="bilinear",
         seed=seed,
+        data_format="channels_last",
     )
     out = keras.ops.convert_to_numpy(layer(images.astype(np.float32), training=True))
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def _load(path: str) -> Image.Image:
-    try:
-        return preprocess.load_image(path)
-    except preprocess.ImageError as e:
-        raise DataError(
-            f"{e} It passed the scan at the start of the run but no longer decodes; remove or "
-            "replace it (resume continues, in a different data order)."
-        ) from e
+class _Failures:
+    """Files that stopped decoding after the scan: ``{path: reason}``, shared by the loader
+    threads.  A bad file never stops a run: it is replaced (training) or left out (validation)
+    and counted here."""
+
+    def __init__(self):
+        self.files: dict[str, str] = {}
+
+    def load(self, path: str) -> Image.Image | None:
+        try:
+            return preprocess.load_image(path)
+        except preprocess.ImageError as e:
+            self.files[path] = e.reason
+            return None
 
 
 class TrainBatches(keras.utils.PyDataset):
@@ -341,6 +394,21 @@ class TrainBatches(keras.utils.PyDataset):
         self.batch_size, self.epoch, self.seed, self.start = batch_size, epoch, seed, start
         self.steps = len(samples) // batch_size
         self.order = np.random.default_rng([seed, _ORDER, epoch]).permutation(len(samples))
+        #: Files that failed to decode this epoch (each was replaced by the next one in order).
+        self.failures = _Failures()
+
+    def _image(self, position: int) -> tuple[Image.Image, int]:
+        """The sample at ``position`` of the epoch's order, or, if its file no longer decodes,
+        the next one that does (deterministic: the same files fail the same way on resume)."""
+        for step in range(len(self.order)):
+            path, label = self.samples[self.order[(position + step) % len(self.order)]]
+            image = self.failures.load(path)
+            if image is not None:
+                return image, label
+        raise DataError(
+            f"No training image decodes any more ({len(self.failures.files)} failed, e.g. "
+            f"{next(iter(self.failures.files), '?')}); check the data directory."
+        )
 
     def __len__(self):
         return self.steps - self.start
@@ -349,12 +417,11 @@ class TrainBatches(keras.utils.PyDataset):
         """Batch ``index`` of the epoch (counting from the epoch's start, not ``start``)."""
         aug = self.aug
         rng = np.random.default_rng([self.seed, _BATCH, self.epoch, index])
-        chosen = self.order[index * self.batch_size : (index + 1) * self.batch_size]
         images, labels = [], []
-        for i in chosen:
-            path, label = self.samples[i]
+        for position in range(index * self.batch_size, (index + 1) * self.batch_size):
+            image, label = self._image(position)
             image = random_resized_crop(
-                _load(path), rng, aug.resolution, aug.crop_scale, interpolation=aug.interpolation
+                image, rng, aug.resolution, aug.crop_scale, interpolation=aug.interpolation
             )
             if rng.random() < aug.hflip:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -385,7 +452,8 @@ class EvalBatches(keras.utils.PyDataset):
     """Validation images through the official eval transform, in folder order.
 
     Every batch has ``batch_size`` rows (the last one padded by repeating its first image) so
-    that it splits evenly over devices; :attr:`sizes` says how many rows are real.
+    that it splits evenly over devices; :attr:`sizes` says how many rows are real.  A file that
+    no longer decodes gives a row of zeros and its index in :attr:`failed` (leave it out).
     """
 
     def __init__(
@@ -404,6 +472,9 @@ class EvalBatches(keras.utils.PyDataset):
         self.batch_size = batch_size
         n = len(samples)
         self.sizes = [min(batch_size, n - s) for s in range(0, n, batch_size)]
+        self.failures = _Failures()
+        #: Sample indices whose file failed to decode (their rows are zeros).
+        self.failed: set[int] = set()
 
     @property
     def labels(self) -> np.ndarray:
@@ -415,8 +486,16 @@ class EvalBatches(keras.utils.PyDataset):
     def __getitem__(self, i):
         if i >= len(self):
             raise IndexError(i)
-        chosen = self.samples[i * self.batch_size : i * self.batch_size + self.sizes[i]]
-        x = np.stack([preprocess.eval_transform(_load(p), *self.config) for p, _ in chosen])
+        first = i * self.batch_size
+        rows = []
+        for j, (path, _) in enumerate(self.samples[first : first + self.sizes[i]]):
+            image = self.failures.load(path)
+            if image is None:
+                self.failed.add(first + j)
+                rows.append(np.zeros((self.config[0], self.config[0], 3), np.float32))
+            else:
+                rows.append(preprocess.eval_transform(image, *self.config))
+        x = np.stack(rows)
         if len(x) < self.batch_size:
             x = np.concatenate([x, np.repeat(x[:1], self.batch_size - len(x), axis=0)])
         return (x,)

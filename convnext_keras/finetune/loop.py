@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import gzip
 import importlib.util
 import io
 import json
@@ -36,6 +37,7 @@ import numpy as np
 
 from .. import checkpoints, hub, preprocess, registry
 from ..api import OFFICIAL, load_model
+from ..interface import fix
 from ..model import PRECISIONS, build_model, dtype_policy, layer_names
 from . import data as data_lib
 from . import optim
@@ -48,6 +50,20 @@ DEFAULT_DROP_PATH = 0.1
 STATE_FILE = "checkpoint.safetensors"
 BEST_WEIGHTS = "best.weights.safetensors"
 RUN_FILE = "run.json"
+#: Files that exist only once a run has trained (beside STATE_FILE).
+_TRAINED_FILES = (BEST_WEIGHTS, "metrics.csv", "best.keras", "last.keras")
+#: The files a run trains and validates on (``ImageFolder.file_list``), gzipped: what a
+#: ``--resume`` compares the data directory with.
+DATA_FILES = "data_files.txt.gz"
+#: run() settings outside the recipe, and their defaults: kept in run.json, so a resumed run
+#: keeps them unless given again (``--no-export`` stays off).
+RUN_SETTINGS = {
+    "export": True,
+    "checkpoint_every": 200,
+    "checkpoint_minutes": 10.0,
+    "distribution": "auto",
+    "jit_compile": "auto",
+}
 
 
 class TrainingDiverged(RuntimeError):
@@ -182,7 +198,10 @@ def _check(r: Recipe) -> None:
     need(r.mixup >= 0 and r.cutmix >= 0, "mixup and cutmix alphas must be >= 0 (0 = off).")
     need(r.ema is None or 0 < r.ema < 1, f"ema decay must be in (0, 1), got {r.ema}.")
     need(r.head_init_scale > 0, f"head_init_scale must be positive, got {r.head_init_scale}.")
-    need(r.resolution >= 32, f"resolution must be at least 32 pixels, got {r.resolution}.")
+    need(
+        r.resolution >= registry.MIN_INPUT_SIZE,
+        f"resolution must be at least {registry.MIN_INPUT_SIZE} pixels, got {r.resolution}.",
+    )
     need(0 < r.crop_pct <= 1, f"crop_pct must be in (0, 1], got {r.crop_pct}.")
     need(
         r.interpolation in preprocess.INTERPOLATIONS,
@@ -410,7 +429,7 @@ def load_run(out: str | os.PathLike, which: str = "best") -> keras.Model:
         return keras.saving.load_model(final, compile=False)
     if which == "best" and (out / BEST_WEIGHTS).is_file():
         info = json.loads((out / RUN_FILE).read_text())
-        return _inference_model(info, hub.load_converted(out / BEST_WEIGHTS))
+        return _inference_model(info, hub.read_converted(out / BEST_WEIGHTS))
     raise FileNotFoundError(
         f"{out} has no {which} model yet ({final.name} is written when training ends"
         + (f", {BEST_WEIGHTS} after the first validated epoch" if which == "best" else "")
@@ -464,6 +483,7 @@ class _Progress:
     def __init__(self, enabled: bool):
         self.bar = None
         if enabled and sys.stderr.isatty() and not os.environ.get("CONVNEXT_NO_PROGRESS"):
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
             self.bar = Progress(
@@ -473,6 +493,7 @@ class _Progress:
                 TimeRemainingColumn(),
                 "{task.fields[stats]}",
                 transient=True,
+                console=Console(stderr=True),  # on the terminal checked above, not stdout
             )
             self.bar.start()
             self.task = None
@@ -559,6 +580,8 @@ class _Trainer:
         self.last_save = time.monotonic()
         self.steps = len(folder.train) // recipe.batch_size
         self.warned = False
+        #: Files that stopped decoding during the run: {path: reason}.
+        self.failed: dict[str, str] = {}
 
     # -- schedule -----------------------------------------------------------------------------
     def lr_at(self, epoch: int, done: int) -> float:
@@ -657,6 +680,17 @@ class _Trainer:
         )
         self.inner_opt = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
 
+    def note_failures(self, failures, what: str) -> None:
+        """Report files that stopped decoding after the scan (once each) and keep them."""
+        new = {p: why for p, why in failures.files.items() if p not in self.failed}
+        if new:
+            self.failed.update(new)
+            shown = "; ".join(f"{p} ({why})" for p, why in list(new.items())[:3])
+            self.options["say"](
+                f"{len(new)} file(s) no longer decode ({what}): {shown}"
+                + (f" and {len(new) - 3} more" if len(new) > 3 else "")
+            )
+
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self) -> dict:
         r = self.recipe
@@ -677,6 +711,12 @@ class _Trainer:
         )
         logits = np.asarray(logits, dtype=np.float64)[keep]
         labels = batches.labels
+        self.note_failures(batches.failures, "validation: left out")
+        if batches.failed:  # files that stopped decoding: not counted either way
+            good = np.setdiff1d(np.arange(len(labels)), sorted(batches.failed))
+            if not good.size:
+                return {"val_loss": None, "val_acc1": None, "val_acc5": None}
+            logits, labels = logits[good], labels[good]
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         top5 = np.argsort(-logits, axis=1)[:, :5]
@@ -740,6 +780,7 @@ class _Trainer:
                 callbacks=[callback, *self.options["callbacks"]],
                 shuffle=False,
             )
+            self.note_failures(batches.failures, "training: each replaced by the next image")
             if callback.diverged:
                 step, loss = callback.diverged
                 kept = state_lib.read_meta(self.state_path)
@@ -802,6 +843,10 @@ def _epoch_line(row: dict, epochs: int) -> str:
     )
 
 
+def _read_gzip_lines(path: Path) -> list[str]:
+    return gzip.decompress(path.read_bytes()).decode().splitlines()
+
+
 def _check_resume(out: Path, recipe_options: dict) -> tuple[dict, dict | None]:
     """The saved run info and state header of ``out``; errors for what cannot be resumed."""
     info_path = out / RUN_FILE
@@ -837,12 +882,12 @@ def run(
     out: str | os.PathLike,
     *,
     resume: bool = False,
-    distribution: str = "auto",
+    distribution: str | None = None,
     workers: int | None = None,
-    checkpoint_every: int = 200,
-    checkpoint_minutes: float = 10.0,
-    export: bool = True,
-    jit_compile: bool | str = "auto",
+    checkpoint_every: int | None = None,
+    checkpoint_minutes: float | None = None,
+    export: bool | None = None,
+    jit_compile: bool | str | None = None,
     callbacks: list | None = None,
     verbose: int = 1,
     **options,
@@ -853,7 +898,11 @@ def run(
         data_dir: ``<class>/<images>`` folders, optionally under ``train/`` and ``val/``.
         out: the run directory (created). An existing run is only continued with ``resume``.
         resume: continue the run in ``out`` from its last complete checkpoint, with its own
-            settings (options given here must agree with them).
+            settings (options given here must agree with them) on the same files (a data
+            directory whose files changed is refused, naming the difference).
+        distribution, checkpoint_every, checkpoint_minutes, export, jit_compile: None means
+            the run's own value when resuming (kept in run.json), else the default
+            (:data:`RUN_SETTINGS`); a value given explicitly is used and kept.
         distribution: ``"auto"`` trains data-parallel over every local device
             (MirroredStrategy / keras.distribution.DataParallel); ``"off"`` uses one.
         workers: loader threads (default: up to 8, one per CPU).
@@ -883,10 +932,13 @@ def run(
         info, meta = _check_resume(out, options)
         recipe = Recipe.from_json(info["recipe"])
     else:
-        if (out / RUN_FILE).exists() or state_path.exists():
+        # A run that never saved a training step (its start failed: no weights, bad data) is
+        # no run: a new one may take its place.  Nothing is written before that point anyway.
+        if state_path.exists() or any((out / f).exists() for f in _TRAINED_FILES):
             raise FileExistsError(
-                f"{out} already holds a fine-tuning run; continue it with --resume "
-                "(resume=True) or choose another --out."
+                f"{out} already holds a fine-tuning run; continue it with "
+                f"{fix('resume=True', '--resume')} or choose another "
+                f"{fix('out directory', '--out')}."
             )
         recipe = resolve_recipe(**options)
         info, meta = None, None
@@ -896,6 +948,16 @@ def run(
             "fails in graph mode (keras-team/keras#21207). Use the JAX backend (--backend jax), "
             "or save memory with a smaller --batch-size and --accum-steps."
         )
+    given = {
+        "export": export,
+        "checkpoint_every": checkpoint_every,
+        "checkpoint_minutes": checkpoint_minutes,
+        "distribution": distribution,
+        "jit_compile": jit_compile,
+    }
+    saved = (info or {}).get("settings", {})
+    settings = {k: v if v is not None else saved.get(k, RUN_SETTINGS[k]) for k, v in given.items()}
+    checkpoint_every, export = settings["checkpoint_every"], settings["export"]
     workers = workers or max(1, min(8, os.cpu_count() or 1))
     if checkpoint_every is not None and checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be >= 0 steps, got {checkpoint_every}.")
@@ -910,6 +972,16 @@ def run(
             f"The classes in {data_dir} do not match the run being resumed "
             f"({len(info['classes'])} classes): missing {missing or 'none'}, new "
             f"{extra or 'none'}. Resume with the same data, or start a new run."
+        )
+    if info is not None and info["data"].get("fingerprint") not in (None, folder.fingerprint()):
+        saved_list = out / DATA_FILES
+        before = _read_gzip_lines(saved_list) if saved_list.is_file() else None
+        raise data_lib.DataError(
+            f"The files in {data_dir} changed since the run in {out} started"
+            + (f": {data_lib.describe_change(before, folder.file_list())}" if before else "")
+            + ". --resume continues only on the same files (the split, the data order and the "
+            "steps per epoch depend on them): restore them, or start a new run with another "
+            "--out."
         )
     if folder.skipped:
         shown = "; ".join(f"{p} ({why})" for p, why in folder.skipped[:5])
@@ -930,9 +1002,9 @@ def run(
         {
             "workers": workers,
             "checkpoint_every": checkpoint_every,
-            "checkpoint_minutes": checkpoint_minutes,
+            "checkpoint_minutes": settings["checkpoint_minutes"],
             "verbose": verbose,
-            "jit_compile": jit_compile,
+            "jit_compile": settings["jit_compile"],
             "callbacks": list(callbacks or []),
             "say": say,
         },
@@ -948,9 +1020,9 @@ def run(
         mixup=recipe.mixup,
         cutmix=recipe.cutmix,
     )
-    devices = _devices(distribution)
+    devices = _devices(settings["distribution"])
     trainer.devices = devices
-    if jit_compile == "auto" and keras.backend.backend() == "tensorflow":
+    if settings["jit_compile"] == "auto" and keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         trainer.options["jit_compile"] = bool(
@@ -961,27 +1033,34 @@ def run(
             f"batch_size {recipe.batch_size} does not split over {devices.replicas} devices; "
             f"use a multiple of {devices.replicas}."
         )
-    if info is None and devices.chief:
-        out.mkdir(parents=True, exist_ok=True)
-        info = {
-            "out": str(out),
-            "recipe": recipe.to_json(),
-            "classes": folder.classes,
-            "data": folder.summary(),
-            "skipped": [list(s) for s in folder.skipped],
-            "backend": keras.backend.backend(),
-            "keras": keras.__version__,
-        }
-        _write_json(out / RUN_FILE, info)
-        _write_text(out / "labels.txt", "\n".join(folder.classes) + "\n")
-    say(
-        f"fine-tuning {recipe.model} on {len(folder.train)} images / {len(folder.classes)} "
-        f"classes ({len(folder.val)} for validation), {trainer.steps} steps per epoch, "
-        f"{devices.description}"
-    )
     try:
         with dtype_policy(recipe.precision), devices.scope:
-            trainer.build()
+            trainer.build()  # the weights are in hand (downloaded, read) from here on
+            if info is None and devices.chief:
+                # The run's first files: only now that the model and the data are ready.
+                out.mkdir(parents=True, exist_ok=True)
+                info = {
+                    "out": str(out),
+                    "recipe": recipe.to_json(),
+                    "classes": folder.classes,
+                    "data": folder.summary(),
+                    "skipped": [list(s) for s in folder.skipped],
+                    "backend": keras.backend.backend(),
+                    "keras": keras.__version__,
+                    "settings": settings,
+                }
+                _write_json(out / RUN_FILE, info)
+                _write_text(out / "labels.txt", "\n".join(folder.classes) + "\n")
+                with hub.atomic_path(out / DATA_FILES) as tmp:
+                    tmp.write_bytes(gzip.compress("\n".join(folder.file_list()).encode() + b"\n"))
+            elif devices.chief and info.get("settings") != settings:  # given again: kept
+                info = {**info, "settings": settings}
+                _write_json(out / RUN_FILE, info)
+            say(
+                f"fine-tuning {recipe.model} on {len(folder.train)} images / "
+                f"{len(folder.classes)} classes ({len(folder.val)} for validation), "
+                f"{trainer.steps} steps per epoch, {devices.description}"
+            )
             restored_metrics = None
             if meta is not None:
                 arrays, meta = state_lib.load(state_path)
@@ -1008,7 +1087,7 @@ def run(
     if devices.chief:
         classifier = _inference_model(info, final)
         _save_keras(classifier, files["last"])
-        checkpoints.assign_weights(classifier, hub.load_converted(out / BEST_WEIGHTS))
+        checkpoints.assign_weights(classifier, hub.read_converted(out / BEST_WEIGHTS))
         _save_keras(classifier, files["best"])
         if export:
             export_path, note = _export(files["best"], out, recipe.resolution)
@@ -1024,5 +1103,5 @@ def run(
         export=export_path,
         export_note=note,
         data=folder.summary(),
-        skipped=folder.skipped,
+        skipped=folder.skipped + list(trainer.failed.items()),
     )

@@ -40,8 +40,7 @@ import keras
 from keras import ops
 
 from .. import registry
-from ..layers import PACKAGE
-from ..model import layer_names
+from .._registration import PACKAGE
 
 #: Groups of blocks the original divides ConvNeXt into (``num_max_layer``); ids run 0..13.
 NUM_LAYER_GROUPS = 12
@@ -106,6 +105,9 @@ def layer_groups(
     variant: str | registry.Variant, layer_decay_type: str = "group"
 ) -> dict[str, int]:
     """``{layer name: group}`` for every weight-carrying layer of a variant (the decay table)."""
+    # (Imported here: this module is imported when Keras is, see ``_registration``.)
+    from ..model import layer_names
+
     spec = registry.variant(variant)
     group_of, _ = _grouping(layer_decay_type, spec.depths)
     return {name: group_of(name) for names in layer_names(spec).values() for name in names}

@@ -111,15 +111,17 @@ def _kernel_init():
     )
 
 
-def build_for_loading(variant, **kwargs) -> keras.Model:
+def build_for_loading(variant, *, builder=None, **kwargs) -> keras.Model:
     """:func:`build_model` for a model whose weights are all assigned right after (what
     ``load_model`` does with a checkpoint): kernels start as zeros instead of truncated-normal
     draws, which cost seconds per model on JAX and PyTorch (ConvNeXt V2-atto: 10 s of its
     14 s build on JAX; ConvNeXt V2-B: 15 s on PyTorch).  The layers keep the truncated normal
-    as their initialiser (their config, a clone, and :func:`draw_kernel` use it)."""
+    as their initialiser (their config, a clone, and :func:`draw_kernel` use it).  ``builder``:
+    another function building on this module's layers (default :func:`build_model`; e.g.
+    :func:`convnext_keras.upernet.build_upernet`)."""
     token = _UNDRAWN.set(True)
     try:
-        model = build_model(variant, **kwargs)
+        model = (builder or build_model)(variant, **kwargs)
     finally:
         _UNDRAWN.reset(token)
     for layer in model.layers:
@@ -181,6 +183,7 @@ def build_model(
     drop_path_rate: float = 0.0,
     layer_scale_init: float | None = registry.LAYER_SCALE_INIT,
     name: str | None = None,
+    stage_norms: bool = False,
 ) -> keras.Model:
     """Build a randomly initialised ConvNeXt (V1 or V2: the variant's block type decides).
 
@@ -202,6 +205,10 @@ def build_model(
             the default raises ``ValueError`` for them.
         name: model name (default the architecture name, ``convnext_tiny`` /
             ``convnextv2_tiny``).
+        stage_norms: ``head="pyramid"`` only: a LayerNorm on each stage output
+            (``stage{i}_output_norm``), as the backbone of the official segmentation models
+            (facebookresearch/ConvNeXt ``semantic_segmentation/backbone/convnext.py``,
+            ``norm0`` ... ``norm3``) has.
 
     Logits and pooled features are float32 under any mixed-precision policy; pyramid outputs
     keep the compute dtype.
@@ -221,6 +228,8 @@ def build_model(
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
     if not 0.0 <= drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}.")
+    if stage_norms and head != "pyramid":
+        raise ValueError(f"stage_norms=True needs head='pyramid', got head={head!r}.")
     if len(input_shape) != 3 or input_shape[-1] != 3:
         raise ValueError(f"input_shape must be (height, width, 3) NHWC RGB, got {input_shape}.")
 
@@ -254,7 +263,9 @@ def build_model(
         for b in range(depth):
             x = _block(x, dim, f"stage{stage}_block{b}", rates[block_index], layer_scale_init, grn)
             block_index += 1
-        stage_outputs[PYRAMID_OUTPUTS[stage]] = x
+        stage_outputs[PYRAMID_OUTPUTS[stage]] = (
+            _norm(f"stage{stage}_output_norm")(x) if stage_norms else x
+        )
 
     model_name = name or spec.arch_name
     if head == "pyramid":

@@ -15,7 +15,11 @@ Checkpoints:
   self-supervised encoders ``convnextv2_<size>_fcmae``, the ImageNet-1k fine-tuned
   ``convnextv2_<size>_1k_224`` and the ImageNet-22k -> 1k fine-tuned
   ``convnextv2_<size>_21k_1k_<res>`` (the collection's spelling of the files'
-  ``convnextv2_<size>_22k_<res>_ema.pt``; the file spellings are accepted too).
+  ``convnextv2_<size>_22k_<res>_ema.pt``; the file spellings are accepted too);
+* the 6 UperNet semantic-segmentation files (ADE20K, 150 classes) of facebookresearch/ConvNeXt
+  (``semantic_segmentation/README.md``), named ``upernet_convnext_<size>_ade20k_<crop>``
+  (the files' ``upernet_convnext_<size>_<1k|22k>_<crop>x<crop>`` spellings are accepted); their
+  rows carry a :class:`Segmentation` (decoder, test-time settings, reported mIoU).
 
 Rows are of one type, :class:`Checkpoint`, whatever the family: a new family (isotropic, DINOv3,
 timm's, segmentation backbones) adds a :class:`Family`, its :class:`Variant` rows when its
@@ -111,6 +115,18 @@ FAMILIES: dict[str, Family] = {
             # are CC BY-NC 4.0.
             "CC-BY-NC-4.0",
             "https://creativecommons.org/licenses/by-nc/4.0/",
+        ),
+        Family(
+            "upernet_convnext",
+            "UperNet-ConvNeXt",
+            "https://arxiv.org/abs/2201.03545",
+            "Zhuang Liu, Hanzi Mao, Chao-Yuan Wu, Christoph Feichtenhofer, Trevor Darrell, "
+            'Saining Xie. "A ConvNet for the 2020s." CVPR 2022. arXiv:2201.03545; Tete Xiao, '
+            'Yingcheng Liu, Bolei Zhou, Yuning Jiang, Jian Sun. "Unified Perceptual Parsing for '
+            'Scene Understanding." ECCV 2018. arXiv:1807.10221',
+            "https://github.com/facebookresearch/ConvNeXt/tree/main/semantic_segmentation",
+            "MIT",
+            "https://github.com/facebookresearch/ConvNeXt/blob/main/LICENSE",
         ),
     )
 }
@@ -282,6 +298,79 @@ def official_crop_pct(resolution: int) -> float:
 MIN_INPUT_SIZE = min(v.min_input_size for v in VARIANTS.values())
 
 
+# Semantic segmentation (UperNet on ADE20K).  Sources: facebookresearch/ConvNeXt
+# semantic_segmentation/configs/_base_/models/upernet_convnext.py (decoder) and
+# configs/convnext/upernet_convnext_*_160k_ade20k_{ss,ms}.py (backbone, test_cfg); the dataset
+# configs they inherit, microsoft/unilm beit/semantic_segmentation/configs/_base_/datasets/
+# ade20k.py and ade20k_640x640.py (test pipeline); mmsegmentation's EncoderDecoder, UPerHead and
+# tools/test.py --aug-test (multi-scale + flip).
+
+#: ADE20K's SceneParsing benchmark: 150 classes (annotation 0 = "other", ignored).
+NUM_CLASSES_ADE20K = 150
+#: BatchNorm epsilon of the decoder (mmseg's SyncBN, torch.nn.BatchNorm2d's default).
+BATCH_NORM_EPSILON = 1e-5
+#: Test-time ratios of ``--aug-test`` (mmseg tools/test.py), on the config's image scale.
+MULTI_SCALE_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+#: Inference modes of mmseg's EncoderDecoder (``test_cfg.mode``).
+SEGMENTATION_MODES = ("slide", "whole")
+
+
+@dataclasses.dataclass(frozen=True)
+class UperNetHead:
+    """UperNet's decode head (mmseg ``UPerHead``): pyramid pooling on the last stage at
+    ``pool_scales``, 1x1 lateral and 3x3 FPN convolutions of ``channels`` (conv + BatchNorm +
+    ReLU), their fusion (3x3) and a 1x1 classifier; bilinear resizing with
+    ``align_corners=False``.  The training-only auxiliary FCN head is not part of it."""
+
+    channels: int = 512
+    pool_scales: tuple[int, ...] = (1, 2, 3, 6)
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentationEval:
+    """The test-time procedure of a segmentation checkpoint (its config's test pipeline and
+    ``test_cfg``).
+
+    Single scale (the reported mIoU): resize the image keeping its aspect ratio so that it fits
+    ``image_scale`` (long side at most ``image_scale[0]``, short side at most
+    ``image_scale[1]``, the smaller factor wins: mmcv ``imrescale``), normalise with the
+    ImageNet mean/std on 0-255 pixels, then ``mode``: ``"slide"`` windows of ``crop`` x
+    ``crop`` every ``stride`` pixels, overlapping logits averaged, or ``"whole"`` (the image in
+    one pass); logits resized back to the image's own size.  Multi-scale + flip (the reported
+    ``ms+flip`` mIoU, ``--aug-test``): the same at ``MULTI_SCALE_RATIOS`` times
+    ``image_scale``, each also flipped left-right, in ``multi_scale_mode``, the softmax
+    probabilities averaged.
+    """
+
+    #: mmseg's ``img_scale``: (long-side limit, short side), in pixels.
+    image_scale: tuple[int, int]
+    crop: int
+    stride: int
+    mode: str = "slide"
+    #: The ``_ms`` configs keep the base config's ``test_cfg=dict(mode='whole')``.
+    multi_scale_mode: str = "whole"
+    multi_scale_ratios: tuple[float, ...] = MULTI_SCALE_RATIOS
+
+    def __post_init__(self):
+        for mode in (self.mode, self.multi_scale_mode):
+            if mode not in SEGMENTATION_MODES:
+                raise ValueError(f"mode must be one of {SEGMENTATION_MODES}, got {mode!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Segmentation:
+    """What a semantic-segmentation checkpoint adds to its backbone's row: the decoder, the
+    test-time procedure and the mIoU (%) the original reports on ADE20K val."""
+
+    head: UperNetHead
+    eval: SegmentationEval
+    reported_miou: float
+    #: Multi-scale + flip.
+    reported_miou_ms: float
+    #: The label set (``convnext_keras.ade20k`` ships ADE20K's names and palette).
+    labels: str = "ade20k"
+
+
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
     """One released checkpoint and everything needed to use it faithfully."""
@@ -308,6 +397,10 @@ class Checkpoint:
     #: read.  The official host publishes none, so the rows leave it None; users pin one with
     #: ``CONVNEXT_SHA256_<NAME>`` or ``CONVNEXT_SHA256SUMS`` (convnext_keras.hub).
     sha256: str | None = None
+    #: A semantic-segmentation checkpoint's decoder and test-time settings (None: an image
+    #: classifier or encoder).  ``num_classes`` is then the number of segmentation classes and
+    #: ``resolution`` the crop size.
+    segmentation: Segmentation | None = None
 
     @property
     def filename(self) -> str:
@@ -325,6 +418,11 @@ class Checkpoint:
     @property
     def has_head(self) -> bool:
         return self.num_classes is not None
+
+    @property
+    def task(self) -> str:
+        """``"segmentation"`` or ``"classification"`` (classifiers and encoders)."""
+        return "classification" if self.segmentation is None else "segmentation"
 
     @property
     def aliases(self) -> tuple[str, ...]:
@@ -486,7 +584,47 @@ def _v2_checkpoints() -> list[Checkpoint]:
     return table
 
 
-CHECKPOINTS: dict[str, Checkpoint] = {c.name: c for c in _v1_checkpoints() + _v2_checkpoints()}
+def _segmentation_checkpoints() -> list[Checkpoint]:
+    """facebookresearch/ConvNeXt ``semantic_segmentation/README.md`` ("Results and Fine-tuned
+    Models": file, crop, mIoU and mIoU ms+flip) and the configs named above."""
+    family = FAMILIES["upernet_convnext"]
+    # (size, pre-training, crop): (mIoU, mIoU ms+flip)
+    table = {
+        ("tiny", "1k", 512): (46.0, 46.7),
+        ("small", "1k", 512): (48.7, 49.6),
+        ("base", "1k", 512): (49.1, 49.9),
+        ("base", "22k", 640): (52.6, 53.1),
+        ("large", "22k", 640): (53.2, 53.7),
+        ("xlarge", "22k", 640): (53.6, 54.0),
+    }
+    # ade20k.py / ade20k_640x640.py img_scale; test_cfg slide crop and stride of the _ss configs.
+    settings = {
+        512: SegmentationEval(image_scale=(2048, 512), crop=512, stride=341),
+        640: SegmentationEval(image_scale=(2560, 640), crop=640, stride=426),
+    }
+    pretraining = {"1k": "imagenet-1k", "22k": "imagenet-21k"}
+    return [
+        Checkpoint(
+            f"upernet_convnext_{size}_ade20k_{crop}",
+            size,
+            NUM_CLASSES_ADE20K,
+            crop,
+            f"{pretraining[data]} -> ade20k",
+            Source(f"ade20k/upernet_convnext_{size}_{data}_{crop}x{crop}.pth"),
+            None,
+            1.0,  # no centre crop: the image is resized whole (keep ratio), then windowed
+            "bilinear",
+            family=family.name,
+            licence=family.licence,
+            segmentation=Segmentation(UperNetHead(), settings[crop], *miou),
+        )
+        for (size, data, crop), miou in table.items()
+    ]
+
+
+CHECKPOINTS: dict[str, Checkpoint] = {
+    c.name: c for c in _v1_checkpoints() + _v2_checkpoints() + _segmentation_checkpoints()
+}
 
 
 #: Suffix that turns a checkpoint name into its feature-extractor twin (TF-Hub convention).
@@ -563,7 +701,8 @@ class ResolvedName:
     #: The checkpoint entry, or None for an architecture-only name such as ``convnext_atto``.
     checkpoint: Checkpoint | None
     variant: Variant
-    #: "classifier", "pooled" (``_fe`` names) or "pyramid" (an encoder without head, FCMAE).
+    #: "classifier", "pooled" (``_fe`` names), "pyramid" (an encoder without head, FCMAE) or
+    #: "segmentation" (a UperNet checkpoint: per-pixel logits).
     head: str
     #: The name in the registry's spelling (``convnextv2_tiny_22k_384_ema_fe`` ->
     #: ``convnextv2_tiny_21k_1k_384_fe``).
@@ -617,6 +756,15 @@ def resolve(name: str) -> ResolvedName:
     key = ALIASES.get(key, key)
     if key in CHECKPOINTS:
         ckpt = CHECKPOINTS[key]
+        if ckpt.segmentation is not None:
+            if head is not None:
+                raise UnknownModelError(
+                    f"{name!r}: {key} is a semantic-segmentation model (per-pixel logits), "
+                    f"which has no '{FEATURE_EXTRACTOR_SUFFIX}' feature-extractor twin; use "
+                    f"{key}, or a classifier's '{FEATURE_EXTRACTOR_SUFFIX}' name for pooled "
+                    "features."
+                )
+            return ResolvedName(ckpt, ckpt.spec, "segmentation", key)
         default = "classifier" if ckpt.has_head else "pyramid"
         return ResolvedName(ckpt, ckpt.spec, head or default, key + suffix)
     spec = _by_arch_name().get(key)
@@ -637,8 +785,10 @@ def resolve(name: str) -> ResolvedName:
 def model_names(include_fe: bool = True, include_variants: bool = False) -> list[str]:
     """Every loadable name: checkpoints, their ``_fe`` twins, optionally bare architectures."""
     names = list(CHECKPOINTS)
-    if include_fe:
-        names += [n + FEATURE_EXTRACTOR_SUFFIX for n in CHECKPOINTS]
+    if include_fe:  # segmentation models have no _fe twin
+        names += [
+            n + FEATURE_EXTRACTOR_SUFFIX for n, c in CHECKPOINTS.items() if not c.segmentation
+        ]
     if include_variants:
         names += list(_by_arch_name())
     return names

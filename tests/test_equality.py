@@ -81,8 +81,11 @@ V2_VARIANTS = _v2_variants()
 def test_every_registry_entry_is_covered():
     covered = {n for names in ARCHITECTURES.values() for n in names}
     covered |= {n for names in V2_VARIANTS.values() for n in names}
+    # The segmentation rows: tests/test_segmentation.py (tiny and base against transformers'
+    # UperNet, every row's conversion and parameter count).
+    covered |= set(registry.families("upernet_convnext"))
     assert covered == set(registry.CHECKPOINTS)
-    assert len(registry.CHECKPOINTS) == 21 + 26
+    assert len(registry.CHECKPOINTS) == 21 + 26 + 6
 
 
 def _max_diff(a, b):

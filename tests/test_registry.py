@@ -45,7 +45,7 @@ V2_TABLE = [
 
 def test_v2_rows_match_the_original_readme():
     rows = [c for c in registry.CHECKPOINTS.values() if c.family == "convnextv2"]
-    assert len(rows) == 26 and len(registry.CHECKPOINTS) == 21 + 26
+    assert len(rows) == 26 and len(registry.CHECKPOINTS) == 21 + 26 + 6
     assert [c.name for c in rows] == [name for name, *_ in V2_TABLE]
     for name, path, res, classes, acc in V2_TABLE:
         c = registry.CHECKPOINTS[name]
@@ -115,7 +115,7 @@ def test_encoders_have_no_head():
 
 def test_model_names_and_unknown_names():
     names = registry.model_names()
-    assert len(names) == 2 * 47
+    assert len(names) == 2 * 47 + 6  # segmentation models have no _fe twin
     assert "convnextv2_huge_21k_1k_512_fe" in names and "convnextv2_atto_fcmae_fe" in names
     assert "convnextv2_huge" in registry.model_names(include_variants=True)
     with pytest.raises(registry.UnknownModelError, match="Did you mean convnextv2_tiny_1k_224"):

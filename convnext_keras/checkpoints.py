@@ -20,6 +20,7 @@ given to a ConvNeXt V2 name (or the reverse) is an error naming the model it fit
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import re
@@ -150,6 +151,9 @@ def _load_torch(path: Path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        loaded = _load_skipping_meta(path)
+        if loaded is not None:
+            return loaded
         # PyTorch's first line advises weights_only=False; the line naming the global says why.
         lines = [line.strip() for line in plain(str(e)).splitlines() if line.strip()] or [""]
         reason = next((line for line in lines if "global" in line.lower()), lines[0])
@@ -163,6 +167,80 @@ def _load_torch(path: Path):
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint: {plain(str(e)).strip()}"
         ) from e
+
+
+class _Skipped:
+    """Stands in for an object of a checkpoint's ``meta`` entry whose class or function the
+    restricted reader does not build: the pickled name is never imported nor called, and the
+    stand-in keeps nothing of its arguments or state."""
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def _holds_skipped(obj) -> bool:
+    """Whether ``obj`` (nested containers, cycles included) holds a :class:`_Skipped`
+    stand-in or its class."""
+    pending, seen = [obj], set()
+    while pending:
+        item = pending.pop()
+        if item is _Skipped or isinstance(item, _Skipped):
+            return True
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, dict):
+            pending += [*item.keys(), *item.values()]
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            pending += list(item)
+        elif isinstance(item, argparse.Namespace):
+            pending.append(vars(item))
+    return False
+
+
+def _load_skipping_meta(path: Path):
+    """A zip checkpoint whose only objects beyond tensors and plain containers are in its
+    ``meta`` entry (mmsegmentation / mmcv training checkpoints keep the run's environment,
+    config and class names there): the file read with every such object replaced by an inert
+    :class:`_Skipped`, ``meta`` dropped, a warning naming what was skipped.  None when that is
+    not the case - the caller then refuses the file - including globals of modules PyTorch
+    blocks outright (``os``, ``sys``...).  Nothing from the pickle is run either way."""
+    import pickle
+
+    import torch
+
+    if sniff_format(path) != "torch-zip":
+        return None
+    try:  # reads the pickle's opcodes; builds nothing
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # not a torch.save zip file: let the first error stand
+        return None
+    if not names:
+        return None
+    stand_ins = [(_Skipped, name) for name in names]
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace, *stand_ins]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, TypeError):
+        return None
+    if not isinstance(obj, dict) or not _holds_skipped(obj.get("meta")):
+        return None
+    if any(_holds_skipped(v) for k, v in obj.items() if k != "meta"):
+        return None
+    del obj["meta"]
+    _LOG.warning(
+        "%s: its 'meta' entry pickles objects other than tensors and plain containers (%s); "
+        "they were skipped without running anything, and the tensors loaded.",
+        path,
+        ", ".join(sorted(names)),
+    )
+    return obj
 
 
 def _unwrap(obj, path: Path) -> dict:
@@ -499,8 +577,41 @@ def _describe_architecture(official) -> str:
     return f"it has depths {list(depths)} and dims {list(dims)}, which no known variant has"
 
 
+def _take(official, entries, used: set, missing: list, wrong: list) -> list[np.ndarray] | None:
+    """The Keras weights of one layer's plan ``entries`` ``[(key, torch shape, transform)]``,
+    or None when one is missing (listed in ``missing``) or of another shape (in ``wrong``)."""
+    arrays = []
+    for key, shape, transform in entries:
+        if key not in official:
+            missing.append(key)
+            continue
+        used.add(key)
+        value = official[key]
+        if tuple(value.shape) != shape:
+            wrong.append(f"{key}: checkpoint {tuple(value.shape)}, model expects {shape}")
+            continue
+        arrays.append(transform(value).astype(np.float32, copy=False))
+    return arrays if len(arrays) == len(entries) else None
+
+
+def _misfit(title: str, missing: list, wrong: list, unexpected: list, hint: str) -> CheckpointError:
+    """The error listing what does not fit (six of each kind at most), then ``hint``."""
+    lines = [title]
+    for what, items in (("missing", missing), ("wrong shape", wrong), ("unexpected", unexpected)):
+        if items:
+            shown = "; ".join(items[:6]) + (
+                f"; ... ({len(items)} in all)" if len(items) > 6 else ""
+            )
+            lines.append(f"  {what}: {shown}")
+    lines.append(f"  Hint: {hint}.")
+    return CheckpointError("\n".join(lines))
+
+
 def convert_state_dict(
-    state_dict: dict[str, np.ndarray], variant: str | registry.Variant
+    state_dict: dict[str, np.ndarray],
+    variant: str | registry.Variant,
+    *,
+    final_norm: bool = True,
 ) -> dict[str, list[np.ndarray]]:
     """Map a state dict in any supported layout to ``{keras layer name: [weights]}``.
 
@@ -508,7 +619,9 @@ def convert_state_dict(
     whatever the checkpoint holds (checked against the model by :func:`assign_weights`).  A
     ConvNeXt V2 encoder without final norm and head (FCMAE pre-training) gets the final
     LayerNorm (``head_norm``) at its initialisation, scale 1 and shift 0, as the original
-    fine-tuning starts from it.
+    fine-tuning starts from it.  ``final_norm=False``: a backbone without final LayerNorm (the
+    segmentation backbone, :func:`convert_mmseg_state_dict`), whose ``norm.*`` would be
+    unexpected.
     """
     spec = registry.variant(variant)
     official = to_official_layout(state_dict)
@@ -523,8 +636,10 @@ def convert_state_dict(
     weights: dict[str, list[np.ndarray]] = {}
     missing, wrong = [], []
     used = set()
-    encoder = spec.block == "grn" and not (
-        {"norm.weight", "norm.bias", "head.weight", "head.bias"} & set(official)
+    encoder = (
+        final_norm
+        and spec.block == "grn"
+        and not ({"norm.weight", "norm.bias", "head.weight", "head.bias"} & set(official))
     )
     if encoder:
         c = spec.num_features
@@ -533,20 +648,10 @@ def convert_state_dict(
             "%s encoder without final norm: head_norm starts at scale 1, shift 0", spec.title
         )
     for layer, entries in _official_plan(spec):
-        if encoder and layer == "head_norm":
+        if layer == "head_norm" and (encoder or not final_norm):
             continue
-        arrays = []
-        for key, shape, transform in entries:
-            if key not in official:
-                missing.append(key)
-                continue
-            used.add(key)
-            value = official[key]
-            if tuple(value.shape) != shape:
-                wrong.append(f"{key}: checkpoint {tuple(value.shape)}, model expects {shape}")
-                continue
-            arrays.append(transform(value).astype(np.float32, copy=False))
-        if len(arrays) == len(entries):
+        arrays = _take(official, entries, used, missing, wrong)
+        if arrays is not None:
             weights[layer] = arrays
     head_keys = {"head.weight", "head.bias"} & set(official)
     if head_keys:
@@ -568,19 +673,13 @@ def convert_state_dict(
     unexpected = sorted(set(official) - used)
     _check_finite(official, used)
     if missing or wrong or unexpected:
-        lines = [f"The checkpoint does not fit {spec.title}:"]
-        for title, items in (
-            ("missing", missing),
-            ("wrong shape", wrong),
-            ("unexpected", unexpected),
-        ):
-            if items:
-                shown = "; ".join(items[:6]) + (
-                    f"; ... ({len(items)} in all)" if len(items) > 6 else ""
-                )
-                lines.append(f"  {title}: {shown}")
-        lines.append(f"  Hint: {_describe_architecture(official)}.")
-        raise CheckpointError("\n".join(lines))
+        raise _misfit(
+            f"The checkpoint does not fit {spec.title}:",
+            missing,
+            wrong,
+            unexpected,
+            _describe_architecture(official),
+        )
     return weights
 
 
@@ -599,6 +698,151 @@ def _check_finite(state: dict[str, np.ndarray], keys) -> None:
             f"The checkpoint holds NaN or infinite weights: {shown}. A trained ConvNeXt has "
             "none; the file is damaged or was saved from a diverged run. Use another copy."
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# mmsegmentation's UperNet checkpoints (the official ADE20K segmentation files)
+# ---------------------------------------------------------------------------------------------
+
+#: The parts of an mmsegmentation ``EncoderDecoder`` state dict: the backbone (the official
+#: ConvNeXt names plus ``norm0`` ... ``norm3``), the UPerHead and the training-only FCN head.
+MMSEG_BACKBONE, MMSEG_DECODER, MMSEG_AUXILIARY = "backbone.", "decode_head.", "auxiliary_head."
+#: mmcv's BatchNorm tensors -> Keras' BatchNormalization weights, in Keras' order.
+_BATCH_NORM = ("weight", "bias", "running_mean", "running_var")
+
+
+def is_mmseg_layout(state_dict: dict) -> bool:
+    """Whether ``state_dict`` is an mmsegmentation encoder-decoder's (``backbone.*`` and
+    ``decode_head.*`` tensors)."""
+    keys = list(state_dict)
+    return any(k.startswith(MMSEG_BACKBONE) for k in keys) and any(
+        k.startswith(MMSEG_DECODER) for k in keys
+    )
+
+
+def _upernet_plan(spec: registry.Variant, head: registry.UperNetHead, num_classes: int):
+    """Yield (keras layer, [(mmseg key, torch shape, transform)]) for the stage norms and the
+    decoder (mmseg ``UPerHead``: each ``ConvModule`` is ``<name>.conv`` + ``<name>.bn``)."""
+    for i, dim in enumerate(spec.dims):
+        yield (
+            f"stage{i}_output_norm",
+            [(f"{MMSEG_BACKBONE}norm{i}.{p}", (dim,), _identity) for p in ("weight", "bias")],
+        )
+    c = head.channels
+
+    def module(layer, key, inputs, kernel):
+        key = MMSEG_DECODER + key
+        yield f"{layer}_conv", [(f"{key}.conv.weight", (c, inputs, kernel, kernel), _conv)]
+        yield f"{layer}_bn", [(f"{key}.bn.{p}", (c,), _identity) for p in _BATCH_NORM]
+
+    top = spec.dims[-1]
+    for i in range(len(head.pool_scales)):
+        yield from module(f"decode_ppm{i}", f"psp_modules.{i}.1", top, 1)
+    yield from module("decode_bottleneck", "bottleneck", top + len(head.pool_scales) * c, 3)
+    for i, dim in enumerate(spec.dims[:-1]):
+        yield from module(f"decode_lateral{i}", f"lateral_convs.{i}", dim, 1)
+        yield from module(f"decode_fpn{i}", f"fpn_convs.{i}", c, 3)
+    yield from module("decode_fpn_bottleneck", "fpn_bottleneck", len(spec.dims) * c, 3)
+    yield (
+        "decode_conv_seg",
+        [
+            (f"{MMSEG_DECODER}conv_seg.weight", (num_classes, c, 1, 1), _conv),
+            (f"{MMSEG_DECODER}conv_seg.bias", (num_classes,), _identity),
+        ],
+    )
+
+
+def _segmentation_models(official_backbone: dict) -> str:
+    """What backbone an official-named state dict has, and the segmentation names that fit."""
+    depths, dims, _ = infer_architecture(official_backbone)
+    for v in registry.VARIANTS.values():
+        if (v.depths, v.dims) == (depths, dims):
+            names = [
+                c.name
+                for c in registry.CHECKPOINTS.values()
+                if c.segmentation is not None and c.variant == v.name
+            ]
+            use = f": use {' or '.join(names)}" if names else ""
+            return f"its backbone is a {v.title} (depths {list(depths)}, dims {list(dims)}){use}"
+    return f"its backbone has depths {list(depths)} and dims {list(dims)}, which no variant has"
+
+
+def convert_mmseg_state_dict(
+    state_dict: dict[str, np.ndarray],
+    variant: str | registry.Variant,
+    head: registry.UperNetHead | None = None,
+    num_classes: int | None = None,
+) -> dict[str, list[np.ndarray]]:
+    """An mmsegmentation UperNet-ConvNeXt state dict -> ``{keras layer name: [weights]}`` for
+    :func:`convnext_keras.upernet.build_upernet`.
+
+    The layout of the official ADE20K files (facebookresearch/ConvNeXt
+    ``semantic_segmentation``; mmseg ``EncoderDecoder``): ``backbone.*`` in the official
+    ConvNeXt names plus the stage-output norms ``backbone.norm0`` ... ``norm3``,
+    ``decode_head.*`` (``psp_modules.{i}.1``, ``bottleneck``, ``lateral_convs.{i}``,
+    ``fpn_convs.{i}``, ``fpn_bottleneck``, each ``.conv.weight`` + ``.bn.*``, and ``conv_seg``)
+    and ``auxiliary_head.*``, the training-only FCN head: dropped, and listed in an INFO
+    message of the ``convnext_keras`` logger.  BatchNorm's ``num_batches_tracked`` counters are
+    read and not needed.
+
+    Args:
+        variant: the backbone variant; head: the decoder's settings (default
+            ``registry.UperNetHead()``); num_classes: the classifier's size (default: the
+            checkpoint's).
+
+    Raises:
+        CheckpointError: not this layout, another backbone, or a missing, unexpected or wrongly
+            shaped tensor (each named), or NaN/inf weights.
+    """
+    spec = registry.variant(variant)
+    head = head or registry.UperNetHead()
+    if not is_mmseg_layout(state_dict):
+        raise CheckpointError(
+            "Not an mmsegmentation segmentation checkpoint (backbone.* and decode_head.* "
+            f"tensors); first keys: {list(state_dict)[:5]}. A segmentation model loads the "
+            "official ADE20K files (upernet_convnext_*_512x512.pth / *_640x640.pth)."
+        )
+    stage_norm = re.compile(rf"^{re.escape(MMSEG_BACKBONE)}norm\d+\.")
+    in_backbone = [
+        k for k in state_dict if k.startswith(MMSEG_BACKBONE) and not stage_norm.match(k)
+    ]
+    backbone = {k[len(MMSEG_BACKBONE) :]: state_dict[k] for k in in_backbone}
+    depths, dims, _ = infer_architecture(backbone)
+    if (depths, dims) != (spec.depths, spec.dims):
+        raise CheckpointError(
+            f"The checkpoint's backbone is not a {spec.title} (depths {list(spec.depths)}, dims "
+            f"{list(spec.dims)}): {_segmentation_models(backbone)}."
+        )
+    weights = convert_state_dict(backbone, spec, final_norm=False)
+    if num_classes is None:
+        classifier = state_dict.get(f"{MMSEG_DECODER}conv_seg.bias")
+        num_classes = int(classifier.shape[0]) if classifier is not None else 0
+    missing, wrong, used = [], [], set()
+    for layer, entries in _upernet_plan(spec, head, num_classes):
+        arrays = _take(state_dict, entries, used, missing, wrong)
+        if arrays is not None:
+            weights[layer] = arrays
+    auxiliary = sorted(k for k in state_dict if k.startswith(MMSEG_AUXILIARY))
+    counters = {k for k in state_dict if k.endswith(".num_batches_tracked")}
+    unexpected = sorted(set(state_dict) - used - counters - set(auxiliary) - set(in_backbone))
+    _check_finite(state_dict, used)
+    if missing or wrong or unexpected:
+        raise _misfit(
+            f"The checkpoint does not fit UperNet-{spec.title} ({num_classes} classes):",
+            missing,
+            wrong,
+            unexpected,
+            f"a UperNet with {head.channels} decoder channels and pool scales "
+            f"{list(head.pool_scales)} (the official ADE20K checkpoints)",
+        )
+    if auxiliary:
+        logging.getLogger("convnext_keras").info(
+            "mmsegmentation checkpoint: dropped the training-only auxiliary FCN head "
+            "(%d tensors: %s)",
+            len(auxiliary),
+            ", ".join(auxiliary),
+        )
+    return weights
 
 
 def assign_weights(

@@ -616,8 +616,14 @@ def load_converted(path: Path) -> dict[str, list[np.ndarray]] | None:
 
 def convert_official(ckpt: registry.Checkpoint, path: Path) -> dict[str, list[np.ndarray]]:
     """Keras weights of the checkpoint file ``path`` of ``ckpt``; CheckpointError if the file is
-    not that checkpoint (unreadable, another architecture or head size)."""
-    weights = checkpoints.convert_state_dict(checkpoints.read_state_dict(path), ckpt.variant)
+    not that checkpoint (unreadable, another architecture or head size).  A segmentation
+    row's file is an mmsegmentation checkpoint (:func:`checkpoints.convert_mmseg_state_dict`)."""
+    state = checkpoints.read_state_dict(path)
+    if ckpt.segmentation is not None:
+        return checkpoints.convert_mmseg_state_dict(
+            state, ckpt.variant, ckpt.segmentation.head, ckpt.num_classes
+        )
+    weights = checkpoints.convert_state_dict(state, ckpt.variant)
     _check_head(ckpt, weights, ckpt.filename)
     return weights
 

@@ -33,12 +33,14 @@ _PUBLIC = {
     "predict": ["decode_predictions", "predict_files"],
     "preprocess": ["ImageError", "eval_transform", "load_image"],
     "registry": ["UnknownModelError"],
+    "segment": ["segment_files"],
 }
 
 #: Submodules reachable as attributes (``ck.hub.official_weights``), also imported on first use.
 _SUBMODULES = [
     *("api", "bench", "checkpoints", "collection", "evaluate", "finetune", "gradcam", "hub"),
     *("interface", "labels", "layers", "model", "predict", "preprocess", "registry", "runtime"),
+    *("ade20k", "seg_eval", "segment", "upernet"),
 ]  # (``export`` is the function; the module is ``convnext_keras.export`` to import)
 
 __getattr__, __dir__, _ = _lazy.attach(__name__, _SUBMODULES, _PUBLIC)

@@ -42,19 +42,26 @@ def list_models(pattern: str | None = None, *, include_fe: bool = True) -> list[
 
 def model_table(pattern: str | None = None) -> list[dict]:
     """One row per checkpoint: name, family, params, resolution, classes (None: an encoder
-    without head), dataset, acc1, licence (SPDX), cached, url."""
+    without head), dataset, acc1, miou (segmentation models: ADE20K val, single scale), licence
+    (SPDX), cached, url."""
     rows = []
     for name in list_models(pattern, include_fe=False):
         c = registry.CHECKPOINTS[name]
+        params = (
+            count_params(c.variant, c.num_classes)
+            if c.segmentation is None
+            else count_segmentation_params(c.variant, c.segmentation.head, c.num_classes)
+        )
         rows.append(
             {
                 "name": name,
                 "family": c.family,
-                "params": count_params(c.variant, c.num_classes),
+                "params": params,
                 "resolution": c.resolution,
                 "classes": c.num_classes,
                 "dataset": c.dataset,
                 "acc1": c.reported_acc1,
+                "miou": c.segmentation.reported_miou if c.segmentation else None,
                 "licence": c.licence,
                 "cached": hub.is_cached(c),
                 "url": c.url,
@@ -84,6 +91,26 @@ def count_params(variant: str | registry.Variant, num_classes: int | None = None
     return total
 
 
+def count_segmentation_params(
+    variant: str | registry.Variant, head: registry.UperNetHead, num_classes: int
+) -> int:
+    """Parameter count of a UperNet-ConvNeXt (:func:`convnext_keras.upernet.build_upernet`)
+    without building it, as Keras counts it: BatchNorm's moving mean and variance included;
+    the training-only auxiliary head, which the model leaves out, excluded."""
+    spec = registry.variant(variant)
+    c, scales = head.channels, len(head.pool_scales)
+    batch_norm = 4 * c  # scale, shift, moving mean, moving variance
+
+    def module(inputs: int, kernel: int) -> int:  # conv without bias + BatchNorm
+        return inputs * c * kernel * kernel + batch_norm
+
+    backbone = count_params(spec) - 2 * spec.num_features + 2 * sum(spec.dims)  # stage norms
+    decoder = scales * module(spec.dims[-1], 1) + module(spec.dims[-1] + scales * c, 3)
+    decoder += sum(module(dim, 1) + module(c, 3) for dim in spec.dims[:-1])
+    decoder += module(len(spec.dims) * c, 3) + c * num_classes + num_classes
+    return backbone + decoder
+
+
 def load_model(
     name: str,
     *,
@@ -100,9 +127,12 @@ def load_model(
     Args:
         name: a collection name (``convnext_tiny_1k_224``, ``convnextv2_tiny_21k_1k_384``;
             ``22k`` is accepted for ``21k``, and the published file names too), its
-            feature-extractor twin (``..._fe``), or an architecture (``convnext_atto``,
-            ``convnextv2_atto``).  ConvNeXt V2 weights are CC BY-NC 4.0 (non-commercial):
-            ``registry.CHECKPOINTS[name].licence`` and ``convnext list`` show each licence.
+            feature-extractor twin (``..._fe``), an architecture (``convnext_atto``,
+            ``convnextv2_atto``), or a semantic-segmentation model
+            (``upernet_convnext_tiny_ade20k_512``: images -> per-pixel logits, see
+            :func:`convnext_keras.segment.load_segmentation_model`).  ConvNeXt V2 weights
+            are CC BY-NC 4.0 (non-commercial): ``registry.CHECKPOINTS[name].licence`` and
+            ``convnext list`` show each licence.
         weights: ``"official"`` (download -> verify -> convert -> cache on first use),
             ``None`` (random initialisation) or a local checkpoint file in the official, timm
             or Hugging Face layout (``.pth``, ``.bin``, ``.safetensors``).
@@ -127,6 +157,18 @@ def load_model(
     from .model import build_for_loading, build_model, draw_kernel, dtype_policy, policy_name
 
     resolved = registry.resolve(name)
+    if resolved.head == "segmentation":  # a UperNet-ConvNeXt: convnext_keras.segment
+        from .segment import load_segmentation_model
+
+        if features is not None or num_classes is not None:
+            raise ValueError(
+                f"{name!r} is a semantic-segmentation model (per-pixel logits of its "
+                f"{resolved.num_classes} classes): features= and num_classes= are for "
+                "classification names."
+            )
+        return load_segmentation_model(
+            name, weights=weights, input_shape=input_shape, precision=precision
+        )
     if precision:
         policy_name(precision)  # a bad value fails before any download
     if features not in _FEATURES:

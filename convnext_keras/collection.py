@@ -544,7 +544,12 @@ def select_models(pattern: str | None = None) -> list[str]:
     """Checkpoint names the collection builds for ``pattern`` (all when None)."""
     from .api import list_models
 
-    names = list_models(pattern, include_fe=False)
+    # The collection is of image classifiers and encoders (segmentation models: export them).
+    names = [
+        n
+        for n in list_models(pattern, include_fe=False)
+        if registry.CHECKPOINTS[n].segmentation is None
+    ]
     if not names:
         raise CollectionError(
             f"No checkpoint matches {pattern!r}. Choices: {', '.join(registry.CHECKPOINTS)} "
@@ -611,7 +616,11 @@ def build_collection(
             raise FileNotFoundError(f"--weights-dir {weights_dir} is not a directory.")
     if isinstance(models, (list, tuple)):
         names = [registry.resolve(n).checkpoint and registry.canonical_name(n) for n in models]
-        bad = [n for n, c in zip(models, names) if not c or c not in registry.CHECKPOINTS]
+        bad = [
+            n
+            for n, c in zip(models, names)
+            if not c or c not in registry.CHECKPOINTS or registry.CHECKPOINTS[c].segmentation
+        ]
         if bad:
             raise CollectionError(
                 f"Not checkpoints of the collection: {', '.join(bad)}. Choices: "

@@ -209,15 +209,15 @@ class ImageResult:
         return out
 
 
-def _cam_names(paths: Sequence[Path], out_dir: Path) -> list[Path]:
-    """``<stem>_cam.png`` per input; inputs sharing a stem get ``_2``, ``_3``... suffixes."""
+def _cam_names(paths: Sequence[Path], out_dir: Path, ending: str = "_cam.png") -> list[Path]:
+    """``<stem><ending>`` per input; inputs sharing a stem get ``_2``, ``_3``... suffixes."""
     seen: dict[str, int] = {}
     names = []
     for p in paths:
         stem = p.stem
         seen[stem] = seen.get(stem, 0) + 1
         suffix = "" if seen[stem] == 1 else f"_{seen[stem]}"
-        names.append(out_dir / f"{stem}{suffix}_cam.png")
+        names.append(out_dir / f"{stem}{suffix}{ending}")
     return names
 
 

@@ -60,8 +60,9 @@ TOLERANCE = {"savedmodel": 1e-4, "onnx": 1e-4, "tflite": 1e-3, "keras": 1e-4}
 ONNX_OPSET = 17
 #: Name of the image input in every signature / graph.
 INPUT_NAME = "images"
-#: Output names by head (the model's last layer): TF-Hub's classifier and ``_fe`` outputs.
-OUTPUT_NAMES = {"head_fc": "logits", "head_norm": "features"}
+#: Output names by head (the model's last layer): TF-Hub's classifier and ``_fe`` outputs, and
+#: a segmentation model's per-pixel logits.
+OUTPUT_NAMES = {"head_fc": "logits", "head_norm": "features", "decode_resize": "logits"}
 #: Where a SavedModel export keeps its human-readable metadata (TF Serving ignores the folder).
 METADATA_FILE = "assets.extra/convnext_keras.json"
 
@@ -323,7 +324,21 @@ class _Plan:
         return [rng.standard_normal(s).astype("float32") for s in shapes]
 
 
+def _segmentation(model) -> bool:
+    """Whether ``model`` is a UperNet (convnext_keras.upernet): per-pixel logits."""
+    return any(layer.name == "decode_conv_seg" for layer in model.layers)
+
+
 def _plan(model, fmt, image_size, dynamic_size, include_preprocessing, verify_batch, seed):
+    if dynamic_size is None:  # segmentation models take images of any size
+        dynamic_size = _segmentation(model) and fmt != "tflite"
+    if include_preprocessing and _segmentation(model):
+        raise ValueError(
+            f"{fix('include_preprocessing', '--include-preprocessing')} is for classifiers: a "
+            "segmentation model's test-time procedure (keep-ratio resize, sliding windows, "
+            "resize back) runs around the model (convnext_keras.segment); its export takes "
+            "normalised float32 images of any size and returns per-pixel logits."
+        )
     if image_size is None:
         image_size = _default_image_size(model)
     if image_size is None:
@@ -456,6 +471,8 @@ def _metadata(model, plan: _Plan, source: str | None) -> dict:
         },
         "dataset": ckpt.dataset if ckpt else None,
         "reported_acc1": ckpt.reported_acc1 if ckpt else None,
+        "task": "segmentation" if _segmentation(model) else "classification",
+        "reported_miou": ckpt.segmentation.reported_miou if ckpt and ckpt.segmentation else None,
         "weights": source,
         "family": family.name,
         # The official weights' licence (None: other weights, whose licence is their owner's).
@@ -587,16 +604,27 @@ def _write_onnx(model, path: Path, plan: _Plan) -> None:
         )
 
 
+def _onnx_graph_builder(model):
+    """The function writing ``model``'s ONNX graph from its weights (a ConvNeXt:
+    :func:`runtime.build_onnx_graph`; a UperNet: :func:`upernet_onnx.build_onnx_graph`), or
+    None for a model with layers of its own (tf2onnx then)."""
+    from . import runtime, upernet_onnx
+
+    if _segmentation(model):
+        return upernet_onnx.build_onnx_graph if not upernet_onnx.unsupported_reason(model) else None
+    return runtime.build_onnx_graph if runtime.graph_unsupported_reason(model) is None else None
+
+
 def _write_onnx_graph(model, path: Path, plan: _Plan) -> None:
     """The ONNX graph built from the weights (:func:`convnext_keras.runtime.build_onnx_graph`):
     the same operators the CPU engine runs, opset ``ONNX_OPSET``, dynamic batch."""
     import onnx
 
-    from . import runtime
     from .model import variant_of
 
     side = None if plan.dynamic_size else plan.image_size
-    proto = runtime.build_onnx_graph(model, side, side, opset=ONNX_OPSET, output_names=plan.outputs)
+    build = _onnx_graph_builder(model)
+    proto = build(model, side, side, opset=ONNX_OPSET, output_names=plan.outputs)
     props = {"convnext_keras.model": model.name, "convnext_keras.input": plan.contract()}
     # A dynamic-size graph cannot refuse small images itself (ONNX has no assertion): say it.
     props["convnext_keras.min_input_size"] = str(variant_of(model).min_input_size)
@@ -705,7 +733,7 @@ def export(
     *,
     weights="official",
     image_size: int | None = None,
-    dynamic_size: bool = False,
+    dynamic_size: bool | None = None,
     include_preprocessing: bool = False,
     overwrite: bool = False,
     verify_batch: int = 2,
@@ -728,7 +756,8 @@ def export(
         image_size: spatial size of the exported input.  Default: the model's static input
             size, else the registry resolution of its name (224 for architecture names).
         dynamic_size: export height and width as dynamic (savedmodel, onnx, keras); checked at
-            two sizes.
+            two sizes.  Default (None): dynamic for segmentation models (per-pixel logits at
+            the input's size; ``image_size`` is then the size verified first), else fixed.
         include_preprocessing: savedmodel / keras only: the export takes uint8 RGB images of
             any size and does the official crop, resize and ImageNet normalisation itself.
         overwrite: replace an existing ``path`` (only once the new export is verified).
@@ -762,11 +791,9 @@ def export(
 
     import keras
 
-    from . import runtime
-
-    # ONNX of a ConvNeXt built by this library: the graph is written from the weights (no
-    # TensorFlow, any backend); tf2onnx only for models with layers of their own.
-    direct_onnx = fmt == "onnx" and runtime.graph_unsupported_reason(model) is None
+    # ONNX of a ConvNeXt or UperNet built by this library: the graph is written from the
+    # weights (no TensorFlow, any backend); tf2onnx only for models with layers of their own.
+    direct_onnx = fmt == "onnx" and _onnx_graph_builder(model) is not None
     if fmt != "keras" and not direct_onnx and keras.backend.backend() != "tensorflow":
         return _export_via_tensorflow(model, path, plan, overwrite, source)
 

@@ -10,6 +10,7 @@ from . import core  # noqa: F401  (registers list / convert / fetch)
 from . import export as _export  # noqa: F401  (registers export / collection)
 from . import finetune as _finetune  # noqa: F401  (registers finetune)
 from . import predict as _predict  # noqa: F401  (registers predict / eval)
+from . import segment as _segment  # noqa: F401  (registers segment / eval-seg)
 from ._app import main
 
 __all__ = ["main"]

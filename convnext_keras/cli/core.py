@@ -9,6 +9,13 @@ import click
 from ._app import echo_table, main, quiet_backend_logs
 
 
+def _score(row: dict) -> str:
+    """The reported acc@1, or a segmentation model's mIoU (ADE20K val, single scale)."""
+    if row.get("miou") is not None:
+        return f"{row['miou']:.1f} mIoU"
+    return "-" if row["acc1"] is None else f"{row['acc1']:.1f}"
+
+
 @main.command("list")
 @click.argument("pattern", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -35,7 +42,7 @@ def list_command(pattern, as_json, markdown):
             r["resolution"],
             "-" if r["classes"] is None else r["classes"],
             r["dataset"],
-            "-" if r["acc1"] is None else f"{r['acc1']:.1f}",
+            _score(r),
             r["licence"],
         ]
         for r in rows

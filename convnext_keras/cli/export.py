@@ -45,7 +45,10 @@ def _fail(error: Exception):
 )
 @click.option("--image-size", type=int, default=None, help="Input size (default: the model's).")
 @click.option(
-    "--dynamic-size", is_flag=True, help="Dynamic height/width (savedmodel, onnx, keras)."
+    "--dynamic-size/--fixed-size",
+    default=None,
+    help="Dynamic or fixed height/width (savedmodel, onnx, keras; default: dynamic for "
+    "segmentation models, else fixed).",
 )
 @click.option(
     "--include-preprocessing",

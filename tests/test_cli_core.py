@@ -20,7 +20,7 @@ def test_list_shows_the_whole_collection():
     result = CliRunner().invoke(main, ["list", "--json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
-    assert len(rows) == 21 + 26
+    assert len(rows) == 21 + 26 + 6
     tiny = next(r for r in rows if r["name"] == "convnext_tiny_1k_224")
     assert tiny == {
         "name": "convnext_tiny_1k_224",
@@ -30,6 +30,7 @@ def test_list_shows_the_whole_collection():
         "classes": 1000,
         "dataset": "imagenet-1k",
         "acc1": 82.1,
+        "miou": None,
         "licence": "MIT",
         "cached": False,
         "url": "https://dl.fbaipublicfiles.com/convnext/convnext_tiny_1k_224_ema.pth",

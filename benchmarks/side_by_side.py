@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib
 import json
 import multiprocessing
 import os
@@ -289,7 +290,11 @@ def _worker(conn, kind: str, params: dict) -> None:
     """A contender's process: build, warm up, then answer ``("turn", batch, seconds, warm)``."""
     _die_with_parent()
     try:
-        calls = _KINDS[kind](params)
+        if ":" in kind:  # "module:function": another benchmark's contender (segment_side_by_side)
+            module, function = kind.split(":")
+            calls = getattr(importlib.import_module(module), function)(params)
+        else:
+            calls = _KINDS[kind](params)
         for fn in calls.values():
             for _ in range(params["warmup"]):
                 fn()

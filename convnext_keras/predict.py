@@ -161,6 +161,12 @@ def load_classifier(model, *, weights="official", config=None, precision: str | 
         name = str(model)
         resolved = registry.resolve(name)
         ckpt = resolved.checkpoint
+        if resolved.head == "segmentation":
+            raise ValueError(
+                f"{name!r} is a semantic-segmentation model: label images with "
+                f"{fix('convnext_keras.segment_files', 'convnext segment')} and evaluate it with "
+                f"{fix('convnext_keras.seg_eval.evaluate_segmentation', 'convnext eval-seg')}."
+            )
         if resolved.head != "classifier":
             what = "a feature extractor" if resolved.head == "pooled" else "an encoder"
             classifiers = registry.checkpoints_for(resolved.variant.name, 1000)

@@ -451,6 +451,8 @@ def test_wrong_arguments_are_clear_errors():
         segment.segment_files(TINY, [], weights=None, mode="tiled")
     with pytest.raises(ValueError, match="engine must be one of"):
         segment.segment_files(TINY, [], weights=None, engine="tpu")
+    with pytest.raises(ValueError, match="semantic-segmentation model: label images with"):
+        ck.predict_files(TINY, [], weights=None)
     with pytest.raises(ValueError, match="stage_norms=True needs head='pyramid'"):
         ck.build_model("atto", stage_norms=True)
 

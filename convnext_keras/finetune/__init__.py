@@ -15,7 +15,7 @@ import lazy_loader as _lazy
 
 #: Module -> the public names it defines, imported on first access.
 _PUBLIC = {
-    "data": ["DataError", "ImageFolder", "mix_batch", "random_resized_crop", "scan"],
+    "data": ["DataError", "ImageFolder", "mix_batch", "random_resized_crop", "scan", "shard_rows"],
     "loop": [
         "Recipe",
         "RunResult",

@@ -562,13 +562,16 @@ def _run_ray(images, out, todo, manifest, config, *, model, weights, batch_size,
     # resumed run skips whatever any listed part holds).
     rows = [{"index": i, "path": str(images / p)} for i, p in enumerate(todo)]
     ds = ray.data.from_items(rows)
-    ds = ds.map(functools.partial(_ray_decode, config=tuple(config)))
+    # Decoding asks for half a CPU: other resources than the actors', so that Ray Data keeps
+    # it in its own parallel tasks instead of fusing it into the model actors.
+    ds = ds.map(functools.partial(_ray_decode, config=tuple(config)), num_cpus=0.5)
     ds = ds.map_batches(
         _RayEmbedder,
         fn_constructor_args=(model, weights, engine),
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=1,
     )
     done: dict[int, np.ndarray] = {}
     failed: list[list[str]] = []

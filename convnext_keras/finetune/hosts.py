@@ -89,9 +89,8 @@ def connect_hosts(
             f"Multi-host training needs the JAX or the TensorFlow backend, not {backend}."
         )
     import jax
-    from jax._src import distributed
 
-    if distributed.global_state.client is not None:
+    if _jax_connected():
         return jax.process_index(), jax.process_count()
     addresses = coordinator or os.environ.get(JOB_ADDRESSES) or None
     if addresses:
@@ -125,6 +124,17 @@ def connect_hosts(
             f"{coordinator}."
         ) from None
     return jax.process_index(), jax.process_count()
+
+
+def _jax_connected() -> bool:
+    """Whether ``jax.distributed`` is initialised (without starting JAX's backend)."""
+    import jax
+
+    if hasattr(jax.distributed, "is_initialized"):  # JAX >= 0.4.34
+        return jax.distributed.is_initialized()
+    from jax._src import distributed
+
+    return distributed.global_state.client is not None
 
 
 def tf_config() -> tuple[int, int] | None:

@@ -542,15 +542,27 @@ def _connect_ray(ray_option):
         raise EmbedError(
             "--ray needs Ray Data: pip install 'convnext-keras[ray]' (or 'ray[data]')."
         ) from None
-    if not ray.is_initialized():
-        address = None if ray_option is True or ray_option == "local" else str(ray_option)
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    return ray
+    if ray.is_initialized():
+        return ray, False
+    address = None if ray_option is True or ray_option == "local" else str(ray_option)
+    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    return ray, True
 
 
 def _run_ray(images, out, todo, manifest, config, *, model, weights, batch_size, part_size,
              engine, ray, actors, progress, **_):  # fmt: skip
-    ray = _connect_ray(ray)
+    ray, started = _connect_ray(ray)
+    try:
+        _ray_pipeline(ray, images, out, todo, manifest, config, model=model, weights=weights,
+                      batch_size=batch_size, part_size=part_size, engine=engine, actors=actors,
+                      progress=progress)  # fmt: skip
+    finally:
+        if started:  # a local instance or a connection this job made: not left behind
+            ray.shutdown()
+
+
+def _ray_pipeline(ray, images, out, todo, manifest, config, *, model, weights, batch_size,
+                  part_size, engine, actors, progress):  # fmt: skip
     import ray.data
 
     context = ray.data.DataContext.get_current()

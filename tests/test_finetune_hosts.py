@@ -350,3 +350,17 @@ def test_accumulation_under_tf_distribute_is_refused_with_the_reason(digits, tmp
     ), proc.stderr[-3000:]
     assert "on 2 devices use --accum-steps 1" in proc.stdout
     assert not (tmp_path / "o").exists()
+
+
+def test_distribution_off_on_several_workers_is_refused(monkeypatch):
+    """Every worker would train alone and write the same files: refused, naming the way out."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("TF_CONFIG is read on the TensorFlow backend")
+    cluster = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
+    monkeypatch.setenv(
+        "TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 1}})
+    )
+    with pytest.raises(ValueError, match="cannot train the 2 workers TF_CONFIG names"):
+        loop._devices("off")

@@ -247,8 +247,14 @@ class _Devices:
 def _tf_devices(mode: str) -> _Devices:
     import tensorflow as tf
 
-    if mode != "off" and hosts.tf_config() is not None:
-        index, workers = hosts.tf_config()
+    config = hosts.tf_config()
+    if mode == "off" and config is not None and config[1] > 1:
+        raise ValueError(
+            f"distribution 'off' (one device) cannot train the {config[1]} workers TF_CONFIG "
+            "names; use --distribution auto, or unset TF_CONFIG for a single process."
+        )
+    if mode != "off" and config is not None:
+        index, workers = config
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         return _Devices(
             strategy.scope(),
@@ -849,16 +855,16 @@ class _Trainer:
                 raise
             kept = state_lib.read_meta(self.state_path)
             where = (
-                f"the last complete checkpoint {self.state_path} (epoch {kept['epoch'] + 1}, "
+                f"The last complete checkpoint {self.state_path} (epoch {kept['epoch'] + 1}, "
                 f"step {kept['step']}) is kept"
                 if kept
-                else "no checkpoint had been written yet"
+                else "No checkpoint had been written yet"
             )
             raise hosts.HostLost(
                 f"Lost contact with another host during {during} (epoch {epoch + 1}, after step "
                 f"{callback.done} of {self.steps}; this is host {self.devices.index} of "
-                f"{self.devices.processes}): {hosts.first_line(e)}. {where}; start the same "
-                f"command with --resume {self.out} on every host."
+                f"{self.devices.processes}): {hosts.first_line(e).rstrip('.')}. {where}; start "
+                f"the same command with --resume {self.out} on every host."
             ) from None
 
     # -- the loop -----------------------------------------------------------------------------
@@ -1145,7 +1151,8 @@ def run(
             f"Gradient accumulation (--accum-steps {recipe.accumulation}) fails under "
             f"tf.distribute with Keras 3 (its conditional update synchronises replicas inside a "
             f"cond); on {devices.replicas} devices use --accum-steps 1 with a larger "
-            "--batch-size, the JAX backend, or --distribution off."
+            "--batch-size, or the JAX backend"
+            + (", or --distribution off." if devices.processes == 1 else ".")
         )
     if recipe.batch_size % devices.replicas:
         raise ValueError(

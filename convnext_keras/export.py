@@ -270,10 +270,12 @@ def _eval_config(model_name: str, image_size: int):
     from . import preprocess
 
     try:
-        _, crop_pct, interpolation = preprocess.config_for(model_name)
+        config = preprocess.config_for(model_name)
     except registry.UnknownModelError:
-        crop_pct, interpolation = preprocess.DEFAULT_CROP_PCT, preprocess.DEFAULT_INTERPOLATION
-    return preprocess.PreprocessConfig(image_size, crop_pct, interpolation)
+        config = preprocess.PreprocessConfig(
+            image_size, preprocess.DEFAULT_CROP_PCT, preprocess.DEFAULT_INTERPOLATION
+        )
+    return config._replace(resolution=image_size)
 
 
 @dataclasses.dataclass

@@ -219,6 +219,8 @@ def _output_names(model) -> list[str]:
             "one output or a dict of named outputs."
         )
     last = model.output._keras_history.operation.name
+    if last == "head_norm" and len(model.output.shape) == 4:
+        return ["dense"]  # the head LayerNorm at every position (features="dense")
     return [OUTPUT_NAMES.get(last, "output")]
 
 

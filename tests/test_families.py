@@ -263,3 +263,51 @@ def test_new_rows_build_without_weights():
         assert ck.load_model(name, weights=None).output.shape == shape, name
     pyramid = ck.load_model("dinov3_convnext_tiny_lvd1689m", weights=None)
     assert sorted(pyramid.output) == ["stage1", "stage2", "stage3", "stage4"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The rest of the pipeline: the CPU engine's graph, predict, export, model cards
+
+
+def test_onnx_graph_of_isotropic_and_dense_models_equals_keras(tmp_path):
+    """The onnxruntime engine's own graph (16x16 patch stem without LayerNorm, one stage;
+    the 'dense' head) computes what the Keras model does; export writes it, verified."""
+    pytest.importorskip("onnxruntime")
+    from convnext_keras import runtime
+    from convnext_keras.export import export
+
+    images = _images(64, 48, seed=4)
+    iso_model = ck.load_model("convnext_iso_small_1k_224", weights=None)
+    runner = runtime.OnnxRunner(iso_model)
+    assert _max_diff(runner(images), iso_model.predict_on_batch(images)) <= TOLERANCE
+    dense = ck.load_model("dinov3_convnext_tiny_lvd1689m", weights=None, features="dense")
+    session = runtime.onnx_session(runtime.build_onnx_graph(dense, None, None))
+    (got,) = session.run(None, {"images": images})
+    assert got.shape == (1, 2, 1, 768)
+    assert _max_diff(got, dense.predict_on_batch(images)) <= TOLERANCE
+    result = export(dense, tmp_path / "dense.onnx", "onnx", image_size=64)
+    assert result.outputs == ["dense"] and result.max_abs_diff <= TOLERANCE
+
+
+def test_predict_runs_where_there_is_a_head_and_says_why_not_where_there_is_none():
+    from pathlib import Path
+
+    photo = sorted(Path("examples/images").glob("*.jpg"))[0]
+    (result,) = ck.predict_files("convnext_iso_small_1k_224", [photo], weights=None, top=3)
+    assert result.ok and len(result.predictions) == 3 and result.random_weights
+    with pytest.raises(ValueError, match="an encoder without a classification head"):
+        ck.predict_files("dinov3_convnext_tiny_lvd1689m", [photo], weights=None)
+
+
+def test_model_cards_of_the_new_families():
+    from convnext_keras.collection import model_card
+
+    iso_card = model_card("convnext_iso_base_1k_224")
+    assert "ConvNeXt-Base (isotropic): depths 18, widths 768, 16x16 patch stem" in iso_card
+    dino = model_card("dinov3_convnext_large_lvd1689m")
+    assert "gated: accept the licence there; HF_TOKEN" in dino
+    assert "LicenseRef-DINOv3, https://github.com/facebookresearch/dinov3" in dino
+    assert "resize to 224x224 (bilinear, no crop)" in dino
+    timm_card = model_card("convnext_nano_12k_1k_384")
+    assert "83.3% (reported by timm)" in timm_card and "Apache-2.0" in timm_card
+    assert "resize the shorter side to 384 (bicubic), centre-crop 384x384" in timm_card

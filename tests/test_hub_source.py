@@ -211,3 +211,24 @@ def test_fetch_puts_a_hub_row_file_into_a_folder(hub_server, atto_file, tmp_path
     dest = tmp_path / "carry" / "hf" / ATTO.source.repo / "main" / "model.safetensors"
     assert dest.read_bytes() == atto_file.read_bytes()
     assert "copied from the Hugging Face cache" in result.output
+
+
+def test_list_does_not_import_huggingface_hub_without_a_downloaded_repository(tmp_path):
+    """`convnext list` asks huggingface_hub about a Hub row (0.2-0.4 s to import) only when the
+    Hugging Face cache has a folder of its repository."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from convnext_keras import api\n"
+        "rows = api.model_table()\n"
+        "print(len(rows), 'huggingface_hub' in sys.modules)\n"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "CONVNEXT_HOME": str(tmp_path / "c")}
+    env.pop("HF_HUB_CACHE", None)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert out.stdout.split() == [str(len(registry.CHECKPOINTS)), "False"]

@@ -305,9 +305,10 @@ class _Plan:
 
     def contract(self) -> str:
         if self.preprocessing:
-            _, crop_pct, interpolation = self.transform
             return RAW_INPUT_CONTRACT.format(
-                interpolation=interpolation, crop_pct=crop_pct, size=self.image_size
+                interpolation=self.transform.interpolation,
+                crop_pct=self.transform.crop_pct,
+                size=self.image_size,
             )
         return INPUT_CONTRACT.format(mean=registry.IMAGENET_MEAN, std=registry.IMAGENET_STD)
 
@@ -335,10 +336,12 @@ def _plan(model, fmt, image_size, dynamic_size, include_preprocessing, verify_ba
             f"Cannot tell the image size of {model.name!r} (its input is dynamic and its name "
             f"is not in the registry); pass {fix('image_size=N', '--image-size N')}."
         )
-    if not isinstance(image_size, int) or image_size < registry.MIN_INPUT_SIZE:
-        raise ValueError(
-            f"image_size must be an integer >= {registry.MIN_INPUT_SIZE}, got {image_size!r}."
-        )
+    from .model import variant_of
+
+    spec = variant_of(model)
+    minimum = spec.min_input_size if spec is not None else registry.MIN_INPUT_SIZE
+    if not isinstance(image_size, int) or image_size < minimum:
+        raise ValueError(f"image_size must be an integer >= {minimum}, got {image_size!r}.")
     static = model.inputs[0].shape[1:3]
     if None not in static and tuple(static) != (image_size, image_size):
         raise ValueError(

@@ -198,9 +198,10 @@ def _check(r: Recipe) -> None:
     need(r.mixup >= 0 and r.cutmix >= 0, "mixup and cutmix alphas must be >= 0 (0 = off).")
     need(r.ema is None or 0 < r.ema < 1, f"ema decay must be in (0, 1), got {r.ema}.")
     need(r.head_init_scale > 0, f"head_init_scale must be positive, got {r.head_init_scale}.")
+    minimum = registry.resolve(r.model).variant.min_input_size
     need(
-        r.resolution >= registry.MIN_INPUT_SIZE,
-        f"resolution must be at least {registry.MIN_INPUT_SIZE} pixels, got {r.resolution}.",
+        r.resolution >= minimum,
+        f"resolution must be at least {minimum} pixels, got {r.resolution}.",
     )
     need(0 < r.crop_pct <= 1, f"crop_pct must be in (0, 1], got {r.crop_pct}.")
     need(

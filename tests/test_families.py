@@ -107,7 +107,7 @@ def test_isotropic_heads_and_errors():
     assert model.output.shape == (None, None, None, 384)
     assert _run(model, _images(48, 32)).shape == (1, 3, 2, 384)
     assert ck.load_model("convnext_iso_small_1k_224_fe", weights=None).output.shape == (None, 384)
-    with pytest.raises(ValueError, match="16x16"):
+    with pytest.raises(ValueError, match=r"at least 16x16 pixels \(an isotropic ConvNeXt's"):
         _run(model, _images(8, 32))  # smaller than one patch
     with pytest.raises(ValueError, match="without it and have no layer scale"):
         ck.build_model("iso_base", layer_scale_init=0.1)

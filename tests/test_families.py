@@ -311,3 +311,36 @@ def test_model_cards_of_the_new_families():
     timm_card = model_card("convnext_nano_12k_1k_384")
     assert "83.3% (reported by timm)" in timm_card and "Apache-2.0" in timm_card
     assert "resize the shorter side to 384 (bicubic), centre-crop 384x384" in timm_card
+
+
+def test_an_isotropic_model_fine_tunes_with_its_one_stage_layer_decay(tmp_path, monkeypatch):
+    """convnext finetune's loop on a micro isotropic ConvNeXt (the isotropic code at a tiny
+    width): a run with layer decay over its one stage writes a finite, loadable classifier."""
+    from test_finetune_data import digits_folder
+
+    from convnext_keras.finetune import loop, optim
+
+    micro = registry.Variant(
+        "iso_micro", (3,), (16,), block="plain", patch_size=16, stem_norm=False
+    )
+    monkeypatch.setitem(registry.VARIANTS, "iso_micro", micro)
+    groups = optim.layer_groups("iso_micro")
+    assert [groups[f"stage0_block{b}_pwconv1"] for b in range(3)] == [1, 5, 9]
+    data = digits_folder(tmp_path / "digits", per_class=6, classes=3)
+    result = loop.run(
+        data,
+        tmp_path / "run",
+        model="convnext_iso_micro",
+        epochs=1,
+        batch_size=6,
+        resolution=32,
+        layer_decay=0.7,
+        val_fraction=0.25,
+        checkpoint_every=0,
+        export=False,
+        verbose=0,
+    )
+    (row,) = result.history
+    assert np.isfinite(row["train_loss"]) and np.isfinite(row["val_loss"])
+    model = keras.saving.load_model(result.files["best"])
+    assert model.output.shape == (None, 3)

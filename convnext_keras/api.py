@@ -43,7 +43,8 @@ def list_models(pattern: str | None = None, *, include_fe: bool = True) -> list[
 
 def model_table(pattern: str | None = None) -> list[dict]:
     """One row per checkpoint: name, family, params, resolution, classes (None: an encoder
-    without head), dataset, acc1, licence (SPDX), cached, url."""
+    without head), dataset, acc1, licence (SPDX), cached, url, source (``"official"`` or the
+    Hub address ``hf://org/repo[@revision]/file``)."""
     rows = []
     for name in list_models(pattern, include_fe=False):
         c = registry.CHECKPOINTS[name]
@@ -59,9 +60,17 @@ def model_table(pattern: str | None = None) -> list[dict]:
                 "licence": c.licence,
                 "cached": hub.is_cached(c),
                 "url": c.url,
+                "source": _source_text(c.source),
             }
         )
     return rows
+
+
+def _source_text(source: registry.Source) -> str:
+    if not source.is_hub:
+        return "official"
+    at = f"@{source.revision}" if source.revision else ""
+    return f"{hub.HF_SCHEME}{source.repo}{at}/{source.path}"
 
 
 def count_params(variant: str | registry.Variant, num_classes: int | None = None) -> int:

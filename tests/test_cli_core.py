@@ -33,6 +33,7 @@ def test_list_shows_the_whole_collection():
         "licence": "MIT",
         "cached": False,
         "url": "https://dl.fbaipublicfiles.com/convnext/convnext_tiny_1k_224_ema.pth",
+        "source": "official",
     }
     table = CliRunner().invoke(main, ["list", "xlarge"])
     assert table.exit_code == 0
@@ -72,6 +73,10 @@ def test_list_shows_the_other_families_with_their_sources_and_licences():
         "https://huggingface.co/facebook/dinov3-convnext-base-pretrain-lvd1689m/resolve/main/"
         "model.safetensors"
     )
+    assert (
+        dino["source"] == "hf://facebook/dinov3-convnext-base-pretrain-lvd1689m/model.safetensors"
+    )
+    assert iso["source"] == "official"
     timm = rows["convnext_nano_12k_1k_384"]
     assert (timm["family"], timm["licence"], timm["dataset"]) == (
         "timm",
@@ -81,6 +86,7 @@ def test_list_shows_the_other_families_with_their_sources_and_licences():
     table = CliRunner().invoke(main, ["list", "dinov3*"])
     assert table.exit_code == 0 and "LicenseRef-DINOv3" in table.output
     assert "DINOv3 License" in table.output  # the title says what it means
+    assert "hf://facebook/dinov3-convnext-tiny-pretrain-lvd1689m/model.safetensors" in table.output
 
 
 def test_convert_cli(tmp_path, tiny_reference):

@@ -14,7 +14,8 @@ from ._app import echo_table, main, quiet_backend_logs
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--markdown", is_flag=True, help="A Markdown table (the README's model table).")
 def list_command(pattern, as_json, markdown):
-    """Show the collection: name, params, resolution, classes, reported acc@1, licence, cached?
+    """Show the collection: name, params, resolution, classes, reported acc@1, licence, source
+    (the official server, or the Hugging Face Hub repository), cached?
 
     PATTERN filters names: shell-style ('convnext_base*384', 'convnextv2*') or a substring
     ('xlarge').  ConvNeXt V2 weights are CC-BY-NC-4.0 (non-commercial use only); DINOv3's are
@@ -52,8 +53,8 @@ def list_command(pattern, as_json, markdown):
         f"ConvNeXt collection ({len(rows)} checkpoints; add '_fe' to a name for its feature "
         "extractor; CC-BY-NC-4.0 weights: non-commercial use only; LicenseRef-DINOv3: the "
         "DINOv3 License, accepted on the Hub, HF_TOKEN to download)",
-        [*header, "cached"],
-        [[*row, "yes" if r["cached"] else "no"] for row, r in zip(cells, rows)],
+        [*header, "source", "cached"],
+        [[*row, r["source"], "yes" if r["cached"] else "no"] for row, r in zip(cells, rows)],
         justify={1: "right", 2: "right", 3: "right", 5: "right"},
     )
 

@@ -44,7 +44,7 @@ def list_models(pattern: str | None = None, *, include_fe: bool = True) -> list[
 def model_table(pattern: str | None = None) -> list[dict]:
     """One row per checkpoint: name, family, params, resolution, classes (None: an encoder
     without head), dataset, acc1, licence (SPDX), cached, url, source (``"official"`` or the
-    Hub address ``hf://org/repo[@revision]/file``)."""
+    Hub address ``hf://org/repo[@revision][/file]``, which ``weights=`` takes)."""
     rows = []
     for name in list_models(pattern, include_fe=False):
         c = registry.CHECKPOINTS[name]
@@ -70,7 +70,9 @@ def _source_text(source: registry.Source) -> str:
     if not source.is_hub:
         return "official"
     at = f"@{source.revision}" if source.revision else ""
-    return f"{hub.HF_SCHEME}{source.repo}{at}/{source.path}"
+    # The address of the repository alone means its model.safetensors (hub.resolve_hub_address).
+    file = "" if source.path == hub.HUB_DEFAULT_FILES[0] else f"/{source.path}"
+    return f"{hub.HF_SCHEME}{source.repo}{at}{file}"
 
 
 def count_params(variant: str | registry.Variant, num_classes: int | None = None) -> int:

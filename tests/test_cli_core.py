@@ -73,9 +73,7 @@ def test_list_shows_the_other_families_with_their_sources_and_licences():
         "https://huggingface.co/facebook/dinov3-convnext-base-pretrain-lvd1689m/resolve/main/"
         "model.safetensors"
     )
-    assert (
-        dino["source"] == "hf://facebook/dinov3-convnext-base-pretrain-lvd1689m/model.safetensors"
-    )
+    assert dino["source"] == "hf://facebook/dinov3-convnext-base-pretrain-lvd1689m"
     assert iso["source"] == "official"
     timm = rows["convnext_nano_12k_1k_384"]
     assert (timm["family"], timm["licence"], timm["dataset"]) == (

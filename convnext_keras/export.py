@@ -444,8 +444,10 @@ def _metadata(model, plan: _Plan, source: str | None) -> dict:
         resolved = None
     ckpt = resolved.checkpoint if resolved else None
     # A model name the registry does not know is a ConvNeXt built by this library (the only
-    # models exported); its family defaults to ConvNeXt's.
-    family = registry.FAMILIES[resolved.variant.family if resolved else "convnext"]
+    # models exported); its family defaults to ConvNeXt's.  A checkpoint's own family (DINOv3,
+    # timm) comes before its architecture's.
+    family_name = ckpt.family if ckpt else resolved.variant.family if resolved else "convnext"
+    family = registry.FAMILIES[family_name]
     return {
         "model": model.name,
         "outputs": plan.outputs,

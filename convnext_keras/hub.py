@@ -787,6 +787,13 @@ def _hub_error(error: Exception, repo: str, filename: str, revision: str | None)
         )
     if isinstance(error, errors.RevisionNotFoundError):
         return DownloadError(f"{repo} has no revision {revision!r} ({page}): {detail}")
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE
+    if isinstance(error, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)) and offline:
+        return DownloadError(
+            f"HF_HUB_OFFLINE is set and {where} is not in the Hugging Face cache "
+            f"({huggingface_hub.constants.HF_HUB_CACHE}): unset it to download, or pass the file "
+            f"with {fix('weights=FILE', '--weights FILE')}."
+        )
     if isinstance(error, errors.LocalEntryNotFoundError):
         return DownloadError(
             f"Could not download {where} from {huggingface_hub.constants.ENDPOINT} and it is not "
@@ -800,11 +807,6 @@ def _hub_error(error: Exception, repo: str, filename: str, revision: str | None)
         return DownloadError(
             f"{repo}{at} has no file {filename!r}: see the files at {page}/tree/"
             f"{revision or 'main'} and name one (hf://{repo}/FILE)."
-        )
-    if isinstance(error, errors.OfflineModeIsEnabled):
-        return DownloadError(
-            f"{where} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: unset it to "
-            f"download, or pass the file with {fix('weights=FILE', '--weights FILE')}."
         )
     return DownloadError(
         f"Could not download {where} from the Hugging Face Hub ({type(error).__name__}: "
@@ -829,9 +831,12 @@ def _hub_download(repo: str, filename: str, revision: str | None, force: bool) -
                 library_version=__version__,
             )
         )
-    except (huggingface_hub.errors.HfHubHTTPError, OSError, ValueError) as e:
-        raise _hub_error(e, repo, filename, revision) from e
-    except huggingface_hub.errors.EntryNotFoundError as e:  # not an HTTP error when offline
+    except (
+        huggingface_hub.errors.HfHubHTTPError,
+        huggingface_hub.errors.EntryNotFoundError,  # not an HTTP error when offline
+        OSError,
+        ValueError,
+    ) as e:
         raise _hub_error(e, repo, filename, revision) from e
 
 
@@ -895,23 +900,24 @@ def resolve_hub_address(address: str) -> Path:
     """The local file of an ``hf://org/repo[@revision][/file]`` address (downloaded by
     :func:`hub_file`); a repository without file gives its ``model.safetensors``, else its
     ``pytorch_model.bin``."""
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
     repo, revision, filename = parse_hf_address(address)
     if filename is not None:
         return hub_file(repo, filename, revision)
-    for i, candidate in enumerate(HUB_DEFAULT_FILES):
+    for candidate in HUB_DEFAULT_FILES:
         try:
             return hub_file(repo, candidate, revision)
         except DownloadError as e:
-            from huggingface_hub.errors import EntryNotFoundError
-
-            if not isinstance(e.__cause__, EntryNotFoundError) or i + 1 == len(HUB_DEFAULT_FILES):
-                if isinstance(e.__cause__, EntryNotFoundError):
-                    raise DownloadError(
-                        f"{repo} holds neither {' nor '.join(HUB_DEFAULT_FILES)}: name the file "
-                        f"(hf://{repo}/FILE; see {_hub_page(repo)}/tree/{revision or 'main'})."
-                    ) from e
+            cause = e.__cause__
+            # Only "the Hub has no such file" moves on (not offline, not a missing cache copy).
+            absent = isinstance(cause, EntryNotFoundError)
+            if not absent or isinstance(cause, LocalEntryNotFoundError):
                 raise
-    raise AssertionError("unreachable")
+    raise DownloadError(
+        f"{repo} holds neither {' nor '.join(HUB_DEFAULT_FILES)}: name the file "
+        f"(hf://{repo}/FILE; see {_hub_page(repo)}/tree/{revision or 'main'})."
+    )
 
 
 def _hf_cache_root() -> Path:

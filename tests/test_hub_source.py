@@ -86,7 +86,7 @@ def test_hub_row_downloads_once_converts_caches_and_loads_offline(
     hub.converted_cache_path(ATTO).unlink()
     for blob in _blobs(hub_server):
         blob.unlink()  # offline, and the Hugging Face cache lost it: the ways out
-    with pytest.raises(hub.DownloadError, match="HF_HUB_OFFLINE"):
+    with pytest.raises(hub.DownloadError, match="HF_HUB_OFFLINE is set and timm.convnext_atto"):
         hub.official_weights(ATTO)
 
 

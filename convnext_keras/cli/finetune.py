@@ -24,7 +24,7 @@ _RECIPE_OPTIONS = [
         "--weights",
         "weights",
         str,
-        "'official', 'none' (random init) or a checkpoint file. "
+        "'official', 'none' (random init), a checkpoint file or hf://ORG/REPO[/FILE]. "
         "[default: official for checkpoint names, none for architecture names]",
     ),
     ("--epochs", "epochs", click.IntRange(min=1), "Epochs. [default: 30]"),

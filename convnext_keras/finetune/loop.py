@@ -169,7 +169,7 @@ def resolve_recipe(**options) -> Recipe:
     if "crop_scale" in given:
         given["crop_scale"] = tuple(float(s) for s in given["crop_scale"])
     if given.get("weights") not in (None, OFFICIAL):
-        given["weights"] = str(Path(given["weights"]).expanduser())
+        given["weights"] = _weights_option(given["weights"])
     recipe = Recipe(**given)
     _check(recipe)
     return recipe
@@ -199,9 +199,10 @@ def _check(r: Recipe) -> None:
     need(r.mixup >= 0 and r.cutmix >= 0, "mixup and cutmix alphas must be >= 0 (0 = off).")
     need(r.ema is None or 0 < r.ema < 1, f"ema decay must be in (0, 1), got {r.ema}.")
     need(r.head_init_scale > 0, f"head_init_scale must be positive, got {r.head_init_scale}.")
+    minimum = registry.resolve(r.model).variant.min_input_size
     need(
-        r.resolution >= registry.MIN_INPUT_SIZE,
-        f"resolution must be at least {registry.MIN_INPUT_SIZE} pixels, got {r.resolution}.",
+        r.resolution >= minimum,
+        f"resolution must be at least {minimum} pixels, got {r.resolution}.",
     )
     need(0 < r.crop_pct <= 1, f"crop_pct must be in (0, 1], got {r.crop_pct}.")
     need(
@@ -219,8 +220,16 @@ def _check(r: Recipe) -> None:
     )
     need(r.clip_grad is None or r.clip_grad > 0, f"clip_grad must be > 0, got {r.clip_grad}.")
     need(0 <= r.val_fraction < 1, f"val_fraction must be in [0, 1), got {r.val_fraction}.")
-    if r.weights not in (None, OFFICIAL) and not Path(r.weights).is_file():
-        raise FileNotFoundError(f"Weights file {r.weights} does not exist.")
+    if r.weights not in (None, OFFICIAL) and not str(r.weights).startswith(hub.HF_SCHEME):
+        if not Path(r.weights).is_file():
+            raise FileNotFoundError(f"Weights file {r.weights} does not exist.")
+
+
+def _weights_option(value) -> str:
+    """A ``weights`` value other than None / official: a Hub address as it is, a path expanded."""
+    if str(value).startswith(hub.HF_SCHEME):
+        return str(value)
+    return str(Path(value).expanduser())
 
 
 @dataclasses.dataclass
@@ -997,7 +1006,7 @@ def _check_resume(out: Path, recipe_options: dict) -> tuple[dict, dict | None]:
     if "model" in explicit:
         explicit["model"] = registry.resolve(explicit["model"]).name
     if "weights" in explicit and explicit["weights"] not in (None, OFFICIAL):
-        explicit["weights"] = str(Path(explicit["weights"]).expanduser())
+        explicit["weights"] = _weights_option(explicit["weights"])
     if "crop_scale" in explicit:
         explicit["crop_scale"] = [float(s) for s in explicit["crop_scale"]]
     differ = {k: (saved.get(k), v) for k, v in explicit.items() if saved.get(k) != v}

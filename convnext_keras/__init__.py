@@ -26,6 +26,7 @@ _PUBLIC = {
         "convert_state_dict",
         "read_state_dict",
     ],
+    "embed": ["EmbedError", "embed", "load_features"],
     "export": ["ExportError", "VerificationError", "export"],
     "hub": ["DownloadError"],
     "layers": ["GlobalResponseNormalization", "LayerScale", "StochasticDepth"],
@@ -41,7 +42,7 @@ _SUBMODULES = [
     *("api", "bench", "checkpoints", "collection", "evaluate", "finetune", "gradcam", "hub"),
     *("interface", "labels", "layers", "model", "predict", "preprocess", "registry", "runtime"),
     *("ade20k", "seg_eval", "segment", "upernet"),
-]  # (``export`` is the function; the module is ``convnext_keras.export`` to import)
+]  # (``export`` and ``embed`` are functions; import their modules by name)
 
 __getattr__, __dir__, _ = _lazy.attach(__name__, _SUBMODULES, _PUBLIC)
 __all__ = sorted(["finetune", "registry", *(n for names in _PUBLIC.values() for n in names)])

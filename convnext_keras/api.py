@@ -19,6 +19,7 @@ _FEATURES = {
     "fe": "pooled",
     "features": "pooled",
     "pyramid": "pyramid",
+    "dense": "dense",
     "all": "all",
 }
 
@@ -43,7 +44,8 @@ def list_models(pattern: str | None = None, *, include_fe: bool = True) -> list[
 def model_table(pattern: str | None = None) -> list[dict]:
     """One row per checkpoint: name, family, params, resolution, classes (None: an encoder
     without head), dataset, acc1, miou (segmentation models: ADE20K val, single scale), licence
-    (SPDX), cached, url."""
+    (SPDX), cached, url, source (``"official"`` or the Hub address
+    ``hf://org/repo[@revision][/file]``, which ``weights=`` takes)."""
     rows = []
     for name in list_models(pattern, include_fe=False):
         c = registry.CHECKPOINTS[name]
@@ -65,25 +67,37 @@ def model_table(pattern: str | None = None) -> list[dict]:
                 "licence": c.licence,
                 "cached": hub.is_cached(c),
                 "url": c.url,
+                "source": _source_text(c.source),
             }
         )
     return rows
 
 
+def _source_text(source: registry.Source) -> str:
+    if not source.is_hub:
+        return "official"
+    at = f"@{source.revision}" if source.revision else ""
+    # The address of the repository alone means its model.safetensors (hub.resolve_hub_address).
+    file = "" if source.path == hub.HUB_DEFAULT_FILES[0] else f"/{source.path}"
+    return f"{hub.HF_SCHEME}{source.repo}{at}{file}"
+
+
 def count_params(variant: str | registry.Variant, num_classes: int | None = None) -> int:
     """Parameter count of a variant with an optional ``num_classes`` head, without building it."""
     spec = registry.variant(variant)
-    p = registry.STEM_PATCH
-    total = 3 * p * p * spec.dims[0] + spec.dims[0] + 2 * spec.dims[0]  # stem conv + norm
+    p = spec.patch_size
+    total = 3 * p * p * spec.dims[0] + spec.dims[0]  # stem conv
+    total += 2 * spec.dims[0] if spec.stem_norm else 0
     for i, (depth, dim) in enumerate(zip(spec.depths, spec.dims)):
         if i > 0:
             prev, s = spec.dims[i - 1], registry.DOWNSAMPLE_STRIDE
             total += 2 * prev + prev * dim * s * s + dim
         hidden = registry.MLP_RATIO * dim
         k = registry.DWCONV_KERNEL
-        # dwconv, norm, pwconv1, pwconv2, then layer scale (dim) or GRN (gamma, beta: 2 * hidden)
+        # dwconv, norm, pwconv1, pwconv2, then layer scale (dim), GRN (gamma, beta: 2 * hidden)
+        # or nothing (plain blocks)
         per_block = (k * k * dim + dim) + 2 * dim + (dim * hidden + hidden) + (hidden * dim + dim)
-        per_block += 2 * hidden if spec.block == "grn" else dim
+        per_block += {"grn": 2 * hidden, "layer_scale": dim, "plain": 0}[spec.block]
         total += depth * per_block
     total += 2 * spec.num_features
     if num_classes:
@@ -125,22 +139,32 @@ def load_model(
     """Build a ConvNeXt by name and load its weights.
 
     Args:
-        name: a collection name (``convnext_tiny_1k_224``, ``convnextv2_tiny_21k_1k_384``;
-            ``22k`` is accepted for ``21k``, and the published file names too), its
-            feature-extractor twin (``..._fe``), an architecture (``convnext_atto``,
-            ``convnextv2_atto``), or a semantic-segmentation model
-            (``upernet_convnext_tiny_ade20k_512``: images -> per-pixel logits, see
-            :func:`convnext_keras.segment.load_segmentation_model`).  ConvNeXt V2 weights
-            are CC BY-NC 4.0 (non-commercial): ``registry.CHECKPOINTS[name].licence`` and
-            ``convnext list`` show each licence.
-        weights: ``"official"`` (download -> verify -> convert -> cache on first use),
-            ``None`` (random initialisation) or a local checkpoint file in the official, timm
-            or Hugging Face layout (``.pth``, ``.bin``, ``.safetensors``).
+        name: a collection name (``convnext_tiny_1k_224``, ``convnextv2_tiny_21k_1k_384``,
+            ``convnext_iso_base_1k_224``, ``dinov3_convnext_tiny_lvd1689m``,
+            ``convnext_atto_1k_224``; ``22k`` is accepted for ``21k``, and the published file
+            and Hub repository names too), its feature-extractor twin (``..._fe``), an
+            architecture (``convnext_atto``, ``convnextv2_atto``, ``convnext_iso_small``), or a
+            semantic-segmentation model (``upernet_convnext_tiny_ade20k_512``: images ->
+            per-pixel logits, see :func:`convnext_keras.segment.load_segmentation_model`).
+            Licences differ (ConvNeXt V2: CC BY-NC 4.0, non-commercial; DINOv3: the DINOv3
+            License; timm's: Apache-2.0): ``registry.CHECKPOINTS[name].licence`` and
+            ``convnext list`` show each.
+        weights: ``"official"`` (the name's own source - the official server or its Hub
+            repository - downloaded, verified, converted and cached on first use), ``None``
+            (random initialisation), a local checkpoint file (``.pth``, ``.bin``,
+            ``.safetensors``; official, isotropic, timm, Hugging Face, DINOv3, FCMAE or
+            mmsegmentation layout) or a file on the Hugging Face Hub: ``"hf://org/repo"`` (its
+            ``model.safetensors``, else ``pytorch_model.bin``), ``"hf://org/repo/file"``,
+            ``"hf://org/repo@rev/file"`` (downloaded by ``huggingface_hub``: ``HF_TOKEN`` for
+            gated repositories).
         features: ``None`` (as the name says: logits, ``_fe`` pooled features, and for an
-            FCMAE encoder such as ``convnextv2_tiny_fcmae`` the pyramid), ``"classifier"``,
+            encoder without head - FCMAE, DINOv3 - the pyramid), ``"classifier"``,
             ``"pooled"`` (pooled features after the head LayerNorm; an FCMAE encoder has none,
             its starts at scale 1 / shift 0 as in the original fine-tuning), ``"pyramid"``
-            (the 4 stage outputs, strides 4-32) or ``"all"`` (a dict with all of them).
+            (the 4 stage outputs, strides 4-32; not for an isotropic ConvNeXt), ``"dense"``
+            (the head LayerNorm at every position of the last stage, stride 32 - DINOv3's
+            patch features; isotropic: stride 16) or ``"all"`` (a dict of logits, pooled
+            features and the stage outputs).
         num_classes: head size. Default: the registry entry's (1000 for architecture names;
             none for an FCMAE encoder).  A value other than the checkpoint's head size starts
             a fresh head (fine-tuning) on top of the loaded backbone.
@@ -154,7 +178,14 @@ def load_model(
             pooled features.  Faster on GPUs; on CPUs without native bfloat16 slower than
             float32 (BENCHMARKS.md).  The global policy is left as it was.
     """
-    from .model import build_for_loading, build_model, draw_kernel, dtype_policy, policy_name
+    from .model import (
+        build_for_loading,
+        build_model,
+        check_head,
+        draw_kernel,
+        dtype_policy,
+        policy_name,
+    )
 
     resolved = registry.resolve(name)
     if resolved.head == "segmentation":  # a UperNet-ConvNeXt: convnext_keras.segment
@@ -179,6 +210,7 @@ def load_model(
     head = _FEATURES[features] or resolved.head
     if features is None and num_classes is not None and head == "pyramid":
         head = "classifier"  # an encoder without head, given a new one
+    check_head(resolved.variant, head)
     classes = resolved.num_classes if num_classes is None else num_classes
     if classes is None and head in ("classifier", "all"):
         raise ValueError(
@@ -203,11 +235,14 @@ def load_model(
         converted = hub.official_weights(resolved.checkpoint)
         source = resolved.checkpoint.url
     elif weights is not None:
-        path = Path(weights).expanduser()
+        if isinstance(weights, str) and weights.startswith(hub.HF_SCHEME):
+            path, source = hub.resolve_hub_address(weights), weights
+        else:
+            path = Path(weights).expanduser()
+            source = str(path)
         converted = checkpoints.convert_state_dict(
             checkpoints.read_state_dict(path), resolved.variant
         )
-        source = str(path)
     # With weights to load, no kernel is drawn only to be overwritten (but a new head is).
     build = build_model if converted is None else build_for_loading
     with dtype_policy(precision) if precision else contextlib.nullcontext():

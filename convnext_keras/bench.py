@@ -578,8 +578,8 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
 def flops_per_image(variant: str | registry.Variant, resolution: int) -> float:
     """Forward FLOPs (2 per multiply-add) of one image: convolutions, matmuls and the head."""
     spec = registry.variant(variant)
-    side = resolution // registry.STEM_PATCH
-    macs = side * side * registry.STEM_PATCH**2 * 3 * spec.dims[0]
+    side = resolution // spec.patch_size
+    macs = side * side * spec.patch_size**2 * 3 * spec.dims[0]
     k2 = registry.DWCONV_KERNEL**2
     for stage, (depth, dim) in enumerate(zip(spec.depths, spec.dims)):
         if stage > 0:

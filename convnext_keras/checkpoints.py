@@ -3,15 +3,19 @@
 Conversion is a chain of pure functions on ``{name: numpy array}`` dictionaries:
 
     read_state_dict(path)            file -> state dict (never executes pickled code)
-    to_official_layout(sd)           official | timm | Hugging Face | FCMAE names -> official
+    to_official_layout(sd)           official | isotropic | timm | Hugging Face | FCMAE |
+                                     DINOv3 (Hugging Face) names -> official
     convert_state_dict(sd, variant)  official names -> {keras layer name: [weights]}
     assign_weights(model, weights)   set them on a built model, checking every layer
 
 The layouts, detected from the tensor names (never asked for): the original repositories'
-(facebookresearch/ConvNeXt and ConvNeXt-V2 ``models/convnext*.py``), timm's
-(``timm/models/convnext.py``), Hugging Face transformers' (``ConvNext*`` / ``ConvNextV2*``) and
-the sparse encoder of ConvNeXt V2's FCMAE pre-training (``models/fcmae.py``,
-``models/convnextv2_sparse.py``: MinkowskiEngine kernels).
+(facebookresearch/ConvNeXt and ConvNeXt-V2 ``models/convnext*.py``; facebookresearch/dinov3
+``models/convnext.py`` is the same, without head), the isotropic ConvNeXt's
+(``models/convnext_isotropic.py``: ``stem``, ``blocks.N``; renamed to the official names of a
+network with one stage), timm's (``timm/models/convnext.py``), Hugging Face transformers'
+(``ConvNext*`` / ``ConvNextV2*``, and ``DINOv3ConvNext*`` as the Hub's
+``facebook/dinov3-convnext-*`` files store it) and the sparse encoder of ConvNeXt V2's FCMAE
+pre-training (``models/fcmae.py``, ``models/convnextv2_sparse.py``: MinkowskiEngine kernels).
 
 Every tensor is accounted for: missing, unexpected or wrongly shaped tensors raise a
 ``CheckpointError`` naming the key, both shapes and what to do about it.  A ConvNeXt checkpoint
@@ -42,7 +46,7 @@ class UnsafeCheckpointError(CheckpointError):
     """A checkpoint whose pickle wants to run code or build objects other than tensors."""
 
 
-LAYOUTS = ("official", "timm", "huggingface", "fcmae")
+LAYOUTS = ("official", "isotropic", "timm", "huggingface", "dinov3-huggingface", "fcmae")
 
 _LOG = logging.getLogger(__name__)
 
@@ -333,6 +337,29 @@ _HF_RULES = [
     (r"^layernorm\.", "norm."),
     (r"^classifier\.", "head."),
 ]
+# facebookresearch/ConvNeXt models/convnext_isotropic.py: the official names of a network whose
+# stem (a patch convolution, no LayerNorm) and one stage of blocks are "downsample_layers.0.0"
+# and "stages.0".
+_ISOTROPIC_RULES = [
+    (r"^stem\.", "downsample_layers.0.0."),
+    (r"^blocks\.(\d+)\.", r"stages.0.\1."),
+    (r"^(norm|head)\.", r"\1."),
+]
+# transformers' DINOv3ConvNextModel: "stages.N" as the Hub's files store it (transformers 4.56),
+# "model.stages.N" as transformers >= 5 saves it; the final LayerNorm is "layer_norm".
+_DINOV3_HF_RULES = [
+    (r"^(?:model\.)?stages\.(\d+)\.downsample_layers\.(\d)\.", r"downsample_layers.\1.\2."),
+    (r"^(?:model\.)?stages\.(\d+)\.layers\.(\d+)\.depthwise_conv\.", r"stages.\1.\2.dwconv."),
+    (r"^(?:model\.)?stages\.(\d+)\.layers\.(\d+)\.layer_norm\.", r"stages.\1.\2.norm."),
+    (r"^(?:model\.)?stages\.(\d+)\.layers\.(\d+)\.pointwise_conv1\.", r"stages.\1.\2.pwconv1."),
+    (r"^(?:model\.)?stages\.(\d+)\.layers\.(\d+)\.pointwise_conv2\.", r"stages.\1.\2.pwconv2."),
+    (r"^(?:model\.)?stages\.(\d+)\.layers\.(\d+)\.gamma$", r"stages.\1.\2.gamma"),
+    (r"^layer_norm\.", "norm."),
+]
+_DINOV3_HF_KEY = re.compile(r"^(?:model\.)?stages\.\d+\.(?:downsample_layers|layers)\.")
+# facebookresearch/dinov3 models/convnext.py lists the final LayerNorm a second time as
+# "norms.3" (self.norms.append(self.norm)), so its state dict holds the same tensors twice.
+_SECOND_NAME = re.compile(r"^norms\.\d+\.(weight|bias)$")
 # FCMAE: the sparse encoder under "encoder."; MinkowskiLayerNorm / MinkowskiLinear wrap
 # nn.LayerNorm / nn.Linear as ".ln" / ".linear"; convolutions hold a ".kernel" (re-laid out by
 # _minkowski_kernel).  The stem is a dense Conv2d + LayerNorm, named as in the official layout.
@@ -347,22 +374,44 @@ _FCMAE_DECODER = re.compile(r"^(decoder\.|proj\.|pred\.|mask_token$)")
 
 
 def detect_layout(state_dict: dict) -> str:
-    """``"official"``, ``"timm"``, ``"huggingface"`` or ``"fcmae"``, from the tensor names."""
+    """One of :data:`LAYOUTS`, from the tensor names."""
     keys = list(state_dict)
     hf = ("convnext.embeddings.", "convnextv2.embeddings.", "embeddings.patch_embeddings.")
     if any(k.startswith(hf) for k in keys):
         return "huggingface"
+    if any(_DINOV3_HF_KEY.match(k) for k in keys):
+        return "dinov3-huggingface"
     if any(k.startswith("encoder.downsample_layers.") for k in keys):
         return "fcmae"
     if any(k.startswith("stem.0.") for k in keys) or any(".blocks." in k for k in keys):
         return "timm"
+    if "stem.weight" in state_dict or any(k.startswith("blocks.") for k in keys):
+        return "isotropic"
     if any(k.startswith("downsample_layers.0.0.") for k in keys):
         return "official"
     raise CheckpointError(
-        "Not a ConvNeXt checkpoint in a known layout (official facebookresearch/ConvNeXt or "
-        "ConvNeXt-V2, its FCMAE pre-training, timm or Hugging Face transformers). First keys: "
-        f"{keys[:5]}"
+        "Not a ConvNeXt checkpoint in a known layout (official facebookresearch/ConvNeXt, its "
+        "isotropic models, ConvNeXt-V2 or DINOv3, the FCMAE pre-training, timm or Hugging Face "
+        f"transformers). First keys: {keys[:5]}"
     )
+
+
+def _drop_second_names(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drop DINOv3's second name of the final LayerNorm (``norms.3.*``), checking it holds the
+    same tensors as ``norm.*``; ``CheckpointError`` when it does not."""
+    out = {}
+    for key, value in state.items():
+        m = _SECOND_NAME.match(key)
+        if m is None:
+            out[key] = value
+            continue
+        first = state.get(f"norm.{m.group(1)}")
+        if first is None or first.shape != value.shape or not np.array_equal(first, value):
+            raise CheckpointError(
+                f"{key} is not a second name of norm.{m.group(1)} (as in facebookresearch/dinov3 "
+                "models/convnext.py): the two differ, so the file is damaged or not a ConvNeXt."
+            )
+    return out
 
 
 def _minkowski_kernel(kernel: np.ndarray, key: str) -> np.ndarray:
@@ -396,12 +445,20 @@ def _fcmae_value(name: str, key: str, value: np.ndarray) -> np.ndarray:
 
 
 def to_official_layout(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Rename a timm, Hugging Face or FCMAE state dict to the official names (detected, not
-    asked), with the official shapes (GRN parameters ``(1, 1, 1, C)``, dense kernels)."""
+    """Rename a state dict of any :data:`LAYOUTS` layout to the official names (detected, not
+    asked), with the official shapes (GRN parameters ``(1, 1, 1, C)``, dense kernels).  An
+    isotropic ConvNeXt's become those of a one-stage network (``downsample_layers.0.0`` its
+    stem convolution, ``stages.0.N`` its blocks)."""
     layout = detect_layout(state_dict)
     if layout == "official":
-        return dict(state_dict)
-    rules = {"timm": _TIMM_RULES, "huggingface": _HF_RULES, "fcmae": _FCMAE_RULES}[layout]
+        return _drop_second_names(state_dict)
+    rules = {
+        "isotropic": _ISOTROPIC_RULES,
+        "timm": _TIMM_RULES,
+        "huggingface": _HF_RULES,
+        "dinov3-huggingface": _DINOV3_HF_RULES,
+        "fcmae": _FCMAE_RULES,
+    }[layout]
     out, dropped = {}, []
     for key, value in state_dict.items():
         if layout == "fcmae" and _FCMAE_DECODER.match(key):
@@ -460,7 +517,7 @@ def _grn(w):  # official (1, 1, 1, C) -> keras (C,)
 def _official_plan(spec: registry.Variant):
     """Yield (keras layer, [(official key, expected torch shape, transform), ...])."""
     d0 = spec.dims[0]
-    k, p, s = registry.DWCONV_KERNEL, registry.STEM_PATCH, registry.DOWNSAMPLE_STRIDE
+    k, p, s = registry.DWCONV_KERNEL, spec.patch_size, registry.DOWNSAMPLE_STRIDE
     yield (
         "stem_conv",
         [
@@ -468,13 +525,14 @@ def _official_plan(spec: registry.Variant):
             ("downsample_layers.0.0.bias", (d0,), _identity),
         ],
     )
-    yield (
-        "stem_norm",
-        [
-            ("downsample_layers.0.1.weight", (d0,), _identity),
-            ("downsample_layers.0.1.bias", (d0,), _identity),
-        ],
-    )
+    if spec.stem_norm:
+        yield (
+            "stem_norm",
+            [
+                ("downsample_layers.0.1.weight", (d0,), _identity),
+                ("downsample_layers.0.1.bias", (d0,), _identity),
+            ],
+        )
     for i, (depth, dim) in enumerate(zip(spec.depths, spec.dims)):
         if i > 0:
             prev = spec.dims[i - 1]
@@ -538,9 +596,15 @@ def _official_plan(spec: registry.Variant):
 
 
 def infer_architecture(official: dict[str, np.ndarray]) -> tuple[tuple, tuple, int | None]:
-    """(depths, dims, num_classes or None) of an official-layout state dict."""
+    """(depths, dims, num_classes or None) of an official-layout state dict: one entry per
+    stage the names mention (4; an isotropic ConvNeXt 1)."""
+    named = {
+        int(m.group(1))
+        for k in official
+        if (m := re.match(r"(?:stages|downsample_layers)\.(\d+)\.", k))
+    }
     depths, dims = [], []
-    for i in range(4):
+    for i in range(max(named) + 1 if named else 4):
         blocks = {int(m.group(1)) for k in official if (m := re.match(rf"stages\.{i}\.(\d+)\.", k))}
         depths.append(max(blocks) + 1 if blocks else 0)
         w = official.get(f"stages.{i}.0.dwconv.weight")
@@ -560,7 +624,11 @@ def infer_block(official: dict[str, np.ndarray]) -> str | None:
     return None
 
 
-_BLOCK_WORDS = {"grn": "GRN blocks", "layer_scale": "layer-scale blocks"}
+_BLOCK_WORDS = {
+    "grn": "GRN blocks",
+    "layer_scale": "layer-scale blocks",
+    "plain": "blocks without layer scale",
+}
 
 
 def _describe_architecture(official) -> str:

@@ -13,9 +13,10 @@ For every checkpoint of the registry (or those ``PATTERN`` selects) the build wr
         convnext_tiny_1k_224.keras         the classifier as a Keras 3 file
         manifest.json                      weights used, every verification, versions
 
-An encoder without classification head (ConvNeXt V2's FCMAE rows) has no classifier: its
-directory holds the feature extractor (SavedModel and ``<name>_fe.keras``).  Model cards name
-each family's paper, code and weights licence (ConvNeXt: MIT; ConvNeXt V2: CC BY-NC 4.0).
+An encoder without classification head (ConvNeXt V2's FCMAE rows, DINOv3's backbones) has no
+classifier: its directory holds the feature extractor (SavedModel and ``<name>_fe.keras``).
+Model cards name each family's paper, code and weights licence (ConvNeXt: MIT; ConvNeXt V2:
+CC BY-NC 4.0; DINOv3: the DINOv3 License; timm's: Apache-2.0).
 
 Each model directory is built in a temporary directory beside it and renamed into place only
 when every export is verified (see :mod:`convnext_keras.export`), so a directory that exists is
@@ -53,6 +54,14 @@ _DATASETS = {
     "imagenet-21k -> imagenet-1k": (
         "on ImageNet-21k and fine-tuned on ImageNet-1k",
         "ImageNet-21k pre-training, then ImageNet-1k fine-tuning",
+    ),
+    "imagenet-12k -> imagenet-1k": (
+        "on ImageNet-12k (timm's 11821-class subset of ImageNet-21k) and fine-tuned on ImageNet-1k",
+        "ImageNet-12k pre-training, then ImageNet-1k fine-tuning",
+    ),
+    "dinov3 lvd-1689m": (
+        "by distillation from DINOv3 ViT-7B on LVD-1689M (1.7B web images, self-supervised)",
+        "LVD-1689M web images without labels (DINOv3 distillation); no head",
     ),
     "fcmae imagenet-1k": (
         "self-supervised on ImageNet-1k (FCMAE masked-image pre-training, no labels)",
@@ -143,20 +152,24 @@ def model_card(name: str, manifest: dict | None = None) -> str:
     spec, name, res = ckpt.spec, ckpt.name, ckpt.resolution
     fe = name + registry.FEATURE_EXTRACTOR_SUFFIX
     cls_params, fe_params = _params(ckpt)
-    title = f"{family.title}-{spec.size.capitalize()}"
+    title = f"{family.title}-{spec.size.removeprefix('iso_').capitalize()}"
+    title += " (isotropic)" if spec.isotropic else ""
     phrase, data = _DATASETS[ckpt.dataset]
     contract = INPUT_CONTRACT.format(mean=registry.IMAGENET_MEAN, std=registry.IMAGENET_STD)
     mean, std = list(registry.IMAGENET_MEAN), list(registry.IMAGENET_STD)
+    src = ckpt.source
+    where = f"the Hugging Face Hub's [{src.repo}]({src.page})" if src.is_hub else "the official"
     converted = (
-        f"converted from the official PyTorch checkpoint of [{repo}]({family.original}) to "
+        f"converted from {where} PyTorch checkpoint of [{repo}]({family.original}) to "
         "Keras 3 and exported as TensorFlow SavedModels in the style of the TF-Hub ConvNeXt "
         "collection: callable with `tf.saved_model.load`, servable with TF Serving and "
         "fine-tunable with `hub.KerasLayer(..., trainable=True)`."
     )
     features = f"`features`: {spec.num_features}-d pooled, layer-normalised features (`{fe}`)"
     if ckpt.has_head:
+        reporter = "timm" if ckpt.family == "timm" else "the original"
         acc = (
-            f"{ckpt.reported_acc1:.1f}% (reported by the original)"
+            f"{ckpt.reported_acc1:.1f}% (reported by {reporter})"
             if ckpt.reported_acc1 is not None
             else "not reported (ImageNet-21k head)"
         )
@@ -180,10 +193,17 @@ def model_card(name: str, manifest: dict | None = None) -> str:
             f"`{fe}` (no classification head: fine-tune it, or use its features), {converted}"
         )
         params = f"{fe_params:,} (feature extractor)"
-        outputs = (
-            f"{features}; the encoder has no final LayerNorm of its own: this one starts at "
-            "scale 1 and shift 0, as the original fine-tuning does"
-        )
+        if ckpt.dataset.startswith("fcmae"):
+            outputs = (
+                f"{features}; the encoder has no final LayerNorm of its own: this one starts at "
+                "scale 1 and shift 0, as the original fine-tuning does"
+            )
+        else:
+            outputs = (
+                f"{features}: the global descriptor (DINOv3's normalised [CLS] token); "
+                f"`convnext_keras.load_model('{name}', features='dense')` gives the "
+                "normalised patch features at stride 32"
+            )
         files = [
             f"- `{fe}/`: feature-extractor SavedModel; `serving_default`: `images` -> `features`.",
             f"- `{fe}.keras`: the feature extractor as a Keras 3 file (`import "
@@ -199,14 +219,25 @@ def model_card(name: str, manifest: dict | None = None) -> str:
         "| | |",
         "|---|---|",
         f"| Architecture | {title}: depths {'-'.join(map(str, spec.depths))}, "
-        f"widths {'-'.join(map(str, spec.dims))} |",
+        f"widths {'-'.join(map(str, spec.dims))}"
+        + (f", {spec.patch_size}x{spec.patch_size} patch stem, one stage" if spec.isotropic else "")
+        + " |",
         f"| Training data | {data} |",
         f"| Resolution | {res}x{res} |",
         f"| Parameters | {params} |",
         f"| ImageNet-1k top-1 | {acc} |",
         f"| Outputs | {outputs} |",
-        f"| Official checkpoint | [`{ckpt.filename}`]"
-        f"({registry.OFFICIAL_BASE_URL}{ckpt.source.path}) |",
+        (
+            f"| Published checkpoint | [`{src.repo}/{src.path}`]({src.page})"
+            + (
+                " (gated: accept the licence there; HF_TOKEN to download)"
+                if ckpt.family == "dinov3"
+                else ""
+            )
+            + " |"
+            if src.is_hub
+            else f"| Official checkpoint | [`{ckpt.filename}`]({src.official_url}) |"
+        ),
         f"| Weights licence | {_licence_text(ckpt)} |",
         "",
         "## Files",
@@ -411,23 +442,31 @@ def _find_weights(ckpt: registry.Checkpoint, weights_dir: Path | None) -> _Weigh
     """The weights to build ``ckpt`` from, or why there are none (a string)."""
     from . import hub
 
+    # A Hub row's file sits at hf/<repo>/<revision>/<file> (as `convnext fetch` puts it) and in
+    # the Hugging Face cache.
+    src = ckpt.source
+    filename = src.cache_name if src.is_hub else ckpt.filename
+
+    def cached_file():
+        return hub.hub_cached_path(ckpt) if src.is_hub else hub.checkpoint_cache_path(ckpt)
+
     if weights_dir is not None:
-        local = weights_dir / ckpt.filename
+        local = weights_dir / filename
         if local.is_file():
-            return _Weights(str(local), f"`{ckpt.filename}` from {weights_dir}", local)
+            return _Weights(str(local), f"`{filename}` from {weights_dir}", local)
         if hub.is_cached(ckpt):
-            cached = hub.checkpoint_cache_path(ckpt)
+            cached = cached_file()
             return _Weights(
                 "official",
                 f"`{ckpt.filename}` from the cache ({hub.cache_dir()})",
-                cached if cached.is_file() else None,
+                cached if cached is not None and cached.is_file() else None,
             )
         return (
-            f"no {ckpt.filename} in {weights_dir} and not in the cache ({hub.cache_dir()}); "
+            f"no {filename} in {weights_dir} and not in the cache ({hub.cache_dir()}); "
             f"download it from {ckpt.url} into {weights_dir}, or run without --weights-dir "
             "to download it"
         )
-    cached = hub.checkpoint_cache_path(ckpt)
+    cached = cached_file()
     return _Weights(
         "official",
         f"`{ckpt.filename}` ({ckpt.url})",
@@ -522,6 +561,8 @@ def _build_one(ckpt: registry.Checkpoint, weights: _Weights, model_dir: Path, ov
                 "checks": result.checks,
             }
         source = weights.file if weights.file and weights.file.is_file() else None
+        if source is None and ckpt.source.is_hub:
+            source = hub.hub_cached_path(ckpt)  # downloaded by load_model just now
         manifest = {
             "format": MANIFEST_FORMAT,
             "model": ckpt.name,

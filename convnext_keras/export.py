@@ -220,6 +220,8 @@ def _output_names(model) -> list[str]:
             "one output or a dict of named outputs."
         )
     last = model.output._keras_history.operation.name
+    if last == "head_norm" and len(model.output.shape) == 4:
+        return ["dense"]  # the head LayerNorm at every position (features="dense")
     return [OUTPUT_NAMES.get(last, "output")]
 
 
@@ -271,10 +273,12 @@ def _eval_config(model_name: str, image_size: int):
     from . import preprocess
 
     try:
-        _, crop_pct, interpolation = preprocess.config_for(model_name)
+        config = preprocess.config_for(model_name)
     except registry.UnknownModelError:
-        crop_pct, interpolation = preprocess.DEFAULT_CROP_PCT, preprocess.DEFAULT_INTERPOLATION
-    return preprocess.PreprocessConfig(image_size, crop_pct, interpolation)
+        config = preprocess.PreprocessConfig(
+            image_size, preprocess.DEFAULT_CROP_PCT, preprocess.DEFAULT_INTERPOLATION
+        )
+    return config._replace(resolution=image_size)
 
 
 @dataclasses.dataclass
@@ -302,9 +306,10 @@ class _Plan:
 
     def contract(self) -> str:
         if self.preprocessing:
-            _, crop_pct, interpolation = self.transform
             return RAW_INPUT_CONTRACT.format(
-                interpolation=interpolation, crop_pct=crop_pct, size=self.image_size
+                interpolation=self.transform.interpolation,
+                crop_pct=self.transform.crop_pct,
+                size=self.image_size,
             )
         return INPUT_CONTRACT.format(mean=registry.IMAGENET_MEAN, std=registry.IMAGENET_STD)
 
@@ -346,10 +351,12 @@ def _plan(model, fmt, image_size, dynamic_size, include_preprocessing, verify_ba
             f"Cannot tell the image size of {model.name!r} (its input is dynamic and its name "
             f"is not in the registry); pass {fix('image_size=N', '--image-size N')}."
         )
-    if not isinstance(image_size, int) or image_size < registry.MIN_INPUT_SIZE:
-        raise ValueError(
-            f"image_size must be an integer >= {registry.MIN_INPUT_SIZE}, got {image_size!r}."
-        )
+    from .model import variant_of
+
+    spec = variant_of(model)
+    minimum = spec.min_input_size if spec is not None else registry.MIN_INPUT_SIZE
+    if not isinstance(image_size, int) or image_size < minimum:
+        raise ValueError(f"image_size must be an integer >= {minimum}, got {image_size!r}.")
     static = model.inputs[0].shape[1:3]
     if None not in static and tuple(static) != (image_size, image_size):
         raise ValueError(
@@ -452,8 +459,10 @@ def _metadata(model, plan: _Plan, source: str | None) -> dict:
         resolved = None
     ckpt = resolved.checkpoint if resolved else None
     # A model name the registry does not know is a ConvNeXt built by this library (the only
-    # models exported); its family defaults to ConvNeXt's.
-    family = registry.FAMILIES[resolved.variant.family if resolved else "convnext"]
+    # models exported); its family defaults to ConvNeXt's.  A checkpoint's own family (DINOv3,
+    # timm) comes before its architecture's.
+    family_name = ckpt.family if ckpt else resolved.variant.family if resolved else "convnext"
+    family = registry.FAMILIES[family_name]
     return {
         "model": model.name,
         "outputs": plan.outputs,

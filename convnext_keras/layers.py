@@ -13,6 +13,7 @@ import os
 import keras
 from keras import ops
 
+from . import registry
 from ._registration import PACKAGE
 
 
@@ -130,10 +131,15 @@ class StochasticDepth(keras.layers.Layer):
 
 def too_small_message(height, width, minimum: int) -> str:
     """The error for an input smaller than ConvNeXt takes (every entry point says the same)."""
+    why = (
+        "its stride-4 stem and three stride-2 downsamplings leave no pixel below that"
+        if minimum > registry.ISOTROPIC_PATCH
+        else f"an isotropic ConvNeXt's {minimum}x{minimum} patches leave none below that"
+    )
     return (
-        f"ConvNeXt needs images of at least {minimum}x{minimum} pixels (its stride-4 stem and "
-        f"three stride-2 downsamplings leave no pixel below that); got {height}x{width}. Resize "
-        "the images first (convnext predict / eval do), e.g. with preprocess.eval_transform."
+        f"ConvNeXt needs images of at least {minimum}x{minimum} pixels ({why}); got "
+        f"{height}x{width}. Resize the images first (convnext predict / eval do), e.g. with "
+        "preprocess.eval_transform."
     )
 
 

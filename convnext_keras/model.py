@@ -27,7 +27,7 @@ from .layers import (
     gelu,
 )
 
-HEADS = ("classifier", "pooled", "pyramid", "all")
+HEADS = ("classifier", "pooled", "pyramid", "dense", "all")
 #: ``precision=`` / ``--precision`` values -> Keras dtype policies.  ``bf16`` / ``fp16`` are
 #: Keras mixed precision: float32 weights (so checkpoints load unchanged), bfloat16 / float16
 #: compute, float32 logits and features.
@@ -174,6 +174,21 @@ def _block(x, dim, prefix, drop_path, layer_scale_init, grn=False):
     return keras.layers.Add(name=f"{prefix}_add")([shortcut, x])
 
 
+def check_head(variant: str | registry.Variant, head: str) -> None:
+    """``ValueError`` for a head the variant cannot have (not in :data:`HEADS`; a pyramid of an
+    isotropic ConvNeXt, which has one stage)."""
+    spec = registry.variant(variant)
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}.")
+    if head == "pyramid" and spec.isotropic:
+        raise ValueError(
+            f"{spec.title} has no feature pyramid: it is one stage at stride "
+            f"{spec.patch_size} without downsampling. Use the features 'dense' (its "
+            f"{spec.num_features}-channel map at stride {spec.patch_size}, layer-normalised), "
+            "'pooled', 'classifier' or 'all' (which holds the stage output as 'stage1')."
+        )
+
+
 def build_model(
     variant: str | registry.Variant = "tiny",
     *,
@@ -193,16 +208,20 @@ def build_model(
             ``Variant``.
         num_classes: size of the classification head (``head="classifier"`` only).
         head: ``"classifier"`` (logits), ``"pooled"`` (features after the head LayerNorm, as
-            the TF-Hub ``_fe`` models) or ``"pyramid"`` (dict of the 4 stage outputs,
-            strides 4/8/16/32) or ``"all"`` (dict of logits, pooled features and the pyramid in
-            one pass; what Grad-CAM and multi-task users need).
+            the TF-Hub ``_fe`` models), ``"pyramid"`` (dict of the 4 stage outputs,
+            strides 4/8/16/32; not for an isotropic ConvNeXt, which has one stage),
+            ``"dense"`` (the head LayerNorm applied at every position of the last stage:
+            ``(batch, H/32, W/32, C)``, isotropic ``H/16``; DINOv3's normalised patch
+            features) or ``"all"`` (dict of logits, pooled features and every stage output
+            in one pass; what Grad-CAM and multi-task users need).
         input_shape: NHWC shape without the batch axis; ``(None, None, 3)`` takes any size
-            from ``spec.min_input_size`` (32) up: a smaller image is refused with a
-            ``ValueError`` (an assertion error inside a TensorFlow graph), never NaN.
+            from ``spec.min_input_size`` (32; isotropic 16) up: a smaller image is refused
+            with a ``ValueError`` (an assertion error inside a TensorFlow graph), never NaN.
         drop_path_rate: stochastic-depth rate of the last block; rates rise linearly from 0.
         layer_scale_init: initial layer-scale value of ConvNeXt blocks; ``None`` or 0
-            disables layer scale.  ConvNeXt V2 blocks (GRN) have none: another value than
-            the default raises ``ValueError`` for them.
+            disables layer scale.  ConvNeXt V2 blocks (GRN) and the isotropic small/base
+            (``"plain"`` blocks) have none: another value than the default raises
+            ``ValueError`` for them.
         name: model name (default the architecture name, ``convnext_tiny`` /
             ``convnextv2_tiny``).
         stage_norms: ``head="pyramid"`` only: a LayerNorm on each stage output
@@ -215,15 +234,15 @@ def build_model(
     """
     spec = registry.variant(variant)
     grn = spec.block == "grn"
-    if grn:
+    if spec.block != "layer_scale":
         if layer_scale_init not in (None, 0, registry.LAYER_SCALE_INIT):
+            what = "use Global Response Normalization" if grn else "were trained without it"
             raise ValueError(
-                f"{spec.title} blocks use Global Response Normalization and have no layer "
-                f"scale; drop layer_scale_init={layer_scale_init!r}."
+                f"{spec.title} blocks {what} and have no layer scale; drop "
+                f"layer_scale_init={layer_scale_init!r}."
             )
         layer_scale_init = None
-    if head not in HEADS:
-        raise ValueError(f"head must be one of {HEADS}, got {head!r}.")
+    check_head(spec, head)
     if head == "classifier" and (not isinstance(num_classes, int) or num_classes < 1):
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
     if not 0.0 <= drop_path_rate < 1.0:
@@ -240,13 +259,14 @@ def build_model(
     x = MinimumInputSize(spec.min_input_size, dtype="float32", name="input_size_check")(inputs)
     x = keras.layers.Conv2D(
         spec.dims[0],
-        registry.STEM_PATCH,
-        strides=registry.STEM_PATCH,
+        spec.patch_size,
+        strides=spec.patch_size,
         kernel_initializer=_kernel_init(),
         data_format="channels_last",
         name="stem_conv",
     )(x)
-    x = _norm("stem_norm")(x)
+    if spec.stem_norm:
+        x = _norm("stem_norm")(x)
     stage_outputs = {}
     block_index = 0
     for stage, (depth, dim) in enumerate(zip(spec.depths, spec.dims)):
@@ -270,10 +290,15 @@ def build_model(
     model_name = name or spec.arch_name
     if head == "pyramid":
         return keras.Model(inputs, stage_outputs, name=model_name)
-    x = keras.layers.GlobalAveragePooling2D(data_format="channels_last", name="head_pool")(x)
-    pooled = keras.layers.LayerNormalization(
+    head_norm = keras.layers.LayerNormalization(
         epsilon=registry.LAYER_NORM_EPSILON, dtype="float32", name="head_norm"
-    )(x)
+    )
+    if head == "dense":
+        # One LayerNorm for the pooled vector and every position, as DINOv3 normalises its
+        # "[CLS]" (pooled) and patch tokens together (dinov3 models/convnext.py).
+        return keras.Model(inputs, head_norm(x), name=model_name)
+    x = keras.layers.GlobalAveragePooling2D(data_format="channels_last", name="head_pool")(x)
+    pooled = head_norm(x)
     if head == "pooled":
         return keras.Model(inputs, pooled, name=model_name)
     logits = keras.layers.Dense(
@@ -293,41 +318,50 @@ def layer_names(variant: str | registry.Variant) -> dict[str, list[str]]:
     stage lists its downsampling layers (stages 1-3) then its blocks' layers in order.
     """
     spec = registry.variant(variant)
-    groups = {"stem": ["stem_conv", "stem_norm"]}
+    groups = {"stem": ["stem_conv", "stem_norm"] if spec.stem_norm else ["stem_conv"]}
     for stage, depth in enumerate(spec.depths):
         names = []
         if stage > 0:
             names += [f"stage{stage}_downsample_norm", f"stage{stage}_downsample_conv"]
         for b in range(depth):
             p = f"stage{stage}_block{b}"
+            names += [f"{p}_dwconv", f"{p}_norm", f"{p}_pwconv1"]
             if spec.block == "grn":
-                names += [f"{p}_dwconv", f"{p}_norm", f"{p}_pwconv1", f"{p}_grn", f"{p}_pwconv2"]
-            else:
-                names += [
-                    f"{p}_dwconv",
-                    f"{p}_norm",
-                    f"{p}_pwconv1",
-                    f"{p}_pwconv2",
-                    f"{p}_layer_scale",
-                ]
+                names.append(f"{p}_grn")
+            names.append(f"{p}_pwconv2")
+            if spec.block == "layer_scale":
+                names.append(f"{p}_layer_scale")
         groups[f"stage{stage}"] = names
     groups["head"] = ["head_norm", "head_fc"]
     return groups
 
 
 def variant_of(model: keras.Model) -> registry.Variant | None:
-    """The registry variant a built ConvNeXt model has, read off its layers (None if none)."""
-    depths, dims = [0, 0, 0, 0], [0, 0, 0, 0]
-    block_type = "layer_scale"
+    """The registry variant a built ConvNeXt model has, read off its layers (None if none).
+
+    A ConvNeXt built without layer scale (``layer_scale_init=None``) is its variant too."""
+    depths, dims = {}, {}
+    found = {"grn": False, "layer_scale": False}
+    patch = None
     for layer in model.layers:
-        if re.fullmatch(r"stage\d_block\d+_grn", layer.name):
-            block_type = "grn"
+        if layer.name == "stem_conv":
+            patch = int(layer.kernel.shape[0])
+        m = re.fullmatch(r"stage\d_block\d+_(grn|layer_scale)", layer.name)
+        if m:
+            found[m.group(1)] = True
         m = re.fullmatch(r"stage(\d)_block(\d+)_dwconv", layer.name)
         if m:
             stage, block = int(m.group(1)), int(m.group(2))
-            depths[stage] = max(depths[stage], block + 1)
+            depths[stage] = max(depths.get(stage, 0), block + 1)
             dims[stage] = int(layer.kernel.shape[2])
-    for spec in registry.VARIANTS.values():
-        if spec.depths == tuple(depths) and spec.dims == tuple(dims) and spec.block == block_type:
-            return spec
+    stages = range(max(depths) + 1) if depths else range(0)
+    shape = (tuple(depths.get(i, 0) for i in stages), tuple(dims.get(i, 0) for i in stages))
+    block_type = "grn" if found["grn"] else "layer_scale" if found["layer_scale"] else "plain"
+    # A ConvNeXt built without layer scale is its layer-scale variant (no other fits).
+    blocks = {"plain": ("plain", "layer_scale")}.get(block_type, (block_type,))
+    for wanted in blocks:
+        for spec in registry.VARIANTS.values():
+            if (spec.depths, spec.dims) == shape and spec.block == wanted:
+                if patch in (None, spec.patch_size):
+                    return spec
     return None

@@ -11,7 +11,8 @@ The original evaluates with torchvision on PIL images (``main.py`` / ``datasets.
 
 :func:`eval_transform` does exactly that with PIL (the same resampling code torchvision calls),
 so this library's inputs equal the original's to the last bit.  The settings come from the
-registry (:func:`config_for`).
+registry (:func:`config_for`), where a checkpoint's ``crop_mode`` can fix the choice between
+crop and squash whatever the resolution (timm's centre crop at 384, DINOv3's squash at 224).
 
 Also here:
 
@@ -85,16 +86,20 @@ class ImageError(ValueError):
 
 
 class PreprocessConfig(NamedTuple):
-    """Evaluation settings of a model: unpacks as ``resolution, crop_pct, interpolation``."""
+    """Evaluation settings of a model: ``resolution, crop_pct, interpolation, crop_mode``.
+
+    ``crop_mode``: ``"center"``, ``"squash"`` or None (the official rule: squash at 384 and
+    above, ``registry.squashes``)."""
 
     resolution: int
     crop_pct: float
     interpolation: str = DEFAULT_INTERPOLATION
+    crop_mode: str | None = None
 
     @property
     def squash(self) -> bool:
-        """True where the official evaluation warps to ``res x res`` instead of resize + crop."""
-        return self.resolution >= registry.SQUASH_RESOLUTION
+        """True where the evaluation warps to ``res x res`` instead of resize + crop."""
+        return registry.squashes(self.resolution, self.crop_mode)
 
     @property
     def resize_size(self) -> int:
@@ -111,23 +116,25 @@ def config_for(name: str) -> PreprocessConfig:
     ckpt = registry.resolve(name).checkpoint
     if ckpt is None:
         return PreprocessConfig(DEFAULT_RESOLUTION, DEFAULT_CROP_PCT, DEFAULT_INTERPOLATION)
-    return PreprocessConfig(ckpt.resolution, ckpt.crop_pct, ckpt.interpolation)
+    return PreprocessConfig(ckpt.resolution, ckpt.crop_pct, ckpt.interpolation, ckpt.crop_mode)
 
 
 def as_config(spec) -> PreprocessConfig:
-    """A :class:`PreprocessConfig` from a model name, a config, or a ``(res, crop, interp)``."""
+    """A :class:`PreprocessConfig` from a model name, a config, or a
+    ``(res, crop[, interp[, crop_mode]])`` tuple."""
     if isinstance(spec, PreprocessConfig):
         config = spec
     elif isinstance(spec, str):
         return config_for(spec)
-    elif isinstance(spec, Sequence) and len(spec) in (2, 3):
+    elif isinstance(spec, Sequence) and len(spec) in (2, 3, 4):
         config = PreprocessConfig(*spec)
     else:
         raise ValueError(
             "Expected a model name (e.g. 'convnext_tiny_1k_224'), a PreprocessConfig or a "
-            f"(resolution, crop_pct[, interpolation]) tuple, got {spec!r}."
+            f"(resolution, crop_pct[, interpolation[, crop_mode]]) tuple, got {spec!r}."
         )
     _check(config.resolution, config.crop_pct, config.interpolation)
+    registry.squashes(config.resolution, config.crop_mode)  # ValueError for a bad crop_mode
     return config
 
 
@@ -267,9 +274,10 @@ def resize_and_crop(
     resolution: int,
     crop_pct: float = DEFAULT_CROP_PCT,
     interpolation: str = DEFAULT_INTERPOLATION,
+    crop_mode: str | None = None,
 ) -> Image.Image:
     """The geometric half of :func:`eval_transform`: a ``resolution``-square RGB PIL image."""
-    config = as_config((resolution, crop_pct, interpolation))
+    config = as_config((resolution, crop_pct, interpolation, crop_mode))
     resample = INTERPOLATIONS[config.interpolation]
     res = config.resolution
     if config.squash:
@@ -298,12 +306,14 @@ def eval_transform(
     resolution: int,
     crop_pct: float = DEFAULT_CROP_PCT,
     interpolation: str = DEFAULT_INTERPOLATION,
+    crop_mode: str | None = None,
 ) -> np.ndarray:
     """The official evaluation transform of one RGB PIL image -> float32 ``(res, res, 3)``.
 
     Below 384: resize the shorter side to ``int(res / crop_pct)`` (aspect ratio kept), centre
     crop ``res x res``; at 384 and above: squash to ``res x res`` (``crop_pct`` unused, as in the
-    original).  Then scale to [0, 1] and normalise with the ImageNet mean/std.
+    original); ``crop_mode`` ``"center"`` / ``"squash"`` chooses one whatever the resolution.
+    Then scale to [0, 1] and normalise with the ImageNet mean/std.
     """
     if not isinstance(image, Image.Image):
         raise ValueError(
@@ -312,7 +322,7 @@ def eval_transform(
         )
     if image.mode != "RGB":
         image = _to_rgb(image)
-    cropped = resize_and_crop(image, resolution, crop_pct, interpolation)
+    cropped = resize_and_crop(image, resolution, crop_pct, interpolation, crop_mode)
     return normalize(np.asarray(cropped, dtype=np.uint8))
 
 
@@ -369,7 +379,8 @@ class EvalPreprocessing(keras.layers.Layer):
     Takes ``(batch, H, W, 3)`` (or one ``(H, W, 3)``) RGB pixels in 0..255 (any dtype;
     set ``input_scale=1.0`` for [0, 1] floats) and returns the model's normalised float32
     ``(batch, res, res, 3)`` input.  Geometry is the official evaluation's (shorter side to
-    ``int(res / crop_pct)``, centre crop; squash at 384 and above).  Resampling is
+    ``int(res / crop_pct)``, centre crop; squash at 384 and above, or as ``crop_mode`` says:
+    the arguments are :class:`PreprocessConfig`'s, in its order).  Resampling is
     ``keras.ops.image.resize`` with antialiasing, so results are close to, but not
     bit-equal with, PIL's (see docs/predict_eval.md for the measured difference); use
     :func:`eval_transform` where exactness matters.
@@ -380,12 +391,13 @@ class EvalPreprocessing(keras.layers.Layer):
         resolution: int = DEFAULT_RESOLUTION,
         crop_pct: float = DEFAULT_CROP_PCT,
         interpolation: str = DEFAULT_INTERPOLATION,
+        crop_mode: str | None = None,
         input_scale: float = 255.0,
         **kwargs,
     ):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        config = as_config((int(resolution), float(crop_pct), interpolation))
+        config = as_config((int(resolution), float(crop_pct), interpolation, crop_mode))
         if config.interpolation not in _KERAS_INTERPOLATIONS:
             raise ValueError(
                 f"EvalPreprocessing supports interpolation {_KERAS_INTERPOLATIONS}, got "
@@ -450,6 +462,7 @@ class EvalPreprocessing(keras.layers.Layer):
             "resolution": self.config.resolution,
             "crop_pct": self.config.crop_pct,
             "interpolation": self.config.interpolation,
+            "crop_mode": self.config.crop_mode,
             "input_scale": self.input_scale,
         }
 

@@ -16,6 +16,15 @@ Checkpoints:
   ``convnextv2_<size>_1k_224`` and the ImageNet-22k -> 1k fine-tuned
   ``convnextv2_<size>_21k_1k_<res>`` (the collection's spelling of the files'
   ``convnextv2_<size>_22k_<res>_ema.pt``; the file spellings are accepted too);
+* the 3 isotropic ConvNeXts of facebookresearch/ConvNeXt (README, "ImageNet-1K trained models
+  (isotropic)"; ``models/convnext_isotropic.py``): ``convnext_iso_<size>_1k_224``;
+* the 4 DINOv3 ConvNeXt backbones of facebookresearch/dinov3, from the Hugging Face Hub
+  (``facebook/dinov3-convnext-<size>-pretrain-lvd1689m``, gated):
+  ``dinov3_convnext_<size>_lvd1689m``;
+* timm's ImageNet-1k-head ConvNeXt-atto/femto/pico/nano (``timm/models/convnext.py``
+  ``default_cfgs``), from the Hub (``timm/convnext_<size>.<tag>``): ``convnext_<size>_1k_224``,
+  ``convnext_nano_12k_1k_<res>`` (timm's own spellings, ``convnext_atto.d2_in1k``, are
+  accepted too).
 * the 6 UperNet semantic-segmentation files (ADE20K, 150 classes) of facebookresearch/ConvNeXt
   (``semantic_segmentation/README.md``), named ``upernet_convnext_<size>_ade20k_<crop>``
   (the files' ``upernet_convnext_<size>_<1k|22k>_<crop>x<crop>`` spellings are accepted); their
@@ -117,6 +126,30 @@ FAMILIES: dict[str, Family] = {
             "https://creativecommons.org/licenses/by-nc/4.0/",
         ),
         Family(
+            "dinov3",
+            "DINOv3 ConvNeXt",
+            "https://arxiv.org/abs/2508.10104",
+            "Oriane Simeoni, Huy V. Vo, Maximilian Seitzer, Federico Baldassarre, Maxime Oquab, "
+            'et al. "DINOv3." arXiv:2508.10104, 2025',
+            "https://github.com/facebookresearch/dinov3",
+            # README "License": code and weights under the DINOv3 License (not an SPDX licence;
+            # the Hub repositories are gated behind accepting it).
+            "LicenseRef-DINOv3",
+            "https://github.com/facebookresearch/dinov3/blob/main/LICENSE.md",
+        ),
+        Family(
+            "timm",
+            "ConvNeXt",
+            "https://arxiv.org/abs/2201.03545",
+            "Zhuang Liu, Hanzi Mao, Chao-Yuan Wu, Christoph Feichtenhofer, Trevor Darrell, "
+            'Saining Xie. "A ConvNet for the 2020s." CVPR 2022. arXiv:2201.03545; weights '
+            "trained by Ross Wightman, PyTorch Image Models (timm)",
+            "https://github.com/huggingface/pytorch-image-models",
+            # timm/models/convnext.py, _cfg(): 'license': 'apache-2.0'
+            "Apache-2.0",
+            "https://www.apache.org/licenses/LICENSE-2.0",
+        ),
+        Family(
             "upernet_convnext",
             "UperNet-ConvNeXt",
             "https://arxiv.org/abs/2201.03545",
@@ -134,10 +167,13 @@ FAMILIES: dict[str, Family] = {
 # ---------------------------------------------------------------------------------------------
 # Architectures
 
-#: Block types: ``"layer_scale"`` (ConvNeXt: dwconv, LN, MLP, per-channel layer scale) and
+#: Block types: ``"layer_scale"`` (ConvNeXt: dwconv, LN, MLP, per-channel layer scale),
 #: ``"grn"`` (ConvNeXt V2: the same block with Global Response Normalization after the GELU
-#: and no layer scale).
-BLOCKS = ("layer_scale", "grn")
+#: and no layer scale) and ``"plain"`` (the ConvNeXt block without layer scale: the isotropic
+#: small and base, trained with ``--layer_scale_init_value 0``).
+BLOCKS = ("layer_scale", "grn", "plain")
+#: Patch size (and stride) of the isotropic ConvNeXt's stem (``convnext_isotropic.py``).
+ISOTROPIC_PATCH = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +183,11 @@ class Variant:
     ``name`` is the registry key.  ConvNeXt's keep their bare size names (``"tiny"``); the
     sizes of later families are qualified by the family (``"convnextv2_tiny"``), since V1 and
     V2 share size names and widths but not blocks.
+
+    The hierarchical networks have four stages, a 4x4 stem with LayerNorm and a 2x2
+    downsampling between stages.  An isotropic ConvNeXt (paper section 3.3) has one stage of
+    identical blocks at one width behind a ``patch_size`` x ``patch_size`` stem without
+    LayerNorm, and no downsampling: ``depths`` and ``dims`` of length one.
     """
 
     name: str
@@ -154,10 +195,24 @@ class Variant:
     dims: tuple[int, ...]
     family: str = "convnext"
     block: str = "layer_scale"
+    #: Kernel size and stride of the stem convolution.
+    patch_size: int = STEM_PATCH
+    #: Whether a LayerNorm follows the stem convolution (not in the isotropic ConvNeXt).
+    stem_norm: bool = True
 
     def __post_init__(self):
         if self.block not in BLOCKS:
             raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}.")
+        if len(self.depths) != len(self.dims) or len(self.depths) not in (1, 4):
+            raise ValueError(
+                f"{self.name}: depths and dims must both have 4 stages (hierarchical) or 1 "
+                f"(isotropic), got {self.depths} and {self.dims}."
+            )
+
+    @property
+    def isotropic(self) -> bool:
+        """One stage at one resolution (stride ``patch_size``): no feature pyramid."""
+        return len(self.depths) == 1
 
     @property
     def num_blocks(self) -> int:
@@ -179,14 +234,23 @@ class Variant:
 
     @property
     def title(self) -> str:
-        """For messages and model cards: ``ConvNeXt-tiny``, ``ConvNeXt V2-tiny``."""
+        """For messages and model cards: ``ConvNeXt-tiny``, ``ConvNeXt V2-tiny``,
+        ``ConvNeXt-small (isotropic)``."""
+        if self.isotropic:
+            return f"{FAMILIES[self.family].title}-{self.size.removeprefix('iso_')} (isotropic)"
         return f"{FAMILIES[self.family].title}-{self.size}"
 
     @property
     def min_input_size(self) -> int:
         """Smallest height and width the network takes: the stem's patch times every stride-2
-        downsampling (4 x 2 x 2 x 2 = 32).  Below it the last stage has no pixels left."""
-        return STEM_PATCH * DOWNSAMPLE_STRIDE ** (len(self.depths) - 1)
+        downsampling (4 x 2 x 2 x 2 = 32; isotropic: 16).  Below it the last stage has no
+        pixels left."""
+        return self.patch_size * DOWNSAMPLE_STRIDE ** (len(self.depths) - 1)
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        """Stride of each stage's output relative to the input (4, 8, 16, 32; isotropic: 16)."""
+        return tuple(self.patch_size * DOWNSAMPLE_STRIDE**i for i in range(len(self.depths)))
 
 
 # facebookresearch/ConvNeXt models/convnext.py for tiny..xlarge; timm's convnext.py for the
@@ -205,6 +269,14 @@ _V1_SIZES = {
 }
 _V2_SIZES = ("atto", "femto", "pico", "nano", "tiny", "base", "large", "huge")
 _V2_ONLY = {"huge": ((3, 3, 27, 3), (352, 704, 1408, 2816))}
+# facebookresearch/ConvNeXt models/convnext_isotropic.py (depth, width) and TRAINING.md: small
+# and base are trained with --layer_scale_init_value 0 (no layer scale), large with the default
+# 1e-6 (main.py).
+_ISOTROPIC_SIZES = {
+    "small": (18, 384, "plain"),
+    "base": (18, 768, "plain"),
+    "large": (36, 1024, "layer_scale"),
+}
 
 VARIANTS: dict[str, Variant] = {
     v.name: v
@@ -215,6 +287,17 @@ VARIANTS: dict[str, Variant] = {
                 f"convnextv2_{size}", *(_V1_SIZES.get(size) or _V2_ONLY[size]), "convnextv2", "grn"
             )
             for size in _V2_SIZES
+        ),
+        *(
+            Variant(
+                f"iso_{size}",
+                (depth,),
+                (dim,),
+                block=block,
+                patch_size=ISOTROPIC_PATCH,
+                stem_norm=False,
+            )
+            for size, (depth, dim, block) in _ISOTROPIC_SIZES.items()
         ),
     )
 }
@@ -246,13 +329,18 @@ def variant(spec: str | Variant) -> Variant:
 # Checkpoints
 
 
+#: The Hugging Face Hub's address (``huggingface_hub`` itself reads ``HF_ENDPOINT``).
+HUB_URL = "https://huggingface.co"
+
+
 @dataclasses.dataclass(frozen=True)
 class Source:
     """Where a checkpoint file is published.
 
     ``repo`` None: ``path`` is relative to the official server (:data:`OFFICIAL_BASE_URL`, or
     ``$CONVNEXT_BASE_URL`` for a mirror that keeps the official paths).  Otherwise ``path`` is a
-    file of the Hugging Face Hub repository ``repo`` at ``revision`` (a commit, pinned).
+    file of the Hugging Face Hub repository ``repo`` at ``revision`` (a commit or branch; None:
+    ``main``), downloaded with ``huggingface_hub`` (``HF_ENDPOINT``, ``HF_HOME``, ``HF_TOKEN``).
     """
 
     path: str
@@ -271,11 +359,18 @@ class Source:
         return OFFICIAL_BASE_URL + self.path
 
     @property
+    def is_hub(self) -> bool:
+        return self.repo is not None
+
+    @property
+    def page(self) -> str:
+        """Where a person reads about the file: the Hub repository's page, or the file's URL."""
+        return f"{HUB_URL}/{self.repo}" if self.repo is not None else self.official_url
+
+    @property
     def url(self) -> str:
         if self.repo is not None:
-            return (
-                f"https://huggingface.co/{self.repo}/resolve/{self.revision or 'main'}/{self.path}"
-            )
+            return f"{HUB_URL}/{self.repo}/resolve/{self.revision or 'main'}/{self.path}"
         base = os.environ.get("CONVNEXT_BASE_URL") or OFFICIAL_BASE_URL
         return base.rstrip("/") + "/" + self.path
 
@@ -285,6 +380,20 @@ class Source:
         if self.repo is None:
             return self.path
         return f"hf/{self.repo}/{self.revision or 'main'}/{self.path}"
+
+
+CROP_MODES = ("center", "squash")
+
+
+def squashes(resolution: int, crop_mode: str | None = None) -> bool:
+    """Whether an evaluation transform warps the image to ``resolution`` square (no crop):
+    ``crop_mode`` says so, or (None) the official rule, at :data:`SQUASH_RESOLUTION` and above.
+    """
+    if crop_mode is None:
+        return resolution >= SQUASH_RESOLUTION
+    if crop_mode not in CROP_MODES:
+        raise ValueError(f"crop_mode must be one of {CROP_MODES} or None, got {crop_mode!r}.")
+    return crop_mode == "squash"
 
 
 def official_crop_pct(resolution: int) -> float:
@@ -397,6 +506,11 @@ class Checkpoint:
     #: read.  The official host publishes none, so the rows leave it None; users pin one with
     #: ``CONVNEXT_SHA256_<NAME>`` or ``CONVNEXT_SHA256SUMS`` (convnext_keras.hub).
     sha256: str | None = None
+    #: How the evaluation transform fits the image to ``resolution``: ``"center"`` (resize the
+    #: shorter side to ``resolution / crop_pct``, centre crop) or ``"squash"`` (resize to
+    #: ``resolution x resolution``, no crop); None: the official rule, squash at
+    #: :data:`SQUASH_RESOLUTION` and above (:func:`squashes`).
+    crop_mode: str | None = None
     #: A semantic-segmentation checkpoint's decoder and test-time settings (None: an image
     #: classifier or encoder).  ``num_classes`` is then the number of segmentation classes and
     #: ``resolution`` the crop size.
@@ -426,8 +540,13 @@ class Checkpoint:
 
     @property
     def aliases(self) -> tuple[str, ...]:
-        """Other accepted spellings: the file's stem, with and without ``_ema``."""
-        stem = canonical_name(self.filename.split(".", 1)[0])
+        """Other accepted spellings: the file's stem, with and without ``_ema``; for a Hub
+        file, the repository's name (``convnext_atto.d2_in1k``,
+        ``dinov3_convnext_tiny_pretrain_lvd1689m``)."""
+        if self.source.is_hub:
+            stem = canonical_name(self.source.repo.rsplit("/", 1)[-1])
+        else:
+            stem = canonical_name(self.filename.split(".", 1)[0])
         return tuple(a for a in dict.fromkeys((stem, stem.removesuffix("_ema"))) if a != self.name)
 
 
@@ -584,6 +703,110 @@ def _v2_checkpoints() -> list[Checkpoint]:
     return table
 
 
+def _isotropic_checkpoints() -> list[Checkpoint]:
+    """facebookresearch/ConvNeXt README, "ImageNet-1K trained models (isotropic)": 224x224,
+    acc@1 as listed there; the evaluation transform is ``main.py``'s (the same as ConvNeXt's)."""
+    acc = {"small": 78.7, "base": 82.0, "large": 82.6}
+    return [
+        Checkpoint(
+            f"convnext_iso_{size}_1k_224",
+            f"iso_{size}",
+            NUM_CLASSES_1K,
+            224,
+            "imagenet-1k",
+            Source(f"convnext_iso_{size}_1k_224_ema.pth"),
+            top1,
+            official_crop_pct(224),
+        )
+        for size, top1 in acc.items()
+    ]
+
+
+#: The DINOv3 ConvNeXt backbones' sizes (facebookresearch/dinov3 ``models/convnext.py``,
+#: ``convnext_sizes``): ConvNeXt's tiny/small/base/large, layer scale 1e-6, no classifier.
+DINOV3_SIZES = ("tiny", "small", "base", "large")
+
+
+def _dinov3_checkpoints() -> list[Checkpoint]:
+    """The Hugging Face Hub's copies (gated: the DINOv3 License must be accepted on the Hub) of
+    the backbones distilled from DINOv3 on LVD-1689M.  Evaluation transform: the Hub's image
+    processor (transformers ``DINOv3ViTImageProcessor``: resize to 224x224, bilinear, no crop;
+    the README's ``make_transform`` is the same warp at 256)."""
+    family = FAMILIES["dinov3"]
+    return [
+        Checkpoint(
+            f"dinov3_convnext_{size}_lvd1689m",
+            size,
+            None,
+            224,
+            "dinov3 lvd-1689m",
+            Source("model.safetensors", repo=f"facebook/dinov3-convnext-{size}-pretrain-lvd1689m"),
+            None,
+            1.0,
+            "bilinear",
+            family=family.name,
+            licence=family.licence,
+            crop_mode="squash",
+        )
+        for size in DINOV3_SIZES
+    ]
+
+
+def _timm_checkpoints() -> list[Checkpoint]:
+    """timm's ImageNet-1k-head weights of its small ConvNeXts (timm ``models/convnext.py``,
+    ``default_cfgs``: input size, crop_pct, interpolation; every file is ``model.safetensors``
+    of the Hub repository ``timm/<architecture>.<tag>``).  acc@1: timm's
+    ``results/results-imagenet.csv`` at the configuration's input size and crop (timm's
+    ``test_input_size`` of 288 scores higher; the rows keep the pretrained configuration)."""
+    family = FAMILIES["timm"]
+    # (name, size, timm tag, dataset, resolution, crop_pct, crop mode, acc@1)
+    table = [
+        ("convnext_atto_1k_224", "atto", "d2_in1k", "imagenet-1k", 224, 0.875, None, 75.672),
+        ("convnext_femto_1k_224", "femto", "d1_in1k", "imagenet-1k", 224, 0.875, None, 77.498),
+        ("convnext_pico_1k_224", "pico", "d1_in1k", "imagenet-1k", 224, 0.875, None, 79.516),
+        ("convnext_nano_1k_224", "nano", "d1h_in1k", "imagenet-1k", 224, 0.95, None, 80.762),
+        (
+            "convnext_nano_12k_1k_224",
+            "nano",
+            "in12k_ft_in1k",
+            "imagenet-12k -> imagenet-1k",
+            224,
+            0.95,
+            None,
+            82.306,
+        ),
+        # timm's default crop_mode is "center": at 384 it centre-crops (crop_pct 1.0) where the
+        # official transform squashes.
+        (
+            "convnext_nano_12k_1k_384",
+            "nano",
+            "r384_in12k_ft_in1k",
+            "imagenet-12k -> imagenet-1k",
+            384,
+            1.0,
+            "center",
+            83.334,
+        ),
+    ]
+    return [
+        Checkpoint(
+            name,
+            size,
+            NUM_CLASSES_1K,
+            res,
+            dataset,
+            Source("model.safetensors", repo=f"timm/convnext_{size}.{tag}"),
+            acc,
+            crop_pct,
+            "bicubic",
+            family=family.name,
+            licence=family.licence,
+            crop_mode=crop_mode,
+        )
+        for name, size, tag, dataset, res, crop_pct, crop_mode, acc in table
+    ]
+
+
 def _segmentation_checkpoints() -> list[Checkpoint]:
     """facebookresearch/ConvNeXt ``semantic_segmentation/README.md`` ("Results and Fine-tuned
     Models": file, crop, mIoU and mIoU ms+flip) and the configs named above."""
@@ -623,7 +846,13 @@ def _segmentation_checkpoints() -> list[Checkpoint]:
 
 
 CHECKPOINTS: dict[str, Checkpoint] = {
-    c.name: c for c in _v1_checkpoints() + _v2_checkpoints() + _segmentation_checkpoints()
+    c.name: c
+    for c in _v1_checkpoints()
+    + _v2_checkpoints()
+    + _isotropic_checkpoints()
+    + _dinov3_checkpoints()
+    + _timm_checkpoints()
+    + _segmentation_checkpoints()
 }
 
 

@@ -78,8 +78,9 @@ _PLAIN_LAYER = re.compile(
 def _graph_outputs(model) -> list[tuple[str | None, str]] | str:
     """``[(output key, what it is)]`` of a plain ConvNeXt, or why the graph cannot be built.
 
-    What an output is: ``"logits"``, ``"pooled"`` or ``"stage1"`` ... ``"stage4"``, read off the
-    layer that produces it; the key is the dict key of a dict-output model, else None.
+    What an output is: ``"logits"``, ``"pooled"``, ``"dense"`` (the head LayerNorm at every
+    position) or ``"stage1"`` ... ``"stage4"``, read off the layer that produces it; the key is
+    the dict key of a dict-output model, else None.
     """
     spec = variant_of(model)
     if spec is None:
@@ -102,7 +103,8 @@ def _graph_outputs(model) -> list[tuple[str | None, str]] | str:
         producer = tensor._keras_history.operation.name
         if producer not in kinds:
             return f"output {key or 0} comes from layer {producer!r}, not a ConvNeXt output"
-        result.append((key, kinds[producer]))
+        dense = producer == "head_norm" and len(tensor.shape) == 4
+        result.append((key, "dense" if dense else kinds[producer]))
     return result
 
 
@@ -285,8 +287,9 @@ def build_onnx_graph(
 
     Input ``images``: float32 NHWC ``(batch, height, width, 3)``, normalised as for the Keras
     model; ``height``/``width`` None make that axis dynamic.  Outputs: what the model returns,
-    in its order - ``logits`` (classifier), ``pooled`` (``_fe``), the dict of a pyramid /
-    ``features="all"`` model under its keys - or named ``output_names``.  ``opset`` 20 writes
+    in its order - ``logits`` (classifier), ``pooled`` (``_fe``), ``dense``, the dict of a
+    pyramid / ``features="all"`` model under its keys - or named ``output_names``.  Isotropic
+    ConvNeXts (one stage behind a 16x16 patch stem) are built the same way.  ``opset`` 20 writes
     exact GELU as the ``Gelu`` operator, 17-19 as its erf form.  Raises ``ValueError`` for
     models it cannot rebuild (see :func:`graph_unsupported_reason`) and for inputs smaller than
     the network's total stride.
@@ -308,10 +311,9 @@ def build_onnx_graph(
     k = registry.DWCONV_KERNEL
     values = {}
 
-    x, h, w = _patchify_matmul(
-        g, "images", height, width, registry.STEM_PATCH, *W["stem_conv"], "stem"
-    )
-    x = _layer_norm(g, x, W["stem_norm"], "stem_norm")
+    x, h, w = _patchify_matmul(g, "images", height, width, spec.patch_size, *W["stem_conv"], "stem")
+    if spec.stem_norm:
+        x = _layer_norm(g, x, W["stem_norm"], "stem_norm")
     for stage, depth in enumerate(spec.depths):
         if stage > 0:
             p = f"stage{stage}_downsample"
@@ -353,6 +355,9 @@ def build_onnx_graph(
             x = g.op("Add", [x, y], p)
         values[f"stage{stage + 1}"] = (x, [None, h, w, int(spec.dims[stage])])
     kinds = {kind for _, kind in outputs}
+    if "dense" in kinds:
+        dense = _layer_norm(g, x, W["head_norm"], "head_dense")
+        values["dense"] = (dense, [None, h, w, int(spec.dims[-1])])
     if kinds & {"logits", "pooled"}:
         if opset >= 18:  # axes became an input in opset 18
             axes = g.const(np.array([1, 2], np.int64), "pool_axes")

@@ -115,6 +115,172 @@ def loopback_server(tmp_path):
     server.server_close()
 
 
+class _HubHandler(http.server.BaseHTTPRequestHandler):
+    """The part of the Hugging Face Hub's HTTP interface ``hf_hub_download`` uses.
+
+    ``HEAD`` / ``GET /{org}/{repo}/resolve/{revision}/{file}`` answers as the Hub does for a
+    large (LFS) file: ``302`` to the file's content on a second server (the "CDN", another
+    origin, so the client stops there and drops its token) with ``X-Repo-Commit``,
+    ``X-Linked-Etag`` (the SHA-256), ``X-Linked-Size`` and ``ETag``; errors carry the Hub's
+    ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``, ``GatedRepo``:
+    401 without token, 403 with a token that has no access); only resolve requests are
+    recorded in ``hub.requests`` (method, path, authorization).  Files live in
+    ``hub.root/{org}/{repo}/``; repositories in ``hub.gated`` need ``Bearer {hub.token}``.
+    """
+
+    def log_message(self, *args):
+        pass
+
+    def _error(self, status, code, message, commit=None):
+        self.send_response(status)
+        self.send_header("X-Error-Code", code)
+        self.send_header("X-Error-Message", message)
+        if commit:
+            self.send_header("X-Repo-Commit", commit)
+        body = message.encode()
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command == "GET":
+            self.wfile.write(body)
+
+    def _resolve(self):
+        import hashlib
+        import re
+
+        hub = self.server.hub
+        m = re.match(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$", self.path)
+        if not m:  # the library's other calls (e.g. /api/...): not part of a download
+            return self._error(404, "RepoNotFound", "Not a resolve URL")
+        hub.requests.append((self.command, self.path, self.headers.get("authorization")))
+        repo, rev, name = m.group("repo"), m.group("rev"), m.group("file")
+        folder = hub.root / repo
+        if not folder.is_dir():
+            return self._error(404, "RepoNotFound", f"Repository {repo} not found")
+        if repo in hub.gated:
+            auth = self.headers.get("authorization")
+            if auth is None:
+                return self._error(
+                    401,
+                    "GatedRepo",
+                    f"Access to model {repo} is restricted. You must have access to it and be "
+                    "authenticated to access it. Please log in.",
+                )
+            if auth != f"Bearer {hub.token}":
+                return self._error(
+                    403,
+                    "GatedRepo",
+                    f"Access to model {repo} is restricted and you are not in the authorized list.",
+                )
+        commit = hashlib.sha1(repo.encode()).hexdigest()
+        if rev not in ("main", commit):
+            return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+        path = folder / name
+        if not path.is_file():
+            return self._error(404, "EntryNotFound", f"{name} does not exist", commit)
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        hub.blobs[digest] = data
+        self.send_response(302)
+        self.send_header("Location", f"{hub.cdn_url}lfs/{digest}")
+        self.send_header("X-Repo-Commit", commit)
+        self.send_header("X-Linked-Etag", f'"{digest}"')
+        self.send_header("X-Linked-Size", str(len(data)))
+        self.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_HEAD = _resolve  # noqa: N815 (http.server API)
+    do_GET = _resolve  # noqa: N815
+
+
+class _CdnHandler(http.server.BaseHTTPRequestHandler):
+    """Serves ``/lfs/{sha256}`` of the Hub's files, with HTTP Range.  ``hub.mode``: ``ok``;
+    ``short`` the file cut to half (a consistent, shorter response: the size the Hub announced
+    is not met); ``drop`` the first response hangs up after 80 % (the client resumes from what
+    it wrote: ``huggingface_hub`` writes in 10 MB pieces)."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):  # noqa: N802 (http.server API)
+        hub = self.server.hub
+        hub.cdn_requests.append(
+            (self.path, self.headers.get("Range"), self.headers.get("authorization"))
+        )
+        data = hub.blobs.get(self.path.rsplit("/", 1)[-1])
+        if data is None:
+            self.send_error(404)
+            return
+        if hub.mode == "short":
+            data = data[: len(data) // 2]
+        start = 0
+        wanted = self.headers.get("Range", "")
+        if wanted.startswith("bytes="):
+            start = int(wanted[len("bytes=") :].split("-")[0])
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.send_header("Accept-Ranges", "bytes")
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.end_headers()
+        try:
+            if hub.mode == "drop" and len(hub.cdn_requests) == 1:
+                self.wfile.write(data[start : len(data) * 4 // 5])
+                self.wfile.flush()
+                self.close_connection = True
+                return
+            self.wfile.write(data[start:])
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+
+@pytest.fixture
+def hub_server(tmp_path, monkeypatch):
+    """A loopback Hugging Face Hub (and its "CDN") that ``huggingface_hub`` downloads from:
+    ``HF_ENDPOINT``, a fresh Hugging Face cache and no token.  Put files under
+    ``hub.root / "org/repo"``; add a repository to ``hub.gated`` to gate it behind
+    ``hub.token``; set ``hub.mode`` to break the downloads."""
+    import types
+
+    import huggingface_hub
+
+    hub = types.SimpleNamespace(
+        root=tmp_path / "hub",
+        gated=set(),
+        token="hf_loopbacktoken0123456789",
+        mode="ok",
+        blobs={},
+        requests=[],
+        cdn_requests=[],
+    )
+    hub.root.mkdir()
+    servers = []
+    for handler in (_HubHandler, _CdnHandler):
+        server = _Server(("127.0.0.1", 0), handler)
+        server.hub = hub
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    hub.url = f"http://127.0.0.1:{servers[0].server_address[1]}"
+    hub.cdn_url = f"http://127.0.0.1:{servers[1].server_address[1]}/"
+    hub.cache = tmp_path / "hf_home" / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+    template = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub.cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no_token"))
+    # The same settings for child processes (the command line).
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    yield hub
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture(scope="session")
 def reference_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("reference")

@@ -20,7 +20,7 @@ def test_list_shows_the_whole_collection():
     result = CliRunner().invoke(main, ["list", "--json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
-    assert len(rows) == 21 + 26 + 6
+    assert len(rows) == 21 + 26 + 3 + 4 + 6 + 6  # V1, V2, isotropic, DINOv3, timm, UperNet
     tiny = next(r for r in rows if r["name"] == "convnext_tiny_1k_224")
     assert tiny == {
         "name": "convnext_tiny_1k_224",
@@ -34,6 +34,7 @@ def test_list_shows_the_whole_collection():
         "licence": "MIT",
         "cached": False,
         "url": "https://dl.fbaipublicfiles.com/convnext/convnext_tiny_1k_224_ema.pth",
+        "source": "official",
     }
     table = CliRunner().invoke(main, ["list", "xlarge"])
     assert table.exit_code == 0
@@ -56,6 +57,35 @@ def test_list_shows_convnext_v2_with_its_licence():
     assert "| convnextv2_atto_fcmae | 3.4M | 224 | - | fcmae imagenet-1k | - | CC-BY-NC-4.0 |" in (
         table.output
     )
+
+
+def test_list_shows_the_other_families_with_their_sources_and_licences():
+    rows = {r["name"]: r for r in json.loads(CliRunner().invoke(main, ["list", "--json"]).output)}
+    iso = rows["convnext_iso_large_1k_224"]
+    assert (iso["params"], iso["acc1"], iso["licence"]) == (305_942_504, 82.6, "MIT")
+    assert iso["url"].endswith("/convnext/convnext_iso_large_1k_224_ema.pth")
+    dino = rows["dinov3_convnext_base_lvd1689m"]
+    assert (dino["family"], dino["licence"], dino["classes"]) == (
+        "dinov3",
+        "LicenseRef-DINOv3",
+        None,
+    )
+    assert dino["url"] == (
+        "https://huggingface.co/facebook/dinov3-convnext-base-pretrain-lvd1689m/resolve/main/"
+        "model.safetensors"
+    )
+    assert dino["source"] == "hf://facebook/dinov3-convnext-base-pretrain-lvd1689m"
+    assert iso["source"] == "official"
+    timm = rows["convnext_nano_12k_1k_384"]
+    assert (timm["family"], timm["licence"], timm["dataset"]) == (
+        "timm",
+        "Apache-2.0",
+        "imagenet-12k -> imagenet-1k",
+    )
+    table = CliRunner().invoke(main, ["list", "dinov3*"])
+    assert table.exit_code == 0 and "LicenseRef-DINOv3" in table.output
+    assert "DINOv3 License" in table.output  # the title says what it means
+    assert "hf://facebook/dinov3-convnext-tiny-pretrain-lvd1689m" in table.output
 
 
 def test_convert_cli(tmp_path, tiny_reference):

@@ -42,7 +42,7 @@ def _architectures():
     first."""
     groups: dict[tuple, list[str]] = {}
     for c in registry.CHECKPOINTS.values():
-        if c.family == "convnext":
+        if c.family == "convnext" and not c.spec.isotropic:  # isotropic: test_families.py
             groups.setdefault((c.variant, c.num_classes), []).append(c.name)
     return {
         key: sorted(names, key=lambda n: (registry.CHECKPOINTS[n].resolution, n))
@@ -84,8 +84,14 @@ def test_every_registry_entry_is_covered():
     # The segmentation rows: tests/test_segmentation.py (tiny and base against transformers'
     # UperNet, every row's conversion and parameter count).
     covered |= set(registry.families("upernet_convnext"))
-    assert covered == set(registry.CHECKPOINTS)
-    assert len(registry.CHECKPOINTS) == 21 + 26 + 6
+    # test_families.py: isotropic (each size), DINOv3 (tiny; large), timm (each architecture)
+    others = {
+        c.name
+        for c in registry.CHECKPOINTS.values()
+        if c.spec.isotropic or c.family in ("dinov3", "timm")
+    }
+    assert covered | others == set(registry.CHECKPOINTS) and not covered & others
+    assert len(registry.CHECKPOINTS) == 21 + 26 + 3 + 4 + 6 + 6
 
 
 def _max_diff(a, b):

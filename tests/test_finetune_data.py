@@ -190,29 +190,36 @@ def _batch(n=6, size=8, classes=3, seed=0):
 
 
 def _lam_from_images(x, mixed):
-    """Solve ``mixed[0] = lam * x[0] + (1 - lam) * x[-1]`` for lam (least squares, exact)."""
-    d = x[0] - x[-1]
-    return float(np.sum((mixed[0] - x[-1]) * d) / np.sum(d * d))
+    """Solve ``mixed[0] = lam * x[0] + (1 - lam) * x[1]`` for lam (least squares, exact)."""
+    d = x[0] - x[1]
+    return float(np.sum((mixed[0] - x[1]) * d) / np.sum(d * d))
 
 
-def test_mixup_blends_each_image_with_its_mirror_partner():
+def test_mixing_partners_are_neighbours_and_the_odd_last_row_is_its_own():
+    np.testing.assert_array_equal(data_lib.mix_partners(6), [1, 0, 3, 2, 5, 4])
+    np.testing.assert_array_equal(data_lib.mix_partners(5), [1, 0, 3, 2, 4])
+
+
+def test_mixup_blends_each_image_with_its_neighbour():
     x, y = _batch()
     mx, my = data_lib.mix_batch(x, y, np.random.default_rng(5), mixup=0.8)
     lam = _lam_from_images(x, mx)
+    partner = data_lib.mix_partners(len(x))
     assert 0.0 < lam < 1.0
-    np.testing.assert_allclose(mx, lam * x + (1 - lam) * x[::-1], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(my, lam * y + (1 - lam) * y[::-1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mx, lam * x + (1 - lam) * x[partner], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(my, lam * y + (1 - lam) * y[partner], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(my.sum(axis=1), 1.0, rtol=1e-6)
 
 
 def test_cutmix_pastes_a_box_and_weights_targets_by_its_area():
     x, y = _batch(size=16)
+    partner = data_lib.mix_partners(len(x))
     mx, my = data_lib.mix_batch(x, y, np.random.default_rng(2), cutmix=1.0)
-    pasted = np.all(mx == x[::-1], axis=(0, 3)) & ~np.all(mx == x, axis=(0, 3))
+    pasted = np.all(mx == x[partner], axis=(0, 3)) & ~np.all(mx == x, axis=(0, 3))
     rows, cols = np.nonzero(pasted)
     assert pasted.sum() == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
     lam = 1 - pasted.sum() / pasted.size
-    np.testing.assert_allclose(my, lam * y + (1 - lam) * y[::-1], rtol=1e-5)
+    np.testing.assert_allclose(my, lam * y + (1 - lam) * y[partner], rtol=1e-5)
     untouched = ~pasted
     np.testing.assert_array_equal(mx[:, untouched], x[:, untouched])
 
@@ -232,7 +239,7 @@ def test_smoothing_in_the_loss_equals_timm_smoothed_mixup_targets():
     mx, my = data_lib.mix_batch(x, y, np.random.default_rng(5), mixup=0.8)
     lam, smoothing, k = _lam_from_images(x, mx), 0.1, 5
     smoothed = np.where(y > 0, 1 - smoothing + smoothing / k, smoothing / k)  # timm one_hot
-    timm_targets = lam * smoothed + (1 - lam) * smoothed[::-1]
+    timm_targets = lam * smoothed + (1 - lam) * smoothed[data_lib.mix_partners(len(x))]
     logits = np.random.default_rng(1).normal(size=my.shape).astype(np.float32)
     log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
     expected = -(timm_targets * log_probs).sum(axis=1).mean()
@@ -272,6 +279,42 @@ def test_train_batches_are_a_function_of_seed_epoch_and_index(colour_samples):
     assert sorted(first.order) == list(range(len(colour_samples)))
     with pytest.raises(IndexError):
         first[5]
+
+
+@pytest.mark.parametrize(("batch_size", "hosts"), [(6, 2), (6, 3), (4, 2)])
+def test_each_host_s_rows_are_those_rows_of_the_whole_batch(colour_samples, batch_size, hosts):
+    """Sharded batches (what each host of a multi-host run makes) are bit-equal with the rows
+    of the one-host batch, mixup/cutmix partners on another host included (6 over 2: rows 2
+    and 3 pair across hosts)."""
+    aug = data_lib.Augment(resolution=24, mixup=0.8, cutmix=1.0, mix_switch_prob=0.5)
+
+    def batches(shard):
+        return data_lib.TrainBatches(
+            colour_samples, 3, aug, batch_size=batch_size, epoch=1, seed=4, shard=shard
+        )
+
+    whole = batches((0, 1))
+    for index in range(len(whole)):
+        x, y = whole[index]
+        parts = [batches((i, hosts))[index] for i in range(hosts)]
+        np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), x)
+        np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), y)
+    assert not np.allclose(whole[0][1].max(axis=1), 1.0)  # mixed targets: mixing was on
+    with pytest.raises(ValueError, match=f"batch_size {batch_size} does not split over 5 hosts"):
+        batches((0, 5))
+
+
+def test_each_host_s_eval_rows_pad_like_the_whole_batch(colour_samples):
+    def batches(shard):
+        return data_lib.EvalBatches(
+            colour_samples, resolution=24, crop_pct=0.875, interpolation="bicubic",
+            batch_size=4, shard=shard,
+        )  # fmt: skip
+
+    whole = batches((0, 1))
+    for i in range(len(whole)):
+        parts = np.concatenate([batches((h, 2))[i][0] for h in range(2)])
+        np.testing.assert_array_equal(parts, whole[i][0])
 
 
 def test_train_batches_without_augmentation_are_the_normalised_resized_images(colour_samples):

@@ -381,7 +381,7 @@ def test_v2_predict_gradcam_and_bf16_equal_pytorch(atto_v2):
         np.testing.assert_allclose([p.probability for p in r.predictions], probs[order], atol=1e-5)
 
     keras_model, config = load_classifier(name, weights=ckpt)
-    assert tuple(config) == (224, 0.875, "bicubic")
+    assert tuple(config) == (224, 0.875, "bicubic", None)
     images = np.stack([reference(preprocess.load_image(p), 224, 0.875, "bicubic") for p in PHOTOS])
     logits = ref.hf_outputs(model, images)["logits"]
     cams, classes = GradCAM(keras_model)(images[:2])

@@ -86,6 +86,22 @@ def test_centre_crop_rounding_matches_torchvision(width):
     np.testing.assert_array_equal(np.asarray(got), reference_uint8(photo, 224, 0.875, "bicubic"))
 
 
+def test_crop_mode_overrides_the_official_rule():
+    """``crop_mode`` "squash" warps at any size (DINOv3's processor: 224x224, bilinear);
+    "center" crops at 384 too (timm's r384 tag: shorter side to 384, centre 384x384)."""
+    photo = pp.load_image(SKIMAGE / "chelsea.png")  # 451 x 300
+    squashed = pp.resize_and_crop(photo, 224, 1.0, "bilinear", "squash")
+    np.testing.assert_array_equal(
+        np.asarray(squashed), np.asarray(photo.resize((224, 224), Image.BILINEAR))
+    )
+    centred = pp.resize_and_crop(photo, 384, 1.0, "bicubic", "center")
+    # shorter side 300 -> 384: 577 x 384, crop at left round(96.5) = 96 (half to even)
+    want = np.asarray(photo.resize((577, 384), Image.BICUBIC))[:, 96:480]
+    np.testing.assert_array_equal(np.asarray(centred), want)
+    with pytest.raises(ValueError, match="crop_mode"):
+        pp.as_config((224, 0.875, "bicubic", "middle"))
+
+
 def test_geometry_of_a_landscape_photo():
     # 451 x 300 at 224/0.875: shorter side 256 -> 384 x 256, crop at left 80, top 16.
     photo = pp.load_image(SKIMAGE / "chelsea.png")
@@ -97,15 +113,21 @@ def test_geometry_of_a_landscape_photo():
 def test_config_for_reads_the_registry():
     for name, ckpt in registry.CHECKPOINTS.items():
         cfg = pp.config_for(name)
-        assert cfg == (ckpt.resolution, ckpt.crop_pct, ckpt.interpolation)
+        assert cfg == (ckpt.resolution, ckpt.crop_pct, ckpt.interpolation, ckpt.crop_mode)
         if ckpt.segmentation is None:  # segmentation models have no _fe twin
             assert pp.config_for(name + "_fe") == cfg
-    assert pp.config_for("convnext_tiny_1k_224") == (224, 0.875, "bicubic")
-    assert pp.config_for("convnext_base_22k_1k_384") == (384, 1.0, "bicubic")
+    assert pp.config_for("convnext_tiny_1k_224") == (224, 0.875, "bicubic", None)
+    assert pp.config_for("convnext_base_22k_1k_384") == (384, 1.0, "bicubic", None)
     assert pp.config_for("convnext_base_22k_1k_384").squash
-    assert pp.config_for("convnext_atto") == (224, 0.875, "bicubic")
-    res, crop, interp = pp.config_for("convnext_large_21k_224")
-    assert (res, crop, interp) == (224, 0.875, "bicubic")
+    assert pp.config_for("convnext_atto") == (224, 0.875, "bicubic", None)
+    res, crop, interp, mode = pp.config_for("convnext_large_21k_224")
+    assert (res, crop, interp, mode) == (224, 0.875, "bicubic", None)
+    # A row's crop mode overrides the official rule: timm's centre crop at 384 (shorter side to
+    # 384), DINOv3's squash at 224.
+    timm384 = pp.config_for("convnext_nano_12k_1k_384")
+    assert (timm384.squash, timm384.resize_size) == (False, 384)
+    dinov3 = pp.config_for("dinov3_convnext_tiny_lvd1689m")
+    assert (dinov3.squash, dinov3.interpolation) == (True, "bilinear")
     assert pp.config_for("convnext_tiny_1k_224").resize_size == 256
     with pytest.raises(registry.UnknownModelError, match="convnext_tiny"):
         pp.config_for("convnext_tinny_1k_224")
@@ -280,7 +302,8 @@ def test_keras_layer_in_front_of_a_model_and_serialised(tmp_path):
     direct = keras.ops.convert_to_numpy(net(pp.eval_transform(Image.fromarray(photo[0]), 64)[None]))
     through = keras.ops.convert_to_numpy(model(photo))
     assert np.max(np.abs(direct - through)) < 0.1 * np.max(np.abs(direct))
-    assert pp.preprocessing_layer("convnext_base_1k_384").config == (384, 1.0, "bicubic")
+    assert pp.preprocessing_layer("convnext_base_1k_384").config == (384, 1.0, "bicubic", None)
+    assert pp.preprocessing_layer("dinov3_convnext_tiny_lvd1689m").config.squash
     model.save(tmp_path / "m.keras")
     again = keras.saving.load_model(tmp_path / "m.keras")
     np.testing.assert_allclose(keras.ops.convert_to_numpy(again(photo)), through, atol=1e-5)

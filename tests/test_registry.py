@@ -1,13 +1,14 @@
 """The registry: one row type for every family's checkpoints, names, aliases, sources, licences.
 
 The ConvNeXt V2 rows are checked against the tables of facebookresearch/ConvNeXt-V2's README
-(file paths, resolutions, reported acc@1) and its ``datasets.py`` (evaluation crop), written
-here again by hand.
+(file paths, resolutions, reported acc@1) and its ``datasets.py`` (evaluation crop), the
+isotropic rows against facebookresearch/ConvNeXt's README and ``convnext_isotropic.py``, the
+timm rows against timm's ``default_cfgs`` and ``results/results-imagenet.csv``, written here
+again by hand.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 
@@ -16,6 +17,9 @@ import pytest
 from convnext_keras import registry
 
 V2_URL = "https://dl.fbaipublicfiles.com/convnext/convnextv2/"
+#: Rows per family: ConvNeXt, ConvNeXt V2, isotropic (family "convnext"), DINOv3, timm, UperNet.
+COUNTS = {"convnext": 21 + 3, "convnextv2": 26, "dinov3": 4, "timm": 6, "upernet_convnext": 6}
+TOTAL = sum(COUNTS.values())
 #: (name, file under V2_URL, resolution, classes, acc@1) from the ConvNeXt-V2 README.
 V2_TABLE = [
     *(
@@ -45,7 +49,7 @@ V2_TABLE = [
 
 def test_v2_rows_match_the_original_readme():
     rows = [c for c in registry.CHECKPOINTS.values() if c.family == "convnextv2"]
-    assert len(rows) == 26 and len(registry.CHECKPOINTS) == 21 + 26 + 6
+    assert len(rows) == 26 and len(registry.CHECKPOINTS) == TOTAL
     assert [c.name for c in rows] == [name for name, *_ in V2_TABLE]
     for name, path, res, classes, acc in V2_TABLE:
         c = registry.CHECKPOINTS[name]
@@ -63,7 +67,9 @@ def test_v2_rows_match_the_original_readme():
 
 
 def test_v1_rows_keep_their_names_licence_and_settings():
-    rows = [c for c in registry.CHECKPOINTS.values() if c.family == "convnext"]
+    rows = [
+        c for c in registry.CHECKPOINTS.values() if c.family == "convnext" and not c.spec.isotropic
+    ]
     assert len(rows) == 21
     assert all(c.licence == "MIT" and c.spec.block == "layer_scale" for c in rows)
     tiny = registry.CHECKPOINTS["convnext_tiny_1k_224"]
@@ -115,7 +121,7 @@ def test_encoders_have_no_head():
 
 def test_model_names_and_unknown_names():
     names = registry.model_names()
-    assert len(names) == 2 * 47 + 6  # segmentation models have no _fe twin
+    assert len(names) == 2 * TOTAL - COUNTS["upernet_convnext"]  # segmentation: no _fe twin
     assert "convnextv2_huge_21k_1k_512_fe" in names and "convnextv2_atto_fcmae_fe" in names
     assert "convnextv2_huge" in registry.model_names(include_variants=True)
     with pytest.raises(registry.UnknownModelError, match="Did you mean convnextv2_tiny_1k_224"):
@@ -166,15 +172,102 @@ def test_families_and_finetune_defaults():
 
 
 def test_registry_imports_no_keras():
-    """``convnext list`` reads the registry alone; it must not pull in Keras."""
-    path = importlib.util.find_spec("convnext_keras.registry").origin
+    """``convnext list`` reads the registry; it must not pull in Keras (nor a backend)."""
     code = (
-        "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('registry', {path!r})\n"
-        "module = importlib.util.module_from_spec(spec)\n"
-        "sys.modules['registry'] = module\n"
-        "spec.loader.exec_module(module)\n"
-        "print(len(module.CHECKPOINTS), 'keras' in sys.modules)\n"
+        "import sys\n"
+        "from convnext_keras import registry\n"
+        "heavy = [m for m in ('keras', 'tensorflow', 'jax', 'torch') if m in sys.modules]\n"
+        "print(len(registry.CHECKPOINTS), heavy)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["47", "False"]
+    assert out.stdout.split() == [str(TOTAL), "[]"]
+
+
+#: facebookresearch/ConvNeXt README "ImageNet-1K trained models (isotropic)" and
+#: models/convnext_isotropic.py / TRAINING.md: (size, depth, width, layer scale?, acc@1, params)
+ISOTROPIC_TABLE = [
+    ("small", 18, 384, False, 78.7, 22),
+    ("base", 18, 768, False, 82.0, 87),
+    ("large", 36, 1024, True, 82.6, 306),
+]
+
+
+def test_isotropic_rows_match_the_original():
+    from convnext_keras.api import count_params
+
+    for size, depth, dim, layer_scale, acc, params in ISOTROPIC_TABLE:
+        c = registry.CHECKPOINTS[f"convnext_iso_{size}_1k_224"]
+        assert (
+            c.url == f"https://dl.fbaipublicfiles.com/convnext/convnext_iso_{size}_1k_224_ema.pth"
+        )
+        assert (c.spec.depths, c.spec.dims, c.spec.patch_size, c.spec.stem_norm) == (
+            (depth,),
+            (dim,),
+            16,
+            False,
+        )
+        assert c.spec.block == ("layer_scale" if layer_scale else "plain")
+        assert (c.resolution, c.crop_pct, c.num_classes, c.reported_acc1) == (224, 0.875, 1000, acc)
+        assert (c.licence, c.family, c.spec.isotropic, c.spec.min_input_size) == (
+            "MIT",
+            "convnext",
+            True,
+            16,
+        )
+        assert round(count_params(c.variant, 1000) / 1e6) == params
+        assert registry.resolve(f"convnext_iso_{size}_1k_224_ema").name == c.name
+    assert registry.resolve("convnext_iso_base").head == "classifier"
+    assert registry.variant("convnext_iso_large").title == "ConvNeXt-large (isotropic)"
+
+
+def test_dinov3_rows_are_gated_hub_encoders():
+    for size, dims in (("tiny", 768), ("small", 768), ("base", 1024), ("large", 1536)):
+        c = registry.CHECKPOINTS[f"dinov3_convnext_{size}_lvd1689m"]
+        repo = f"facebook/dinov3-convnext-{size}-pretrain-lvd1689m"
+        assert (c.source.repo, c.source.path, c.variant, c.spec.num_features) == (
+            repo,
+            "model.safetensors",
+            size,
+            dims,
+        )
+        assert c.url == f"https://huggingface.co/{repo}/resolve/main/model.safetensors"
+        assert c.source.page == f"https://huggingface.co/{repo}"
+        assert (c.num_classes, c.reported_acc1, c.licence) == (None, None, "LicenseRef-DINOv3")
+        # transformers' DINOv3ViTImageProcessor: 224x224, bilinear, no crop
+        assert (c.resolution, c.crop_mode, c.interpolation) == (224, "squash", "bilinear")
+        assert registry.resolve(repo.split("/")[1]).name == c.name
+        assert registry.resolve(c.name).head == "pyramid"
+        assert registry.resolve(c.name + "_fe").head == "pooled"
+    assert "DINOv3" in registry.FAMILIES["dinov3"].licence
+
+
+#: timm models/convnext.py default_cfgs (input size, crop_pct; bicubic) and
+#: results/results-imagenet.csv (top1 at that size): (name, timm name, res, crop, mode, acc@1)
+TIMM_TABLE = [
+    ("convnext_atto_1k_224", "convnext_atto.d2_in1k", 224, 0.875, None, 75.672),
+    ("convnext_femto_1k_224", "convnext_femto.d1_in1k", 224, 0.875, None, 77.498),
+    ("convnext_pico_1k_224", "convnext_pico.d1_in1k", 224, 0.875, None, 79.516),
+    ("convnext_nano_1k_224", "convnext_nano.d1h_in1k", 224, 0.95, None, 80.762),
+    ("convnext_nano_12k_1k_224", "convnext_nano.in12k_ft_in1k", 224, 0.95, None, 82.306),
+    ("convnext_nano_12k_1k_384", "convnext_nano.r384_in12k_ft_in1k", 384, 1.0, "center", 83.334),
+]
+
+
+def test_timm_rows_match_timm():
+    rows = [c.name for c in registry.CHECKPOINTS.values() if c.family == "timm"]
+    assert rows == [name for name, *_ in TIMM_TABLE]
+    for name, timm_name, res, crop, mode, acc in TIMM_TABLE:
+        c = registry.CHECKPOINTS[name]
+        assert c.url == f"https://huggingface.co/timm/{timm_name}/resolve/main/model.safetensors"
+        assert (c.resolution, c.crop_pct, c.crop_mode, c.interpolation) == (
+            res,
+            crop,
+            mode,
+            "bicubic",
+        )
+        assert (c.reported_acc1, c.num_classes, c.licence) == (acc, 1000, "Apache-2.0")
+        assert registry.resolve(timm_name).name == name
+        assert c.spec is registry.VARIANTS[timm_name.split(".")[0].removeprefix("convnext_")]
+    # timm's r384 tag centre-crops at 384, where the official transform squashes
+    assert not registry.squashes(384, "center") and registry.squashes(384)
+    assert registry.squashes(224, "squash") and not registry.squashes(224)

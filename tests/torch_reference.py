@@ -1,5 +1,5 @@
-"""An independent PyTorch reference: Hugging Face transformers' ConvNext and ConvNextV2, and
-checkpoint writers.
+"""An independent PyTorch reference: Hugging Face transformers' ConvNext, ConvNextV2 and
+DINOv3ConvNext, and checkpoint writers.
 
 The renaming tables below are written here from the projects' own module names, on purpose
 independently of ``convnext_keras.checkpoints``: a bug in the library's mapping cannot hide
@@ -19,6 +19,8 @@ from transformers import (
     ConvNextForImageClassification,
     ConvNextV2Config,
     ConvNextV2ForImageClassification,
+    DINOv3ConvNextConfig,
+    DINOv3ConvNextModel,
 )
 
 try:  # transformers >= 5
@@ -285,5 +287,94 @@ def save_timm(model, path: Path, conv_mlp: bool = False) -> Path:
     from safetensors.torch import save_file
 
     state = {k: v.contiguous() for k, v in timm_state_dict(model, conv_mlp).items()}
+    save_file(state, str(path))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# DINOv3 ConvNeXt (transformers' DINOv3ConvNextModel; facebookresearch/dinov3 models/convnext.py)
+
+
+def hf_dinov3_model(depths, dims, seed: int = 0) -> DINOv3ConvNextModel:
+    """transformers' DINOv3 ConvNeXt (no classifier) with well-spread weights: layer scale in
+    [0.1, 0.5], every LayerNorm scale in [0.7, 1.3] and shift ~ N(0, 0.1), fan-in kernels."""
+    config = DINOv3ConvNextConfig(
+        depths=list(depths),
+        hidden_sizes=list(dims),
+        layer_norm_eps=1e-6,
+        hidden_act="gelu",
+        drop_path_rate=0.0,
+        layer_scale_init_value=1e-6,
+    )
+    with no_init_weights():
+        model = DINOv3ConvNextModel(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".gamma"):
+                p.copy_(torch.rand(p.shape, generator=gen) * 0.4 + 0.1)
+            elif p.ndim == 1 and name.endswith("weight"):  # a LayerNorm's scale
+                p.copy_(torch.rand(p.shape, generator=gen) * 0.6 + 0.7)
+            elif p.ndim == 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            else:
+                fan_in = int(np.prod(p.shape[1:]))
+                p.copy_(torch.randn(p.shape, generator=gen) / np.sqrt(fan_in))
+    return model
+
+
+def dinov3_outputs(model, images_nhwc: np.ndarray) -> dict[str, np.ndarray]:
+    """The global descriptor (``pooled``: the normalised "[CLS]" token), the normalised patch
+    tokens as an NHWC map (``dense``, stride 32) and the 4 stage outputs (NHWC)."""
+    x = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2)))
+    with torch.no_grad():
+        out = model(pixel_values=x, output_hidden_states=True)
+    stage4 = out.hidden_states[-1]
+    n, c, h, w = stage4.shape
+    result = {
+        "pooled": out.pooler_output.numpy(),
+        "dense": out.last_hidden_state[:, 1:].reshape(n, h, w, c).numpy(),
+    }
+    for i, hidden in enumerate(out.hidden_states[1:]):
+        result[f"stage{i + 1}"] = hidden.numpy().transpose(0, 2, 3, 1)
+    return result
+
+
+# transformers' DINOv3ConvNext -> facebookresearch/dinov3's names (its ConvNeXt is the original
+# ConvNeXt's, no head).
+_DINOV3_HF_TO_OFFICIAL = [
+    (r"^model\.stages\.(\d+)\.downsample_layers\.(\d)\.", r"downsample_layers.\1.\2."),
+    (r"^model\.stages\.(\d+)\.layers\.(\d+)\.depthwise_conv\.", r"stages.\1.\2.dwconv."),
+    (r"^model\.stages\.(\d+)\.layers\.(\d+)\.layer_norm\.", r"stages.\1.\2.norm."),
+    (r"^model\.stages\.(\d+)\.layers\.(\d+)\.pointwise_conv1\.", r"stages.\1.\2.pwconv1."),
+    (r"^model\.stages\.(\d+)\.layers\.(\d+)\.pointwise_conv2\.", r"stages.\1.\2.pwconv2."),
+    (r"^model\.stages\.(\d+)\.layers\.(\d+)\.gamma$", r"stages.\1.\2.gamma"),
+    (r"^layer_norm\.", "norm."),
+]
+
+
+def dinov3_official_state_dict(model) -> dict[str, torch.Tensor]:
+    """facebookresearch/dinov3's state dict of its ConvNeXt: the original ConvNeXt's names, and
+    the final LayerNorm a second time as ``norms.3`` (``self.norms.append(self.norm)``)."""
+    state = _rename(model.state_dict(), _DINOV3_HF_TO_OFFICIAL)
+    state["norms.3.weight"] = state["norm.weight"]
+    state["norms.3.bias"] = state["norm.bias"]
+    return state
+
+
+def save_dinov3_official(model, path: Path) -> Path:
+    """The released ``.pth``: the bare state dict (dinov3's hub loads it with
+    ``load_state_dict(strict=True)``)."""
+    torch.save(dinov3_official_state_dict(model), path)
+    return path
+
+
+def save_dinov3_hub(model, path: Path) -> Path:
+    """The Hub's ``model.safetensors`` of ``facebook/dinov3-convnext-*``: transformers' names as
+    4.56 wrote them (``stages.N``, without the ``model.`` prefix transformers 5 adds; its
+    ``conversion_mapping`` renames them on load)."""
+    from safetensors.torch import save_file
+
+    state = {re.sub(r"^model\.", "", k): v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path))
     return path

@@ -127,8 +127,10 @@ def precision_option(help_text: str):
 
 #: Help text of every command's ``--weights`` option (parsed by :func:`parse_weights`).
 WEIGHTS_HELP = (
-    "'official' (download once, then cached), 'none' (random initialisation) or a local "
-    "checkpoint file (.pth/.bin/.safetensors; official, timm or Hugging Face layout)."
+    "'official' (the name's source - the official server or its Hugging Face Hub repository - "
+    "downloaded once, then cached), 'none' (random initialisation), a local checkpoint file "
+    "(.pth/.bin/.safetensors; official, timm or Hugging Face layout) or a Hub file: "
+    "hf://ORG/REPO[@REVISION][/FILE] (HF_TOKEN for gated repositories)."
 )
 
 

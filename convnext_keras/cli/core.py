@@ -21,10 +21,13 @@ def _score(row: dict) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--markdown", is_flag=True, help="A Markdown table (the README's model table).")
 def list_command(pattern, as_json, markdown):
-    """Show the collection: name, params, resolution, classes, reported acc@1, licence, cached?
+    """Show the collection: name, params, resolution, classes, reported acc@1, licence, source
+    (the official server, or the Hugging Face Hub repository), cached?
 
     PATTERN filters names: shell-style ('convnext_base*384', 'convnextv2*') or a substring
-    ('xlarge').  ConvNeXt V2 weights are CC-BY-NC-4.0 (non-commercial use only).
+    ('xlarge').  ConvNeXt V2 weights are CC-BY-NC-4.0 (non-commercial use only); DINOv3's are
+    under the DINOv3 License (accept it on the Hub; the download needs HF_TOKEN); timm's are
+    Apache-2.0.
     """
     from .. import api
 
@@ -55,9 +58,10 @@ def list_command(pattern, as_json, markdown):
         return
     echo_table(
         f"ConvNeXt collection ({len(rows)} checkpoints; add '_fe' to a name for its feature "
-        "extractor; CC-BY-NC-4.0 weights: non-commercial use only)",
-        [*header, "cached"],
-        [[*row, "yes" if r["cached"] else "no"] for row, r in zip(cells, rows)],
+        "extractor; CC-BY-NC-4.0 weights: non-commercial use only; LicenseRef-DINOv3: the "
+        "DINOv3 License, accepted on the Hub, HF_TOKEN to download)",
+        [*header, "source", "cached"],
+        [[*row, r["source"], "yes" if r["cached"] else "no"] for row, r in zip(cells, rows)],
         justify={1: "right", 2: "right", 3: "right", 5: "right"},
     )
 
@@ -73,13 +77,14 @@ def list_command(pattern, as_json, markdown):
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .keras file.")
 @click.option(
     "--features",
-    type=click.Choice(["classifier", "pooled", "pyramid"]),
+    type=click.Choice(["classifier", "pooled", "pyramid", "dense"]),
     default=None,
     help="Head to keep (default: as the model name says).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 def convert_command(checkpoint, model_name, out, features, overwrite):
-    """Convert CHECKPOINT (official, timm or Hugging Face layout) to a .keras model."""
+    """Convert CHECKPOINT (official, isotropic, timm, Hugging Face, DINOv3 or FCMAE layout) to
+    a .keras model."""
     quiet_backend_logs()
     from .. import api
 

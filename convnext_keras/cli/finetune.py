@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -23,7 +24,7 @@ _RECIPE_OPTIONS = [
         "--weights",
         "weights",
         str,
-        "'official', 'none' (random init) or a checkpoint file. "
+        "'official', 'none' (random init), a checkpoint file or hf://ORG/REPO[/FILE]. "
         "[default: official for checkpoint names, none for architecture names]",
     ),
     ("--epochs", "epochs", click.IntRange(min=1), "Epochs. [default: 30]"),
@@ -171,8 +172,9 @@ def _recipe_options(f):
 @click.option(
     "--multi-host",
     is_flag=True,
-    help="JAX: call keras.distribution.initialize() first (one process per host; see "
-    "docs/finetune.md). TensorFlow reads TF_CONFIG instead.",
+    help="One process per host: JAX joins the coordinator named by "
+    "KERAS_DISTRIBUTION_JOB_ADDRESSES / _NUM_PROCESSES / _PROCESS_ID, TensorFlow the workers "
+    "of TF_CONFIG (see docs/finetune.md). Exit status 4 when another host is lost.",
 )
 @click.option("--workers", type=click.IntRange(min=1), help="Image loader threads.")
 @click.option(
@@ -231,11 +233,10 @@ def finetune_command(
     if "weights" in given:
         given["weights"] = parse_weights(given["weights"])
     if multi_host:
-        import keras
+        from ..finetune import connect_hosts
 
-        if keras.backend.backend() == "jax":
-            keras.distribution.initialize()
-    from ..finetune import TrainingDiverged, run
+        connect_hosts()
+    from ..finetune import HostLost, TrainingDiverged, run
 
     try:
         result = run(
@@ -254,6 +255,13 @@ def finetune_command(
     except TrainingDiverged as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(3)
+    except HostLost as e:
+        click.echo(f"error: {e}", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Now, not through the interpreter's exit: JAX's exit handler would wait for the lost
+        # host at a shutdown barrier, then abort with a page of C++ logs.
+        os._exit(4)
     if result.best_epoch is not None and result.best_val_acc1 is not None:
         click.echo(
             f"best: epoch {result.best_epoch}, val acc@1 {result.best_val_acc1:.4f} "

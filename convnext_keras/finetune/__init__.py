@@ -15,7 +15,7 @@ import lazy_loader as _lazy
 
 #: Module -> the public names it defines, imported on first access.
 _PUBLIC = {
-    "data": ["DataError", "ImageFolder", "mix_batch", "random_resized_crop", "scan"],
+    "data": ["DataError", "ImageFolder", "mix_batch", "random_resized_crop", "scan", "shard_rows"],
     "loop": [
         "Recipe",
         "RunResult",
@@ -25,6 +25,7 @@ _PUBLIC = {
         "resolve_recipe",
         "run",
     ],
+    "hosts": ["HostLost", "connect_hosts"],
     "optim": [
         "LayerDecayAdamW",
         "WarmupCosine",
@@ -38,5 +39,7 @@ _PUBLIC = {
     "state": ["StateError"],
 }
 
-__getattr__, __dir__, _ = _lazy.attach(__name__, ["data", "loop", "optim", "state"], _PUBLIC)
+__getattr__, __dir__, _ = _lazy.attach(
+    __name__, ["data", "hosts", "loop", "optim", "state"], _PUBLIC
+)
 __all__ = sorted(n for names in _PUBLIC.values() for n in names)

@@ -10,13 +10,19 @@ of the epoch's order, in validation left out, and both are counted.
 Batches are :class:`keras.utils.PyDataset` objects (no TensorFlow needed): batch ``b`` of epoch
 ``e`` is a pure function of ``(seed, e, b)`` - the order of the epoch, the random resized crop,
 the flip, RandAugment and mixup/cutmix - so a run resumed at any batch sees exactly the batches
-the uninterrupted run would have seen, whatever the number of devices or loader threads.
+the uninterrupted run would have seen, whatever the number of devices, hosts or loader threads.
+Row ``r`` of a batch draws its crop, flip and RandAugment from ``(seed, e, b, r)`` alone, so a
+host that trains on rows ``[i * n / k, (i + 1) * n / k)`` of every global batch (``shard=(i, k)``)
+decodes only those images and gets exactly the rows one host would have made.
 
 Training augmentation follows the original (timm ``create_transform`` + ``Mixup``):
 random resized crop (scale 0.08-1, ratio 3/4-4/3, bicubic) and horizontal flip, optionally
-RandAugment (Keras' ``RandAugment`` layer) and batch-wise mixup/cutmix with the partner being
-the batch reversed.  Validation uses the official evaluation transform
-(:func:`convnext_keras.preprocess.eval_transform`).
+RandAugment (Keras' ``RandAugment`` layer, per image as timm applies it) and batch-wise
+mixup/cutmix: one lambda (and cutmix box) per batch, each image mixed with its neighbour in the
+epoch's random order (rows ``2j`` and ``2j + 1``).  timm pairs the batch with its reverse
+instead; both pair every image with a uniformly drawn other image of the batch (the order is a
+random permutation), and neighbours keep a pair on one host.  Validation uses the official
+evaluation transform (:func:`convnext_keras.preprocess.eval_transform`).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ TRAIN_DIRS = ("train",)
 VAL_DIRS = ("val", "validation")
 
 # Stream ids that keep the random draws of different purposes independent.
-_ORDER, _BATCH, _SPLIT = 1, 2, 3
+_ORDER, _BATCH, _SPLIT, _MIX = 1, 2, 3, 4
 
 
 class DataError(ValueError):
@@ -287,6 +293,63 @@ def random_resized_crop(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Mix:
+    """One batch's mixing draw: the weight ``lam`` of each image (its partner gets
+    ``1 - lam``) and, for cutmix, the pasted box ``(y0, y1, x0, x1)`` (None for mixup)."""
+
+    lam: float
+    box: tuple[int, int, int, int] | None = None
+
+
+def draw_mix(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    *,
+    mixup: float = 0.0,
+    cutmix: float = 0.0,
+    prob: float = 1.0,
+    switch_prob: float = 0.5,
+) -> Mix | None:
+    """timm's batch-mode ``Mixup`` draw (``_params_per_batch`` + ``cutmix_bbox_and_lam``):
+    None (no mixing) with probability ``1 - prob``; else cutmix with ``switch_prob`` when both
+    alphas are positive, lambda from Beta(alpha, alpha), the cutmix box clipped at the border
+    and lambda corrected to the pasted area."""
+    if (mixup <= 0 and cutmix <= 0) or rng.random() >= prob:
+        return None
+    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < switch_prob)
+    lam = float(rng.beta(cutmix, cutmix) if use_cutmix else rng.beta(mixup, mixup))
+    if not use_cutmix:
+        return Mix(lam)
+    cut = math.sqrt(1.0 - lam)
+    cut_h, cut_w = int(height * cut), int(width * cut)
+    cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
+    y0, y1 = (int(v) for v in np.clip([cy - cut_h // 2, cy + cut_h // 2], 0, height))
+    x0, x1 = (int(v) for v in np.clip([cx - cut_w // 2, cx + cut_w // 2], 0, width))
+    return Mix(1.0 - (y1 - y0) * (x1 - x0) / float(height * width), (y0, y1, x0, x1))
+
+
+def mix_partners(n: int) -> np.ndarray:
+    """Row ``i``'s mixing partner in a batch of ``n``: its neighbour ``i ^ 1`` (rows ``2j`` and
+    ``2j + 1`` pair up); the last row of an odd batch is its own partner (left unmixed, as the
+    middle row of timm's reversed batch)."""
+    partners = np.arange(n) ^ 1
+    return np.where(partners < n, partners, np.arange(n))
+
+
+def apply_mix(x, y, x_partner, y_partner, mix: Mix) -> tuple[np.ndarray, np.ndarray]:
+    """Mix images ``x`` and targets ``y`` with their partners' (same shapes) by ``mix``."""
+    if mix.box is None:
+        x = x * np.float32(mix.lam) + x_partner * np.float32(1.0 - mix.lam)
+    else:
+        y0, y1, x0, x1 = mix.box
+        x = x.copy()
+        x[:, y0:y1, x0:x1] = x_partner[:, y0:y1, x0:x1]
+    y = y * np.float32(mix.lam) + y_partner * np.float32(1.0 - mix.lam)
+    return x.astype(np.float32, copy=False), y.astype(np.float32, copy=False)
+
+
 def mix_batch(
     x: np.ndarray,
     y: np.ndarray,
@@ -297,31 +360,19 @@ def mix_batch(
     prob: float = 1.0,
     switch_prob: float = 0.5,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """timm's batch-mode ``Mixup``: one lambda per batch, partner = the batch reversed.
+    """timm's batch-mode ``Mixup`` on a whole batch: one lambda (one cutmix box) per batch,
+    each image mixed with its neighbour (:func:`mix_partners`).
 
-    With both alphas positive, cutmix is chosen with ``switch_prob``; the cutmix box is
-    clipped at the border and lambda corrected to the pasted area.  ``y`` are one-hot (or
-    soft) targets; label smoothing is left to the loss, which gives the same targets.
+    ``x`` are NHWC images, ``y`` one-hot (or soft) targets; label smoothing is left to the
+    loss, which gives the same targets.  Returns ``(x, y)`` unchanged when no mixing is drawn.
     """
-    if (mixup <= 0 and cutmix <= 0) or rng.random() >= prob:
+    mix = draw_mix(
+        rng, *x.shape[1:3], mixup=mixup, cutmix=cutmix, prob=prob, switch_prob=switch_prob
+    )
+    if mix is None:
         return x, y
-    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < switch_prob)
-    lam = float(rng.beta(cutmix, cutmix) if use_cutmix else rng.beta(mixup, mixup))
-    flipped = x[::-1]
-    if use_cutmix:
-        height, width = x.shape[1:3]
-        cut = math.sqrt(1.0 - lam)
-        cut_h, cut_w = int(height * cut), int(width * cut)
-        cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
-        y0, y1 = np.clip([cy - cut_h // 2, cy + cut_h // 2], 0, height)
-        x0, x1 = np.clip([cx - cut_w // 2, cx + cut_w // 2], 0, width)
-        x = x.copy()
-        x[:, y0:y1, x0:x1] = flipped[:, y0:y1, x0:x1]
-        lam = 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
-    else:
-        x = x * np.float32(lam) + flipped * np.float32(1.0 - lam)
-    y = y * np.float32(lam) + y[::-1] * np.float32(1.0 - lam)
-    return x.astype(np.float32, copy=False), y.astype(np.float32, copy=False)
+    partners = mix_partners(len(x))
+    return apply_mix(x, y, x[partners], y[partners], mix)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,8 +391,8 @@ class Augment:
     mix_switch_prob: float = 0.5
 
 
-def _randaugment(images: np.ndarray, aug: Augment, seed: int) -> np.ndarray:
-    # A fresh layer per batch: its seed makes the draw a function of the batch alone.
+def _randaugment(image: np.ndarray, aug: Augment, seed: int) -> np.ndarray:
+    # A fresh layer per image: its seed makes the draw a function of the image's row alone.
     layer = keras.layers.RandAugment(
         value_range=(0, 255),
         num_ops=aug.randaugment,
@@ -350,8 +401,25 @@ def _randaugment(images: np.ndarray, aug: Augment, seed: int) -> np.ndarray:
         seed=seed,
         data_format="channels_last",
     )
-    out = keras.ops.convert_to_numpy(layer(images.astype(np.float32), training=True))
+    out = keras.ops.convert_to_numpy(layer(image[None].astype(np.float32), training=True))[0]
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def shard_rows(batch_size: int, shard: tuple[int, int]) -> range:
+    """The rows of a global batch that host ``shard[0]`` of ``shard[1]`` trains on.
+
+    Raises:
+        ValueError: the batch does not split evenly, or the shard is out of range.
+    """
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard index must be in [0, {count}), got {index}.")
+    if batch_size % count:
+        raise ValueError(
+            f"batch_size {batch_size} does not split over {count} hosts; use a multiple of {count}."
+        )
+    per_host = batch_size // count
+    return range(index * per_host, (index + 1) * per_host)
 
 
 class _Failures:
@@ -374,7 +442,9 @@ class TrainBatches(keras.utils.PyDataset):
     """Training batches of one epoch, starting at batch ``start`` (for a resumed run).
 
     The epoch's order is a permutation drawn from ``(seed, epoch)``; incomplete last batches
-    are dropped (as the original's ``drop_last=True``).  Yields ``(images, one-hot targets)``.
+    are dropped (as the original's ``drop_last=True``).  Yields ``(images, one-hot targets)``:
+    the whole global batch, or with ``shard=(i, k)`` the rows :func:`shard_rows` gives host
+    ``i`` of ``k`` (bit-equal with those rows of the whole batch).
     """
 
     def __init__(
@@ -388,8 +458,10 @@ class TrainBatches(keras.utils.PyDataset):
         seed: int,
         start: int = 0,
         workers: int = 1,
+        shard: tuple[int, int] = (0, 1),
     ):
         super().__init__(workers=workers, use_multiprocessing=False)
+        self.rows = shard_rows(batch_size, shard)
         self.samples, self.num_classes, self.aug = samples, num_classes, aug
         self.batch_size, self.epoch, self.seed, self.start = batch_size, epoch, seed, start
         self.steps = len(samples) // batch_size
@@ -413,34 +485,49 @@ class TrainBatches(keras.utils.PyDataset):
     def __len__(self):
         return self.steps - self.start
 
-    def batch(self, index: int):
-        """Batch ``index`` of the epoch (counting from the epoch's start, not ``start``)."""
+    def _row(self, index: int, row: int) -> tuple[np.ndarray, int]:
+        """Row ``row`` of batch ``index``: the augmented ``uint8`` image and its label, drawn
+        from ``(seed, epoch, index, row)`` alone."""
         aug = self.aug
-        rng = np.random.default_rng([self.seed, _BATCH, self.epoch, index])
-        images, labels = [], []
-        for position in range(index * self.batch_size, (index + 1) * self.batch_size):
-            image, label = self._image(position)
-            image = random_resized_crop(
-                image, rng, aug.resolution, aug.crop_scale, interpolation=aug.interpolation
-            )
-            if rng.random() < aug.hflip:
-                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            images.append(np.asarray(image, dtype=np.uint8))
-            labels.append(label)
-        batch = np.stack(images)
+        rng = np.random.default_rng([self.seed, _BATCH, self.epoch, index, row])
+        image, label = self._image(index * self.batch_size + row)
+        image = random_resized_crop(
+            image, rng, aug.resolution, aug.crop_scale, interpolation=aug.interpolation
+        )
+        if rng.random() < aug.hflip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = np.asarray(image, dtype=np.uint8)
         if aug.randaugment:
-            batch = _randaugment(batch, aug, int(rng.integers(1, 2**31 - 1)))
-        x = preprocess.normalize(batch)
-        y = np.eye(self.num_classes, dtype=np.float32)[labels]
-        return mix_batch(
-            x,
-            y,
-            rng,
+            pixels = _randaugment(pixels, aug, int(rng.integers(1, 2**31 - 1)))
+        return pixels, label
+
+    def batch(self, index: int):
+        """This host's rows of batch ``index`` of the epoch (counting from the epoch's start,
+        not ``start``): ``(normalised images, targets)``."""
+        aug = self.aug
+        res = aug.resolution
+        mix = draw_mix(
+            np.random.default_rng([self.seed, _MIX, self.epoch, index]),
+            res,
+            res,
             mixup=aug.mixup,
             cutmix=aug.cutmix,
             prob=aug.mix_prob,
             switch_prob=aug.mix_switch_prob,
         )
+        rows = list(self.rows)
+        partners = mix_partners(self.batch_size)[rows] if mix is not None else []
+        made = {r: self._row(index, r) for r in sorted({*rows, *(int(p) for p in partners)})}
+
+        def stack(which):
+            x = preprocess.normalize(np.stack([made[r][0] for r in which]))
+            y = np.eye(self.num_classes, dtype=np.float32)[[made[r][1] for r in which]]
+            return x, y
+
+        x, y = stack(rows)
+        if mix is None:
+            return x, y
+        return apply_mix(x, y, *stack(partners), mix)
 
     def __getitem__(self, i):
         if i >= len(self):
@@ -452,8 +539,10 @@ class EvalBatches(keras.utils.PyDataset):
     """Validation images through the official eval transform, in folder order.
 
     Every batch has ``batch_size`` rows (the last one padded by repeating its first image) so
-    that it splits evenly over devices; :attr:`sizes` says how many rows are real.  A file that
-    no longer decodes gives a row of zeros and its index in :attr:`failed` (leave it out).
+    that it splits evenly over devices; :attr:`sizes` says how many rows are real.  With
+    ``shard=(i, k)`` a batch holds only the rows :func:`shard_rows` gives host ``i`` of ``k``.
+    A file that no longer decodes gives a row of zeros and its sample index in :attr:`failed`
+    (leave it out).
     """
 
     def __init__(
@@ -465,8 +554,10 @@ class EvalBatches(keras.utils.PyDataset):
         interpolation: str,
         batch_size: int,
         workers: int = 1,
+        shard: tuple[int, int] = (0, 1),
     ):
         super().__init__(workers=workers, use_multiprocessing=False)
+        self.rows = shard_rows(batch_size, shard)
         self.samples = samples
         self.config = (resolution, crop_pct, interpolation)
         self.batch_size = batch_size
@@ -487,15 +578,14 @@ class EvalBatches(keras.utils.PyDataset):
         if i >= len(self):
             raise IndexError(i)
         first = i * self.batch_size
-        rows = []
-        for j, (path, _) in enumerate(self.samples[first : first + self.sizes[i]]):
-            image = self.failures.load(path)
+        # Sample index of every row of this batch: the real ones, then the padding (the first).
+        indices = [first + (r if r < self.sizes[i] else 0) for r in self.rows]
+        made = {}
+        for index in sorted(set(indices)):
+            image = self.failures.load(self.samples[index][0])
             if image is None:
-                self.failed.add(first + j)
-                rows.append(np.zeros((self.config[0], self.config[0], 3), np.float32))
+                self.failed.add(index)
+                made[index] = np.zeros((self.config[0], self.config[0], 3), np.float32)
             else:
-                rows.append(preprocess.eval_transform(image, *self.config))
-        x = np.stack(rows)
-        if len(x) < self.batch_size:
-            x = np.concatenate([x, np.repeat(x[:1], self.batch_size - len(x), axis=0)])
-        return (x,)
+                made[index] = preprocess.eval_transform(image, *self.config)
+        return (np.stack([made[index] for index in indices]),)

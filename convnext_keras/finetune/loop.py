@@ -30,6 +30,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -40,7 +41,7 @@ from ..api import OFFICIAL, load_model
 from ..interface import fix
 from ..model import PRECISIONS, build_model, dtype_policy, layer_names
 from . import data as data_lib
-from . import optim
+from . import hosts, optim
 from . import state as state_lib
 
 #: The drop-path rate for variants the original published no fine-tuning rate for (its
@@ -168,7 +169,7 @@ def resolve_recipe(**options) -> Recipe:
     if "crop_scale" in given:
         given["crop_scale"] = tuple(float(s) for s in given["crop_scale"])
     if given.get("weights") not in (None, OFFICIAL):
-        given["weights"] = str(Path(given["weights"]).expanduser())
+        given["weights"] = _weights_option(given["weights"])
     recipe = Recipe(**given)
     _check(recipe)
     return recipe
@@ -198,9 +199,10 @@ def _check(r: Recipe) -> None:
     need(r.mixup >= 0 and r.cutmix >= 0, "mixup and cutmix alphas must be >= 0 (0 = off).")
     need(r.ema is None or 0 < r.ema < 1, f"ema decay must be in (0, 1), got {r.ema}.")
     need(r.head_init_scale > 0, f"head_init_scale must be positive, got {r.head_init_scale}.")
+    minimum = registry.resolve(r.model).variant.min_input_size
     need(
-        r.resolution >= registry.MIN_INPUT_SIZE,
-        f"resolution must be at least {registry.MIN_INPUT_SIZE} pixels, got {r.resolution}.",
+        r.resolution >= minimum,
+        f"resolution must be at least {minimum} pixels, got {r.resolution}.",
     )
     need(0 < r.crop_pct <= 1, f"crop_pct must be in (0, 1], got {r.crop_pct}.")
     need(
@@ -218,8 +220,16 @@ def _check(r: Recipe) -> None:
     )
     need(r.clip_grad is None or r.clip_grad > 0, f"clip_grad must be > 0, got {r.clip_grad}.")
     need(0 <= r.val_fraction < 1, f"val_fraction must be in [0, 1), got {r.val_fraction}.")
-    if r.weights not in (None, OFFICIAL) and not Path(r.weights).is_file():
-        raise FileNotFoundError(f"Weights file {r.weights} does not exist.")
+    if r.weights not in (None, OFFICIAL) and not str(r.weights).startswith(hub.HF_SCHEME):
+        if not Path(r.weights).is_file():
+            raise FileNotFoundError(f"Weights file {r.weights} does not exist.")
+
+
+def _weights_option(value) -> str:
+    """A ``weights`` value other than None / official: a Hub address as it is, a path expanded."""
+    if str(value).startswith(hub.HF_SCHEME):
+        return str(value)
+    return str(Path(value).expanduser())
 
 
 @dataclasses.dataclass
@@ -249,24 +259,44 @@ class _Devices:
     replicas: int
     description: str
     chief: bool = True
+    #: Processes (hosts) of the run, and this one's index: it trains on rows
+    #: ``data.shard_rows(batch, (index, processes))`` of every global batch.
+    processes: int = 1
+    index: int = 0
+    #: ``gather(local) -> (processes, *local.shape)``, a collective (multi-host runs).
+    gather: Callable | None = None
+    #: ``fit`` keywords for a TrainBatches (``x=`` it, or the engine's per-worker dataset).
+    fit_input: Callable = lambda batches: {"x": batches}
+    #: Adjusts the compiled model for the engine (TF multi-worker: Keras 3 workarounds).
+    prepare: Callable = lambda model: None
 
 
 def _tf_devices(mode: str) -> _Devices:
     import tensorflow as tf
 
-    if mode != "off" and os.environ.get("TF_CONFIG"):
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        resolver = strategy.cluster_resolver
-        chief = resolver.task_type in (None, "chief") or (
-            resolver.task_type == "worker"
-            and resolver.task_id == 0
-            and "chief" not in resolver.cluster_spec().as_dict()
+    config = hosts.tf_config()
+    if mode == "off" and config is not None and config[1] > 1:
+        raise ValueError(
+            f"distribution 'off' (one device) cannot train the {config[1]} workers TF_CONFIG "
+            "names; use --distribution auto, or unset TF_CONFIG for a single process."
         )
+    if mode != "off" and config is not None:
+        index, workers = config
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
         return _Devices(
             strategy.scope(),
             strategy.num_replicas_in_sync,
-            f"MultiWorkerMirroredStrategy ({strategy.num_replicas_in_sync} replicas)",
-            chief,
+            f"MultiWorkerMirroredStrategy over {workers} workers "
+            f"({strategy.num_replicas_in_sync} replicas; this is worker {index})",
+            chief=index == 0,
+            processes=workers,
+            index=index,
+            gather=lambda local: hosts.tf_gather(strategy, local),
+            fit_input=lambda batches: {
+                "x": hosts.tf_worker_dataset(strategy, batches, index, workers),
+                "steps_per_epoch": len(batches),
+            },
+            prepare=hosts.tf_multi_worker_model,
         )
     devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
     if mode == "off" or len(devices) < 2:
@@ -300,16 +330,58 @@ def _jax_devices(mode: str) -> _Devices:
     import jax
 
     devices = keras.distribution.list_devices()
+    processes = jax.process_count()
+    if processes > 1 and mode == "off":
+        raise ValueError(
+            f"distribution 'off' (one device) cannot train a run of {processes} hosts; use "
+            "--distribution auto, or start a single process without --multi-host."
+        )
     if mode == "off" or len(devices) < 2:
         return _Devices(contextlib.nullcontext(), 1, f"one device ({devices[0]})")
-    distribution = keras.distribution.DataParallel(devices=devices)
+    # Each process hands Keras its own rows of the global batch (auto_shard_dataset is for
+    # tf.data inputs, which Keras would shard itself).
+    distribution = keras.distribution.DataParallel(
+        devices=devices, auto_shard_dataset=processes == 1
+    )
+    index = jax.process_index()
     return _Devices(
         _jax_distribution(distribution),
         len(devices),
         f"keras.distribution.DataParallel over {len(devices)} devices"
-        + (f" on {jax.process_count()} hosts" if jax.process_count() > 1 else ""),
-        jax.process_index() == 0,
+        + (f" on {processes} hosts (this is process {index})" if processes > 1 else ""),
+        index == 0,
+        processes=processes,
+        index=index,
+        gather=hosts.jax_gather,
     )
+
+
+def _nothing():
+    return contextlib.nullcontext()
+
+
+def _local_forward(model: keras.Model) -> Callable:
+    """``f(images) -> logits`` running ``model`` on this process's own device, outside any
+    distribution (its current weights at every call): a jitted ``stateless_call`` on JAX, a
+    ``tf.function`` on TensorFlow."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        @jax.jit
+        def forward(trainable, non_trainable, x):
+            return model.stateless_call(trainable, non_trainable, x, training=False)[0]
+
+        return lambda x: forward(
+            [v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables],
+            x,
+        )
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        return lambda x: forward(x).numpy()
+    return lambda x: keras.ops.convert_to_numpy(model(x, training=False))
 
 
 def _devices(mode: str) -> _Devices:
@@ -523,6 +595,8 @@ class _StepCallback(keras.callbacks.Callback):
         self.trainer, self.epoch, self.start = trainer, epoch, start
         self.restore_metrics = restore_metrics
         self.diverged = None
+        #: Steps of the epoch done so far.
+        self.done = start
         self.logs: dict = {}
         self.began = time.perf_counter()
 
@@ -541,7 +615,7 @@ class _StepCallback(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         t = self.trainer
-        done = self.start + batch + 1
+        done = self.done = self.start + batch + 1
         logs = {k: float(v) for k, v in (logs or {}).items()}
         self.logs = logs
         loss = logs.get("loss", float("nan"))
@@ -558,7 +632,9 @@ class _StepCallback(keras.callbacks.Callback):
                 f"lr {t.lr_at(self.epoch, done - 1):.2e}  {rate:.1f} img/s",
             )
         if done < t.steps and t.checkpoint_due():
-            if not t.save_state(self.epoch, done):
+            # Non-finite weights are not saved; alone the run stops here, on several hosts
+            # at the next step's loss (the same on every host, so all of them stop together).
+            if not t.save_state(self.epoch, done) and t.devices.processes == 1:
                 self.diverged = (done, float("nan"))
                 self.model.stop_training = True
 
@@ -590,6 +666,8 @@ class _Trainer:
 
     def checkpoint_due(self) -> bool:
         every, minutes = self.options["checkpoint_every"], self.options["checkpoint_minutes"]
+        if self.devices.processes > 1:
+            minutes = 0  # hosts' clocks would not agree on the step; every host must save
         self.since_save = getattr(self, "since_save", 0) + 1
         return (every and self.since_save >= every) or (
             minutes and time.monotonic() - self.last_save >= 60 * minutes
@@ -597,6 +675,9 @@ class _Trainer:
 
     # -- state --------------------------------------------------------------------------------
     def save_state(self, epoch: int, step: int) -> bool:
+        """Write the state (the chief only); False, writing nothing, if the weights are not
+        finite.  Every host reads the state at the same steps: on TensorFlow reading a variable
+        synchronised on read (the metrics' sums) is a collective."""
         arrays = state_lib.collect(self.model, self.model.optimizer)
         bad = state_lib.non_finite({k: a for k, a in arrays.items() if k.startswith("model/")})
         if bad:
@@ -668,6 +749,7 @@ class _Trainer:
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
             jit_compile=self.options["jit_compile"],
         )
+        self.devices.prepare(self.model)
         self.model.optimizer.build(self.model.trainable_variables)
         # Create the metric variables now (Keras builds them lazily, inside the first traced
         # step on TensorFlow), so that a resumed epoch can restore their running sums.
@@ -692,6 +774,39 @@ class _Trainer:
             )
 
     # -- evaluation ---------------------------------------------------------------------------
+    def build_eval_model(self) -> None:
+        """A second copy of the network, outside the multi-host distribution, that each host
+        runs on its share of the validation images (:meth:`evaluate`)."""
+        r = self.recipe
+        with _jax_distribution(None) if keras.backend.backend() == "jax" else _nothing():
+            self.eval_model = build_model(
+                registry.resolve(r.model).variant,
+                num_classes=len(self.folder.classes),
+                input_shape=(r.resolution, r.resolution, 3),
+                name="convnext_validation",
+            )
+        self.eval_forward = _local_forward(self.eval_model)
+
+    def _sharded_logits(self, batches: data_lib.EvalBatches) -> np.ndarray:
+        """Validation logits of every host, in batch order: each host runs the evaluated
+        weights on its rows of each batch, then the rows are gathered (a collective)."""
+        checkpoints.assign_weights(self.eval_model, self.evaluated_weights())
+        local = []
+        with _jax_distribution(None) if keras.backend.backend() == "jax" else _nothing():
+            for i in range(len(batches)):
+                logits = np.array(self.eval_forward(batches[i][0]), dtype=np.float32)
+                first = i * batches.batch_size
+                for row, r in enumerate(batches.rows):  # rows that no longer decode: NaN
+                    if r < batches.sizes[i] and first + r in batches.failed:
+                        logits[row] = np.nan
+                local.append(logits)
+        gathered = self.devices.gather(np.stack(local))  # (hosts, batches, rows, classes)
+        logits = gathered.transpose(1, 0, 2, 3).reshape(len(batches) * batches.batch_size, -1)
+        batches.failed.update(
+            int(i) for i in np.flatnonzero(np.isnan(logits).any(axis=1)) if i < len(batches.labels)
+        )
+        return logits
+
     def evaluate(self) -> dict:
         r = self.recipe
         if not self.folder.val:
@@ -703,9 +818,13 @@ class _Trainer:
             interpolation=r.interpolation,
             batch_size=r.batch_size,
             workers=self.options["workers"],
+            shard=(self.devices.index, self.devices.processes),
         )
-        with self.ema_weights():
-            logits = self.model.predict(batches, verbose=0)
+        if self.devices.processes > 1:
+            logits = self._sharded_logits(batches)
+        else:
+            with self.ema_weights():
+                logits = self.model.predict(batches, verbose=0)
         keep = np.concatenate(
             [np.arange(n) + i * r.batch_size for i, n in enumerate(batches.sizes)]
         )
@@ -753,6 +872,29 @@ class _Trainer:
             values = {v.path: a for v, a in zip(self.model.trainable_variables, ema)}
         return _layer_weights(self.model, values)
 
+    @contextlib.contextmanager
+    def host_failures(self, epoch: int, callback: _StepCallback, during: str = "training"):
+        """On several hosts: an engine error that reports a lost peer becomes
+        :class:`hosts.HostLost`, naming the checkpoint every host resumes from."""
+        try:
+            yield
+        except Exception as e:
+            if self.devices.processes == 1 or not hosts.is_host_failure(e):
+                raise
+            kept = state_lib.read_meta(self.state_path)
+            where = (
+                f"The last complete checkpoint {self.state_path} (epoch {kept['epoch'] + 1}, "
+                f"step {kept['step']}) is kept"
+                if kept
+                else "No checkpoint had been written yet"
+            )
+            raise hosts.HostLost(
+                f"Lost contact with another host during {during} (epoch {epoch + 1}, after step "
+                f"{callback.done} of {self.steps}; this is host {self.devices.index} of "
+                f"{self.devices.processes}): {hosts.first_line(e).rstrip('.')}. {where}; start "
+                f"the same command with --resume {self.out} on every host."
+            ) from None
+
     # -- the loop -----------------------------------------------------------------------------
     def train(self, restored_metrics: list | None):
         r = self.recipe
@@ -768,18 +910,20 @@ class _Trainer:
                 seed=r.seed,
                 start=start,
                 workers=self.options["workers"],
+                shard=(self.devices.index, self.devices.processes),
             )
             callback = _StepCallback(self, epoch, start, restored_metrics if start else None)
             self.progress.epoch(epoch, r.epochs, start, self.steps)
             began = time.perf_counter()
-            self.model.fit(
-                batches,
-                epochs=epoch + 1,
-                initial_epoch=epoch,
-                verbose=0,
-                callbacks=[callback, *self.options["callbacks"]],
-                shuffle=False,
-            )
+            with self.host_failures(epoch, callback):
+                self.model.fit(
+                    **self.devices.fit_input(batches),
+                    epochs=epoch + 1,
+                    initial_epoch=epoch,
+                    verbose=0,
+                    callbacks=[callback, *self.options["callbacks"]],
+                    shuffle=False,
+                )
             self.note_failures(batches.failures, "training: each replaced by the next image")
             if callback.diverged:
                 step, loss = callback.diverged
@@ -796,11 +940,13 @@ class _Trainer:
                     "set --clip-grad, or train in --precision fp32."
                 )
             seconds = time.perf_counter() - began
+            with self.host_failures(epoch, callback, "validation"):
+                validation = self.evaluate()
             row = {
                 "epoch": epoch + 1,
                 "train_loss": callback.logs.get("loss"),
                 "train_acc": callback.logs.get("accuracy"),
-                **self.evaluate(),
+                **validation,
                 "lr": self.lr_at(epoch, self.steps - 1),
                 "images_per_s": round((self.steps - start) * r.batch_size / seconds, 2),
                 "epoch_time_s": round(seconds, 2),
@@ -860,7 +1006,7 @@ def _check_resume(out: Path, recipe_options: dict) -> tuple[dict, dict | None]:
     if "model" in explicit:
         explicit["model"] = registry.resolve(explicit["model"]).name
     if "weights" in explicit and explicit["weights"] not in (None, OFFICIAL):
-        explicit["weights"] = str(Path(explicit["weights"]).expanduser())
+        explicit["weights"] = _weights_option(explicit["weights"])
     if "crop_scale" in explicit:
         explicit["crop_scale"] = [float(s) for s in explicit["crop_scale"]]
     differ = {k: (saved.get(k), v) for k, v in explicit.items() if saved.get(k) != v}
@@ -1028,12 +1174,23 @@ def run(
         trainer.options["jit_compile"] = bool(
             tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU")
         )
+    if keras.backend.backend() == "tensorflow" and devices.replicas > 1 and recipe.accumulation > 1:
+        raise ValueError(
+            f"Gradient accumulation (--accum-steps {recipe.accumulation}) fails under "
+            f"tf.distribute with Keras 3 (its conditional update synchronises replicas inside a "
+            f"cond); on {devices.replicas} devices use --accum-steps 1 with a larger "
+            "--batch-size, or the JAX backend"
+            + (", or --distribution off." if devices.processes == 1 else ".")
+        )
     if recipe.batch_size % devices.replicas:
         raise ValueError(
             f"batch_size {recipe.batch_size} does not split over {devices.replicas} devices; "
             f"use a multiple of {devices.replicas}."
         )
     try:
+        if devices.processes > 1:
+            with dtype_policy(recipe.precision):  # outside the engine's scope: one host's model
+                trainer.build_eval_model()
         with dtype_policy(recipe.precision), devices.scope:
             trainer.build()  # the weights are in hand (downloaded, read) from here on
             if info is None and devices.chief:

@@ -28,6 +28,14 @@ downsampling layers before stage ``s`` (the stem for ``s = 0``) join that stage'
 and the final norm, the head and anything else are group ``n + 1``; group ``i`` learns at
 ``layer_decay ** (n + 1 - i)``.
 
+The isotropic ConvNeXt (one stage of ``n`` blocks behind a patch stem, no downsampling) has
+no stages to group by: ``"group"`` spreads its blocks evenly over the same 12 groups (block
+``b`` is group ``1 + b * 12 // n``: 18 blocks in pairs and ones, 36 in threes), the stem is
+group 0 and the final norm and head group 13, as for the hierarchical networks; ``"single"``
+gives each block its own group as above (the stem joins the first block).  The original
+publishes no layer-decay setting for the isotropic models (``main.py`` refuses layer decay
+for them); this grouping keeps its rule, consecutive blocks sharing a rate.
+
 Everything is written with ``keras.ops`` on top of Keras' own ``AdamW``, so it runs on the
 TensorFlow, JAX and PyTorch backends and under ``tf.distribute`` / ``keras.distribution``.
 """
@@ -75,6 +83,17 @@ def layer_group(layer_name: str, stage2_depth: int) -> int:
 LAYER_DECAY_TYPES = ("group", "single")
 
 
+def isotropic_layer_group(layer_name: str, depth: int) -> int:
+    """The ``"group"`` layer-decay group (0..13) of a layer of an isotropic ConvNeXt of
+    ``depth`` blocks: stem 0, block ``b`` ``1 + b * 12 // depth``, anything else 13."""
+    if layer_name.startswith("stem_"):
+        return 0
+    m = _BLOCK.match(layer_name)
+    if m:
+        return 1 + int(m.group(2)) * NUM_LAYER_GROUPS // depth
+    return HEAD_GROUP
+
+
 def single_layer_group(layer_name: str, depths) -> int:
     """The ``"single"`` layer-decay group of a ConvNeXt layer name: one per block (1..n), the
     head's (and anything else's) ``n + 1`` for ``n = sum(depths)`` blocks."""
@@ -90,7 +109,10 @@ def single_layer_group(layer_name: str, depths) -> int:
 
 
 def _grouping(layer_decay_type: str, depths):
-    """``(layer name -> group, head group)`` of a decay type for a network's stage depths."""
+    """``(layer name -> group, head group)`` of a decay type for a network's stage depths
+    (one stage: an isotropic ConvNeXt)."""
+    if layer_decay_type == "group" and len(depths) == 1:
+        return (lambda name: isotropic_layer_group(name, depths[0])), HEAD_GROUP
     if layer_decay_type == "group":
         return (lambda name: layer_group(name, depths[2])), HEAD_GROUP
     if layer_decay_type == "single":
@@ -126,13 +148,20 @@ def _layer_of(variable) -> str:
 
 
 def _depths(variables) -> list[int]:
-    """Blocks per stage of the ConvNeXt layers among ``variables`` (at least 1 in stage 2)."""
+    """Blocks per stage of the ConvNeXt layers among ``variables``: one entry for an isotropic
+    ConvNeXt (blocks in stage 0 only, no downsampling layer), else four (at least 1 block in
+    stage 2)."""
     depths = [0, 0, 0, 0]
+    downsampling = False
     for v in variables:
-        m = _BLOCK.match(_layer_of(v))
+        layer = _layer_of(v)
+        downsampling = downsampling or bool(_DOWNSAMPLE.match(layer))
+        m = _BLOCK.match(layer)
         if m:
             stage = int(m.group(1))
             depths[stage] = max(depths[stage], int(m.group(2)) + 1)
+    if depths[0] and not any(depths[1:]) and not downsampling:
+        return depths[:1]
     depths[2] = depths[2] or 1
     return depths
 
@@ -152,7 +181,9 @@ def parameter_groups(
             f"fine-tunes with 0.7-0.8), got {layer_decay}."
         )
     variables = model.trainable_variables
-    group_of, head_group = _grouping(layer_decay_type, _depths(variables))
+    # The architecture from every variable (frozen stages included), the groups for the
+    # trainable ones.
+    group_of, head_group = _grouping(layer_decay_type, _depths(model.variables))
     groups = []
     for v in variables:
         layer = _layer_of(v)

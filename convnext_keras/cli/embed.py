@@ -1,0 +1,103 @@
+"""``convnext embed``: pooled features of every image in a folder (Parquet or .npy)."""
+
+from __future__ import annotations
+
+import click
+
+from .. import registry
+from ._app import WEIGHTS_HELP, backend_option, engine_option, main, parse_weights
+
+
+@main.command("embed")
+@click.argument("images_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--model",
+    required=True,
+    help="Any model name: a feature extractor (convnext_base_21k_224_fe), a classifier (its "
+    "pooled features) or an architecture (convnext_atto, with --weights none or FILE).",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Features folder.")
+@click.option("--weights", default="official", show_default=True, help=WEIGHTS_HELP)
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["parquet", "npy"]),
+    default="parquet",
+    show_default=True,
+    help="parquet: path, feature, model, preprocessing columns; npy: part-*.npy + paths.",
+)
+@click.option(
+    "--shard",
+    default=None,
+    metavar="I/N",
+    help="Embed every N-th image from the I-th only (0 <= I < N): N jobs fill one folder.",
+)
+@click.option(
+    "--resolution",
+    default=None,
+    type=click.IntRange(min=registry.MIN_INPUT_SIZE),
+    help="Input size. [default: the model's evaluation resolution]",
+)
+@click.option(
+    "--part-size",
+    default=4096,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images per part file (a killed run loses at most one part's work).",
+)
+@click.option("--workers", type=click.IntRange(min=1), help="Decoding threads (default: CPUs).")
+@engine_option("Inference engine (onnxruntime on a CPU when it can run the model).")
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="local",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Run on a Ray cluster with Ray Data (ADDRESS as ray.init takes it; alone: a local one).",
+)
+@click.option(
+    "--actors",
+    type=click.IntRange(min=1),
+    help="--ray: model actors. [default: one per 4 CPUs of the cluster]",
+)
+@click.option("--quiet", is_flag=True, help="No start and end lines.")
+@backend_option
+def embed_command(
+    images_dir,
+    model,
+    out,
+    weights,
+    batch_size,
+    output_format,
+    shard,
+    resolution,
+    part_size,
+    workers,
+    engine,
+    ray_address,
+    actors,
+    quiet,
+):
+    """Pooled features of every image below IMAGES_DIR into --out: parts of (path, feature,
+    model, preprocessing) and a manifest. A killed run continues where it stopped when run
+    again with the same options; unreadable files are listed in the manifest."""
+    from ..embed import embed
+
+    embed(
+        images_dir,
+        out,
+        model=model,
+        weights=parse_weights(weights),
+        batch_size=batch_size,
+        format=output_format,
+        shard=shard,
+        resolution=resolution,
+        part_size=part_size,
+        workers=workers,
+        engine=engine,
+        ray=ray_address,
+        actors=actors,
+        verbose=0 if quiet else 1,
+    )

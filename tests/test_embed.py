@@ -1,0 +1,216 @@
+"""``convnext embed`` / ``ck.embed`` / ``ck.load_features``: one process, shards, Ray, resume.
+
+ConvNeXt-atto with seeded random weights at 32x32 on a dozen small images (two folders, PNG
+and JPEG, one truncated JPEG, one text file).  Every way of running the job - one process,
+two shards into one folder, the ``.npy`` format, a run interrupted and continued, Ray Data on
+a local Ray instance with its driver killed and run again - must give the features the model
+gives the official evaluation transform of each image.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import convnext_keras as ck
+from convnext_keras import preprocess
+from convnext_keras.cli import main
+
+# (``ck.embed`` is the function; the module by its name)
+embed_lib = importlib.import_module("convnext_keras.embed")
+
+OPTIONS = dict(model="convnext_atto", weights=None, resolution=32, batch_size=3, part_size=4)
+CLI = ["--model", "convnext_atto", "--weights", "none", "--resolution", "32"]
+CLI += ["--batch-size", "3", "--part-size", "4"]
+PROCESS_TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """11 readable images in two folders, a truncated JPEG and a text file."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(11):
+        folder = root / ("cats" if i % 2 else "dogs")
+        folder.mkdir(exist_ok=True)
+        size = (int(rng.integers(36, 80)), int(rng.integers(36, 80)))
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:02d}.{'png' if i % 3 else 'jpg'}")
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG")
+    (root / "dogs" / "broken.jpg").write_bytes(buffer.getvalue()[:200])
+    (root / "dogs" / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def expected(images):
+    """What the model gives each readable image (Keras, the official eval transform)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = ck.load_model("convnext_atto", weights=None, features="pooled")
+    paths = [p for p in embed_lib.image_files(images) if p != "dogs/broken.jpg"]
+    config = preprocess.PreprocessConfig(32, *preprocess.config_for("convnext_atto")[1:])
+    x = np.stack([preprocess.transform_file(images / p, config) for p in paths])
+    return np.asarray(model.predict(x, verbose=0), np.float32), paths
+
+
+@pytest.fixture(scope="module")
+def single(images, tmp_path_factory, expected):
+    """One process through the command line."""
+    out = tmp_path_factory.mktemp("single")
+    result = CliRunner().invoke(main, ["embed", str(images), "--out", str(out), *CLI])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return out, result.output
+
+
+def _assert_features(out, expected):
+    features, paths = ck.load_features(out)
+    assert paths == expected[1]
+    assert features.dtype == np.float32 and features.shape == expected[0].shape
+    np.testing.assert_allclose(features, expected[0], rtol=1e-4, atol=1e-4)
+    return features
+
+
+def test_one_process_writes_parts_manifest_and_the_model_s_features(single, expected):
+    out, output = single
+    assert "embedding 12 of 12 images with convnext_atto (32px)" in output
+    assert "wrote 11 feature vectors in 2 part(s)" in output and "1 unreadable" in output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["images"] == 11 and manifest["feature_dim"] == 320
+    assert manifest["preprocessing"] == {"resolution": 32, "crop_pct": 0.875,
+                                         "interpolation": "bicubic"}  # fmt: skip
+    assert [f[0] for f in manifest["failed"]] == ["dogs/broken.jpg"]
+    assert [p["count"] for p in manifest["parts"]] == [6, 5]  # whole batches of 3
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out / manifest["parts"][0]["file"])
+    assert table.column_names == ["path", "feature", "model", "preprocessing"]
+    assert set(table.column("model").to_pylist()) == {"convnext_atto"}
+    assert not list(out.glob(".*part*"))  # no temporary file left
+    _assert_features(out, expected)
+
+
+def test_two_shards_into_one_folder_and_npy_give_the_same_features(images, expected, tmp_path):
+    sharded = tmp_path / "sharded"
+    for i in range(2):
+        assert ck.embed(images, sharded, shard=f"{i}/2", verbose=0, **OPTIONS) == sharded
+    assert {p.name for p in sharded.glob("manifest*")} == {
+        "manifest-00000-of-00002.json",
+        "manifest-00001-of-00002.json",
+    }
+    _assert_features(sharded, expected)
+    npy = ck.embed(images, tmp_path / "npy", format="npy", verbose=0, **OPTIONS)
+    assert sorted(p.suffix for p in npy.glob("part-*")) == [".json"] * 2 + [".npy"] * 2
+    _assert_features(npy, expected)
+
+
+def test_an_interrupted_run_continues_where_it_stopped(images, expected, tmp_path, monkeypatch):
+    out = tmp_path / "interrupted"
+    real_write, written = embed_lib._write_part, []
+
+    def dying_write(out_dir, name, *args):
+        if written:  # the second part: die while it is being written
+            (out_dir / f".{name}.abc.part").write_bytes(b"half a part")
+            raise KeyboardInterrupt
+        written.append(name)
+        return real_write(out_dir, name, *args)
+
+    monkeypatch.setattr(embed_lib, "_write_part", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        ck.embed(images, out, verbose=0, **OPTIONS)
+    monkeypatch.undo()
+    assert len(json.loads((out / "manifest.json").read_text())["parts"]) == 1
+    result = CliRunner().invoke(main, ["embed", str(images), "--out", str(out), *CLI])
+    assert result.exit_code == 0, result.output
+    # The first part's 6 images, and the broken file (decoded ahead, listed with that part).
+    assert "embedding 5 of 12 images" in result.output and "7 already done" in result.output
+    _assert_features(out, expected)
+    again = CliRunner().invoke(main, ["embed", str(images), "--out", str(out), *CLI])
+    assert "embedding 0 of 12 images" in again.output  # a finished folder is left as it is
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--shard", "2/2"], "shard 2/2: need 0 <= i < n"),
+        (["--shard", "x"], "shard must look like i/n"),
+        (["--resolution", "64"], "holds features made with other settings"),
+        (["--model", "convnext_atoo"], "Did you mean"),
+    ],
+)
+def test_bad_options_are_one_line_errors(single, images, args, message):
+    out, _ = single
+    cli = [*CLI, *args] if args[0] != "--model" else [*args, "--weights", "none"]
+    result = CliRunner().invoke(main, ["embed", str(images), "--out", str(out), *cli])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_an_empty_folder_and_a_folder_without_features_are_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(main, ["embed", str(tmp_path / "empty"), "--out",
+                                       str(tmp_path / "o"), *CLI])  # fmt: skip
+    assert result.exit_code == 2 and "holds no image files" in result.stderr
+    with pytest.raises(embed_lib.EmbedError, match="holds no embedding manifest"):
+        ck.load_features(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """One local Ray instance (2 CPUs) for the module: its start-up takes seconds."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_gives_the_same_features_and_resumes_after_the_driver_is_killed(
+    images, expected, ray_address, tmp_path
+):
+    """A `convnext embed --ray ADDRESS` driver is killed with SIGKILL once its first part is
+    listed; run again (here from Python, on the same cluster) it finishes the job, and the
+    features are the one-process run's."""
+    out = tmp_path / "ray"
+    env = {**os.environ, "CONVNEXT_NO_PROGRESS": "1"}
+    driver = subprocess.Popen(
+        [sys.executable, "-c", "from convnext_keras.cli import main; main()", "embed",
+         str(images), "--out", str(out), *CLI, "--part-size", "2", "--batch-size", "2",
+         "--ray", ray_address],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    manifest = out / "manifest.json"
+    try:
+        deadline = time.monotonic() + PROCESS_TIMEOUT
+        while time.monotonic() < deadline and driver.poll() is None:
+            if manifest.exists() and json.loads(manifest.read_text())["parts"]:
+                break
+            time.sleep(0.05)
+        assert driver.poll() is None, driver.communicate()[0][-3000:]
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    kept = json.loads(manifest.read_text())
+    assert not kept["complete"] and 0 < kept["images"] < 11
+    assert ck.embed(images, out, ray=True, verbose=0, **{**OPTIONS, "part_size": 2}) == out
+    final = json.loads(manifest.read_text())
+    assert final["complete"] and final["images"] == 11
+    assert [f[0] for f in final["failed"]] == ["dogs/broken.jpg"]
+    _assert_features(out, expected)

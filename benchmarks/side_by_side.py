@@ -32,13 +32,15 @@ turn; issue 22: 0.94x in one process against 1.00x with two engines alone).  So:
   export, in one process, alternating single calls after 2 warm-up calls, median of the paired
   ratios) and a table of whether the methods agree within their spread.
 
-Contenders: float32 - this library's default engine (onnxruntime on its own graph, the session
-``runtime.onnx_session`` makes), its opt-in int8 (``runtime.quantize_int8``, calibrated on the
-sample photos), the same model through Keras ``predict_on_batch`` (active backend),
+Contenders: float32 - this library's default engine (the runner ``runtime.inference_function``
+picks: OpenVINO on this library's graph when installed, else onnxruntime on it), onnxruntime on
+this library's graph (the session ``runtime.onnx_session`` makes), its opt-in int8
+(``runtime.quantize_int8``, calibrated on the sample photos), the same model through Keras
+``predict_on_batch`` (active backend),
 keras.applications ConvNeXt (opt-in: ``--keras-applications``, slow; it has no V2),
 transformers' ConvNext (ConvNextV2 for ``--model convnextv2_*``)
 in PyTorch eager (and ``torch.compile`` with ``--torch-compile``), onnxruntime on that model's
-ONNX export, timm where importable, OpenVINO on both ONNX graphs (when installed); bfloat16
+ONNX export, timm where importable, OpenVINO on that export (when installed); bfloat16
 (``--no-bf16`` skips): this library with ``mixed_bfloat16`` against PyTorch eager with bf16
 autocast, at ``--bf16-batch-size``.  Peers use random weights (speed does not depend on them);
 the correctness checks (default engine against Keras, int8 and bf16 against float32 on real
@@ -262,6 +264,23 @@ def _torch_calls(params: dict) -> dict:
     return calls
 
 
+def _engine_calls(params: dict) -> dict:
+    """This library's default CPU engine exactly as ``predict`` / ``eval`` run it: the runner
+    ``runtime.inference_function`` picks for a float32 ConvNeXt (OpenVINO, else onnxruntime,
+    on this library's graph; threads from ``CONVNEXT_THREADS``, which the harness sets)."""
+    from convnext_keras import bench, runtime
+
+    model, _ = bench.bench_model(params["model"], resolution=params["resolution"])
+    fn, engine = runtime.inference_function(model)
+    if engine != params["engine"]:
+        raise RuntimeError(f"the default engine is {engine!r} here, {params['engine']!r} there")
+    calls = {}
+    for bs in params["batch_sizes"]:
+        x = _inputs(params, bs, "nhwc")
+        calls[bs] = lambda x=x: fn(x)
+    return calls
+
+
 def _matmul_calls(params: dict) -> dict:
     rng = np.random.default_rng(0)
     a = rng.standard_normal((MATMUL_N, MATMUL_N), dtype=np.float32)
@@ -270,6 +289,7 @@ def _matmul_calls(params: dict) -> dict:
 
 
 _KINDS = {
+    "engine": _engine_calls,
     "onnxruntime": _ort_calls,
     "openvino": _openvino_calls,
     "keras": _keras_calls,
@@ -395,7 +415,7 @@ def _prepare(conn, params: dict) -> None:
         x = bench.random_batch(2, res)
         onnx_export(hf, torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
                     folder / "hf.onnx")  # fmt: skip
-        fp32_runner = runtime.OnnxRunner(ours, threads=params["threads"])
+        fp32_runner, _ = runtime.inference_function(ours)
         int8_runner = runtime.OnnxRunner(ours, precision="int8", calibration=photos)
         want, got = fp32_runner(photos), int8_runner(photos)
         checks = {
@@ -441,8 +461,7 @@ def _pair_check(conn, params: dict) -> None:
     _die_with_parent()
     try:
         folder = Path(params["folder"])
-        ours = _ort_calls({**params, "graph": str(folder / "ours.onnx"), "session": "library",
-                           "layout": "nhwc"})  # fmt: skip
+        ours = _engine_calls(params)
         ref = _ort_calls({**params, "graph": str(folder / "hf.onnx"), "session": "plain",
                           "layout": "nchw"})  # fmt: skip
         out = {}
@@ -577,9 +596,11 @@ def contenders_for(args, shared: dict, batch_sizes) -> list[Contender]:
     out = [
         Contender("matmul", f"numpy float32 matmul {MATMUL_N}^2 (rate reference)", "rate",
                   "matmul", common, [0]),
-        Contender(DEFAULT, "convnext_keras default (onnxruntime, this library's graph)", "fp32",
-                  "onnxruntime", {**common, "graph": str(folder / "ours.onnx"),
-                                  "session": "library", "layout": "nhwc"}, batch_sizes),
+        Contender(DEFAULT, f"convnext_keras default ({common['engine']}, this library's graph)",
+                  "fp32", "engine", common, batch_sizes),
+        Contender("ort_ours", "onnxruntime, this library's graph (the engine without OpenVINO)",
+                  "fp32", "onnxruntime", {**common, "graph": str(folder / "ours.onnx"),
+                                          "session": "library", "layout": "nhwc"}, batch_sizes),
         Contender("int8", "convnext_keras --precision int8 (onnxruntime, static int8)", "fp32",
                   "onnxruntime", {**common, "graph": str(folder / "int8.onnx"),
                                   "session": "library", "layout": "nhwc"}, batch_sizes),
@@ -602,7 +623,6 @@ def contenders_for(args, shared: dict, batch_sizes) -> list[Contender]:
                              "torch", {**common, "mode": "compile"}, batch_sizes))  # fmt: skip
     if not args.no_openvino:
         for key, graph, layout, label in (
-            ("openvino_ours", "ours.onnx", "nhwc", "this library's ONNX graph"),
             ("openvino_export", "hf.onnx", "nchw", "PyTorch model's ONNX export"),
         ):
             out.append(Contender(key, f"OpenVINO, {label}", "fp32", "openvino",
@@ -1004,7 +1024,7 @@ def main():
     # Inherited by every worker before it imports numpy / torch / TensorFlow.
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "CONVNEXT_THREADS"):
         os.environ[var] = str(threads)
-    from convnext_keras import bench, registry
+    from convnext_keras import bench, registry, runtime
 
     spec = registry.resolve(args.model).variant
     variant = spec.name
@@ -1016,6 +1036,7 @@ def main():
                   "model": args.model, "variant": variant, "arch_name": spec.arch_name,
                   "grn": spec.block == "grn", "depths": list(spec.depths),
                   "dims": list(spec.dims), "bf16": not args.no_bf16,
+                  "engine": runtime.cpu_graph_engine(),
                   "batch_sizes": sorted({*batch_sizes, args.bf16_batch_size})}  # fmt: skip
         print("preparing graphs and checks ...", flush=True)
         checks = _run_process(_prepare, common)

@@ -17,8 +17,8 @@ How it measures:
   process's peak resident memory on a CPU (Linux ``VmHWM``, reset before each measurement).
 
 The inference path is the one :mod:`convnext_keras.runtime` picks by default
-(onnxruntime on a CPU for float32 models, else Keras); on a JAX accelerator, a jitted
-``stateless_call`` on device-resident inputs (no host transfer inside the timed region, as
+(OpenVINO, else onnxruntime, on a CPU for float32 models, else Keras); on a JAX accelerator,
+a jitted ``stateless_call`` on device-resident inputs (no host transfer inside the timed region, as
 the PyTorch peers are timed).  A training step is AdamW on sparse cross-entropy, in one
 compiled step (JAX: ``stateless_call`` + ``stateless_apply`` in ``jax.jit``).
 """

@@ -381,8 +381,8 @@ def embed(
             interpolation stay the model's (``preprocess.config_for``).
         part_size: images per part file.
         workers: decoding threads (default: one per CPU).
-        engine: "auto" (onnxruntime on a CPU when it can run the model, else Keras),
-            "onnxruntime" or "keras" (``runtime.inference_function``).
+        engine: "auto" (OpenVINO, else onnxruntime, on a CPU when it can run the model, else
+            Keras), "openvino", "onnxruntime" or "keras" (``runtime.inference_function``).
         ray: None (this process), True (a Ray cluster: the one this process is connected to,
             else a local one) or an address (``ray.init(address=...)``).
         actors: Ray only: model actors (default: one per 4 CPUs of the cluster, at least one).

@@ -362,10 +362,11 @@ def evaluate(
         progress: show a progress bar (default: when stderr is a terminal).
         config: preprocessing settings (default: the model name's registry entry).
         data_parallel: replicate the model over all local devices when there are several.
-        engine: ``"auto"`` runs the model as ``predict`` does: onnxruntime on a single CPU
-            device when it is installed (:func:`convnext_keras.runtime.inference_function`),
-            Keras otherwise (always when data-parallel); ``"keras"`` or ``"onnxruntime"``
-            insist.  The report's ``config["engine"]`` says which ran.
+        engine: ``"auto"`` runs the model as ``predict`` does: OpenVINO, else onnxruntime,
+            on a single CPU device when installed
+            (:func:`convnext_keras.runtime.inference_function`), Keras otherwise (always when
+            data-parallel); ``"keras"``, ``"openvino"`` or ``"onnxruntime"`` insist.  The
+            report's ``config["engine"]`` says which ran.
         precision: ``"fp32"``, or Keras mixed precision ``"bf16"`` / ``"fp16"`` (runs on
             Keras; ``engine="onnxruntime"`` refuses it); None (default): as
             :func:`convnext_keras.predict.load_classifier`; ``"int8"`` (opt-in): onnxruntime
@@ -388,9 +389,9 @@ def evaluate(
     real_labels = _real_targets(dataset) if real else None
     # int8 is onnxruntime on the CPU: one device.
     devices = _local_devices() if data_parallel and not engine_precision else ["default"]
-    if len(devices) > 1 and engine == "onnxruntime":
+    if len(devices) > 1 and engine in runtime.GRAPH_ENGINES:
         raise ValueError(
-            fix("engine='onnxruntime'", "--engine onnxruntime")
+            fix(f"engine={engine!r}", f"--engine {engine}")
             + f" runs on one device; pass {fix('data_parallel=False', '--single-device')} or "
             + fix("engine='auto'", "--engine auto")
             + "."

@@ -254,10 +254,10 @@ def predict_files(
         cam_dir: write a Grad-CAM overlay ``<stem>_cam.png`` of each image's top class here.
         config: preprocessing settings (default: the model name's registry entry).
         exif_transpose: turn photos upright by their EXIF orientation first (default True).
-        precision: ``"fp32"`` (onnxruntime on a CPU), or Keras mixed precision ``"bf16"`` /
-            ``"fp16"`` (on Keras: faster on GPUs, slower on CPUs without native bfloat16;
-            logits within bf16 rounding of float32's), or ``"int8"`` (opt-in: onnxruntime on
-            the CPU with the model quantized to int8, see
+        precision: ``"fp32"`` (OpenVINO or onnxruntime on a CPU), or Keras mixed precision
+            ``"bf16"`` / ``"fp16"`` (on Keras: faster on GPUs, slower on CPUs without native
+            bfloat16; logits within bf16 rounding of float32's), or ``"int8"`` (opt-in:
+            onnxruntime on the CPU with the model quantized to int8, see
             :func:`convnext_keras.runtime.quantize_int8`; Grad-CAM stays float32).  None
             (default): as :func:`load_classifier` - the global Keras policy for names, a model
             as it is.
@@ -287,7 +287,7 @@ def predict_files(
         cam = GradCAM(keras_model)
         cam_dir = Path(cam_dir)
         cam_paths = _cam_names(paths, cam_dir)
-    # The fastest correct engine for this model (onnxruntime on a CPU, else Keras).
+    # The fastest correct engine for this model (OpenVINO / onnxruntime on a CPU, else Keras).
     images_for_int8 = runtime.calibration_images(calibration, config) if engine_precision else None
     run_batch, _ = runtime.inference_function(
         keras_model, precision=engine_precision, calibration=images_for_int8

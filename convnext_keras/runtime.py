@@ -33,6 +33,14 @@ through the official transform, for the matrix products only (stem, downsampling
 block's two pointwise layers); LayerNorm, GELU, the depthwise convolution and the head stay
 float32.  How close it stays to float32 on a model that learned something, and how much faster
 it is, is measured in BENCHMARKS.md.
+
+The same float32 graph also runs on OpenVINO's CPU plugin (:class:`OpenVinoRunner`, engine
+``"openvino"``), compiled with float32 inference precision (OpenVINO would otherwise compute in
+bfloat16 on CPUs with ``avx512_bf16`` or AMX).  Where OpenVINO is installed (the ``openvino``
+extra; ``make setup`` installs it) the ``"auto"`` engine picks it on a CPU: on the AVX-512 CPU
+measured (AMD EPYC family 25 model 17) it ran ConvNeXt-T 1.05-1.15x faster than onnxruntime on
+either graph at batch 1, 8 and 32, and on the AVX2-only one (family 23 model 1) level with it
+(BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -51,7 +59,9 @@ from .model import non_float32_layer, variant_of
 
 #: ONNX opset of the graph (``Gelu`` is an operator from opset 20).
 OPSET = 20
-ENGINES = ("auto", "onnxruntime", "keras")
+ENGINES = ("auto", "openvino", "onnxruntime", "keras")
+#: Engines that run this library's ONNX graph on the CPU, in the order ``"auto"`` tries them.
+GRAPH_ENGINES = ("openvino", "onnxruntime")
 #: The opt-in precision of the onnxruntime engine (static int8 post-training quantization).
 INT8 = "int8"
 #: What the onnxruntime engine computes in.
@@ -65,6 +75,27 @@ def onnxruntime_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def openvino_available() -> bool:
+    """Whether OpenVINO is installed (the ``openvino`` extra); found without importing it."""
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+def cpu_graph_engine() -> str | None:
+    """The engine ``"auto"`` runs this library's graph with on a CPU: ``"openvino"`` when
+    OpenVINO is installed, else ``"onnxruntime"`` when that is, else None (Keras)."""
+    available = {"openvino": openvino_available, "onnxruntime": onnxruntime_available}
+    return next((e for e in GRAPH_ENGINES if available[e]()), None)
+
+
+def _threads(threads: int | None) -> int | None:
+    """An engine's thread count: ``threads``, else ``$CONVNEXT_THREADS``, else None (the
+    engine's default, one per physical core)."""
+    env = os.environ.get("CONVNEXT_THREADS")
+    return threads if threads is not None else (int(env) if env else None)
 
 
 #: Every layer of a plain ConvNeXt built by this library (anything else: not ours to rebuild).
@@ -409,6 +440,22 @@ def onnx_session(graph, threads: int | None = None):
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
+def nhwc_batch(images, min_size: int) -> np.ndarray:
+    """``images`` as the contiguous float32 NHWC batch an onnxruntime session takes.
+
+    Raises ``ValueError`` for another shape than ``(batch, height, width, 3)`` or a height or
+    width below ``min_size`` pixels."""
+    x = np.ascontiguousarray(np.asarray(images), dtype=np.float32)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(
+            f"Expected an NHWC batch of RGB images (batch, height, width, 3), got shape "
+            f"{x.shape}; add a batch axis with x[None] for a single image."
+        )
+    if min(x.shape[1:3]) < min_size:
+        raise ValueError(too_small_message(x.shape[1], x.shape[2], min_size))
+    return x
+
+
 class OnnxRunner:
     """Inference of a float32 ConvNeXt Keras model with onnxruntime (CPU), in float32 or int8.
 
@@ -457,8 +504,7 @@ class OnnxRunner:
         self.model = model
         self.min_size = variant_of(model).min_input_size
         self.precision = precision
-        env = os.environ.get("CONVNEXT_THREADS")
-        self.threads = threads if threads is not None else (int(env) if env else None)
+        self.threads = _threads(threads)
         self.calibration = None
         if precision == INT8:
             self.calibration = (
@@ -487,15 +533,69 @@ class OnnxRunner:
             return self._sessions[key]
 
     def __call__(self, images) -> np.ndarray:
-        x = np.ascontiguousarray(np.asarray(images), dtype=np.float32)
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(
-                f"Expected an NHWC batch of RGB images (batch, height, width, 3), got shape "
-                f"{x.shape}; add a batch axis with x[None] for a single image."
-            )
-        if min(x.shape[1:3]) < self.min_size:
-            raise ValueError(too_small_message(x.shape[1], x.shape[2], self.min_size))
+        x = nhwc_batch(images, self.min_size)
         return self.session(x.shape[1], x.shape[2]).run(None, {"images": x})[0]
+
+    predict_on_batch = __call__
+
+
+class OpenVinoRunner:
+    """Inference of a float32 ConvNeXt Keras model with OpenVINO's CPU plugin.
+
+    ``runner(images)`` takes an NHWC float batch and returns a numpy array: logits for a
+    classifier, pooled features for an ``_fe`` model - the same as
+    ``model.predict_on_batch(images)`` in float32.  It compiles this library's ONNX graph
+    (:func:`build_onnx_graph`, the one :class:`OnnxRunner` runs) once per input height/width,
+    any batch size, with ``INFERENCE_PRECISION_HINT`` f32 (no silent bfloat16 on CPUs that
+    have it), the latency hint and ``threads`` inference threads (default: OpenVINO's, one per
+    physical core; ``$CONVNEXT_THREADS`` overrides).  Calls are serialised (one infer request
+    per compiled graph) and every output is copied out of OpenVINO's buffers.
+
+    Raises ``ValueError`` for models it cannot run (:func:`unsupported_reason`),
+    ``ImportError`` without OpenVINO (``pip install openvino``).
+    """
+
+    #: Sizes whose compiled graphs are kept (whole-image inference meets a new size per image).
+    CACHED_SIZES = 4
+
+    def __init__(self, model, *, threads: int | None = None):
+        reason = unsupported_reason(model)
+        if reason:
+            raise ValueError(f"OpenVinoRunner cannot run {model.name!r}: {reason}.")
+        if not openvino_available():
+            raise ImportError(
+                "The openvino engine needs OpenVINO: pip install openvino "
+                "(or pip install 'convnext-keras[openvino]'); engine 'auto' uses onnxruntime "
+                "without it."
+            )
+        self.model = model
+        self.min_size = variant_of(model).min_input_size
+        self.threads = _threads(threads)
+        self._requests: dict[tuple[int, int], object] = {}
+        self._lock = threading.Lock()
+
+    def _request(self, height: int, width: int):
+        key = (int(height), int(width))
+        if key not in self._requests:
+            import openvino as ov
+
+            if len(self._requests) >= self.CACHED_SIZES:
+                self._requests.pop(next(iter(self._requests)))
+            graph = build_onnx_graph(self.model, *key).SerializeToString()
+            config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+            if self.threads:
+                config["INFERENCE_NUM_THREADS"] = self.threads
+            core = ov.Core()
+            compiled = core.compile_model(core.read_model(graph, b""), "CPU", config)
+            self._requests[key] = compiled.create_infer_request()
+        return self._requests[key]
+
+    def __call__(self, images) -> np.ndarray:
+        x = nhwc_batch(images, self.min_size)
+        with self._lock:
+            request = self._request(x.shape[1], x.shape[2])
+            request.infer({0: x})
+            return np.array(request.get_output_tensor(0).data, copy=True)
 
     predict_on_batch = __call__
 
@@ -769,10 +869,10 @@ def check_engine(engine: str, precision: str | None = None) -> None:
             f"{precision!r} (float32 / bf16 / fp16 are the model's own: "
             "load_model(..., precision=...))."
         )
-    if precision == INT8 and engine == "keras":
+    if precision == INT8 and engine not in ("auto", "onnxruntime"):
         raise ValueError(
             "precision 'int8' runs on the onnxruntime engine only (static int8 quantization of "
-            "this library's ONNX graph); use engine 'auto' or 'onnxruntime'."
+            f"this library's ONNX graph), not {engine!r}; use engine 'auto' or 'onnxruntime'."
         )
 
 
@@ -781,9 +881,10 @@ def inference_function(
 ):
     """The fastest correct way to run ``model`` on a batch: ``(fn, engine_name)``.
 
-    ``engine="auto"`` picks onnxruntime (:class:`OnnxRunner`) on a CPU when it is installed
-    and can run the model (float32 classifier or pooled features), else Keras'
-    ``predict_on_batch`` (always on a GPU/TPU); ``"onnxruntime"`` insists (and raises if it
+    ``engine="auto"`` on a CPU, for a model the graph engines can run (float32 classifier or
+    pooled features), picks OpenVINO (:class:`OpenVinoRunner`) when it is installed, else
+    onnxruntime (:class:`OnnxRunner`) when that is, else Keras' ``predict_on_batch`` (always
+    Keras on a GPU/TPU); ``"openvino"`` and ``"onnxruntime"`` insist (and raise if they
     cannot); ``"keras"`` always uses Keras.  ``fn(batch)`` returns numpy outputs either way.
 
     ``precision="int8"`` (opt-in) runs the model quantized to int8 (:func:`quantize_int8`,
@@ -794,9 +895,12 @@ def inference_function(
     check_engine(engine, precision)
     if precision == INT8:
         return OnnxRunner(model, precision=INT8, calibration=calibration), "onnxruntime"
-    if engine == "keras" or (
-        engine == "auto"
-        and (unsupported_reason(model) or not onnxruntime_available() or accelerator())
-    ):
+    if engine == "auto":
+        engine = "keras"
+        if not unsupported_reason(model) and not accelerator():
+            engine = cpu_graph_engine() or "keras"
+    if engine == "keras":
         return model.predict_on_batch, "keras"
+    if engine == "openvino":
+        return OpenVinoRunner(model), "openvino"
     return OnnxRunner(model), "onnxruntime"

@@ -293,16 +293,7 @@ class SegmentationRunner:
             return self._sessions[key]
 
     def __call__(self, images) -> np.ndarray:
-        from .layers import too_small_message
-
-        x = np.ascontiguousarray(np.asarray(images), dtype=np.float32)
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(
-                f"Expected an NHWC batch of RGB images (batch, height, width, 3), got shape "
-                f"{x.shape}."
-            )
-        if min(x.shape[1:3]) < self.min_size:
-            raise ValueError(too_small_message(x.shape[1], x.shape[2], self.min_size))
+        x = runtime.nhwc_batch(images, self.min_size)
         return self.session(x.shape[1], x.shape[2]).run(None, {"images": x})[0]
 
     predict_on_batch = __call__
@@ -314,6 +305,11 @@ def inference_function(model, engine: str = "auto"):
     ``"onnxruntime"`` insists, ``"keras"`` always uses Keras (see
     :func:`convnext_keras.runtime.inference_function`)."""
     runtime.check_engine(engine)
+    if engine == "openvino":
+        raise ValueError(
+            "Segmentation models run on onnxruntime or Keras (the openvino engine runs "
+            "classifiers and feature extractors); use engine 'auto', 'onnxruntime' or 'keras'."
+        )
     if engine == "keras" or (
         engine == "auto"
         and (

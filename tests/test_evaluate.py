@@ -100,8 +100,8 @@ def test_eval_agrees_with_the_pytorch_reference(val_set, tmp_path):
         workers=2,
     )
     assert result.layout == "class-folders"
-    # The default engine is predict's: onnxruntime on one CPU device when it is installed.
-    expected_engine = "onnxruntime" if runtime.onnxruntime_available() else "keras"
+    # The default engine is predict's: OpenVINO, else onnxruntime, on one CPU device.
+    expected_engine = runtime.cpu_graph_engine() or "keras"
     if result.devices == 1:
         assert result.config["engine"] == expected_engine
     assert result.evaluated == len(val_set["files"])

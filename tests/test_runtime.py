@@ -1,4 +1,5 @@
-"""The onnxruntime engine computes the same function as the PyTorch reference and Keras."""
+"""The CPU engines (onnxruntime and OpenVINO on this library's ONNX graph) compute the same
+function as the PyTorch reference and Keras."""
 
 from __future__ import annotations
 
@@ -42,6 +43,12 @@ def test_runner_equals_torch_reference(atto_checkpoint, size):
     assert logits.shape == (2, 1000) and features.shape == (2, 320)
     np.testing.assert_allclose(logits, expected["logits"], atol=TOLERANCE, rtol=0)
     np.testing.assert_allclose(features, expected["pooled"], atol=TOLERANCE, rtol=0)
+    # OpenVINO on the same graph, in float32 (never its bfloat16 default on CPUs that have it).
+    openvino = runtime.OpenVinoRunner(classifier)
+    np.testing.assert_allclose(openvino(images), expected["logits"], atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(
+        runtime.OpenVinoRunner(pooled)(images), expected["pooled"], atol=TOLERANCE, rtol=0
+    )
     # ... and Keras' own forward pass on the same weights.
     np.testing.assert_allclose(
         logits, np.asarray(classifier.predict_on_batch(images)), atol=TOLERANCE, rtol=0
@@ -72,6 +79,13 @@ def test_runner_runs_convnext_v2_with_grn(atto_v2_checkpoint):
         np.testing.assert_allclose(runner(images), expected["logits"], atol=TOLERANCE, rtol=0)
         np.testing.assert_allclose(features(images), expected["pooled"], atol=TOLERANCE, rtol=0)
     assert list(runner._sessions) == [(70, 45)]
+    images = _images(3, 70, 45, seed=3)
+    np.testing.assert_allclose(
+        runtime.OpenVinoRunner(classifier)(images),
+        ref.hf_outputs(hf, images)["logits"],
+        atol=TOLERANCE,
+        rtol=0,
+    )
     pyramid = ck.load_model("convnextv2_atto_1k_224", weights=path, features="pyramid")
     images = _images(2, 96, 64, seed=5)
     want = pyramid.predict_on_batch(images)
@@ -143,16 +157,48 @@ def test_a_model_with_layers_of_its_own_stays_on_keras():
         runtime.build_onnx_graph(model, 64, 64)
 
 
-def test_inference_function_picks_the_engine():
+def test_openvino_runner_any_batch_and_its_outputs_are_its_own():
+    """Batches 1 and 3 through one compiled graph per size; a result is a copy, not a view of
+    OpenVINO's output buffer that the next call overwrites."""
+    model = ck.build_model("atto", num_classes=7, layer_scale_init=None)
+    runner = runtime.OpenVinoRunner(model, threads=1)
+    first = runner(_images(1, 64, 64, seed=1))
+    kept = first.copy()
+    for n in (1, 3):
+        images = _images(n, 64, 64, seed=n + 10)
+        np.testing.assert_allclose(
+            runner(images), model.predict_on_batch(images), atol=TOLERANCE, rtol=0
+        )
+    np.testing.assert_array_equal(first, kept)
+    assert list(runner._requests) == [(64, 64)]
+    with pytest.raises(ValueError, match="got shape"):
+        runner(np.zeros((64, 64, 3), np.float32))
+
+
+def test_inference_function_picks_the_engine(monkeypatch):
     classifier = ck.build_model("atto")
+    # auto on a CPU: OpenVINO when installed, else onnxruntime, else Keras.
     fn, engine = runtime.inference_function(classifier)
+    assert engine == "openvino" and isinstance(fn, runtime.OpenVinoRunner)
+    monkeypatch.setattr(runtime, "openvino_available", lambda: False)
+    fn, engine = runtime.inference_function(classifier)
+    assert engine == "onnxruntime" and isinstance(fn, runtime.OnnxRunner)
+    with pytest.raises(ImportError, match="pip install openvino"):
+        runtime.inference_function(classifier, "openvino")
+    monkeypatch.setattr(runtime, "onnxruntime_available", lambda: False)
+    assert runtime.inference_function(classifier)[1] == "keras"
+    monkeypatch.undo()
+    fn, engine = runtime.inference_function(classifier, "onnxruntime")
     assert engine == "onnxruntime" and isinstance(fn, runtime.OnnxRunner)
     fn, engine = runtime.inference_function(classifier, "keras")
     assert engine == "keras" and fn == classifier.predict_on_batch
     pyramid = ck.build_model("atto", head="pyramid")
     assert runtime.inference_function(pyramid)[1] == "keras"
-    with pytest.raises(ValueError, match="pyramid"):
-        runtime.inference_function(pyramid, "onnxruntime")
+    for insisted in ("onnxruntime", "openvino"):
+        with pytest.raises(ValueError, match="pyramid"):
+            runtime.inference_function(pyramid, insisted)
+    with pytest.raises(ValueError, match="int8' runs on the onnxruntime engine only"):
+        runtime.inference_function(classifier, "openvino", precision="int8")
     with pytest.raises(ValueError, match="engine must be one of"):
         runtime.inference_function(classifier, "tensorrt")
 

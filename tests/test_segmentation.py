@@ -110,6 +110,8 @@ def test_odd_sizes_and_the_onnx_engine_match(tiny, keras_tiny):
     assert _max_diff(keras_tiny.predict_on_batch(images), expected) <= TOLERANCE
     runner, engine = upernet_onnx.inference_function(keras_tiny, "onnxruntime")
     assert engine == "onnxruntime"
+    with pytest.raises(ValueError, match="Segmentation models run on onnxruntime or Keras"):
+        upernet_onnx.inference_function(keras_tiny, "openvino")
     assert _max_diff(runner(images), expected) <= TOLERANCE  # (a dynamic-size graph: export)
 
 

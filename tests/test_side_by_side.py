@@ -107,7 +107,7 @@ def test_every_contender_builds_and_runs_in_this_process(tmp_path):
               "model": "convnext_atto", "variant": "atto", "arch_name": spec.arch_name,
               "grn": False, "depths": list(spec.depths),
               "dims": list(spec.dims)}  # fmt: skip
-    kinds = [("keras", {"precision": "bf16"}),
+    kinds = [("engine", {"engine": runtime.cpu_graph_engine()}), ("keras", {"precision": "bf16"}),
              ("torch", {"mode": "eager"}), ("torch", {"mode": "bf16"}),
              ("onnxruntime", {"graph": str(tmp_path / "ours.onnx"), "session": "plain",
                               "layout": "nhwc"})]  # fmt: skip

@@ -98,11 +98,11 @@ def backend_option(f):
 
 #: Inference engines (``runtime.ENGINES``, repeated here: the CLI imports Keras only after
 #: ``--backend`` is read; a test keeps the two equal).
-ENGINES = ("auto", "onnxruntime", "keras")
+ENGINES = ("auto", "openvino", "onnxruntime", "keras")
 
 
 def engine_option(help_text: str):
-    """``--engine auto|onnxruntime|keras`` (``runtime.inference_function``'s choice)."""
+    """``--engine auto|openvino|onnxruntime|keras`` (``runtime.inference_function``'s choice)."""
     return click.option(
         "--engine", type=click.Choice(ENGINES), default="auto", show_default=True, help=help_text
     )
@@ -162,3 +162,32 @@ def calibration_option(f):
         "classify, to calibrate the quantization (default: scikit-image's and scikit-learn's "
         "sample photos).",
     )(f)
+
+
+def exit_if_skipped(results, what: str) -> None:
+    """After a per-image command: name each image that failed (``r.ok`` false, ``r.error``) on
+    stderr, then exit with status 1 if any did (``what``: "classified", "segmented")."""
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        click.echo(f"skipped: {r.error}", err=True)
+    if failed:
+        click.echo(f"{len(failed)} of {len(results)} images could not be {what}.", err=True)
+        sys.exit(1)
+
+
+def finish_evaluation(result, report, allow_unreadable: bool, noun: str) -> None:
+    """An evaluation's tail: the unreadable files (10 at most), the JSON report, and exit
+    status 1 when files could not be evaluated unless ``--allow-unreadable``."""
+    for item in result.unreadable[:10]:
+        click.echo(f"unreadable: {item['file']}: {item['error']}", err=True)
+    if len(result.unreadable) > 10:
+        click.echo(f"... and {len(result.unreadable) - 10} more (see --report)", err=True)
+    if report:
+        click.echo(f"report    {result.write(report)}")
+    if result.unreadable and not allow_unreadable:
+        click.echo(
+            f"{len(result.unreadable)} {noun}(s) could not be evaluated (exit status 1; "
+            "--allow-unreadable accepts that).",
+            err=True,
+        )
+        sys.exit(1)

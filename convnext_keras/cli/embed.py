@@ -47,7 +47,9 @@ from ._app import WEIGHTS_HELP, backend_option, engine_option, main, parse_weigh
     help="Images per part file (a killed run loses at most one part's work).",
 )
 @click.option("--workers", type=click.IntRange(min=1), help="Decoding threads (default: CPUs).")
-@engine_option("Inference engine (onnxruntime on a CPU when it can run the model).")
+@engine_option(
+    "Inference engine (auto: OpenVINO, else onnxruntime, on a CPU when it can run the model)."
+)
 @click.option(
     "--ray",
     "ray_address",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -14,6 +13,8 @@ from ._app import (
     backend_option,
     calibration_option,
     engine_option,
+    exit_if_skipped,
+    finish_evaluation,
     main,
     parse_weights,
     precision_option,
@@ -100,12 +101,7 @@ def predict_command(
                 click.echo(f"  {rank}. {p.name:<{width}}  {100 * p.probability:6.2f}%{wnid}")
             if r.cam_path:
                 click.echo(f"  Grad-CAM: {r.cam_path}")
-    failed = [r for r in results if not r.ok]
-    for r in failed:
-        click.echo(f"skipped: {r.error}", err=True)
-    if failed:
-        click.echo(f"{len(failed)} of {len(results)} images could not be classified.", err=True)
-        sys.exit(1)
+    exit_if_skipped(results, "classified")
 
 
 @main.command("eval")
@@ -141,7 +137,10 @@ def predict_command(
     is_flag=True,
     help="Exit with status 0 even when some files could not be evaluated (default: 1).",
 )
-@engine_option("auto: onnxruntime on a single CPU device when installed (as predict), else Keras.")
+@engine_option(
+    "auto: OpenVINO, else onnxruntime, on a single CPU device when installed (as predict), "
+    "else Keras."
+)
 @precision_option(_PRECISION_HELP)
 @calibration_option
 @backend_option
@@ -189,16 +188,4 @@ def eval_command(
         f" img/s; preprocessing {'-' if pre is None else f'{pre:.1f}'} img/s (first model call"
         f" {result.first_call_seconds:.1f} s)"
     )
-    for item in result.unreadable[:10]:
-        click.echo(f"unreadable: {item['file']}: {item['error']}", err=True)
-    if len(result.unreadable) > 10:
-        click.echo(f"... and {len(result.unreadable) - 10} more (see --report)", err=True)
-    if report:
-        click.echo(f"report    {result.write(report)}")
-    if result.unreadable and not allow_unreadable:
-        click.echo(
-            f"{len(result.unreadable)} file(s) could not be evaluated (exit status 1; "
-            "--allow-unreadable accepts that).",
-            err=True,
-        )
-        sys.exit(1)
+    finish_evaluation(result, report, allow_unreadable, "file")

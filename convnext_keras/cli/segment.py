@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -13,6 +12,8 @@ from ._app import (
     RANDOM_WEIGHTS_BANNER,
     backend_option,
     engine_option,
+    exit_if_skipped,
+    finish_evaluation,
     main,
     parse_weights,
 )
@@ -131,12 +132,7 @@ def segment_command(
                 click.echo(f"  ... {len(r.classes) - _SHOWN} more (see the legend or --json)")
             for kind, path in r.files.items():
                 click.echo(f"  {kind}: {path}")
-    failed = [r for r in results if not r.ok]
-    for r in failed:
-        click.echo(f"skipped: {r.error}", err=True)
-    if failed:
-        click.echo(f"{len(failed)} of {len(results)} images could not be segmented.", err=True)
-        sys.exit(1)
+    exit_if_skipped(results, "segmented")
 
 
 @main.command("eval-seg")
@@ -190,16 +186,4 @@ def eval_seg_command(
     for key, label in (("miou", "mIoU"), ("macc", "mAcc"), ("aacc", "aAcc")):
         click.echo(f"{label:<9} {getattr(result, key):.2f}%")
     click.echo(f"speed     {result.images_per_s:.2f} img/s ({result.seconds:.1f} s)")
-    for item in result.unreadable[:10]:
-        click.echo(f"unreadable: {item['file']}: {item['error']}", err=True)
-    if len(result.unreadable) > 10:
-        click.echo(f"... and {len(result.unreadable) - 10} more (see --report)", err=True)
-    if report:
-        click.echo(f"report    {result.write(report)}")
-    if result.unreadable and not allow_unreadable:
-        click.echo(
-            f"{len(result.unreadable)} image(s) could not be evaluated (exit status 1; "
-            "--allow-unreadable accepts that).",
-            err=True,
-        )
-        sys.exit(1)
+    finish_evaluation(result, report, allow_unreadable, "image")

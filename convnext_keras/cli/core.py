@@ -150,12 +150,17 @@ def fetch_command(names, folder):
                     "`convnext list` for the names that have one."
                 )
             wanted[resolved.checkpoint.filename] = resolved.checkpoint
+    paths = []
     for ckpt in wanted.values():
         path, how = hub.fetch_official(ckpt, folder)
         size = path.stat().st_size / 1e6
         click.echo(f"{path}  ({ckpt.name}, {size:,.1f} MB, {how})")
+        paths.append(path.expanduser().resolve())
     where = folder.expanduser().resolve()
+    # Segmentation files sit in a sub-folder (ade20k/), as on the official server.
+    command = "segment" if all(c.segmentation for c in wanted.values()) else "predict"
+    file = paths[0] if len(paths) == 1 else f"{where}/FILE"
     click.echo(
-        f"On the machine without internet: CONVNEXT_BASE_URL={where.as_uri()}/ convnext predict "
-        f"... --model NAME, or --weights {where}/FILE."
+        f"On the machine without internet: CONVNEXT_BASE_URL={where.as_uri()}/ convnext "
+        f"{command} ... --model NAME, or --weights {file}."
     )

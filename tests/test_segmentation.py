@@ -651,6 +651,17 @@ def test_segment_command_writes_label_maps_overlays_and_legends(
 # Export
 
 
+def test_tflite_export_of_a_segmentation_model_is_refused_in_one_line(tmp_path):
+    """TFLite's converter breaks the UperNet graph (a long multi-line error after a minute):
+    refused before any work.  The model is a stand-in with the UperNet's classifier name."""
+    images = keras.Input((None, None, 3), name="images")
+    logits = keras.layers.Conv2D(150, 1, name="decode_conv_seg")(images)
+    model = keras.Model(images, logits, name=TINY)
+    with pytest.raises(ValueError, match="not supported .* export it as savedmodel or onnx"):
+        ck.export(model, tmp_path / "m.tflite", format="tflite")
+    assert not list(tmp_path.iterdir())
+
+
 def test_savedmodel_and_onnx_exports_take_any_size(tiny, tmp_path, loopback_server, monkeypatch):
     """``convnext export NAME --format savedmodel --format onnx`` with the official weights
     (served on the loopback): both exports take any height/width (checked at two sizes,

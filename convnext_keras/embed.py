@@ -379,7 +379,8 @@ def embed(
         shard: ``"i/n"`` or ``(i, n)``: embed every n-th file from the i-th only.
         resolution: input size (default: the model's evaluation resolution); crop and
             interpolation stay the model's (``preprocess.config_for``).
-        part_size: images per part file.
+        part_size: images per part file, at least: a part ends with the first whole batch
+            that reaches it (the last part may hold fewer).
         workers: decoding threads (default: one per CPU).
         engine: "auto" (onnxruntime on a CPU when it can run the model, else Keras),
             "onnxruntime" or "keras" (``runtime.inference_function``).

@@ -51,7 +51,8 @@ from ._app import (
     default=4096,
     show_default=True,
     type=click.IntRange(min=1),
-    help="Images per part file (a killed run loses at most one part's work).",
+    help="Images per part file, at least (a part ends at the first whole batch that reaches "
+    "it; the last part may hold fewer). A killed run loses at most one part's work.",
 )
 @click.option("--workers", type=click.IntRange(min=1), help="Decoding threads (default: CPUs).")
 @engine_option("Inference engine (onnxruntime on a CPU when it can run the model).")

@@ -42,7 +42,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import preprocess, registry
-from .hub import atomic_path
+from .hub import HF_SCHEME, atomic_path
 from .interface import fix
 
 FORMAT = 1
@@ -379,7 +379,8 @@ def embed(
         shard: ``"i/n"`` or ``(i, n)``: embed every n-th file from the i-th only.
         resolution: input size (default: the model's evaluation resolution); crop and
             interpolation stay the model's (``preprocess.config_for``).
-        part_size: images per part file.
+        part_size: images per part file, at least: a part ends with the first whole batch
+            that reaches it (the last part may hold fewer).
         workers: decoding threads (default: one per CPU).
         engine: "auto" (OpenVINO, else onnxruntime, on a CPU when it can run the model, else
             Keras), "openvino", "onnxruntime" or "keras" (``runtime.inference_function``).
@@ -407,7 +408,12 @@ def embed(
     if not isinstance(part_size, int) or part_size < 1:
         raise EmbedError(f"part_size must be a positive integer, got {part_size!r}.")
     shard = parse_shard(shard)
-    registry.resolve(model)  # an unknown name fails here, with suggestions
+    if registry.resolve(model).head == "segmentation":  # an unknown name fails here too
+        raise EmbedError(
+            f"{model!r} is a semantic-segmentation model (per-pixel labels, no pooled "
+            "feature): embed takes a classifier, feature-extractor or encoder name (e.g. "
+            "convnext_tiny_1k_224_fe); label images with convnext segment."
+        )
     config = preprocess.config_for(model)
     if resolution is not None:
         config = preprocess.as_config((int(resolution), config.crop_pct, config.interpolation))
@@ -415,7 +421,7 @@ def embed(
             raise EmbedError(
                 f"resolution must be at least {registry.MIN_INPUT_SIZE} pixels, got {resolution}."
             )
-    if weights not in (None, "official"):
+    if weights not in (None, "official") and not str(weights).startswith(HF_SCHEME):
         weights = str(Path(weights).expanduser())
         if not Path(weights).is_file():
             raise FileNotFoundError(f"Weights file {weights} does not exist.")

@@ -335,8 +335,15 @@ def _segmentation(model) -> bool:
 
 
 def _plan(model, fmt, image_size, dynamic_size, include_preprocessing, verify_batch, seed):
+    if _segmentation(model) and fmt == "tflite":
+        # TFLite's converter writes the UperNet graph with tensors it then cannot allocate
+        # ("BytesRequired number of elements overflowed"), at 512 and at 64 pixels.
+        raise ValueError(
+            "TFLite export of a segmentation model is not supported (TFLite's converter "
+            "breaks the UperNet graph): export it as savedmodel or onnx."
+        )
     if dynamic_size is None:  # segmentation models take images of any size
-        dynamic_size = _segmentation(model) and fmt != "tflite"
+        dynamic_size = _segmentation(model)
     if include_preprocessing and _segmentation(model):
         raise ValueError(
             f"{fix('include_preprocessing', '--include-preprocessing')} is for classifiers: a "

@@ -999,6 +999,16 @@ def resolve(name: str) -> ResolvedName:
     spec = _by_arch_name().get(key)
     if spec is not None:
         return ResolvedName(None, spec, head or "classifier", key + suffix)
+    if (
+        "/" in name
+        or "\\" in name
+        or re.search(r"\.(onnx|pth|pt|bin|safetensors|h5|tflite|keras)$", key)
+    ):
+        raise UnknownModelError(
+            f"{name!r} is a file, not a model name: a model is a name of `convnext list` or a "
+            "saved .keras file; a checkpoint file (.pth/.bin/.safetensors) goes to "
+            f"{fix('weights=', '--weights')} with an architecture name (e.g. convnext_tiny)."
+        )
     choices = model_names()
     close = difflib.get_close_matches(key, choices, n=3, cutoff=0.6)
     hint = f" Did you mean {', '.join(close)}?" if close else ""

@@ -191,7 +191,7 @@ def evaluate_segmentation(
                 photo = np.asarray(preprocess.load_image(image))
                 if photo.shape[:2] != label.shape:
                     raise ValueError(
-                        f"{image}: the image is {photo.shape[1]}x{photo.shape[0]} but its "
+                        f"the image is {photo.shape[1]}x{photo.shape[0]} but its "
                         f"annotation {label.shape[1]}x{label.shape[0]}"
                     )
                 mask = label_map(
@@ -203,7 +203,10 @@ def evaluate_segmentation(
                     batch_size=batch_size,
                 )
             except (ValueError, FloatingPointError) as e:
-                unreadable.append({"file": str(image), "error": str(e)})
+                # The entry names the image; an error about the image itself gives its reason
+                # only (as evaluate's report), one about its annotation names that file.
+                own = isinstance(e, preprocess.ImageError) and e.path == str(image)
+                unreadable.append({"file": str(image), "error": e.reason if own else str(e)})
             else:
                 counts.update(mask, label)
                 evaluated += 1
@@ -213,6 +216,12 @@ def evaluate_segmentation(
         if bar:
             bar[0].stop()
     seconds = time.perf_counter() - start
+    if evaluated == 0:  # mIoU of nothing is NaN: say why instead
+        first = unreadable[0] if unreadable else {"file": str(data), "error": "no image"}
+        raise ValueError(
+            f"None of the {len(unreadable)} image(s) in {data} could be evaluated (e.g. "
+            f"{first['file']}: {first['error']}); fix or remove them and run again."
+        )
     metrics = counts.metrics()
     per_class = {
         name: {

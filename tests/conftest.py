@@ -242,7 +242,7 @@ def hub_server(tmp_path, monkeypatch):
     ``hub.token``; set ``hub.mode`` to break the downloads."""
     import types
 
-    import huggingface_hub
+    import huggingface_hub.constants  # the submodule: a package attribute only once imported
 
     hub = types.SimpleNamespace(
         root=tmp_path / "hub",

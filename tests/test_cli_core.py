@@ -167,3 +167,39 @@ def _raise(error):
 def test_plain_strips_terminal_codes():
     text = "\x1b[1mWeightsUnpickler error:\x1b[0m \x1b]8;;http://x\x07link\x1b]8;;\x07\r\n\tok\x9b"
     assert plain(text) == "WeightsUnpickler error: link\n\tok"
+
+
+def test_list_title_has_only_the_notes_of_the_rows_shown_and_a_pattern_must_match():
+    segmentation = CliRunner().invoke(main, ["list", "upernet"])
+    assert segmentation.exit_code == 0 and "(6 checkpoints)" in segmentation.output
+    assert "'_fe'" not in segmentation.output  # segmentation models have no _fe twin
+    assert "non-commercial" not in segmentation.output and "DINOv3" not in segmentation.output
+    v2 = CliRunner().invoke(main, ["list", "convnextv2_atto_1k*"])
+    assert "(1 checkpoint; add '_fe'" in v2.output and "non-commercial" in v2.output
+    assert "DINOv3 License" not in v2.output
+    nothing = CliRunner().invoke(main, ["list", "convnxt_tiny_1k_224"])
+    assert nothing.exit_code == 2 and nothing.output.count("\n") == 1, nothing.output
+    assert "matches no model name. Did you mean convnext_tiny_1k_224" in nothing.output
+
+
+@pytest.mark.parametrize(
+    "args, expected, command",
+    [
+        (["predict", "x.jpg", "--model", "m", "--top", "0"], "'--top': 0 is not in", "predict"),
+        (["predict", "x.jpg", "--model", "m", "--bogus"], "No such option '--bogus'", "predict"),
+        (["eval", "/no/such/folder", "--model", "m"], "does not exist", "eval"),
+        (["segment", "x.jpg", "--model", "m", "--slide", "--whole"], "exclude each", "segment"),
+        (["nosuchcommand"], "No such command 'nosuchcommand'", ""),
+        (["--bogus"], "No such option '--bogus'", ""),
+    ],
+)
+def test_a_bad_command_line_is_one_line_naming_the_help(args, expected, command):
+    result = CliRunner().invoke(main, args, prog_name="convnext")
+    assert result.exit_code == 2 and result.output.startswith("error: "), result.output
+    assert expected in result.output and result.output.count("\n") == 1, result.output
+    assert f"(see `{' '.join(['convnext', command]).strip()} --help`)" in result.output
+
+
+def test_a_bare_convnext_still_shows_the_help():
+    result = CliRunner().invoke(main, [])
+    assert "Commands:" in result.output and "segment" in result.output

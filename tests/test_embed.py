@@ -86,6 +86,7 @@ def _assert_features(out, expected):
 
 def test_one_process_writes_parts_manifest_and_the_model_s_features(single, expected):
     out, output = single
+    assert "RANDOM WEIGHTS (--weights none)" in output  # on stderr: features go to files
     assert "embedding 12 of 12 images with convnext_atto (32px)" in output
     assert "wrote 11 feature vectors in 2 part(s)" in output and "1 unreadable" in output
     manifest = json.loads((out / "manifest.json").read_text())
@@ -149,6 +150,7 @@ def test_an_interrupted_run_continues_where_it_stopped(images, expected, tmp_pat
         (["--shard", "x"], "shard must look like i/n"),
         (["--resolution", "64"], "holds features made with other settings"),
         (["--model", "convnext_atoo"], "Did you mean"),
+        (["--model", "upernet_convnext_tiny_ade20k_512"], "label images with convnext segment"),
     ],
 )
 def test_bad_options_are_one_line_errors(single, images, args, message):
@@ -157,6 +159,26 @@ def test_bad_options_are_one_line_errors(single, images, args, message):
     result = CliRunner().invoke(main, ["embed", str(images), "--out", str(out), *cli])
     assert result.exit_code == 2, result.output
     assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_weights_from_a_hub_address(images, tmp_path, hub_server):
+    """``--weights hf://ORG/REPO`` (served by the loopback Hub): the file's features."""
+    import torch_reference as ref
+
+    from convnext_keras import registry
+
+    spec = registry.VARIANTS["atto"]
+    file = ref.save_timm(ref.hf_model(spec.depths, spec.dims, 1000, seed=3),
+                         tmp_path / "model.safetensors", True)  # fmt: skip
+    (hub_server.root / "org/atto").mkdir(parents=True)
+    (hub_server.root / "org/atto/model.safetensors").write_bytes(file.read_bytes())
+    options = {**OPTIONS, "weights": "hf://org/atto"}
+    out = ck.embed(images, tmp_path / "out", **options, verbose=0)
+    model = ck.load_model("convnext_atto", weights=file, features="pooled")
+    features, paths = ck.load_features(out)
+    config = preprocess.PreprocessConfig(32, *preprocess.config_for("convnext_atto")[1:])
+    x = np.stack([preprocess.transform_file(images / p, config) for p in paths])
+    np.testing.assert_allclose(features, model.predict(x, verbose=0), rtol=1e-4, atol=1e-4)
 
 
 def test_an_empty_folder_and_a_folder_without_features_are_refused(tmp_path):

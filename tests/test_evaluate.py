@@ -378,6 +378,14 @@ def test_cli_eval_fails_when_files_could_not_be_evaluated(tmp_path):
     assert {Path(u["file"]).name for u in report["unreadable"]} == {"x.jpg", "cut.JPEG"}
     allowed = CliRunner().invoke(main, [*args, "--allow-unreadable"])
     assert allowed.exit_code == 0, allowed.output
+    # Nothing evaluable is an error, not "acc@1 0.000%", even with --allow-unreadable.
+    for wnid in (WNIDS[970], WNIDS[0]):
+        (root / wnid / "a.JPEG").write_bytes(b"not a photo")
+    nothing = CliRunner().invoke(main, [*args, "--allow-unreadable"])
+    assert nothing.exit_code == 2, nothing.output
+    assert "error: None of the 4 file(s)" in nothing.stderr and "acc@1" not in nothing.stdout
+    for wnid in (WNIDS[970], WNIDS[0]):
+        (root / wnid / "a.JPEG").write_bytes(photo)
 
     # NaN logits are a failure of that image, not a prediction.
     broken = fixed_model()

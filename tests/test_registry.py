@@ -126,6 +126,10 @@ def test_model_names_and_unknown_names():
     assert "convnextv2_huge" in registry.model_names(include_variants=True)
     with pytest.raises(registry.UnknownModelError, match="Did you mean convnextv2_tiny_1k_224"):
         registry.resolve("convnextv2_tiny_1k_244")
+    # A file where a name belongs says so (not a list of every architecture).
+    for path in ("/tmp/model.onnx", "exports/model", "convnext_tiny.pth"):
+        with pytest.raises(registry.UnknownModelError, match="is a file, not a model name"):
+            registry.resolve(path)
 
 
 def test_sources():

@@ -578,6 +578,27 @@ def test_eval_seg_command_gives_the_reference_miou(
     assert bad.exit_code == 2 and "not in the ADEChallengeData2016 layout" in bad.output
 
 
+def test_eval_seg_names_each_unreadable_image_once_and_refuses_to_score_nothing(
+    tmp_path, monkeypatch
+):
+    """A folder whose only image is not one: the report's entry gives the reason (the file is
+    its own field), and no mIoU of nothing (NaN) is printed - one line saying why, status 2.
+    The model is never called here, so none is built."""
+    images, annotations = (tmp_path / folder / "validation" for folder in ("images", "annotations"))
+    images.mkdir(parents=True)
+    annotations.mkdir(parents=True)
+    (images / "ADE_val_00000001.jpg").write_text("not a photo")
+    Image.fromarray(np.ones((4, 4), np.uint8), mode="L").save(annotations / "ADE_val_00000001.png")
+    row = registry.CHECKPOINTS[TINY].segmentation.eval
+    monkeypatch.setattr(segment, "_inference", lambda *args: (None, row))
+    monkeypatch.setattr(upernet_onnx, "inference_function", lambda *args: (None, "keras"))
+    result = CliRunner().invoke(main, ["eval-seg", str(tmp_path), "--model", TINY])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "None of the 1 image(s)" in result.output and "nan" not in result.output.lower()
+    assert result.output.count("ADE_val_00000001.jpg") == 1, result.output
+    assert "ADE_val_00000001.jpg: not an image format PIL knows" in result.output
+
+
 def test_segment_command_writes_label_maps_overlays_and_legends(
     tmp_path, small_settings, monkeypatch
 ):
@@ -630,6 +651,17 @@ def test_segment_command_writes_label_maps_overlays_and_legends(
 
 # ---------------------------------------------------------------------------------------------
 # Export
+
+
+def test_tflite_export_of_a_segmentation_model_is_refused_in_one_line(tmp_path):
+    """TFLite's converter breaks the UperNet graph (a long multi-line error after a minute):
+    refused before any work.  The model is a stand-in with the UperNet's classifier name."""
+    images = keras.Input((None, None, 3), name="images")
+    logits = keras.layers.Conv2D(150, 1, name="decode_conv_seg")(images)
+    model = keras.Model(images, logits, name=TINY)
+    with pytest.raises(ValueError, match="not supported .* export it as savedmodel or onnx"):
+        ck.export(model, tmp_path / "m.tflite", format="tflite")
+    assert not list(tmp_path.iterdir())
 
 
 def test_savedmodel_and_onnx_exports_take_any_size(tiny, tmp_path, loopback_server, monkeypatch):

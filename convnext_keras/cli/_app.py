@@ -16,6 +16,9 @@ class ConvnextGroup(click.Group):
     and exit status 2, never a traceback.  (Exit status 1 is a command's own "some inputs
     failed"; 3 a diverged fine-tuning run.)
 
+    A bad command line (an unknown option, a value out of range, a missing file argument)
+    is Click's usage error, printed here as one line too, naming the command's ``--help``.
+
     User errors: the library's (``CheckpointError``, ``DownloadError``, and every
     ``ValueError``: bad names, options, data, files), any ``OSError`` (a missing file, a full
     disk, a read-only or forbidden folder - named with its errno and the fix), and a write
@@ -23,9 +26,17 @@ class ConvnextGroup(click.Group):
     for a full disk).  Anything else is a bug and keeps its traceback.
     """
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:  # the group's own options (`convnext --bogus`)
+            _usage_exit(e, info_name or "convnext")
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:
+            _usage_exit(e, ctx.command_path)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as e:
@@ -34,6 +45,16 @@ class ConvnextGroup(click.Group):
                 raise
             click.echo(f"error: {message}", err=True)
             sys.exit(2)
+
+
+def _usage_exit(error: click.UsageError, command_path: str):
+    """A bad command line as one line on stderr (Click prints four), exit status 2.  A bare
+    ``convnext`` (Click >= 8.2's ``NoArgsIsHelpError``) still shows the help."""
+    if isinstance(error, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+        raise error
+    where = error.ctx.command_path if error.ctx is not None else command_path
+    click.echo(f"error: {error.format_message()} (see `{where} --help`)", err=True)
+    sys.exit(error.exit_code)
 
 
 def user_error(error: Exception) -> str | None:

@@ -16,6 +16,14 @@ def _score(row: dict) -> str:
     return "-" if row["acc1"] is None else f"{row['acc1']:.1f}"
 
 
+#: What the table's title says about a licence when one of the rows shown carries it.
+_LICENCE_NOTES = {
+    "CC-BY-NC-4.0": "CC-BY-NC-4.0 weights: non-commercial use only",
+    "LicenseRef-DINOv3": "LicenseRef-DINOv3: the DINOv3 License, accepted on the Hub, HF_TOKEN "
+    "to download",
+}
+
+
 @main.command("list")
 @click.argument("pattern", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -29,9 +37,18 @@ def list_command(pattern, as_json, markdown):
     under the DINOv3 License (accept it on the Hub; the download needs HF_TOKEN); timm's are
     Apache-2.0.
     """
-    from .. import api
+    from .. import api, registry
 
     rows = api.model_table(pattern)
+    if not rows:
+        import difflib
+
+        close = difflib.get_close_matches(pattern, registry.model_names(), n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"{pattern!r} matches no model name.{hint} Use a substring ('xlarge', 'upernet') "
+            "or a shell pattern ('convnext_base*384'); `convnext list` alone shows them all."
+        )
     if as_json:
         import json
 
@@ -56,10 +73,14 @@ def list_command(pattern, as_json, markdown):
         for row in cells:
             click.echo("| " + " | ".join(str(c) for c in row) + " |")
         return
+    twins = set(registry.model_names(include_fe=True))
+    notes = [f"{len(rows)} checkpoint{'s' if len(rows) != 1 else ''}"]
+    if any(f"{r['name']}_fe" in twins for r in rows):
+        notes.append("add '_fe' to a name for its feature extractor")
+    licences = {r["licence"] for r in rows}
+    notes += [note for licence, note in _LICENCE_NOTES.items() if licence in licences]
     echo_table(
-        f"ConvNeXt collection ({len(rows)} checkpoints; add '_fe' to a name for its feature "
-        "extractor; CC-BY-NC-4.0 weights: non-commercial use only; LicenseRef-DINOv3: the "
-        "DINOv3 License, accepted on the Hub, HF_TOKEN to download)",
+        f"ConvNeXt collection ({'; '.join(notes)})",
         [*header, "source", "cached"],
         [[*row, r["source"], "yes" if r["cached"] else "no"] for row, r in zip(cells, rows)],
         justify={1: "right", 2: "right", 3: "right", 5: "right"},
@@ -129,12 +150,17 @@ def fetch_command(names, folder):
                     "`convnext list` for the names that have one."
                 )
             wanted[resolved.checkpoint.filename] = resolved.checkpoint
+    paths = []
     for ckpt in wanted.values():
         path, how = hub.fetch_official(ckpt, folder)
         size = path.stat().st_size / 1e6
         click.echo(f"{path}  ({ckpt.name}, {size:,.1f} MB, {how})")
+        paths.append(path.expanduser().resolve())
     where = folder.expanduser().resolve()
+    # Segmentation files sit in a sub-folder (ade20k/), as on the official server.
+    command = "segment" if all(c.segmentation for c in wanted.values()) else "predict"
+    file = paths[0] if len(paths) == 1 else f"{where}/FILE"
     click.echo(
-        f"On the machine without internet: CONVNEXT_BASE_URL={where.as_uri()}/ convnext predict "
-        f"... --model NAME, or --weights {where}/FILE."
+        f"On the machine without internet: CONVNEXT_BASE_URL={where.as_uri()}/ convnext "
+        f"{command} ... --model NAME, or --weights {file}."
     )

@@ -5,7 +5,14 @@ from __future__ import annotations
 import click
 
 from .. import registry
-from ._app import WEIGHTS_HELP, backend_option, engine_option, main, parse_weights
+from ._app import (
+    RANDOM_WEIGHTS_BANNER,
+    WEIGHTS_HELP,
+    backend_option,
+    engine_option,
+    main,
+    parse_weights,
+)
 
 
 @main.command("embed")
@@ -44,7 +51,8 @@ from ._app import WEIGHTS_HELP, backend_option, engine_option, main, parse_weigh
     default=4096,
     show_default=True,
     type=click.IntRange(min=1),
-    help="Images per part file (a killed run loses at most one part's work).",
+    help="Images per part file, at least (a part ends at the first whole batch that reaches "
+    "it; the last part may hold fewer). A killed run loses at most one part's work.",
 )
 @click.option("--workers", type=click.IntRange(min=1), help="Decoding threads (default: CPUs).")
 @engine_option(
@@ -87,11 +95,14 @@ def embed_command(
     again with the same options; unreadable files are listed in the manifest."""
     from ..embed import embed
 
+    weights = parse_weights(weights)
+    if weights is None:  # stderr: the features themselves go to files
+        click.echo(RANDOM_WEIGHTS_BANNER, err=True)
     embed(
         images_dir,
         out,
         model=model,
-        weights=parse_weights(weights),
+        weights=weights,
         batch_size=batch_size,
         format=output_format,
         shard=shard,

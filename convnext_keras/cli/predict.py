@@ -170,6 +170,13 @@ def eval_command(
         precision=precision,
         calibration=calibration,
     )
+    if result.evaluated == 0:  # an accuracy of nothing: say why instead (also with
+        # --allow-unreadable, which accepts some files failing, not all)
+        first = result.unreadable[0] if result.unreadable else {"file": data, "error": "none"}
+        raise ValueError(
+            f"None of the {len(result.unreadable)} file(s) in {data} could be evaluated (e.g. "
+            f"{first['file']}: {first['error']}); fix or remove them and run again."
+        )
     if result.config.get("random_weights"):
         click.echo(RANDOM_WEIGHTS_BANNER)
     click.echo(

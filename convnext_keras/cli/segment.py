@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -31,19 +32,27 @@ _SHOWN = 8
 
 
 def _inference_options(f):
-    """The options ``segment`` and ``eval-seg`` share: mode, multi-scale, batch, precision."""
+    """The options ``segment`` and ``eval-seg`` share: mode, multi-scale, batch, precision.
+    ``--slide`` / ``--whole`` reach the command as ``mode`` ("slide", "whole" or None: the
+    row's); both at once is a usage error."""
+
+    command = f
+
+    @functools.wraps(command)
+    def with_mode(*args, slide, whole, **kwargs):
+        if slide and whole:
+            raise click.UsageError("--slide and --whole exclude each other: give one of them.")
+        return command(*args, mode="slide" if slide else "whole" if whole else None, **kwargs)
+
+    f = with_mode
     for option in reversed(
         [
             click.option(
                 "--slide",
-                "mode",
-                flag_value="slide",
-                default=None,
+                is_flag=True,
                 help="Sliding windows of the model's crop (the official single-scale mode).",
             ),
-            click.option(
-                "--whole", "mode", flag_value="whole", help="The whole image in one pass."
-            ),
+            click.option("--whole", is_flag=True, help="The whole image in one pass."),
             click.option(
                 "--multi-scale",
                 is_flag=True,

@@ -158,7 +158,7 @@ def test_a_model_with_layers_of_its_own_stays_on_keras():
 
 
 def test_openvino_runner_any_batch_and_its_outputs_are_its_own():
-    """Batches 1 and 3 through one compiled graph per size; a result is a copy, not a view of
+    """Batches 1 and 3, one compiled graph per shape; a result is a copy, not a view of
     OpenVINO's output buffer that the next call overwrites."""
     model = ck.build_model("atto", num_classes=7, layer_scale_init=None)
     runner = runtime.OpenVinoRunner(model, threads=1)
@@ -170,7 +170,7 @@ def test_openvino_runner_any_batch_and_its_outputs_are_its_own():
             runner(images), model.predict_on_batch(images), atol=TOLERANCE, rtol=0
         )
     np.testing.assert_array_equal(first, kept)
-    assert list(runner._requests) == [(64, 64)]
+    assert list(runner._requests) == [(1, 64, 64, 3), (3, 64, 64, 3)]
     with pytest.raises(ValueError, match="got shape"):
         runner(np.zeros((64, 64, 3), np.float32))
 

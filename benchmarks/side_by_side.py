@@ -172,6 +172,8 @@ def _ort_calls(params: dict) -> dict:
     else:  # onnxruntime's defaults, with the same thread count
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = params["threads"], 1
+        if params.get("no_spinning"):
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     calls = {}
@@ -457,13 +459,17 @@ def bf16_accuracy(model32, model16, resolution: int) -> dict:
 
 def _pair_check(conn, params: dict) -> None:
     """The issue's two-contender method: this library's default engine and onnxruntime on the
-    export in one process, alternating single calls after 2 warm-up calls each."""
+    export in one process, alternating single calls after 2 warm-up calls each.  When the
+    default engine is another runtime (OpenVINO), the reference's threads do not spin after
+    its call: spinning, they took the next call's cores from OpenVINO (0.74x at batch 1 in one
+    process, 1.07x with spinning off, 1.05-1.11x in separate processes; BENCHMARKS.md)."""
     _die_with_parent()
     try:
         folder = Path(params["folder"])
         ours = _engine_calls(params)
         ref = _ort_calls({**params, "graph": str(folder / "hf.onnx"), "session": "plain",
-                          "layout": "nchw"})  # fmt: skip
+                          "layout": "nchw",
+                          "no_spinning": params["engine"] != "onnxruntime"})  # fmt: skip
         out = {}
         for bs in params["batch_sizes"]:
             for _ in range(2):

@@ -621,3 +621,13 @@ def test_tensorflow_s_full_disk_error_while_writing_variables_is_a_write_error(
         main, ["export", "convnext_atto", "--weights", "none", "--out", str(tmp_path)]
     )
     assert result.exit_code == 2 and "(ENOSPC)" in result.output, result.output
+
+
+def test_cli_export_of_random_weights_says_so_once(tmp_path):
+    """Several formats of a random-weights model: the banner once, then one line per file."""
+    args = ["export", "convnext_atto", "--weights", "none", "--image-size", "64",
+            "--format", "onnx", "--format", "keras", "--out", str(tmp_path)]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("RANDOM WEIGHTS") == 1
+    assert result.stdout.count("wrote ") == 2

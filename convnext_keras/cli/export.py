@@ -103,9 +103,9 @@ def export_command(
 
         click.echo(json.dumps([r.to_dict() for r in results], indent=2))
         return
+    if any(r.random_weights for r in results):  # once, however many formats were written
+        click.echo(RANDOM_WEIGHTS_BANNER)
     for r in results:
-        if r.random_weights:
-            click.echo(RANDOM_WEIGHTS_BANNER)
         click.echo(
             f"wrote {r.path} ({r.format}; input {list(r.input_shape)} {r.input_dtype}; "
             f"outputs {', '.join(r.outputs)}; {r.seconds}s)"

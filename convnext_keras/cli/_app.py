@@ -212,3 +212,27 @@ def finish_evaluation(result, report, allow_unreadable: bool, noun: str) -> None
             err=True,
         )
         sys.exit(1)
+
+
+def evaluation_options(noun: str, report_help: str):
+    """The options every evaluation command shares: ``--limit N``, ``--report FILE`` (JSON,
+    ``report_help`` says what is in it) and ``--allow-unreadable`` (``noun``: "files",
+    "images")."""
+    import pathlib
+
+    def decorate(f):
+        f = click.option(
+            "--allow-unreadable",
+            is_flag=True,
+            help=f"Exit with status 0 even when some {noun} could not be evaluated (default: 1).",
+        )(f)
+        f = click.option(
+            "--report", type=click.Path(dir_okay=False, path_type=pathlib.Path), help=report_help
+        )(f)
+        return click.option(
+            "--limit",
+            type=click.IntRange(min=1),
+            help="Evaluate a fixed random subset of N images.",
+        )(f)
+
+    return decorate

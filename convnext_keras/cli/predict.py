@@ -13,6 +13,7 @@ from ._app import (
     backend_option,
     calibration_option,
     engine_option,
+    evaluation_options,
     exit_if_skipped,
     finish_evaluation,
     main,
@@ -109,13 +110,8 @@ def predict_command(
 @click.option("--model", "model_name", required=True, help=_MODEL_HELP)
 @click.option("--weights", default="official", show_default=True, help=WEIGHTS_HELP)
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--limit", type=click.IntRange(min=1), help="Evaluate a fixed random subset of N images."
-)
-@click.option(
-    "--report",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write a JSON report: per-class accuracy, unreadable files, per-image top-5.",
+@evaluation_options(
+    "files", "Write a JSON report: per-class accuracy, unreadable files, per-image top-5."
 )
 @click.option(
     "--ground-truth",
@@ -131,11 +127,6 @@ def predict_command(
 )
 @click.option(
     "--single-device", is_flag=True, help="Do not replicate the model over several devices."
-)
-@click.option(
-    "--allow-unreadable",
-    is_flag=True,
-    help="Exit with status 0 even when some files could not be evaluated (default: 1).",
 )
 @engine_option(
     "auto: OpenVINO, else onnxruntime, on a single CPU device when installed (as predict), "

@@ -13,6 +13,7 @@ from ._app import (
     RANDOM_WEIGHTS_BANNER,
     backend_option,
     engine_option,
+    evaluation_options,
     exit_if_skipped,
     finish_evaluation,
     main,
@@ -148,20 +149,10 @@ def segment_command(
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--model", "model_name", required=True, help=_MODEL_HELP)
 @click.option("--weights", default="official", show_default=True, help=_WEIGHTS_HELP)
-@click.option(
-    "--limit", type=click.IntRange(min=1), help="Evaluate a fixed random subset of N images."
-)
-@click.option(
-    "--report",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write a JSON report: per-class IoU and accuracy, unreadable files, settings.",
+@evaluation_options(
+    "images", "Write a JSON report: per-class IoU and accuracy, unreadable files, settings."
 )
 @_inference_options
-@click.option(
-    "--allow-unreadable",
-    is_flag=True,
-    help="Exit with status 0 even when some images could not be evaluated (default: 1).",
-)
 @backend_option
 def eval_seg_command(
     data, model_name, weights, limit, report, mode, multi_scale, batch_size, precision,

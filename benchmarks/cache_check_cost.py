@@ -37,7 +37,8 @@ def main() -> None:
     from safetensors import safe_open
 
     import convnext_keras as ck
-    from convnext_keras import hub, registry
+    from convnext_keras import registry
+    from convnext_keras.weights import cache as hub
 
     for variant in args.variants:
         ckpt = registry.CHECKPOINTS[f"convnext_{variant}_1k_224"]

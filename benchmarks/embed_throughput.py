@@ -57,11 +57,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import convnext_keras as ck
-    from convnext_keras import bench
+    from convnext_keras.tasks import bench
 
     work = Path(tempfile.mkdtemp(prefix="embed_bench_"))
     folder = photos(work / "photos", args.images)
-    embed_lib = importlib.import_module("convnext_keras.embed")
+    embed_lib = importlib.import_module("convnext_keras.tasks.embed")
     advance = embed_lib._Progress.advance
     stamps: list[tuple[float, int]] = []
 

@@ -26,7 +26,7 @@ results as JSON lines and a log; the main process prints one table last and writ
   that gradient against cuDNN's per stage (job ``kernel_grad``; ``GPU_BENCH_KG_CONFIG=hires`` /
   ``base``: at that job's model and resolution); per
   stage, the first pointwise layer + GELU as XLA runs it against the fused Pallas kernel of
-  ``convnext_keras.pallas_matmul`` (job ``pointwise``)
+  ``convnext_keras.kernels.matmul`` (job ``pointwise``)
   (``GPU_BENCH_VARIANTS`` adds ``"dw shifted-sum"``, the depthwise convolution as 49 fused
   shifted multiply-adds, and ``"jax.nn.gelu erfc, before"``, the GELU this library used before,
   to every inference job).
@@ -372,8 +372,9 @@ def jax_worker(w: Worker):
     import keras
     import numpy as np
 
-    from convnext_keras import bench, build_model
-    from convnext_keras.model import dtype_policy
+    from convnext_keras import build_model
+    from convnext_keras.nets.convnext import dtype_policy
+    from convnext_keras.tasks import bench
 
     cfg = w.config
     w.record(
@@ -570,13 +571,13 @@ def _set_gelu(model, activation):
 
 def _fuse_pointwise(model):
     """Run every block's first pointwise layer (Dense + GELU) as the fused Pallas kernel of
-    convnext_keras.pallas_matmul - a benchmark-only swap of the layer's class (same weights),
+    convnext_keras.kernels.matmul - a benchmark-only swap of the layer's class (same weights),
     to time the whole network with it before the library offers it."""
     import math
 
     import keras
 
-    from convnext_keras import pallas_matmul as pm
+    from convnext_keras.kernels import matmul as pm
 
     class FusedDenseGelu(keras.layers.Dense):
         def call(self, inputs, training=None):
@@ -598,7 +599,7 @@ def _fuse_pointwise(model):
 def _set_depthwise(model, implementation: str):
     """Pick the library DepthwiseConv2D's implementation ("native" = cuDNN/XLA conv, "shifted",
     "pallas", "xla" = XLA's conv with the input gradient as a forward conv)."""
-    from convnext_keras.layers import DepthwiseConv2D
+    from convnext_keras.nets.layers import DepthwiseConv2D
 
     for layer in model.layers:
         if isinstance(layer, DepthwiseConv2D):
@@ -693,7 +694,7 @@ def _depthwise_stages(w: Worker, cfg, sync):
     import jax.numpy as jnp
     import numpy as np
 
-    from convnext_keras import pallas_depthwise as pdw
+    from convnext_keras.kernels import depthwise as pdw
 
     _, res, batch = _model_config(cfg, "GPU_BENCH_DW_CONFIG", "infer")
     rng = np.random.default_rng(0)
@@ -759,7 +760,7 @@ def _kernel_grad_stages(w: Worker, cfg, sync):
     import jax.numpy as jnp
     import numpy as np
 
-    from convnext_keras import pallas_depthwise as pdw
+    from convnext_keras.kernels import depthwise as pdw
     from convnext_keras.registry import VARIANTS
 
     variant, res, _ = _model_config(cfg, "GPU_BENCH_KG_CONFIG", "train")
@@ -807,7 +808,7 @@ def _kernel_grad_stages(w: Worker, cfg, sync):
 def _pallas_launch(num_warps: int | None, block_h: int | None, max_block_w: int | None = None):
     """The Pallas depthwise kernel's module-wide launch settings for the block (what a model
     traced inside it compiles with), then restored; None keeps a setting."""
-    from convnext_keras import pallas_depthwise as pdw
+    from convnext_keras.kernels import depthwise as pdw
 
     before = pdw.NUM_WARPS, pdw.BLOCK_H, pdw.MAX_BLOCK_W
     pdw.NUM_WARPS = num_warps or pdw.NUM_WARPS
@@ -839,12 +840,12 @@ def _environment(name: str, value: str | None):
 def _pointwise_stages(w: Worker, cfg, sync):
     """The first pointwise layer of each ConvNeXt-T stage (bf16): XLA's product (cuBLAS) + bias
     + this library's GELU, as the model runs it, against the fused Pallas kernel of
-    convnext_keras.pallas_matmul (two launch settings; GPU_BENCH_MM_SWEEP=1: more)."""
+    convnext_keras.kernels.matmul (two launch settings; GPU_BENCH_MM_SWEEP=1: more)."""
     import jax
     import jax.numpy as jnp
 
-    from convnext_keras import pallas_matmul as pm
-    from convnext_keras.layers import gelu
+    from convnext_keras.kernels import matmul as pm
+    from convnext_keras.nets.layers import gelu
 
     _, res, batch = cfg["infer"]
     key = jax.random.key(0)
@@ -895,7 +896,7 @@ def _block_parts(w: Worker, cfg, sync):
     import jax.numpy as jnp
     import numpy as np
 
-    from convnext_keras.layers import gelu as convnext_gelu
+    from convnext_keras.nets.layers import gelu as convnext_gelu
 
     _, res, batch = cfg["infer"]
     side, dim = res // 4, 96
@@ -967,7 +968,7 @@ def _block_parts(w: Worker, cfg, sync):
         "pwconv2": (mlp_out, h),
         "bias + GELU erfc (jax.nn.gelu), bf16": (gelu_exact_bf16, h),
         "bias + GELU erfc (jax.nn.gelu), f32 inside": (gelu_exact_f32, h),
-        "bias + GELU erf (convnext_keras.layers.gelu)": (gelu_library, h),
+        "bias + GELU erf (convnext_keras.nets.layers.gelu)": (gelu_library, h),
         "bias + GELU tanh, bf16": (gelu_tanh_bf16, h),
         "whole block": (block, x),
     }

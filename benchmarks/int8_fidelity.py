@@ -67,7 +67,7 @@ def patches_folder(root: Path, crop: int, seed: int = 0) -> Path:
     photo, training ones left of :data:`PATCH_SPLIT` of the width, held-out ones right of it."""
     from PIL import Image
 
-    from convnext_keras import runtime
+    from convnext_keras.engines import graph as runtime
 
     rng = np.random.default_rng(seed)
     for photo in runtime.sample_photos():
@@ -132,7 +132,8 @@ def compare(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray) -> dict:
 
 def measure(dataset: str, layer_scale: float, args, work: Path) -> dict:
     import convnext_keras as ck
-    from convnext_keras import registry, runtime
+    from convnext_keras import registry
+    from convnext_keras.engines import graph as runtime
 
     resolution = args.resolution if dataset == "patches" else args.digits_resolution
     if dataset == "digits":
@@ -269,7 +270,7 @@ def main():
 
     from side_by_side import write_results
 
-    from convnext_keras import bench
+    from convnext_keras.tasks import bench
 
     started = datetime.datetime.now(datetime.timezone.utc)
     datasets = ["digits", "patches"] if args.dataset == "both" else [args.dataset]

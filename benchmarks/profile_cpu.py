@@ -75,7 +75,9 @@ def main():
     import torch
     from side_by_side import hf_peer, loadavg, onnx_export
 
-    from convnext_keras import bench, registry, runtime
+    from convnext_keras import registry
+    from convnext_keras.engines import graph as runtime
+    from convnext_keras.tasks import bench
 
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)

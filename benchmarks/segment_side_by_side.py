@@ -106,8 +106,9 @@ def _prepare(conn, params: dict) -> None:
         import torch
 
         import convnext_keras as ck
-        from convnext_keras import bench, upernet_onnx
-        from convnext_keras.export import export
+        from convnext_keras.engines import upernet_graph as upernet_onnx
+        from convnext_keras.export.exporter import export
+        from convnext_keras.tasks import bench
 
         folder, res = Path(params["folder"]), params["resolution"]
         model = ck.load_model(NAME, weights=None)
@@ -203,7 +204,7 @@ def main() -> None:
 
 
 def measure(args, spec, resolution: int, folder: Path) -> dict:
-    from convnext_keras.bench import cpu_description
+    from convnext_keras.tasks.bench import cpu_description
 
     params = {
         "folder": str(folder),

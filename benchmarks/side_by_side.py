@@ -166,7 +166,7 @@ def _ort_calls(params: dict) -> dict:
 
     data = Path(params["graph"]).read_bytes()
     if params["session"] == "library":  # exactly the session the default engine makes
-        from convnext_keras import runtime
+        from convnext_keras.engines import graph as runtime
 
         session = runtime.onnx_session(data, params["threads"])
     else:  # onnxruntime's defaults, with the same thread count
@@ -217,7 +217,7 @@ def _openvino_calls(params: dict) -> dict:
 def _keras_calls(params: dict) -> dict:
     import keras
 
-    from convnext_keras import bench
+    from convnext_keras.tasks import bench
 
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
@@ -270,7 +270,8 @@ def _engine_calls(params: dict) -> dict:
     """This library's default CPU engine exactly as ``predict`` / ``eval`` run it: the runner
     ``runtime.inference_function`` picks for a float32 ConvNeXt (OpenVINO, else onnxruntime,
     on this library's graph; threads from ``CONVNEXT_THREADS``, which the harness sets)."""
-    from convnext_keras import bench, runtime
+    from convnext_keras.engines import graph as runtime
+    from convnext_keras.tasks import bench
 
     model, _ = bench.bench_model(params["model"], resolution=params["resolution"])
     fn, engine = runtime.inference_function(model)
@@ -400,7 +401,9 @@ def _prepare(conn, params: dict) -> None:
     try:
         import torch
 
-        from convnext_keras import bench, preprocess, runtime
+        from convnext_keras import preprocess
+        from convnext_keras.engines import graph as runtime
+        from convnext_keras.tasks import bench
 
         torch.set_num_threads(params["threads"])
         folder, res = Path(params["folder"]), params["resolution"]
@@ -445,7 +448,8 @@ def _prepare(conn, params: dict) -> None:
 
 def bf16_accuracy(model32, model16, resolution: int) -> dict:
     """bf16 vs float32 logits of the same weights on real photos: relative error, top-1."""
-    from convnext_keras import preprocess, runtime
+    from convnext_keras import preprocess
+    from convnext_keras.engines import graph as runtime
 
     images = runtime.calibration_images(None, (resolution, preprocess.DEFAULT_CROP_PCT))
     ref = np.asarray(model32.predict_on_batch(images), np.float64)
@@ -1030,7 +1034,9 @@ def main():
     # Inherited by every worker before it imports numpy / torch / TensorFlow.
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "CONVNEXT_THREADS"):
         os.environ[var] = str(threads)
-    from convnext_keras import bench, registry, runtime
+    from convnext_keras import registry
+    from convnext_keras.engines import graph as runtime
+    from convnext_keras.tasks import bench
 
     spec = registry.resolve(args.model).variant
     variant = spec.name

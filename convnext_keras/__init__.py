@@ -13,36 +13,35 @@ itself is imported (``_registration``), so ``keras.saving.load_model("m.keras")`
 
 import lazy_loader as _lazy
 
-from . import _registration
+from convnext_keras import _registration
 
 __version__ = "0.1.0"
 
 #: Module -> the public names it defines, imported on first access.
 _PUBLIC = {
     "api": ["OFFICIAL", "convert_checkpoint", "count_params", "list_models", "load_model"],
-    "checkpoints": [
+    "weights.convert": [
         "CheckpointError",
         "UnsafeCheckpointError",
         "convert_state_dict",
         "read_state_dict",
     ],
-    "embed": ["EmbedError", "embed", "load_features"],
-    "export": ["ExportError", "VerificationError", "export"],
-    "hub": ["DownloadError"],
-    "layers": ["GlobalResponseNormalization", "LayerScale", "StochasticDepth"],
-    "model": ["build_model"],
-    "predict": ["decode_predictions", "predict_files"],
+    "tasks.embed": ["EmbedError", "embed", "load_features"],
+    "export.exporter": ["ExportError", "VerificationError", "export"],
+    "weights.cache": ["DownloadError"],
+    "nets.layers": ["GlobalResponseNormalization", "LayerScale", "StochasticDepth"],
+    "nets.convnext": ["build_model"],
+    "tasks.predict": ["decode_predictions", "predict_files"],
     "preprocess": ["ImageError", "eval_transform", "load_image"],
     "registry": ["UnknownModelError"],
-    "segment": ["segment_files"],
+    "tasks.segment": ["segment_files"],
 }
 
-#: Submodules reachable as attributes (``ck.hub.official_weights``), also imported on first use.
+#: Packages reachable as attributes (``ck.weights``, ``ck.tasks``), imported on first use.
 _SUBMODULES = [
-    *("api", "bench", "checkpoints", "collection", "evaluate", "finetune", "gradcam", "hub"),
-    *("interface", "labels", "layers", "model", "predict", "preprocess", "registry", "runtime"),
-    *("ade20k", "seg_eval", "segment", "upernet"),
-]  # (``export`` and ``embed`` are functions; import their modules by name)
+    *("api", "data", "engines", "errors", "finetune", "interface", "kernels", "nets"),
+    *("preprocess", "registry", "tasks", "weights"),
+]  # (``export`` is a function; import the package by its name)
 
 __getattr__, __dir__, _ = _lazy.attach(__name__, _SUBMODULES, _PUBLIC)
 __all__ = sorted(["finetune", "registry", *(n for names in _PUBLIC.values() for n in names)])

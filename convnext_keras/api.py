@@ -6,8 +6,10 @@ import contextlib
 import os
 from pathlib import Path
 
-from . import checkpoints, hub, registry
-from .interface import fix
+from convnext_keras import registry
+from convnext_keras.interface import fix
+from convnext_keras.weights import cache as hub
+from convnext_keras.weights import convert as checkpoints
 
 #: ``weights=`` value meaning "the official checkpoint of this name" (downloaded and cached).
 OFFICIAL = "official"
@@ -108,7 +110,7 @@ def count_params(variant: str | registry.Variant, num_classes: int | None = None
 def count_segmentation_params(
     variant: str | registry.Variant, head: registry.UperNetHead, num_classes: int
 ) -> int:
-    """Parameter count of a UperNet-ConvNeXt (:func:`convnext_keras.upernet.build_upernet`)
+    """Parameter count of a UperNet-ConvNeXt (:func:`convnext_keras.nets.upernet.build_upernet`)
     without building it, as Keras counts it: BatchNorm's moving mean and variance included;
     the training-only auxiliary head, which the model leaves out, excluded."""
     spec = registry.variant(variant)
@@ -145,7 +147,7 @@ def load_model(
             and Hub repository names too), its feature-extractor twin (``..._fe``), an
             architecture (``convnext_atto``, ``convnextv2_atto``, ``convnext_iso_small``), or a
             semantic-segmentation model (``upernet_convnext_tiny_ade20k_512``: images ->
-            per-pixel logits, see :func:`convnext_keras.segment.load_segmentation_model`).
+            per-pixel logits, see :func:`convnext_keras.tasks.segment.load_segmentation_model`).
             Licences differ (ConvNeXt V2: CC BY-NC 4.0, non-commercial; DINOv3: the DINOv3
             License; timm's: Apache-2.0): ``registry.CHECKPOINTS[name].licence`` and
             ``convnext list`` show each.
@@ -178,7 +180,7 @@ def load_model(
             pooled features.  Faster on GPUs; on CPUs without native bfloat16 slower than
             float32 (BENCHMARKS.md).  The global policy is left as it was.
     """
-    from .model import (
+    from convnext_keras.nets.convnext import (
         build_for_loading,
         build_model,
         check_head,
@@ -188,8 +190,8 @@ def load_model(
     )
 
     resolved = registry.resolve(name)
-    if resolved.head == "segmentation":  # a UperNet-ConvNeXt: convnext_keras.segment
-        from .segment import load_segmentation_model
+    if resolved.head == "segmentation":  # a UperNet-ConvNeXt: convnext_keras.tasks.segment
+        from convnext_keras.tasks.segment import load_segmentation_model
 
         if features is not None or num_classes is not None:
             raise ValueError(
@@ -282,8 +284,8 @@ def load_keras_file(path: str | os.PathLike, *, compile: bool = False):
     """
     import keras
 
-    from . import layers  # noqa: F401  (registers this library's layers)
-    from .errors import plain
+    from convnext_keras.errors import plain
+    from convnext_keras.nets import layers  # noqa: F401  (registers this library's layers)
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -331,7 +333,7 @@ def convert_checkpoint(
         raise FileExistsError(
             f"{out} exists; pass {fix('overwrite=True', '--overwrite')} to replace it."
         )
-    from .errors import writing
+    from convnext_keras.errors import writing
 
     model = load_model(name, weights=checkpoint, features=features)
     with writing(out, "the model file"):

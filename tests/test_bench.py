@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from convnext_keras import bench, registry
+from convnext_keras import registry
 from convnext_keras.cli import main
+from convnext_keras.tasks import bench
 
 
 def test_timing_statistics():

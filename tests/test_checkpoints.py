@@ -14,7 +14,8 @@ import torch
 import torch_reference as ref
 
 import convnext_keras as ck
-from convnext_keras import checkpoints, registry
+from convnext_keras import registry
+from convnext_keras.weights import convert as checkpoints
 
 ATTO = registry.VARIANTS["atto"]
 
@@ -104,7 +105,7 @@ def test_safetensors_are_read_without_pytorch(atto_torch, tmp_path):
         "        if name.split('.')[0] == 'torch':\n"
         "            raise ImportError('PyTorch is blocked in this test')\n"
         "sys.meta_path.insert(0, NoTorch())\n"
-        "from convnext_keras.checkpoints import read_state_dict, convert_state_dict\n"
+        "from convnext_keras.weights.convert import read_state_dict, convert_state_dict\n"
         f"w = convert_state_dict(read_state_dict({str(path)!r}), 'atto')\n"
         "print(len(w), 'torch' in sys.modules)\n"
     )
@@ -289,7 +290,7 @@ def test_fcmae_sparse_layout_recovers_the_dense_network(atto_v2_torch, tmp_path,
         assert torch.equal(_remap_as_the_original_does(kernel), dense[key]), key
 
     numpy_sparse = {k: v.numpy() for k, v in sparse.items()}
-    with caplog.at_level(logging.DEBUG, logger="convnext_keras.checkpoints"):
+    with caplog.at_level(logging.DEBUG, logger="convnext_keras.weights.convert"):
         converted = ck.convert_state_dict(numpy_sparse, ATTO_V2)
     _assert_converted_equal(
         {k: v for k, v in converted.items() if k != "head_norm"},

@@ -13,8 +13,9 @@ import torch_reference as ref
 from click.testing import CliRunner
 
 import convnext_keras as ck
-from convnext_keras import collection, registry
+from convnext_keras import registry
 from convnext_keras.cli import main
+from convnext_keras.export import collection
 
 TF = keras.backend.backend() == "tensorflow"
 

@@ -28,7 +28,7 @@ from convnext_keras import preprocess
 from convnext_keras.cli import main
 
 # (``ck.embed`` is the function; the module by its name)
-embed_lib = importlib.import_module("convnext_keras.embed")
+embed_lib = importlib.import_module("convnext_keras.tasks.embed")
 
 OPTIONS = dict(model="convnext_atto", weights=None, resolution=32, batch_size=3, part_size=4)
 CLI = ["--model", "convnext_atto", "--weights", "none", "--resolution", "32"]

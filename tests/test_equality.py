@@ -30,7 +30,7 @@ import torch_reference as ref
 
 import convnext_keras as ck
 from convnext_keras import registry
-from convnext_keras.model import build_for_loading
+from convnext_keras.nets.convnext import build_for_loading
 
 TOLERANCE = 1e-4
 LAYOUTS_SKIPPED_FOR = ("large", "xlarge")

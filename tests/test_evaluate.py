@@ -25,9 +25,10 @@ from PIL import Image, ImageOps
 from test_preprocess import SKIMAGE, SKLEARN, reference
 
 import convnext_keras as ck
-from convnext_keras import labels, runtime
 from convnext_keras.cli import main
-from convnext_keras.evaluate import evaluate, find_dataset
+from convnext_keras.data import labels
+from convnext_keras.engines import graph as runtime
+from convnext_keras.tasks.evaluate import evaluate, find_dataset
 
 WNIDS = labels.imagenet_1k().wnids
 SOURCES = [
@@ -207,7 +208,7 @@ def test_wnid_per_line_ground_truth_and_explicit_file(tmp_path):
 
 
 def test_top5_equals_a_stable_full_sort_with_ties():
-    from convnext_keras.evaluate import _top5
+    from convnext_keras.tasks.evaluate import _top5
 
     rng = np.random.default_rng(0)
     for _ in range(50):
@@ -315,7 +316,7 @@ if os.environ["KERAS_BACKEND"] == "tensorflow":
     import tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from convnext_keras.evaluate import _local_devices, evaluate
+from convnext_keras.tasks.evaluate import _local_devices, evaluate
 result = evaluate("convnext_atto", sys.argv[1], weights=sys.argv[2], batch_size=3)
 print(json.dumps({"devices": _local_devices(), "used": result.devices, "acc1": result.acc1,
                   "top1": {p["file"]: p["top5"][0] for p in result.predictions}}))

@@ -24,10 +24,10 @@ import convnext_keras as ck
 from convnext_keras import registry
 from convnext_keras.cli import main
 from convnext_keras.errors import WriteError
-from convnext_keras.predict import with_precision
+from convnext_keras.tasks.predict import with_precision
 
 # ``ck.export`` is the function; the module (for its helpers and monkeypatching) is here.
-ex = importlib.import_module("convnext_keras.export")
+ex = importlib.import_module("convnext_keras.export.exporter")
 
 TF = keras.backend.backend() == "tensorflow"
 needs_tf = pytest.mark.skipif(not TF, reason="TensorFlow-backend test (runs in the TF pass)")
@@ -200,7 +200,7 @@ def test_onnx_pyramid_with_dynamic_size_on_any_backend(tmp_path, monkeypatch):
     proto = onnx.load(str(result.path))
     assert {o.version for o in proto.opset_import if o.domain == ""} == {ex.ONNX_OPSET}
     props = {p.key: p.value for p in proto.metadata_props}
-    assert props["convnext_keras.model"] == "convnext_atto"
+    assert props["convnext_keras.nets.convnext"] == "convnext_atto"
     assert "ImageNet mean" in props["convnext_keras.input"]
     assert props["convnext_keras.min_input_size"] == "32"
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])

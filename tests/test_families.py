@@ -27,8 +27,9 @@ import pytest
 import torch_reference as ref
 
 import convnext_keras as ck
-from convnext_keras import hub, registry
-from convnext_keras.model import build_for_loading
+from convnext_keras import registry
+from convnext_keras.nets.convnext import build_for_loading
+from convnext_keras.weights import cache as hub
 
 TOLERANCE = 1e-4
 
@@ -273,8 +274,8 @@ def test_onnx_graph_of_isotropic_and_dense_models_equals_keras(tmp_path):
     """The onnxruntime engine's own graph (16x16 patch stem without LayerNorm, one stage;
     the 'dense' head) computes what the Keras model does; export writes it, verified."""
     pytest.importorskip("onnxruntime")
-    from convnext_keras import runtime
-    from convnext_keras.export import export
+    from convnext_keras.engines import graph as runtime
+    from convnext_keras.export.exporter import export
 
     images = _images(64, 48, seed=4)
     iso_model = ck.load_model("convnext_iso_small_1k_224", weights=None)
@@ -300,7 +301,7 @@ def test_predict_runs_where_there_is_a_head_and_says_why_not_where_there_is_none
 
 
 def test_model_cards_of_the_new_families():
-    from convnext_keras.collection import model_card
+    from convnext_keras.export.collection import model_card
 
     iso_card = model_card("convnext_iso_base_1k_224")
     assert "ConvNeXt-Base (isotropic): depths 18, widths 768, 16x16 patch stem" in iso_card

@@ -23,7 +23,7 @@ import pytest
 from test_finetune_data import digits_folder
 
 import convnext_keras as ck
-from convnext_keras import runtime
+from convnext_keras.engines import graph as runtime
 
 
 @pytest.mark.slow

@@ -354,7 +354,7 @@ def test_remat_on_tensorflow_is_refused_with_the_reason(digits4, tmp_path):
 
 @pytest.mark.slow
 def test_export_writes_a_verified_savedmodel_of_the_best_classifier(reference, tmp_path):
-    pytest.importorskip("convnext_keras.export")
+    pytest.importorskip("convnext_keras.export.exporter")
     path, note = loop._export(reference[0] / "best.keras", tmp_path, 32)
     assert path is not None, note
     assert (path / "saved_model.pb").is_file() and "verified against Keras" in note

@@ -22,8 +22,10 @@ from click.testing import CliRunner
 from test_startup import run_python
 
 import convnext_keras as ck
-from convnext_keras import hub, labels, registry
+from convnext_keras import registry
 from convnext_keras.cli import main
+from convnext_keras.data import labels
+from convnext_keras.weights import cache as hub
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = ROOT / "examples" / "images" / "cat.jpg"
@@ -139,7 +141,7 @@ def test_download_progress_bar_draws_on_the_terminal_and_leaves_stdout_clean(
     (loopback_server.root / "big.bin").write_bytes(os.urandom(4 << 20))
     code = f"""
         from pathlib import Path
-        from convnext_keras import hub
+        from convnext_keras.weights import cache as hub
         size = hub.fetch({loopback_server.url + "big.bin"!r}, Path({str(tmp_path / "big.bin")!r}),
                          verify=lambda p: p.stat().st_size)
         print("fetched", size)

@@ -36,7 +36,7 @@ def test_fused_pointwise_swap_computes_the_same_model(monkeypatch):
     if keras.backend.backend() != "jax":
         pytest.skip("the fused pointwise kernel is a JAX (Pallas) kernel")
     from convnext_keras import build_model
-    from convnext_keras import pallas_matmul as pm
+    from convnext_keras.kernels import matmul as pm
 
     shapes, kernel = [], pm.dense_gelu
     monkeypatch.setattr(
@@ -71,7 +71,7 @@ def test_summary_of_the_pallas_default_runs():
 
 
 def test_pallas_launch_settings_apply_inside_the_block_only():
-    pdw = pytest.importorskip("convnext_keras.pallas_depthwise")
+    pdw = pytest.importorskip("convnext_keras.kernels.depthwise")
     before = pdw.NUM_WARPS, pdw.BLOCK_H, pdw.MAX_BLOCK_W
     with gpu_bench._pallas_launch(8, None):
         assert (pdw.NUM_WARPS, pdw.BLOCK_H, pdw.MAX_BLOCK_W) == (8, before[1], before[2])

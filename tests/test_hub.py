@@ -15,7 +15,8 @@ import pytest
 import torch_reference as ref
 
 import convnext_keras as ck
-from convnext_keras import hub, registry
+from convnext_keras import registry
+from convnext_keras.weights import cache as hub
 
 TINY = registry.CHECKPOINTS["convnext_tiny_1k_224"]
 
@@ -120,7 +121,8 @@ def test_base_url_default_is_official():
 def test_two_processes_share_one_download(mirror, isolated_cache):
     script = textwrap.dedent(
         """
-        from convnext_keras import hub, registry
+        from convnext_keras import registry
+        from convnext_keras.weights import cache as hub
         w = hub.official_weights(registry.CHECKPOINTS["convnext_tiny_1k_224"])
         print("OK", w["head_fc"][0].shape)
         """
@@ -341,7 +343,8 @@ def test_kill_9_mid_download_leaves_a_temp_file_a_later_load_removes(atto_mirror
     atto_mirror.mode = "trickle"
     script = textwrap.dedent(
         f"""
-        from convnext_keras import hub, registry
+        from convnext_keras import registry
+        from convnext_keras.weights import cache as hub
         ckpt = registry.Checkpoint(**{_ATTO_ROW!r}, source=registry.Source({_ATTO_FILE!r}))
         hub.official_weights(ckpt)
         """

@@ -15,8 +15,9 @@ import torch_reference as ref
 from click.testing import CliRunner
 
 import convnext_keras as ck
-from convnext_keras import hub, registry
+from convnext_keras import registry
 from convnext_keras.cli import main
+from convnext_keras.weights import cache as hub
 
 ATTO = registry.CHECKPOINTS["convnext_atto_1k_224"]
 DINO = registry.CHECKPOINTS["dinov3_convnext_tiny_lvd1689m"]

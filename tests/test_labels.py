@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from convnext_keras import labels, registry
+from convnext_keras import registry
+from convnext_keras.data import labels
 
 WNID = re.compile(r"^n\d{8}$")
 

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from convnext_keras.layers import DepthwiseConv2D, GlobalResponseNormalization, gelu
+from convnext_keras.nets.layers import DepthwiseConv2D, GlobalResponseNormalization, gelu
 
 
 def _pair(kernel=7, **kwargs):

@@ -8,7 +8,7 @@ import pytest
 
 import convnext_keras as ck
 from convnext_keras import registry
-from convnext_keras.model import layer_names, variant_of
+from convnext_keras.nets.convnext import layer_names, variant_of
 
 
 def test_tiny_parameter_count_matches_original():

@@ -15,7 +15,7 @@ import pytest
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
 
-from convnext_keras import pallas_depthwise as pdw  # noqa: E402
+from convnext_keras.kernels import depthwise as pdw  # noqa: E402
 
 
 def _random(shape, seed, dtype=jnp.float32):
@@ -261,7 +261,7 @@ def test_default_blocks_fit_convnext_stages():
 def test_layer_uses_the_kernel_on_jax(policy):
     import keras
 
-    from convnext_keras.layers import DepthwiseConv2D
+    from convnext_keras.nets.layers import DepthwiseConv2D
 
     if keras.backend.backend() != "jax":
         pytest.skip("implementation='pallas' is a JAX kernel (other backends use Keras' conv)")
@@ -343,7 +343,7 @@ def test_auto_runs_the_kernel_on_one_nvidia_gpu(monkeypatch):
 
     import keras
 
-    from convnext_keras import layers
+    from convnext_keras.nets import layers
 
     if keras.backend.backend() != "jax":
         pytest.skip("the rule is JAX's (other backends run Keras' convolution)")

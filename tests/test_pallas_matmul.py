@@ -9,7 +9,7 @@ jnp = jax.numpy
 
 from test_pallas_depthwise import _cuda_target  # noqa: E402
 
-from convnext_keras import pallas_matmul as pm  # noqa: E402
+from convnext_keras.kernels import matmul as pm  # noqa: E402
 
 
 def _random(shape, seed, scale=1.0):

@@ -21,11 +21,13 @@ from PIL import Image
 from test_preprocess import SKIMAGE, reference
 
 import convnext_keras as ck
-from convnext_keras import decode_predictions, labels, preprocess, registry, runtime
+from convnext_keras import decode_predictions, preprocess, registry
 from convnext_keras.cli import main
-from convnext_keras.gradcam import GradCAM
-from convnext_keras.model import FLOAT32_LAYERS, PRECISIONS, non_float32_layer, precision_of
-from convnext_keras.predict import load_classifier, predict_files, softmax, with_precision
+from convnext_keras.data import labels
+from convnext_keras.engines import graph as runtime
+from convnext_keras.nets.convnext import FLOAT32_LAYERS, PRECISIONS, non_float32_layer, precision_of
+from convnext_keras.tasks.gradcam import GradCAM
+from convnext_keras.tasks.predict import load_classifier, predict_files, softmax, with_precision
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "images"
 PHOTOS = sorted(EXAMPLES.glob("*.jpg"))
@@ -419,7 +421,7 @@ def test_v2_cli_predict_with_cam_and_encoders_refused(atto_v2, tmp_path):
 def test_cli_predict_never_prints_nan_a_non_finite_logit_fails_that_image(
     atto, monkeypatch, tmp_path
 ):
-    from convnext_keras import predict as predict_lib
+    from convnext_keras.tasks import predict as predict_lib
 
     tiny = tmp_path / "tiny.png"  # 16x16: predict owns the resize, so the network can take it
     Image.open(PHOTOS[0]).resize((16, 16)).save(tiny)

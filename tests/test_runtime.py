@@ -9,8 +9,9 @@ import pytest
 import torch_reference as ref
 
 import convnext_keras as ck
-from convnext_keras import registry, runtime
-from convnext_keras.model import dtype_policy
+from convnext_keras import registry
+from convnext_keras.engines import graph as runtime
+from convnext_keras.nets.convnext import dtype_policy
 
 TOLERANCE = 1e-4
 

@@ -28,8 +28,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 import convnext_keras as ck
-from convnext_keras import ade20k, checkpoints, registry, seg_eval, segment, upernet_onnx
+from convnext_keras import registry
 from convnext_keras.cli import main
+from convnext_keras.data import ade20k
+from convnext_keras.engines import upernet_graph as upernet_onnx
+from convnext_keras.tasks import segment
+from convnext_keras.tasks import segment_eval as seg_eval
+from convnext_keras.weights import convert as checkpoints
 
 TOLERANCE = 1e-4
 TINY = "upernet_convnext_tiny_ade20k_512"
@@ -340,7 +345,7 @@ def test_the_pickled_meta_is_skipped_safely(tmp_path, caplog):
     marker = tmp_path / "ran"
     evil = tmp_path / "evil_meta.pth"
     torch.save({"meta": {"config": _Run(marker), "seed": 0}, "state_dict": state}, evil)
-    with caplog.at_level(logging.WARNING, logger="convnext_keras.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="convnext_keras.weights.convert"):
         loaded = checkpoints.read_state_dict(evil)
     assert sorted(loaded) == sorted(state) and not marker.exists()
     assert ".call)" in caplog.text and "skipped without running anything" in caplog.text

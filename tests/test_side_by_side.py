@@ -94,7 +94,9 @@ def test_every_contender_builds_and_runs_in_this_process(tmp_path):
     onnxruntime), one call each."""
     import keras
 
-    from convnext_keras import bench, registry, runtime
+    from convnext_keras import registry
+    from convnext_keras.engines import graph as runtime
+    from convnext_keras.tasks import bench
 
     sbs = _script()
     spec = registry.VARIANTS["atto"]

@@ -111,7 +111,7 @@ def test_keras_finds_the_classes_without_the_package_importing_keras(saved_objec
             text=True,
             cwd=ROOT,
         )  # fmt: skip
-        for first in ("convnext_keras", "convnext_keras.model")
+        for first in ("convnext_keras", "convnext_keras.nets.convnext")
     }
     for first, run in runs.items():
         out, err = run.communicate(timeout=300)

@@ -2,7 +2,7 @@
 DINOv3ConvNext, and checkpoint writers.
 
 The renaming tables below are written here from the projects' own module names, on purpose
-independently of ``convnext_keras.checkpoints``: a bug in the library's mapping cannot hide
+independently of ``convnext_keras.weights.convert``: a bug in the library's mapping cannot hide
 behind the same bug in the test.  The FCMAE writer builds ConvNeXt V2's sparse pre-training
 layout (MinkowskiEngine kernels) from a dense network, offset by offset.
 """

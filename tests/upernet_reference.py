@@ -6,7 +6,7 @@ The renaming table (transformers -> mmseg) is the tests' own: the backbone part 
 tests' transformers -> official ConvNeXt table (``torch_reference``), with the ``backbone.``
 prefix, and adds the segmentation parts from mmseg's module names (``norm{i}`` on the stage
 outputs, ``ConvModule``'s ``conv`` / ``bn``, ``conv_seg``), independently of
-``convnext_keras.checkpoints``.
+``convnext_keras.weights.convert``.
 """
 
 from __future__ import annotations

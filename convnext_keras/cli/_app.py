@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from .. import __version__
-from ._quiet import quiet_backend_logs
+from convnext_keras import __version__
+from convnext_keras.cli._quiet import quiet_backend_logs
 
 
 class ConvnextGroup(click.Group):
@@ -59,9 +59,9 @@ def _usage_exit(error: click.UsageError, command_path: str):
 
 def user_error(error: Exception) -> str | None:
     """The one-line message of an error the user can fix, or None for anything else (a bug)."""
-    from ..checkpoints import CheckpointError
-    from ..errors import describe, write_errno
-    from ..hub import DownloadError
+    from convnext_keras.errors import describe, write_errno
+    from convnext_keras.weights.cache import DownloadError
+    from convnext_keras.weights.convert import CheckpointError
 
     if isinstance(error, (CheckpointError, DownloadError, ValueError, OSError)):
         return describe(error)
@@ -75,7 +75,7 @@ def user_error(error: Exception) -> str | None:
 @click.pass_context
 def main(ctx):
     """ConvNeXt for Keras 3: official checkpoints, conversion, prediction, export, training."""
-    from ..interface import command_line
+    from convnext_keras.interface import command_line
 
     ctx.with_resource(command_line())  # errors name flags (--weights none), not weights=None
 

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import click
 
-from .. import registry
-from ._app import backend_option, echo_table, engine_option, main, precision_option
+from convnext_keras import registry
+from convnext_keras.cli._app import (
+    backend_option,
+    echo_table,
+    engine_option,
+    main,
+    precision_option,
+)
 
 
 @main.command("bench")
@@ -37,7 +43,7 @@ def bench_command(
     model_name, batch_size, resolution, precision, mode, engine, warmup, repeats, as_json
 ):
     """Images/s (median of timed runs after warm-up, with spread) and peak memory."""
-    from .. import bench
+    from convnext_keras.tasks import bench
 
     result = bench.benchmark(
         model_name,

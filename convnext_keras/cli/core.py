@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ._app import echo_table, main, quiet_backend_logs
+from convnext_keras.cli._app import echo_table, main, quiet_backend_logs
 
 
 def _score(row: dict) -> str:
@@ -37,7 +37,7 @@ def list_command(pattern, as_json, markdown):
     under the DINOv3 License (accept it on the Hub; the download needs HF_TOKEN); timm's are
     Apache-2.0.
     """
-    from .. import api, registry
+    from convnext_keras import api, registry
 
     rows = api.model_table(pattern)
     if not rows:
@@ -107,7 +107,7 @@ def convert_command(checkpoint, model_name, out, features, overwrite):
     """Convert CHECKPOINT (official, isotropic, timm, Hugging Face, DINOv3 or FCMAE layout) to
     a .keras model."""
     quiet_backend_logs()
-    from .. import api
+    from convnext_keras import api
 
     path = api.convert_checkpoint(
         checkpoint, model_name, out, features=features, overwrite=overwrite
@@ -132,7 +132,8 @@ def fetch_command(names, folder):
     under its official name; the cache's copy is used when there is one. On the other machine,
     point CONVNEXT_BASE_URL at the folder, or pass one file with --weights FILE.
     """
-    from .. import api, hub, registry
+    from convnext_keras import api, registry
+    from convnext_keras.weights import cache as hub
 
     wanted: dict[str, registry.Checkpoint] = {}
     for name in names:

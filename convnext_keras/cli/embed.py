@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .. import registry
-from ._app import (
+from convnext_keras import registry
+from convnext_keras.cli._app import (
     RANDOM_WEIGHTS_BANNER,
     WEIGHTS_HELP,
     backend_option,
@@ -93,7 +93,7 @@ def embed_command(
     """Pooled features of every image below IMAGES_DIR into --out: parts of (path, feature,
     model, preprocessing) and a manifest. A killed run continues where it stopped when run
     again with the same options; unreadable files are listed in the manifest."""
-    from ..embed import embed
+    from convnext_keras.tasks.embed import embed
 
     weights = parse_weights(weights)
     if weights is None:  # stderr: the features themselves go to files

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from ._app import (
+from convnext_keras.cli._app import (
     RANDOM_WEIGHTS_BANNER,
     WEIGHTS_HELP,
     backend_option,
@@ -81,8 +81,8 @@ def export_command(
     Each export is reloaded and compared with the Keras model before it is moved into OUT;
     a failed verification leaves nothing there.
     """
-    # (``convnext_keras.export`` the attribute is the function; import from the module.)
-    from ..export import ExportError, export_named
+    # (``convnext_keras.export.exporter`` the attribute is the function; import from the module.)
+    from convnext_keras.export.exporter import ExportError, export_named
 
     try:
         results = export_named(
@@ -137,7 +137,7 @@ def collection_command(out, pattern, weights_dir, overwrite):
     """Build the TF-Hub-style collection: per model a classifier and a _fe SavedModel, .keras
     files and a model card, plus an index page. Skips what is already built and verified."""
     quiet_backend_logs()
-    from .. import collection
+    from convnext_keras.export import collection
 
     report = collection.build_collection(
         out, pattern, weights_dir=weights_dir, overwrite=overwrite, log=click.echo

@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from .. import registry
-from ._app import backend_option, main, parse_weights
+from convnext_keras import registry
+from convnext_keras.cli._app import backend_option, main, parse_weights
 
 # Recipe options: every default is None ("the recipe's default", or the saved value when
 # resuming), so only what the user typed reaches convnext_keras.finetune.run.
@@ -233,10 +233,10 @@ def finetune_command(
     if "weights" in given:
         given["weights"] = parse_weights(given["weights"])
     if multi_host:
-        from ..finetune import connect_hosts
+        from convnext_keras.finetune import connect_hosts
 
         connect_hosts()
-    from ..finetune import HostLost, TrainingDiverged, run
+    from convnext_keras.finetune import HostLost, TrainingDiverged, run
 
     try:
         result = run(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ._app import (
+from convnext_keras.cli._app import (
     RANDOM_WEIGHTS_BANNER,
     WEIGHTS_HELP,
     backend_option,
@@ -73,7 +73,7 @@ def predict_command(
     Unreadable files (and any the model returns NaN/inf for) are reported and skipped; the
     exit status is 1 if any failed, 2 for a bad command (unknown model, damaged weights...).
     """
-    from ..predict import predict_files
+    from convnext_keras.tasks.predict import predict_files
 
     results = predict_files(
         model_name,
@@ -144,7 +144,7 @@ def eval_command(
     Files that could not be evaluated (unreadable, unlabelled, a directory where an image should
     be, NaN/inf logits) are listed and make the exit status 1, unless --allow-unreadable.
     """
-    from ..evaluate import evaluate
+    from convnext_keras.tasks.evaluate import evaluate
 
     result = evaluate(
         model_name,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ._app import (
+from convnext_keras.cli._app import (
     PRECISIONS,
     RANDOM_WEIGHTS_BANNER,
     backend_option,
@@ -111,7 +111,7 @@ def segment_command(
     overlay and a legend per image. Unreadable files are reported and skipped: exit status 1
     if any failed, 2 for a bad command.
     """
-    from ..segment import segment_files
+    from convnext_keras.tasks.segment import segment_files
 
     results = segment_files(
         model_name,
@@ -160,7 +160,7 @@ def eval_seg_command(
 ):  # fmt: skip
     """mIoU, mAcc and aAcc on ADE20K validation DATA (the ADEChallengeData2016 folder:
     images/validation/*.jpg, annotations/validation/*.png; label 0 is not scored)."""
-    from ..seg_eval import evaluate_segmentation
+    from convnext_keras.tasks.segment_eval import evaluate_segmentation
 
     result = evaluate_segmentation(
         model_name,

@@ -37,7 +37,7 @@ import keras
 import numpy as np
 from PIL import Image
 
-from .. import preprocess
+from convnext_keras import preprocess
 
 #: Names accepted for the split folders.
 TRAIN_DIRS = ("train",)

@@ -14,7 +14,7 @@ Files in the run directory::
     best.weights.safetensors best validation weights so far (EMA when on); atomic
     metrics.csv/.json        one row per epoch; curves.png (loss and accuracy)
     best.keras, last.keras   float32 classifiers, written when training ends
-    savedmodel/              SavedModel of best.keras (convnext_keras.export, verified)
+    savedmodel/              SavedModel of best.keras (convnext_keras.export.exporter, verified)
 """
 
 from __future__ import annotations
@@ -36,13 +36,15 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from .. import checkpoints, hub, preprocess, registry
-from ..api import OFFICIAL, load_model
-from ..interface import fix
-from ..model import PRECISIONS, build_model, dtype_policy, layer_names
-from . import data as data_lib
-from . import hosts, optim
-from . import state as state_lib
+from convnext_keras import preprocess, registry
+from convnext_keras.api import OFFICIAL, load_model
+from convnext_keras.finetune import data as data_lib
+from convnext_keras.finetune import hosts, optim
+from convnext_keras.finetune import state as state_lib
+from convnext_keras.interface import fix
+from convnext_keras.nets.convnext import PRECISIONS, build_model, dtype_policy, layer_names
+from convnext_keras.weights import cache as hub
+from convnext_keras.weights import convert as checkpoints
 
 #: The drop-path rate for variants the original published no fine-tuning rate for (its
 #: smallest rate, ConvNeXt-T's on ImageNet-1k).
@@ -521,14 +523,14 @@ def _inference_model(info: dict, weights: dict) -> keras.Model:
 
 
 def _export(model_path: Path, out: Path, resolution: int) -> tuple[Path | None, str]:
-    """SavedModel of the classifier with convnext_keras.export (issue 4's verified exporter)."""
-    if importlib.util.find_spec("convnext_keras.export") is None:
+    """SavedModel of the classifier with convnext_keras.export.exporter (the verified exporter)."""
+    if importlib.util.find_spec("convnext_keras.export.exporter") is None:
         return None, (
-            "convnext_keras.export is not available in this version; the classifier is saved as "
-            f"{model_path.name} (load it with keras.saving.load_model)."
+            "convnext_keras.export.exporter is not available in this version; the classifier is "
+            f"saved as {model_path.name} (load it with keras.saving.load_model)."
         )
     # (the package's `export` attribute is the function; the module is imported by name)
-    export_lib = importlib.import_module("convnext_keras.export")
+    export_lib = importlib.import_module("convnext_keras.export.exporter")
 
     try:
         result = export_lib.export(
@@ -1054,7 +1056,7 @@ def run(
         workers: loader threads (default: up to 8, one per CPU).
         checkpoint_every / checkpoint_minutes: write the training state after this many steps
             or minutes, whichever comes first (and at the end of every epoch).
-        export: write a SavedModel of the best classifier with ``convnext_keras.export``.
+        export: write a SavedModel of the best classifier with ``convnext_keras.export.exporter``.
         jit_compile: XLA compilation of the train step (Keras' ``compile(jit_compile=)``).
             ``"auto"``: on with JAX and on TensorFlow with a GPU/TPU; off for TensorFlow on CPU
             only, where XLA made ConvNeXt training steps 3-5x slower here.

@@ -47,8 +47,8 @@ import re
 import keras
 from keras import ops
 
-from .. import registry
-from .._registration import PACKAGE
+from convnext_keras import registry
+from convnext_keras._registration import PACKAGE
 
 #: Groups of blocks the original divides ConvNeXt into (``num_max_layer``); ids run 0..13.
 NUM_LAYER_GROUPS = 12
@@ -128,7 +128,7 @@ def layer_groups(
 ) -> dict[str, int]:
     """``{layer name: group}`` for every weight-carrying layer of a variant (the decay table)."""
     # (Imported here: this module is imported when Keras is, see ``_registration``.)
-    from ..model import layer_names
+    from convnext_keras.nets.convnext import layer_names
 
     spec = registry.variant(variant)
     group_of, _ = _grouping(layer_decay_type, spec.depths)

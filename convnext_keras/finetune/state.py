@@ -6,8 +6,8 @@ gradient accumulators, loss scale) and the running train metrics of the current 
 JSON header with the data position (epoch, batch), the recipe, the classes and the history.
 
 It is written to a temporary file beside the destination and renamed over it only when
-complete (:func:`convnext_keras.hub.atomic_path`), so a ``kill -9`` at any moment leaves the
-previous complete state in place; temporary files are never read.
+complete (:func:`convnext_keras.weights.cache.atomic_path`), so a ``kill -9`` at any moment
+leaves the previous complete state in place; temporary files are never read.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from ..hub import atomic_path
+from convnext_keras.weights.cache import atomic_path
 
 FORMAT = 1
 _META_KEY = "convnext_keras.finetune"

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from convnext_keras import bench, runtime
+from convnext_keras.engines import graph as runtime
+from convnext_keras.tasks import bench
 
 bs, res = 8, 224
 x = bench.random_batch(bs, res)

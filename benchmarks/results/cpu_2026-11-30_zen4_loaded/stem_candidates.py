@@ -9,7 +9,7 @@ import time
 import numpy as np
 from onnx import TensorProto, helper
 
-from convnext_keras import runtime
+from convnext_keras.engines import graph as runtime
 
 rng = np.random.default_rng(0)
 k = rng.standard_normal((4, 4, 3, 96)).astype(np.float32)

@@ -1,8 +1,8 @@
 """UperNet-ConvNeXt as an ONNX graph built from the Keras model's weights: the ONNX export of
 the segmentation models and their onnxruntime CPU engine (no TensorFlow, no tf2onnx).
 
-The backbone is :func:`convnext_keras.runtime.build_onnx_graph`'s (the classifiers' CPU engine:
-its stage outputs); the decoder follows it in NCHW, the layout of ONNX's ``Conv``:
+The backbone is :func:`convnext_keras.engines.graph.build_onnx_graph`'s (the classifiers' CPU
+engine: its stage outputs); the decoder follows it in NCHW, the layout of ONNX's ``Conv``:
 
 * each conv + BatchNorm (inference mode) is one ``Conv`` whose weights and bias carry the
   BatchNorm (``W * gamma / sqrt(var + eps)``, ``beta - mean * gamma / sqrt(var + eps)``),
@@ -22,7 +22,8 @@ import threading
 
 import numpy as np
 
-from . import registry, runtime
+from convnext_keras import registry
+from convnext_keras.engines import graph as runtime
 
 #: The opset of the graph (the backbone's: ``Gelu``).
 OPSET = runtime.OPSET
@@ -30,10 +31,10 @@ OPSET = runtime.OPSET
 
 def _backbone(model):
     """The model's ConvNeXt pyramid (stage outputs before the stage norms), as a Keras model
-    sharing its layers: what :func:`convnext_keras.runtime.build_onnx_graph` rebuilds."""
+    sharing its layers: what :func:`convnext_keras.engines.graph.build_onnx_graph` rebuilds."""
     import keras
 
-    from .model import PYRAMID_OUTPUTS, variant_of
+    from convnext_keras.nets.convnext import PYRAMID_OUTPUTS, variant_of
 
     spec = variant_of(model)
     outputs = {
@@ -45,8 +46,8 @@ def _backbone(model):
 
 def unsupported_reason(model) -> str | None:
     """Why :func:`build_onnx_graph` cannot rebuild ``model`` (None when it can): it must be a
-    float32 UperNet built by :func:`convnext_keras.upernet.build_upernet`."""
-    from .model import non_float32_layer, variant_of
+    float32 UperNet built by :func:`convnext_keras.nets.upernet.build_upernet`."""
+    from convnext_keras.nets.convnext import non_float32_layer, variant_of
 
     names = {layer.name for layer in model.layers}
     if "decode_conv_seg" not in names or variant_of(model) is None:
@@ -175,7 +176,7 @@ def build_onnx_graph(
     """
     from onnx import TensorProto, helper
 
-    from .model import PYRAMID_OUTPUTS
+    from convnext_keras.nets.convnext import PYRAMID_OUTPUTS
 
     reason = unsupported_reason(model)
     if reason:
@@ -274,7 +275,7 @@ class SegmentationRunner:
                 "The onnxruntime engine needs onnxruntime: pip install onnxruntime "
                 "(or pip install 'convnext-keras[export]')."
             )
-        from .model import variant_of
+        from convnext_keras.nets.convnext import variant_of
 
         self.model = model
         self.min_size = variant_of(model).min_input_size
@@ -303,7 +304,7 @@ def inference_function(model, engine: str = "auto"):
     """``(fn, engine name)`` for a segmentation model: onnxruntime on a CPU when it is
     installed and can run the model (``"auto"``), else Keras' ``predict_on_batch``;
     ``"onnxruntime"`` insists, ``"keras"`` always uses Keras (see
-    :func:`convnext_keras.runtime.inference_function`)."""
+    :func:`convnext_keras.engines.graph.inference_function`)."""
     runtime.check_engine(engine)
     if engine == "openvino":
         raise ValueError(

@@ -41,8 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import registry
-from .interface import fix
+from convnext_keras import registry
+from convnext_keras.interface import fix
 
 #: Rows of the photo-sized logits resized at a time (bounds the memory of the last step).
 _ROWS_PER_CHUNK = 64
@@ -82,10 +82,11 @@ def load_segmentation_model(
     initialisation) or a local mmsegmentation checkpoint file (the official ``.pth``).
     ``precision``: as ``load_model``'s (logits stay float32).
     """
-    from . import checkpoints, hub
-    from .api import OFFICIAL
-    from .model import build_for_loading, dtype_policy, policy_name
-    from .upernet import build_upernet
+    from convnext_keras.api import OFFICIAL
+    from convnext_keras.nets.convnext import build_for_loading, dtype_policy, policy_name
+    from convnext_keras.nets.upernet import build_upernet
+    from convnext_keras.weights import cache as hub
+    from convnext_keras.weights import convert as checkpoints
 
     ckpt = settings_of(name)
     if precision:
@@ -166,7 +167,7 @@ def test_image(
     """A photo ``(H, W, 3)`` uint8 RGB as the model takes it at one test scale: resized (keep
     ratio, :func:`rescale_size`), rounded to uint8, optionally flipped left-right, normalised
     with the ImageNet mean/std -> float32 ``(h, w, 3)``."""
-    from .preprocess import normalize
+    from convnext_keras.preprocess import normalize
 
     height, width = photo.shape[:2]
     new_width, new_height = rescale_size(width, height, image_scale, ratio)
@@ -361,7 +362,7 @@ def legend_image(areas, palette: np.ndarray, *, row: int = 20, width: int = 300)
 
 
 def _write_png(image, path: Path) -> str:
-    from .hub import atomic_path
+    from convnext_keras.weights.cache import atomic_path
 
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
@@ -378,7 +379,7 @@ def _inference(model, weights, precision, settings):
     from ``settings`` (a row name or a ``SegmentationEval``)."""
     import keras
 
-    from .api import load_keras_file
+    from convnext_keras.api import load_keras_file
 
     if isinstance(settings, str):
         settings = settings_of(settings).segmentation.eval
@@ -438,11 +439,13 @@ def segment_files(
             segmentation checkpoint's: a registry name or a ``registry.SegmentationEval``.
         engine: ``"auto"`` (onnxruntime on a CPU for a float32 model, when installed: the
             fastest there, BENCHMARKS.md; else Keras), ``"onnxruntime"`` or ``"keras"``
-            (:func:`convnext_keras.upernet_onnx.inference_function`).
+            (:func:`convnext_keras.engines.upernet_graph.inference_function`).
     """
-    from . import ade20k, preprocess, runtime
-    from .predict import _cam_names, random_weights
-    from .upernet_onnx import inference_function
+    from convnext_keras import preprocess
+    from convnext_keras.data import ade20k
+    from convnext_keras.engines import graph as runtime
+    from convnext_keras.engines.upernet_graph import inference_function
+    from convnext_keras.tasks.predict import _cam_names, random_weights
 
     runtime.check_engine(engine)
     if not isinstance(batch_size, int) or batch_size < 1:

@@ -42,7 +42,7 @@ import difflib
 import os
 import re
 
-from .interface import fix
+from convnext_keras.interface import fix
 
 #: Where the official checkpoints are published; ``CONVNEXT_BASE_URL`` overrides it (mirrors).
 OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com/convnext/"
@@ -476,7 +476,7 @@ class Segmentation:
     reported_miou: float
     #: Multi-scale + flip.
     reported_miou_ms: float
-    #: The label set (``convnext_keras.ade20k`` ships ADE20K's names and palette).
+    #: The label set (``convnext_keras.data.ade20k`` ships ADE20K's names and palette).
     labels: str = "ade20k"
 
 
@@ -504,7 +504,7 @@ class Checkpoint:
     licence: str = "MIT"
     #: Expected SHA-256 (hex) of the published file, checked at download and when the cache is
     #: read.  The official host publishes none, so the rows leave it None; users pin one with
-    #: ``CONVNEXT_SHA256_<NAME>`` or ``CONVNEXT_SHA256SUMS`` (convnext_keras.hub).
+    #: ``CONVNEXT_SHA256_<NAME>`` or ``CONVNEXT_SHA256SUMS`` (convnext_keras.weights.cache).
     sha256: str | None = None
     #: How the evaluation transform fits the image to ``resolution``: ``"center"`` (resize the
     #: shorter side to ``resolution / crop_pct``, centre crop) or ``"squash"`` (resize to

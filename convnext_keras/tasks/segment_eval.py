@@ -1,18 +1,18 @@
 """mIoU evaluation of a segmentation model on ADE20K validation (``convnext eval-seg``).
 
-    from convnext_keras.seg_eval import evaluate_segmentation
+    from convnext_keras.tasks.segment_eval import evaluate_segmentation
     result = evaluate_segmentation("upernet_convnext_tiny_ade20k_512", "ADEChallengeData2016")
     result.miou, result.macc, result.aacc        # percent
     result.write("report.json")                  # + per-class IoU / accuracy, unreadable files
 
 The metrics are mmsegmentation's (``mmseg/core/evaluation/metrics.py``, ``intersect_and_union``
 and ``mean_iou``), accumulated over the whole set, not averaged per image: for each class ``c``
-over every scored pixel (label not :data:`convnext_keras.ade20k.IGNORE_INDEX`), ``intersect``
+over every scored pixel (label not :data:`convnext_keras.data.ade20k.IGNORE_INDEX`), ``intersect``
 = pixels predicted ``c`` and labelled ``c``, ``union`` = predicted ``c`` + labelled ``c`` -
 intersect; ``IoU = intersect / union`` and ``Acc = intersect / labelled``; mIoU and mAcc are
 their means over the classes with a defined value (NaN for a class absent from labels and
 predictions, left out as numpy's ``nanmean``); aAcc = all intersections / all labelled pixels.
-Predictions are made as :func:`convnext_keras.segment.label_map` makes them (the official
+Predictions are made as :func:`convnext_keras.tasks.segment.label_map` makes them (the official
 test-time procedure), at each annotation's size.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ade20k
+from convnext_keras.data import ade20k
 
 
 class IoUAccumulator:
@@ -110,7 +110,7 @@ class SegEvalResult:
 
     def write(self, path) -> Path:
         """Write the JSON report atomically."""
-        from .hub import atomic_path
+        from convnext_keras.weights.cache import atomic_path
 
         path = Path(path)
         with atomic_path(path) as tmp:
@@ -145,7 +145,7 @@ def evaluate_segmentation(
 
     Args:
         model: a segmentation model name, ``.keras`` file or keras.Model (see
-            :func:`convnext_keras.segment.segment_files`).
+            :func:`convnext_keras.tasks.segment.segment_files`).
         data: the ``ADEChallengeData2016`` folder (``images/validation/*.jpg``,
             ``annotations/validation/*.png``) or the folder holding it.
         weights: for names: ``"official"``, None (random: the numbers mean nothing) or a
@@ -162,11 +162,12 @@ def evaluate_segmentation(
 
     import keras
 
-    from . import preprocess, runtime
-    from .evaluate import _progress
-    from .predict import random_weights
-    from .segment import _inference, label_map
-    from .upernet_onnx import inference_function
+    from convnext_keras import preprocess
+    from convnext_keras.engines import graph as runtime
+    from convnext_keras.engines.upernet_graph import inference_function
+    from convnext_keras.tasks.evaluate import _progress
+    from convnext_keras.tasks.predict import random_weights
+    from convnext_keras.tasks.segment import _inference, label_map
 
     runtime.check_engine(engine)
     if limit is not None and (not isinstance(limit, int) or limit < 1):

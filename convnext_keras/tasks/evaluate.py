@@ -30,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import labels as labels_mod
-from . import preprocess, registry, runtime
-from .interface import fix
-from .model import precision_of
+from convnext_keras import preprocess, registry
+from convnext_keras.data import labels as labels_mod
+from convnext_keras.engines import graph as runtime
+from convnext_keras.interface import fix
+from convnext_keras.nets.convnext import precision_of
 
 _WNID = re.compile(r"^n\d{8}$")
 _VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})", re.IGNORECASE)
@@ -255,7 +256,7 @@ class EvalResult:
 
     def write(self, path) -> Path:
         """Write the JSON report atomically."""
-        from .hub import atomic_path
+        from convnext_keras.weights.cache import atomic_path
 
         path = Path(path)
         with atomic_path(path) as tmp:
@@ -364,14 +365,14 @@ def evaluate(
         data_parallel: replicate the model over all local devices when there are several.
         engine: ``"auto"`` runs the model as ``predict`` does: OpenVINO, else onnxruntime,
             on a single CPU device when installed
-            (:func:`convnext_keras.runtime.inference_function`), Keras otherwise (always when
+            (:func:`convnext_keras.engines.graph.inference_function`), Keras otherwise (always when
             data-parallel); ``"keras"``, ``"openvino"`` or ``"onnxruntime"`` insist.  The
             report's ``config["engine"]`` says which ran.
         precision: ``"fp32"``, or Keras mixed precision ``"bf16"`` / ``"fp16"`` (runs on
             Keras; ``engine="onnxruntime"`` refuses it); None (default): as
-            :func:`convnext_keras.predict.load_classifier`; ``"int8"`` (opt-in): onnxruntime
+            :func:`convnext_keras.tasks.predict.load_classifier`; ``"int8"`` (opt-in): onnxruntime
             on one CPU device with the model quantized to int8
-            (:func:`convnext_keras.runtime.quantize_int8`).  The precision the model ran in is
+            (:func:`convnext_keras.engines.graph.quantize_int8`).  The precision the model ran in is
             recorded in ``config["precision"]``.
         calibration: ``"int8"`` only: the photos that calibrate the quantization (a folder or
             files, read through the model's transform; default: the sample photos of
@@ -379,7 +380,7 @@ def evaluate(
     """
     import keras
 
-    from .predict import load_classifier, random_weights
+    from convnext_keras.tasks.predict import load_classifier, random_weights
 
     engine_precision = runtime.engine_precision(precision, calibration)
     runtime.check_engine(engine, engine_precision)

@@ -17,8 +17,8 @@ import re
 import keras
 import numpy as np
 
-from . import registry
-from .layers import (
+from convnext_keras import registry
+from convnext_keras.nets.layers import (
     DepthwiseConv2D,
     GlobalResponseNormalization,
     LayerScale,
@@ -46,7 +46,7 @@ _TRUNCATED_STD_FACTOR = 0.8796256610342398
 
 def policy_name(precision: str) -> str:
     """The Keras dtype policy of a :data:`PRECISIONS` key; ``ValueError`` for anything else."""
-    from .runtime import INT8
+    from convnext_keras.engines.graph import INT8
 
     if precision == INT8:
         raise ValueError(
@@ -118,7 +118,7 @@ def build_for_loading(variant, *, builder=None, **kwargs) -> keras.Model:
     14 s build on JAX; ConvNeXt V2-B: 15 s on PyTorch).  The layers keep the truncated normal
     as their initialiser (their config, a clone, and :func:`draw_kernel` use it).  ``builder``:
     another function building on this module's layers (default :func:`build_model`; e.g.
-    :func:`convnext_keras.upernet.build_upernet`)."""
+    :func:`convnext_keras.nets.upernet.build_upernet`)."""
     token = _UNDRAWN.set(True)
     try:
         model = (builder or build_model)(variant, **kwargs)

@@ -51,9 +51,10 @@ from typing import TypeVar
 
 import numpy as np
 
-from . import checkpoints, registry
-from .errors import plain, writing
-from .interface import fix
+from convnext_keras import registry
+from convnext_keras.errors import plain, writing
+from convnext_keras.interface import fix
+from convnext_keras.weights import convert as checkpoints
 
 T = TypeVar("T")
 logger = logging.getLogger("convnext_keras")
@@ -824,7 +825,7 @@ def _hub_error(error: Exception, repo: str, filename: str, revision: str | None)
 def _hub_download(repo: str, filename: str, revision: str | None, force: bool) -> Path:
     import huggingface_hub
 
-    from . import __version__
+    from convnext_keras import __version__
 
     try:
         return Path(

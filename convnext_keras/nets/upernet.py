@@ -1,7 +1,7 @@
 """UperNet on the ConvNeXt pyramid: the semantic-segmentation network of the official
 ADE20K checkpoints, as one Keras 3 functional model.
 
-The backbone is :func:`convnext_keras.model.build_model`'s pyramid with the segmentation
+The backbone is :func:`convnext_keras.nets.convnext.build_model`'s pyramid with the segmentation
 backbone's LayerNorm on each stage output (``stage_norms=True``; facebookresearch/ConvNeXt
 ``semantic_segmentation/backbone/convnext.py``, ``norm0`` ... ``norm3``).  The decoder is
 mmsegmentation's ``UPerHead`` (``mmseg/models/decode_heads/uper_head.py`` and ``psp_head.py``;
@@ -23,8 +23,8 @@ left out; the auxiliary FCN head is training-only and is not built.
 
 Layer names (the checkpoint conversion addresses them): ``decode_ppm{i}_conv`` / ``_bn``,
 ``decode_bottleneck_*``, ``decode_lateral{i}_*``, ``decode_fpn{i}_*``, ``decode_fpn_bottleneck_*``
-and ``decode_conv_seg``; the backbone keeps :func:`convnext_keras.model.layer_names`' names plus
-``stage{i}_output_norm``.
+and ``decode_conv_seg``; the backbone keeps :func:`convnext_keras.nets.convnext.layer_names`'
+names plus ``stage{i}_output_norm``.
 
 This module imports no other module of the package that imports Keras at import time (the
 backbone builder is imported when a model is built), so ``_registration`` can register its
@@ -36,8 +36,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from . import registry
-from ._registration import PACKAGE
+from convnext_keras import registry
+from convnext_keras._registration import PACKAGE
 
 
 def resize_bilinear(x, size):
@@ -112,7 +112,7 @@ class AdaptiveAveragePooling2D(keras.layers.Layer):
 
 def _conv_bn_relu(x, channels: int, kernel: int, name: str):
     """mmcv's ``ConvModule`` with BatchNorm: conv (no bias) -> BatchNorm -> ReLU."""
-    from .model import _kernel_init
+    from convnext_keras.nets.convnext import _kernel_init
 
     x = keras.layers.Conv2D(
         channels,
@@ -148,7 +148,7 @@ def build_upernet(
     Returns a model ``images (batch, H, W, 3)`` (normalised with the ImageNet mean/std, as the
     classifiers) -> ``logits (batch, H, W, num_classes)``, float32 under every dtype policy.
     """
-    from .model import PYRAMID_OUTPUTS, _kernel_init, build_model
+    from convnext_keras.nets.convnext import PYRAMID_OUTPUTS, _kernel_init, build_model
 
     spec = registry.variant(variant)
     head = head or registry.UperNetHead()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import registry
+from convnext_keras import registry
 
 #: Label value that is not scored (mmseg's ``ignore_index``).
 IGNORE_INDEX = 255
@@ -31,7 +31,7 @@ ARCHIVE_FOLDER = "ADEChallengeData2016"
 
 @functools.cache
 def _table() -> tuple[tuple[str, ...], np.ndarray]:
-    from .labels import _read_text
+    from convnext_keras.data.labels import _read_text
 
     names, colours = [], []
     for line in _read_text("ade20k150.tsv").splitlines():
@@ -65,7 +65,7 @@ def read_annotation(path) -> np.ndarray:
     """
     from PIL import Image
 
-    from .preprocess import ImageError
+    from convnext_keras.preprocess import ImageError
 
     try:
         with Image.open(path) as image:

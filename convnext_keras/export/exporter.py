@@ -17,8 +17,8 @@ The SavedModel is a TF-Hub *reusable SavedModel*: its root object is callable as
 ``logits`` (classifiers) or ``features`` (``_fe`` feature extractors) for TF Serving.
 
 The ONNX file of a ConvNeXt built by this library (any head, fixed or dynamic size) is written
-straight from its weights by :func:`convnext_keras.runtime.build_onnx_graph` - the graph the CPU
-inference engine runs, on every backend, without TensorFlow; a model with layers of its own goes
+straight from its weights by :func:`convnext_keras.engines.graph.build_onnx_graph` - the graph the
+CPU inference engine runs, on every backend, without TensorFlow; a model with layers of its own goes
 through tf2onnx instead.  TensorFlow is imported only inside the functions that need it.
 SavedModel, TFLite (and tf2onnx) are written with the TensorFlow backend; under JAX or PyTorch
 the model is handed (as a ``.keras`` file) to a TensorFlow-backend subprocess, which exports it
@@ -42,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import registry
-from .interface import fix
+from convnext_keras import registry
+from convnext_keras.interface import fix
 
 #: Export formats and the file suffix each writes (a SavedModel is a directory).
 FORMATS = {"savedmodel": "", "onnx": ".onnx", "tflite": ".tflite", "keras": ".keras"}
@@ -193,7 +193,7 @@ def staged(dest: str | os.PathLike, overwrite: bool = False):
     disk (also TensorFlow's ``ResourceExhaustedError`` while writing variables), a read-only or
     forbidden folder - raises :class:`convnext_keras.errors.WriteError` naming ``dest``.
     """
-    from .errors import writing
+    from convnext_keras.errors import writing
 
     dest = Path(dest)
     if dest.exists() and not overwrite:
@@ -238,7 +238,7 @@ def _check_model(model) -> None:
             f"Model {model.name!r} must take one NHWC RGB image input (batch, H, W, 3); its "
             f"inputs are {[tuple(i.shape) for i in inputs]}."
         )
-    from .model import non_float32_layer
+    from convnext_keras.nets.convnext import non_float32_layer
 
     compute = keras.config.dtype_policy().compute_dtype
     mixed = non_float32_layer(model)
@@ -270,7 +270,7 @@ def _default_image_size(model) -> int | None:
 
 def _eval_config(model_name: str, image_size: int):
     """The official evaluation transform of ``model_name``, at ``image_size``."""
-    from . import preprocess
+    from convnext_keras import preprocess
 
     try:
         config = preprocess.config_for(model_name)
@@ -330,7 +330,7 @@ class _Plan:
 
 
 def _segmentation(model) -> bool:
-    """Whether ``model`` is a UperNet (convnext_keras.upernet): per-pixel logits."""
+    """Whether ``model`` is a UperNet (convnext_keras.nets.upernet): per-pixel logits."""
     return any(layer.name == "decode_conv_seg" for layer in model.layers)
 
 
@@ -348,7 +348,7 @@ def _plan(model, fmt, image_size, dynamic_size, include_preprocessing, verify_ba
         raise ValueError(
             f"{fix('include_preprocessing', '--include-preprocessing')} is for classifiers: a "
             "segmentation model's test-time procedure (keep-ratio resize, sliding windows, "
-            "resize back) runs around the model (convnext_keras.segment); its export takes "
+            "resize back) runs around the model (convnext_keras.tasks.segment); its export takes "
             "normalised float32 images of any size and returns per-pixel logits."
         )
     if image_size is None:
@@ -358,7 +358,7 @@ def _plan(model, fmt, image_size, dynamic_size, include_preprocessing, verify_ba
             f"Cannot tell the image size of {model.name!r} (its input is dynamic and its name "
             f"is not in the registry); pass {fix('image_size=N', '--image-size N')}."
         )
-    from .model import variant_of
+    from convnext_keras.nets.convnext import variant_of
 
     spec = variant_of(model)
     minimum = spec.min_input_size if spec is not None else registry.MIN_INPUT_SIZE
@@ -407,7 +407,7 @@ def _with_preprocessing(model, plan: _Plan):
     """
     import keras
 
-    from . import preprocess
+    from convnext_keras import preprocess
 
     inputs = keras.Input((None, None, 3), dtype="uint8", name=INPUT_NAME)
     x = preprocess.preprocessing_layer(plan.transform, name="preprocess")(inputs)
@@ -458,7 +458,7 @@ def _describe_weights(name: str, weights) -> str:
 def _metadata(model, plan: _Plan, source: str | None) -> dict:
     import keras
 
-    from . import __version__
+    from convnext_keras import __version__
 
     try:
         resolved = registry.resolve(model.name)
@@ -624,7 +624,8 @@ def _onnx_graph_builder(model):
     """The function writing ``model``'s ONNX graph from its weights (a ConvNeXt:
     :func:`runtime.build_onnx_graph`; a UperNet: :func:`upernet_onnx.build_onnx_graph`), or
     None for a model with layers of its own (tf2onnx then)."""
-    from . import runtime, upernet_onnx
+    from convnext_keras.engines import graph as runtime
+    from convnext_keras.engines import upernet_graph as upernet_onnx
 
     if _segmentation(model):
         return upernet_onnx.build_onnx_graph if not upernet_onnx.unsupported_reason(model) else None
@@ -632,16 +633,17 @@ def _onnx_graph_builder(model):
 
 
 def _write_onnx_graph(model, path: Path, plan: _Plan) -> None:
-    """The ONNX graph built from the weights (:func:`convnext_keras.runtime.build_onnx_graph`):
-    the same operators the CPU engine runs, opset ``ONNX_OPSET``, dynamic batch."""
+    """The ONNX graph built from the weights
+    (:func:`convnext_keras.engines.graph.build_onnx_graph`): the same operators the CPU engine
+    runs, opset ``ONNX_OPSET``, dynamic batch."""
     import onnx
 
-    from .model import variant_of
+    from convnext_keras.nets.convnext import variant_of
 
     side = None if plan.dynamic_size else plan.image_size
     build = _onnx_graph_builder(model)
     proto = build(model, side, side, opset=ONNX_OPSET, output_names=plan.outputs)
-    props = {"convnext_keras.model": model.name, "convnext_keras.input": plan.contract()}
+    props = {"convnext_keras.nets.convnext": model.name, "convnext_keras.input": plan.contract()}
     # A dynamic-size graph cannot refuse small images itself (ONNX has no assertion): say it.
     props["convnext_keras.min_input_size"] = str(variant_of(model).min_input_size)
     onnx.helper.set_model_props(proto, props)
@@ -702,7 +704,7 @@ def _run_tflite(path: Path, plan: _Plan, inputs):
 def _run_keras(path: Path, plan: _Plan, inputs):
     import keras
 
-    from . import layers  # noqa: F401  (registers LayerScale / StochasticDepth)
+    from convnext_keras.nets import layers  # noqa: F401  (registers LayerScale / StochasticDepth)
 
     reloaded = keras.saving.load_model(str(path), compile=False)
     for i, x in enumerate(inputs):
@@ -793,7 +795,7 @@ def export(
     _check_path(path, fmt, overwrite)
     source = _source
     if isinstance(model, str):
-        from .api import load_model
+        from convnext_keras.api import load_model
 
         source = _describe_weights(model, weights)
         model = load_model(model, weights=weights)
@@ -869,7 +871,7 @@ def export_named(
     of them are checked before the model is loaded.  ``check_hub`` also runs
     :func:`hub_finetune_check` on each SavedModel.  ``options`` go to :func:`export`.
     """
-    from .api import load_model
+    from convnext_keras.api import load_model
 
     fmts = [canonical_format(f) for f in formats]
     paths = [default_path(name, out_dir, f) for f in fmts]
@@ -955,14 +957,20 @@ def _export_via_tensorflow(model, path: Path, plan: _Plan, overwrite: bool, sour
         }
         (d / "request.json").write_text(json.dumps(request))
         proc = subprocess.run(
-            [sys.executable, "-m", "convnext_keras.export", "export", str(d / "request.json")],
+            [
+                sys.executable,
+                "-m",
+                "convnext_keras.export.exporter",
+                "export",
+                str(d / "request.json"),
+            ],
             env=_tensorflow_env(),
             capture_output=True,
             text=True,
         )
     reply = _parse_child(proc, f"{plan.fmt} export in a TensorFlow subprocess")
     if reply.get("error") == "WriteError":
-        from .errors import WriteError
+        from convnext_keras.errors import WriteError
 
         raise WriteError(reply["errno"], path, "the export")
     if "error" in reply:
@@ -976,7 +984,7 @@ def _export_via_tensorflow(model, path: Path, plan: _Plan, overwrite: bool, sour
 def _child_export(request_file: str) -> dict:
     import keras
 
-    from . import layers  # noqa: F401
+    from convnext_keras.nets import layers  # noqa: F401
 
     req = json.loads(Path(request_file).read_text())
     ref = np.load(req["reference"])
@@ -1023,7 +1031,7 @@ def hub_finetune_check(
     env["TF_CPP_MIN_LOG_LEVEL"] = "1"  # keep TensorFlow's warnings: the check looks at them
     args = [str(path), str(num_classes), str(batch), str(seed)]
     proc = subprocess.run(
-        [sys.executable, "-m", "convnext_keras.export", "hub-check", *args],
+        [sys.executable, "-m", "convnext_keras.export.exporter", "hub-check", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -1089,7 +1097,8 @@ def _child_hub_check(path: str, num_classes: int, batch: int, seed: int) -> dict
 
 
 def _main(argv: list[str]) -> int:
-    """``python -m convnext_keras.export export REQUEST.json | hub-check PATH N BATCH SEED``."""
+    """``python -m convnext_keras.export.exporter export REQUEST.json``, or
+    ``... hub-check PATH N BATCH SEED``."""
     command, *args = argv
     try:
         if command == "export":
@@ -1100,7 +1109,7 @@ def _main(argv: list[str]) -> int:
         else:
             raise ValueError(f"unknown command {command!r}")
     except (ExportError, ValueError, OSError) as e:
-        from .errors import WriteError
+        from convnext_keras.errors import WriteError
 
         reply = {"error": type(e).__name__, "message": str(e)}
         if isinstance(e, VerificationError):
@@ -1113,6 +1122,6 @@ def _main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     # Run the package's copy of this module, so its exception classes are the ones raised.
-    from convnext_keras.export import _main as main
+    from convnext_keras.export.exporter import _main as main
 
     sys.exit(main(sys.argv[1:]))

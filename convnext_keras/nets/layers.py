@@ -13,8 +13,8 @@ import os
 import keras
 from keras import ops
 
-from . import registry
-from ._registration import PACKAGE
+from convnext_keras import registry
+from convnext_keras._registration import PACKAGE
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -254,7 +254,7 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
     BENCHMARKS.md).  For stride 1, ``"same"`` padding and depth multiplier 1 (ConvNeXt's case)
     JAX on a CPU therefore computes ``sum_ij pad(x)[i:i+H, j:j+W] * kernel[i, j] + bias`` in
     float32, which XLA fuses into one loop.  JAX on one NVIDIA GPU runs the Pallas/Triton
-    kernel of :mod:`convnext_keras.pallas_depthwise`: on an H200 (BENCHMARKS.md) cuDNN's
+    kernel of :mod:`convnext_keras.kernels.depthwise`: on an H200 (BENCHMARKS.md) cuDNN's
     kernel, as XLA's autotuner picks it, ran the bf16 training step at 2.6k img/s in one
     process and 3.7k in another, and ConvNeXt-B inference at 5.2k or 7.1k; with the Pallas
     kernel 3.8-3.9k and 7.1k.  TensorFlow and PyTorch have good depthwise kernels of their
@@ -314,7 +314,7 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
             return "shifted"
         if not _jax_on_one_cuda_gpu():
             return "native"
-        from . import pallas_depthwise
+        from convnext_keras.kernels import depthwise as pallas_depthwise
 
         return "pallas" if width is None or pallas_depthwise.suits_width(width) else "native"
 
@@ -339,7 +339,7 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
     def call(self, inputs):
         engine = self._jax_kernel(inputs.shape[2])
         if engine:
-            from . import pallas_depthwise
+            from convnext_keras.kernels import depthwise as pallas_depthwise
 
             conv = (
                 pallas_depthwise.depthwise_conv2d

@@ -45,8 +45,8 @@ import numpy as np
 from keras import ops
 from PIL import Image, ImageOps
 
-from . import registry
-from ._registration import PACKAGE
+from convnext_keras import registry
+from convnext_keras._registration import PACKAGE
 
 #: Default evaluation settings of architecture names without a checkpoint (from the registry).
 DEFAULT_RESOLUTION = registry.DEFAULT_RESOLUTION

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import registry
-from .errors import plain
-from .interface import fix
+from convnext_keras import registry
+from convnext_keras.errors import plain
+from convnext_keras.interface import fix
 
 
 class CheckpointError(ValueError):
@@ -842,7 +842,7 @@ def convert_mmseg_state_dict(
     num_classes: int | None = None,
 ) -> dict[str, list[np.ndarray]]:
     """An mmsegmentation UperNet-ConvNeXt state dict -> ``{keras layer name: [weights]}`` for
-    :func:`convnext_keras.upernet.build_upernet`.
+    :func:`convnext_keras.nets.upernet.build_upernet`.
 
     The layout of the official ADE20K files (facebookresearch/ConvNeXt
     ``semantic_segmentation``; mmseg ``EncoderDecoder``): ``backbone.*`` in the official
@@ -960,7 +960,7 @@ def assign_weights(
 
 
 def _variant_of(model) -> str | None:
-    from .model import variant_of
+    from convnext_keras.nets.convnext import variant_of
 
     spec = variant_of(model)
     return spec.name if spec else None

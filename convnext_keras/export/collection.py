@@ -19,10 +19,10 @@ Model cards name each family's paper, code and weights licence (ConvNeXt: MIT; C
 CC BY-NC 4.0; DINOv3: the DINOv3 License; timm's: Apache-2.0).
 
 Each model directory is built in a temporary directory beside it and renamed into place only
-when every export is verified (see :mod:`convnext_keras.export`), so a directory that exists is
-complete; the build skips those unless ``overwrite``.  A model whose weights are not available,
-or whose build fails, is reported and the build goes on with the next.  Nothing is built from
-weights other than the official ones.
+when every export is verified (see :mod:`convnext_keras.export.exporter`), so a directory that
+exists is complete; the build skips those unless ``overwrite``.  A model whose weights are not
+available, or whose build fails, is reported and the build goes on with the next.  Nothing is
+built from weights other than the official ones.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import registry
+from convnext_keras import registry
 
 MANIFEST = "manifest.json"
 CARD = "README.md"
@@ -85,7 +85,7 @@ class CollectionError(ValueError):
 def _artifacts(name: str) -> dict[str, tuple[str, str]]:
     """{key: (file name inside the model directory, export format)} of one model (an encoder
     without head: the feature extractor's SavedModel and .keras file)."""
-    from .export import default_path
+    from convnext_keras.export.exporter import default_path
 
     fe = name + registry.FEATURE_EXTRACTOR_SUFFIX
     if not registry.CHECKPOINTS[name].has_head:
@@ -108,13 +108,13 @@ def _artifacts(name: str) -> dict[str, tuple[str, str]]:
 
 
 def _params(ckpt: registry.Checkpoint) -> tuple[int, int]:
-    from .api import count_params
+    from convnext_keras.api import count_params
 
     return count_params(ckpt.variant, ckpt.num_classes), count_params(ckpt.variant)
 
 
 def _eval_transform_text(ckpt: registry.Checkpoint) -> str:
-    from .preprocess import config_for
+    from convnext_keras.preprocess import config_for
 
     config = config_for(ckpt.name)
     if config.squash:
@@ -138,7 +138,7 @@ def model_card(name: str, manifest: dict | None = None) -> str:
     ``manifest`` (what a build recorded) adds the weights' provenance and the measured
     verification.  An encoder without head (FCMAE) gets a feature-extractor card.
     """
-    from .export import INPUT_CONTRACT, TOLERANCE
+    from convnext_keras.export.exporter import INPUT_CONTRACT, TOLERANCE
 
     resolved = registry.resolve(name)
     ckpt = resolved.checkpoint
@@ -337,7 +337,7 @@ def model_card(name: str, manifest: dict | None = None) -> str:
 
 def _preprocess_snippet(ckpt: registry.Checkpoint) -> list[str]:
     """PIL code doing the official evaluation resize/crop (torchvision's arithmetic)."""
-    from .preprocess import config_for
+    from convnext_keras.preprocess import config_for
 
     config = config_for(ckpt.name)
     res, resample = ckpt.resolution, f"Image.{ckpt.interpolation.upper()}"
@@ -440,7 +440,7 @@ class _Weights:
 
 def _find_weights(ckpt: registry.Checkpoint, weights_dir: Path | None) -> _Weights | str:
     """The weights to build ``ckpt`` from, or why there are none (a string)."""
-    from . import hub
+    from convnext_keras.weights import cache as hub
 
     # A Hub row's file sits at hf/<repo>/<revision>/<file> (as `convnext fetch` puts it) and in
     # the Hugging Face cache.
@@ -517,7 +517,7 @@ def read_manifest(model_dir: Path) -> dict | None:
 def _versions() -> dict:
     import keras
 
-    from . import __version__
+    from convnext_keras import __version__
 
     versions = {"convnext_keras": __version__, "keras": keras.__version__}
     try:
@@ -533,9 +533,9 @@ def _build_one(ckpt: registry.Checkpoint, weights: _Weights, model_dir: Path, ov
     """Export one checkpoint's four artifacts + card + manifest into ``model_dir`` atomically."""
     import keras
 
-    from . import hub
-    from .api import load_model
-    from .export import export, staged
+    from convnext_keras.api import load_model
+    from convnext_keras.export.exporter import export, staged
+    from convnext_keras.weights import cache as hub
 
     start = time.time()
     fe_name = ckpt.name + registry.FEATURE_EXTRACTOR_SUFFIX
@@ -583,7 +583,7 @@ def _build_one(ckpt: registry.Checkpoint, weights: _Weights, model_dir: Path, ov
 
 def select_models(pattern: str | None = None) -> list[str]:
     """Checkpoint names the collection builds for ``pattern`` (all when None)."""
-    from .api import list_models
+    from convnext_keras.api import list_models
 
     # The collection is of image classifiers and encoders (segmentation models: export them).
     names = [
@@ -646,7 +646,7 @@ def build_collection(
     Returns:
         A :class:`CollectionReport`; ``report.ok`` is False when a model is missing or failed.
     """
-    from .hub import DownloadError
+    from convnext_keras.weights.cache import DownloadError
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -711,7 +711,7 @@ def build_collection(
 
 def write_index(out: str | os.PathLike, problems: dict[str, str] | None = None) -> Path:
     """(Re)write ``index.md`` and ``index.json`` from the complete model directories in ``out``."""
-    from .hub import atomic_path
+    from convnext_keras.weights.cache import atomic_path
 
     out = Path(out)
     manifests = [m for d in sorted(out.iterdir()) if d.is_dir() and (m := read_manifest(d))]

@@ -19,8 +19,8 @@ import gzip
 import json
 from importlib import resources
 
-from . import registry
-from .interface import fix
+from convnext_keras import registry
+from convnext_keras.interface import fix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Labels:
 
 
 def _read_text(name: str) -> str:
-    data = resources.files(__package__).joinpath("data", name).read_bytes()
+    data = resources.files(__package__).joinpath(name).read_bytes()
     if name.endswith(".gz"):
         data = gzip.decompress(data)
     return data.decode("utf-8")

@@ -16,7 +16,7 @@ How it measures:
 * peak memory: the device allocator's peak on a GPU (JAX, PyTorch, TensorFlow), the
   process's peak resident memory on a CPU (Linux ``VmHWM``, reset before each measurement).
 
-The inference path is the one :mod:`convnext_keras.runtime` picks by default
+The inference path is the one :mod:`convnext_keras.engines.graph` picks by default
 (OpenVINO, else onnxruntime, on a CPU for float32 models, else Keras); on a JAX accelerator,
 a jitted ``stateless_call`` on device-resident inputs (no host transfer inside the timed region, as
 the PyTorch peers are timed).  A training step is AdamW on sparse cross-entropy, in one
@@ -35,7 +35,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from . import registry
+from convnext_keras import registry
 
 MODES = ("infer", "train")
 
@@ -230,8 +230,8 @@ class MemoryProbe:
 
 
 def accelerator() -> str | None:
-    """See :func:`convnext_keras.runtime.accelerator`."""
-    from .runtime import accelerator as _accelerator
+    """See :func:`convnext_keras.engines.graph.accelerator`."""
+    from convnext_keras.engines.graph import accelerator as _accelerator
 
     return _accelerator()
 
@@ -256,7 +256,7 @@ def bench_model(
     drop_path_rate: float | None = None,
 ):
     """A randomly initialised model for timing (weights do not change the speed)."""
-    from .api import load_model
+    from convnext_keras.api import load_model
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
@@ -294,16 +294,17 @@ def inference_fn(
     """A no-argument callable running one inference batch to completion, and its engine name.
 
     ``engine="auto"``: on an accelerator, Keras (below); on a CPU,
-    :func:`convnext_keras.runtime.inference_function` (onnxruntime for float32 models when
+    :func:`convnext_keras.engines.graph.inference_function` (onnxruntime for float32 models when
     installed, else ``predict_on_batch``).  ``"keras"`` on the JAX backend is a jitted
     ``stateless_call`` on a device-resident batch (what ``predict_on_batch`` runs, without
     the host transfers); on TensorFlow / PyTorch it is ``predict_on_batch``.
     ``precision="int8"``: onnxruntime with the model quantized to int8, calibrated on the
-    sample photos (:func:`convnext_keras.runtime.quantize_int8`), on the CPU everywhere.
+    sample photos (:func:`convnext_keras.engines.graph.quantize_int8`), on the CPU everywhere.
     """
     import keras
 
-    from . import preprocess, runtime
+    from convnext_keras import preprocess
+    from convnext_keras.engines import graph as runtime
 
     runtime.check_engine(engine, precision)
     if precision == runtime.INT8:
@@ -518,12 +519,12 @@ def benchmark(
             or ``"int8"`` (inference only: onnxruntime with the model quantized to int8).
         mode: ``"infer"`` or ``"train"`` (AdamW step, stochastic depth 0.1).
         engine: inference engine (``"auto"``, ``"onnxruntime"``, ``"keras"``), see
-            :func:`convnext_keras.runtime.inference_function`.
+            :func:`convnext_keras.engines.graph.inference_function`.
         warmup, repeats: untimed and timed calls.
     """
     import keras
 
-    from .runtime import split_precision
+    from convnext_keras.engines.graph import split_precision
 
     _check_counts(warmup, repeats)
     keras_precision, engine_precision = split_precision(precision)
@@ -597,7 +598,7 @@ def preprocessing_rate(paths, name: str = "convnext_tiny_1k_224", batch_size: in
 
     Runs :class:`convnext_keras.preprocess.ImageBatches` over ``paths`` once, end to end.
     """
-    from . import preprocess
+    from convnext_keras import preprocess
 
     paths = list(paths)
     if not paths:

@@ -15,7 +15,8 @@ import keras
 import numpy as np
 from PIL import Image
 
-from . import hub, preprocess
+from convnext_keras import preprocess
+from convnext_keras.weights import cache as hub
 
 _HEAD_LAYERS = ("head_pool", "head_norm", "head_fc")
 

@@ -15,10 +15,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import hub, preprocess, registry, runtime
-from . import labels as labels_mod
-from .gradcam import GradCAM, overlay, save_png
-from .interface import fix
+from convnext_keras import preprocess, registry
+from convnext_keras.data import labels as labels_mod
+from convnext_keras.engines import graph as runtime
+from convnext_keras.interface import fix
+from convnext_keras.tasks.gradcam import GradCAM, overlay, save_png
+from convnext_keras.weights import cache as hub
 
 
 class Prediction(NamedTuple):
@@ -91,7 +93,7 @@ def with_precision(model, precision: str):
     :func:`convnext_keras.load_model` directly."""
     import keras
 
-    from .model import FLOAT32_LAYERS, policy_name
+    from convnext_keras.nets.convnext import FLOAT32_LAYERS, policy_name
 
     policy = policy_name(precision)
 
@@ -142,11 +144,11 @@ def load_classifier(model, *, weights="official", config=None, precision: str | 
     follow the global Keras dtype policy; files and objects stay as they are), ``"fp32"``, or
     Keras mixed precision ``"bf16"`` / ``"fp16"`` (float32 logits; these run on Keras, not
     onnxruntime) - see :func:`with_precision`; ``"int8"`` gives the float32 model (the engine
-    quantizes it: :func:`convnext_keras.runtime.inference_function`).
+    quantizes it: :func:`convnext_keras.engines.graph.inference_function`).
     """
     import keras
 
-    from . import api
+    from convnext_keras import api
 
     # A bad value fails before any download.
     precision = runtime.split_precision(precision)[0]
@@ -165,7 +167,10 @@ def load_classifier(model, *, weights="official", config=None, precision: str | 
             raise ValueError(
                 f"{name!r} is a semantic-segmentation model: label images with "
                 f"{fix('convnext_keras.segment_files', 'convnext segment')} and evaluate it with "
-                f"{fix('convnext_keras.seg_eval.evaluate_segmentation', 'convnext eval-seg')}."
+                + fix(
+                    "convnext_keras.tasks.segment_eval.evaluate_segmentation", "convnext eval-seg"
+                )
+                + "."
             )
         if resolved.head != "classifier":
             what = "a feature extractor" if resolved.head == "pooled" else "an encoder"
@@ -258,12 +263,12 @@ def predict_files(
             ``"bf16"`` / ``"fp16"`` (on Keras: faster on GPUs, slower on CPUs without native
             bfloat16; logits within bf16 rounding of float32's), or ``"int8"`` (opt-in:
             onnxruntime on the CPU with the model quantized to int8, see
-            :func:`convnext_keras.runtime.quantize_int8`; Grad-CAM stays float32).  None
+            :func:`convnext_keras.engines.graph.quantize_int8`; Grad-CAM stays float32).  None
             (default): as :func:`load_classifier` - the global Keras policy for names, a model
             as it is.
         calibration: ``"int8"`` only: the photos that calibrate the quantization (a folder,
             files; read through ``config``'s transform); default: the sample photos of
-            scikit-image and scikit-learn (:func:`convnext_keras.runtime.sample_photos`).
+            scikit-image and scikit-learn (:func:`convnext_keras.engines.graph.sample_photos`).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")

@@ -41,9 +41,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import preprocess, registry
-from .hub import HF_SCHEME, atomic_path
-from .interface import fix
+from convnext_keras import preprocess, registry
+from convnext_keras.interface import fix
+from convnext_keras.weights.cache import HF_SCHEME, atomic_path
 
 FORMAT = 1
 FORMATS = ("parquet", "npy")
@@ -298,7 +298,7 @@ def _feature_model(model: str, weights):
     """The pooled-feature model (random weights seeded, so every process has the same)."""
     import keras
 
-    from .api import load_model
+    from convnext_keras.api import load_model
 
     if weights is None:
         keras.utils.set_random_seed(0)
@@ -481,7 +481,7 @@ def _flush(out, manifest, paths, blocks, failed) -> None:
 
 def _run_local(images, out, todo, manifest, config, *, model, weights, batch_size, part_size,
                workers, engine, progress, **_):  # fmt: skip
-    from . import runtime
+    from convnext_keras.engines import graph as runtime
 
     forward, _ = runtime.inference_function(_feature_model(model, weights), engine)
     batches = preprocess.ImageBatches(
@@ -526,7 +526,7 @@ class _RayEmbedder:
     """Ray Data actor: one model, batches of crops -> pooled features."""
 
     def __init__(self, model: str, weights, engine: str):
-        from . import runtime
+        from convnext_keras.engines import graph as runtime
 
         network = _feature_model(model, weights)
         self.dim = int(network.output_shape[-1])

@@ -53,9 +53,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import registry
-from .layers import too_small_message
-from .model import non_float32_layer, variant_of
+from convnext_keras import registry
+from convnext_keras.nets.convnext import non_float32_layer, variant_of
+from convnext_keras.nets.layers import too_small_message
 
 #: ONNX opset of the graph (``Gelu`` is an operator from opset 20).
 OPSET = 20
@@ -691,7 +691,7 @@ def calibration_images(
     evenly spaced over the list.  An unreadable file raises
     :class:`convnext_keras.preprocess.ImageError` (a ``ValueError`` naming it).
     """
-    from . import preprocess
+    from convnext_keras import preprocess
 
     if not isinstance(limit, int) or limit < 1:
         raise ValueError(f"limit must be a positive integer, got {limit!r}.")
@@ -830,12 +830,12 @@ def accelerator() -> str | None:
 def split_precision(precision: str | None) -> tuple[str | None, str | None]:
     """A ``precision`` of predict / eval / bench -> ``(Keras precision, engine precision)``.
 
-    The Keras precisions (:data:`convnext_keras.model.PRECISIONS`: ``"fp32"``, ``"bf16"``,
+    The Keras precisions (:data:`convnext_keras.nets.convnext.PRECISIONS`: ``"fp32"``, ``"bf16"``,
     ``"fp16"``) are dtype policies of the model: ``(precision, None)``.  ``"int8"`` is the
     onnxruntime engine's opt-in path on a float32 model: ``("fp32", "int8")``.  None:
     ``(None, None)``.  ``ValueError`` for anything else, listing every choice.
     """
-    from .model import PRECISIONS as KERAS_PRECISIONS
+    from convnext_keras.nets.convnext import PRECISIONS as KERAS_PRECISIONS
 
     if precision is None or precision in KERAS_PRECISIONS:
         return precision, None

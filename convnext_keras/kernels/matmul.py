@@ -11,7 +11,7 @@ such pass.
 The kernel: one program per ``(block_m, block_n)`` output tile; a loop over ``block_k``-wide
 slices of the inner dimension accumulates ``x @ w`` in float32 (tensor cores through Triton's
 ``dot``), then adds the bias, applies ``x/2 (1 + erf(x / sqrt 2))`` (PyTorch's ``nn.GELU()``,
-this library's :func:`convnext_keras.layers.gelu`; erf as XLA's float32 rational approximation,
+this library's :func:`convnext_keras.nets.layers.gelu`; erf as XLA's float32 rational approximation,
 :func:`erf_f32`) and rounds once to the input's dtype.
 Backward (``jax.custom_vjp``): XLA's gradient of the same function (product recomputed).
 

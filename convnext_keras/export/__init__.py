@@ -1,0 +1,3 @@
+"""Exports (SavedModel, ONNX, TFLite, ``.keras``), their verification, and the model collection
+with its model cards.
+"""

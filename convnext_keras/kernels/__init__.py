@@ -1,0 +1,1 @@
+"""Pallas kernels (JAX on a GPU) that the network's layers use where they are faster."""

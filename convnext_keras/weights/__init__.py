@@ -1,0 +1,3 @@
+"""Checkpoint files to Keras weights: safe reading, the foreign layouts, conversion, the cache,
+downloads and the Hugging Face Hub.
+"""

@@ -147,7 +147,7 @@ def test_registry_architecture_matches_pytorch(names, tmp_path):
     _assert_outputs_equal(_run(model, images), expected, entry.resolution, spec.dims, "official")
     for layout in sorted(set(files) - {"official"}):
         weights = ck.convert_state_dict(ck.read_state_dict(files[layout]), spec)
-        ck.checkpoints.assign_weights(model, weights)
+        ck.weights.convert.assign_weights(model, weights)
         _assert_outputs_equal(_run(model, images), expected, entry.resolution, spec.dims, layout)
     del model
     keras.backend.clear_session()
@@ -284,7 +284,7 @@ def test_v2_variant_matches_pytorch(variant, names, tmp_path):
         model = ck.load_model(classifier.name, weights=path, features="all")
     else:
         model = build_for_loading(spec, head="all", name=classifier.name)
-        ck.checkpoints.assign_weights(model, official)
+        ck.weights.convert.assign_weights(model, official)
         del official
     assert model.count_params() == torch_params
     got = _run(model, images)
@@ -317,5 +317,5 @@ def test_v2_equality_check_can_fail(tmp_path):
         kernel.reshape(7, 7, -1).transpose(0, 1).reshape(49, -1)
     )
     weights = ck.convert_state_dict({k: v.numpy() for k, v in sparse.items()}, spec)
-    ck.checkpoints.assign_weights(model, weights, load_head=False)
+    ck.weights.convert.assign_weights(model, weights, load_head=False)
     assert _max_diff(_run(model, images)["stage4"], expected["stage4"]) > 10 * TOLERANCE

@@ -81,7 +81,7 @@ def test_isotropic_matches_the_paper_reference(size, loopback_server, monkeypatc
 
     if size == "large":
         model = build_for_loading(spec, head="all", name=ckpt.name)
-        ck.checkpoints.assign_weights(model, ck.convert_state_dict(state, spec))
+        ck.weights.convert.assign_weights(model, ck.convert_state_dict(state, spec))
     else:
         monkeypatch.setenv("CONVNEXT_BASE_URL", loopback_server.url)
         model = ck.load_model(ckpt.name, features="all")
@@ -93,7 +93,7 @@ def test_isotropic_matches_the_paper_reference(size, loopback_server, monkeypatc
         assert _max_diff(got[key], expected[key]) <= TOLERANCE, key
     if size == "small":
         state["blocks.7.pwconv1.weight"] = state["blocks.7.pwconv1.weight"] * 1.05
-        ck.checkpoints.assign_weights(model, ck.convert_state_dict(state, spec))
+        ck.weights.convert.assign_weights(model, ck.convert_state_dict(state, spec))
         assert _max_diff(_run(model, images)["logits"], expected["logits"]) > 10 * TOLERANCE
     del model, state
     _clear()
@@ -201,7 +201,7 @@ def test_dinov3_has_no_classifier():
     with pytest.raises(ValueError, match="encoder without classification head"):
         ck.load_model("dinov3_convnext_tiny_lvd1689m", features="classifier", weights=None)
     with pytest.raises(ValueError, match="without a classification head"):
-        ck.predict.load_classifier("dinov3_convnext_tiny_lvd1689m_fe")
+        ck.tasks.predict.load_classifier("dinov3_convnext_tiny_lvd1689m_fe")
 
 
 def test_dinov3_official_file_with_a_changed_second_norm_is_refused():

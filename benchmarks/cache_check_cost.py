@@ -4,9 +4,9 @@ For each variant: converted weights (random, the size of the real ones) are put 
 cache as ``load_model`` would leave them, then, alternately, ``repeats`` times each:
 
 * ``load_model(name)`` from that warm cache (build + read + check + assign: what a user waits);
-* the same with the check switched off (``hub.read_converted`` replaced by the unchecked read
+* the same with the check switched off (``cache.read_converted`` replaced by the unchecked read
   the library did before: ``safe_open`` + ``get_tensor``);
-* the check alone, not overlapped: SHA-256 of the file (``hub.file_sha256``) plus the NaN/inf
+* the check alone, not overlapped: SHA-256 of the file (``cache.file_sha256``) plus the NaN/inf
   scan, and the unchecked read.
 
 Prints one JSON line per variant (medians, seconds).  Usage::
@@ -38,7 +38,7 @@ def main() -> None:
 
     import convnext_keras as ck
     from convnext_keras import registry
-    from convnext_keras.weights import cache as hub
+    from convnext_keras.weights import cache
 
     for variant in args.variants:
         ckpt = registry.CHECKPOINTS[f"convnext_{variant}_1k_224"]
@@ -48,8 +48,8 @@ def main() -> None:
             for layer in model.layers
             if layer.weights
         }
-        path = hub.converted_cache_path(ckpt)
-        hub.save_converted(weights, path, {"source": ckpt.filename, "model": ckpt.name})
+        path = cache.converted_cache_path(ckpt)
+        cache.save_converted(weights, path, {"source": ckpt.filename, "model": ckpt.name})
         del model
         keras.backend.clear_session()
 
@@ -58,11 +58,11 @@ def main() -> None:
                 return {k: f.get_tensor(k) for k in f.keys()}
 
         def check(path=path):
-            hub.file_sha256(path)
+            cache.file_sha256(path)
             for a in unchecked(path).values():
                 np.isfinite(a).all()
 
-        def load_unchecked(name=ckpt.name, checked=hub.read_converted):
+        def load_unchecked(name=ckpt.name, checked=cache.read_converted):
             def read(p):
                 flat = unchecked(p)
                 out = {}
@@ -70,11 +70,11 @@ def main() -> None:
                     out.setdefault(k.rsplit("/", 1)[0], []).append(flat[k])
                 return out
 
-            hub.read_converted = read
+            cache.read_converted = read
             try:
                 return ck.load_model(name)
             finally:
-                hub.read_converted = checked
+                cache.read_converted = checked
 
         times = {
             "load_model": [],
@@ -86,7 +86,7 @@ def main() -> None:
         jobs = [
             ("load_model", lambda name=ckpt.name: ck.load_model(name)),
             ("load_model_unchecked", load_unchecked),
-            ("sha256", lambda path=path: hub.file_sha256(path)),
+            ("sha256", lambda path=path: cache.file_sha256(path)),
             ("sha256+finite+read", check),
             ("read_unchecked", unchecked),
         ]

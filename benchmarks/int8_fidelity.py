@@ -21,7 +21,7 @@ blocks weigh little) and from a random transformers ConvNext whose layer scales 
 then reach the logits undamped.
 
 Then, on the held-out images, float32 (the default engine) against int8
-(``runtime.quantize_int8``) calibrated in several ways: on 64 and on 16 training images, on
+(``quantization.quantize_int8``) calibrated in several ways: on 64 and on 16 training images, on
 the sample photos (not the task's images: what ``--precision int8`` does without
 ``--calibration``), and with ``reduce_range`` (7-bit weights: what CPUs without VNNI get).
 Reported: top-1 agreement with float32, both accuracies, logit errors, and the float32 margin
@@ -67,10 +67,10 @@ def patches_folder(root: Path, crop: int, seed: int = 0) -> Path:
     photo, training ones left of :data:`PATCH_SPLIT` of the width, held-out ones right of it."""
     from PIL import Image
 
-    from convnext_keras.engines import graph as runtime
+    from convnext_keras.engines import quantization
 
     rng = np.random.default_rng(seed)
-    for photo in runtime.sample_photos():
+    for photo in quantization.sample_photos():
         image = Image.open(photo).convert("RGB")
         w, h = image.size
         split = int(w * PATCH_SPLIT)
@@ -133,7 +133,7 @@ def compare(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray) -> dict:
 def measure(dataset: str, layer_scale: float, args, work: Path) -> dict:
     import convnext_keras as ck
     from convnext_keras import registry
-    from convnext_keras.engines import graph as runtime
+    from convnext_keras.engines import quantization, runners
 
     resolution = args.resolution if dataset == "patches" else args.digits_resolution
     if dataset == "digits":
@@ -177,10 +177,10 @@ def measure(dataset: str, layer_scale: float, args, work: Path) -> dict:
     split = ck.finetune.scan(data, val_fraction=recipe["val_fraction"], seed=recipe["seed"])
     val_files = [p for p, _ in split.val]
     labels = np.array([y for _, y in split.val])
-    held_out = runtime.calibration_images(val_files, config, limit=len(val_files))
+    held_out = quantization.calibration_images(val_files, config, limit=len(val_files))
     train_files = [p for p, _ in split.train]
     model = ck.finetune.load_run(run_dir)
-    fp32 = runtime.OnnxRunner(model)(held_out)
+    fp32 = runners.OnnxRunner(model)(held_out)
     keras_logits = np.asarray(model.predict(held_out, batch_size=64, verbose=0))
     gammas = {
         stage: float(np.mean([np.abs(layer.get_weights()[0]).mean() for layer in model.layers
@@ -189,21 +189,27 @@ def measure(dataset: str, layer_scale: float, args, work: Path) -> dict:
         for stage in range(4)
     }  # fmt: skip
     settings = {
-        "64 training images": (runtime.calibration_images(train_files, config, limit=64), None),
-        "16 training images": (runtime.calibration_images(train_files, config, limit=16), None),
+        "64 training images": (
+            quantization.calibration_images(train_files, config, limit=64),
+            None,
+        ),
+        "16 training images": (
+            quantization.calibration_images(train_files, config, limit=16),
+            None,
+        ),
         "the 14 sample photos (not the task's images)": (
-            runtime.calibration_images(None, config),
+            quantization.calibration_images(None, config),
             None,
         ),
         "64 training images, reduce_range (CPUs without VNNI)": (
-            runtime.calibration_images(train_files, config, limit=64),
+            quantization.calibration_images(train_files, config, limit=64),
             True,
         ),
     }
     rows = {}
     for name, (calibration, reduce_range) in settings.items():
-        graph = runtime.quantize_int8(model, calibration, reduce_range=reduce_range)
-        session = runtime.onnx_session(graph)
+        graph = quantization.quantize_int8(model, calibration, reduce_range=reduce_range)
+        session = runners.onnx_session(graph)
         int8 = session.run(None, {"images": held_out})[0]
         rows[name] = compare(fp32, int8, labels)
         print(f"{dataset}, calibrated on {name}: {rows[name]}", flush=True)

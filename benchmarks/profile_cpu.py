@@ -5,7 +5,7 @@ per operator kind, at several batch sizes (onnxruntime's own per-node profile).
     python benchmarks/profile_cpu.py --batch-size 1 --calls 20 --out DIR
 
 Both graphs run in this one process with onnxruntime's default settings (what
-``runtime.onnx_session`` uses too) and the same thread count, their calls alternating so that
+``runners.onnx_session`` uses too) and the same thread count, their calls alternating so that
 load from other programs hits both alike.  The first call of each is dropped; per node the
 median over the other calls is summed by operator kind.
 """
@@ -76,7 +76,7 @@ def main():
     from side_by_side import hf_peer, loadavg, onnx_export
 
     from convnext_keras import registry
-    from convnext_keras.engines import graph as runtime
+    from convnext_keras.engines import graph as onnx_graph
     from convnext_keras.tasks import bench
 
     threads = args.threads or len(os.sched_getaffinity(0))
@@ -88,7 +88,7 @@ def main():
         tmp = Path(tmp)
         ours, _ = bench.bench_model(args.model, resolution=res)
         (tmp / "ours.onnx").write_bytes(
-            runtime.build_onnx_graph(ours, res, res).SerializeToString()
+            onnx_graph.build_onnx_graph(ours, res, res).SerializeToString()
         )
         hf = hf_peer(spec.depths, spec.dims)
         onnx_export(hf, torch.from_numpy(bench.random_batch(1, res).transpose(0, 3, 1, 2).copy()),

@@ -32,10 +32,10 @@ turn; issue 22: 0.94x in one process against 1.00x with two engines alone).  So:
   export, in one process, alternating single calls after 2 warm-up calls, median of the paired
   ratios) and a table of whether the methods agree within their spread.
 
-Contenders: float32 - this library's default engine (the runner ``runtime.inference_function``
+Contenders: float32 - this library's default engine (the runner ``runners.inference_function``
 picks: OpenVINO on this library's graph when installed, else onnxruntime on it), onnxruntime on
-this library's graph (the session ``runtime.onnx_session`` makes), its opt-in int8
-(``runtime.quantize_int8``, calibrated on the sample photos), the same model through Keras
+this library's graph (the session ``runners.onnx_session`` makes), its opt-in int8
+(``quantization.quantize_int8``, calibrated on the sample photos), the same model through Keras
 ``predict_on_batch`` (active backend),
 keras.applications ConvNeXt (opt-in: ``--keras-applications``, slow; it has no V2),
 transformers' ConvNext (ConvNextV2 for ``--model convnextv2_*``)
@@ -166,9 +166,9 @@ def _ort_calls(params: dict) -> dict:
 
     data = Path(params["graph"]).read_bytes()
     if params["session"] == "library":  # exactly the session the default engine makes
-        from convnext_keras.engines import graph as runtime
+        from convnext_keras.engines import runners
 
-        session = runtime.onnx_session(data, params["threads"])
+        session = runners.onnx_session(data, params["threads"])
     else:  # onnxruntime's defaults, with the same thread count
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = params["threads"], 1
@@ -268,13 +268,13 @@ def _torch_calls(params: dict) -> dict:
 
 def _engine_calls(params: dict) -> dict:
     """This library's default CPU engine exactly as ``predict`` / ``eval`` run it: the runner
-    ``runtime.inference_function`` picks for a float32 ConvNeXt (OpenVINO, else onnxruntime,
+    ``runners.inference_function`` picks for a float32 ConvNeXt (OpenVINO, else onnxruntime,
     on this library's graph; threads from ``CONVNEXT_THREADS``, which the harness sets)."""
-    from convnext_keras.engines import graph as runtime
+    from convnext_keras.engines import runners
     from convnext_keras.tasks import bench
 
     model, _ = bench.bench_model(params["model"], resolution=params["resolution"])
-    fn, engine = runtime.inference_function(model)
+    fn, engine = runners.inference_function(model)
     if engine != params["engine"]:
         raise RuntimeError(f"the default engine is {engine!r} here, {params['engine']!r} there")
     calls = {}
@@ -402,17 +402,18 @@ def _prepare(conn, params: dict) -> None:
         import torch
 
         from convnext_keras import preprocess
-        from convnext_keras.engines import graph as runtime
+        from convnext_keras.engines import graph as onnx_graph
+        from convnext_keras.engines import quantization, runners
         from convnext_keras.tasks import bench
 
         torch.set_num_threads(params["threads"])
         folder, res = Path(params["folder"]), params["resolution"]
         ours, _ = bench.bench_model(params["model"], resolution=res)
         (folder / "ours.onnx").write_bytes(
-            runtime.build_onnx_graph(ours, res, res).SerializeToString()
+            onnx_graph.build_onnx_graph(ours, res, res).SerializeToString()
         )
-        photos = runtime.calibration_images(None, (res, preprocess.DEFAULT_CROP_PCT))
-        int8 = runtime.quantize_int8(ours, photos)
+        photos = quantization.calibration_images(None, (res, preprocess.DEFAULT_CROP_PCT))
+        int8 = quantization.quantize_int8(ours, photos)
         (folder / "int8.onnx").write_bytes(int8.SerializeToString())
         for bs in {*params["batch_sizes"], 2}:
             np.save(folder / f"batch{bs}.npy", bench.random_batch(bs, res))
@@ -420,8 +421,8 @@ def _prepare(conn, params: dict) -> None:
         x = bench.random_batch(2, res)
         onnx_export(hf, torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
                     folder / "hf.onnx")  # fmt: skip
-        fp32_runner, _ = runtime.inference_function(ours)
-        int8_runner = runtime.OnnxRunner(ours, precision="int8", calibration=photos)
+        fp32_runner, _ = runners.inference_function(ours)
+        int8_runner = runners.OnnxRunner(ours, precision="int8", calibration=photos)
         want, got = fp32_runner(photos), int8_runner(photos)
         checks = {
             "default_engine_vs_keras_max_abs_diff": float(
@@ -437,7 +438,7 @@ def _prepare(conn, params: dict) -> None:
             ours16, _ = bench.bench_model(params["model"], resolution=res, precision="bf16")
             ours16.set_weights(ours.get_weights())
             checks["bf16_accuracy"] = bf16_accuracy(ours, ours16, res)
-        sample = runtime.sample_photos()
+        sample = quantization.sample_photos()
         pre = bench.preprocessing_rate(sample * 4, params["arch_name"])
         checks["preprocessing_img_per_s"] = pre.images_per_second
         checks["preprocessing"] = pre.name
@@ -449,9 +450,9 @@ def _prepare(conn, params: dict) -> None:
 def bf16_accuracy(model32, model16, resolution: int) -> dict:
     """bf16 vs float32 logits of the same weights on real photos: relative error, top-1."""
     from convnext_keras import preprocess
-    from convnext_keras.engines import graph as runtime
+    from convnext_keras.engines import quantization
 
-    images = runtime.calibration_images(None, (resolution, preprocess.DEFAULT_CROP_PCT))
+    images = quantization.calibration_images(None, (resolution, preprocess.DEFAULT_CROP_PCT))
     ref = np.asarray(model32.predict_on_batch(images), np.float64)
     out = np.asarray(model16.predict_on_batch(images), np.float64)
     return {
@@ -1035,7 +1036,7 @@ def main():
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "CONVNEXT_THREADS"):
         os.environ[var] = str(threads)
     from convnext_keras import registry
-    from convnext_keras.engines import graph as runtime
+    from convnext_keras.engines import runners
     from convnext_keras.tasks import bench
 
     spec = registry.resolve(args.model).variant
@@ -1048,7 +1049,7 @@ def main():
                   "model": args.model, "variant": variant, "arch_name": spec.arch_name,
                   "grn": spec.block == "grn", "depths": list(spec.depths),
                   "dims": list(spec.dims), "bf16": not args.no_bf16,
-                  "engine": runtime.cpu_graph_engine(),
+                  "engine": runners.cpu_graph_engine(),
                   "batch_sizes": sorted({*batch_sizes, args.bf16_batch_size})}  # fmt: skip
         print("preparing graphs and checks ...", flush=True)
         checks = _run_process(_prepare, common)

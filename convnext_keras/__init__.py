@@ -20,15 +20,11 @@ __version__ = "0.1.0"
 #: Module -> the public names it defines, imported on first access.
 _PUBLIC = {
     "api": ["OFFICIAL", "convert_checkpoint", "count_params", "list_models", "load_model"],
-    "weights.convert": [
-        "CheckpointError",
-        "UnsafeCheckpointError",
-        "convert_state_dict",
-        "read_state_dict",
-    ],
+    "weights.read": ["CheckpointError", "UnsafeCheckpointError", "read_state_dict"],
+    "weights.convert": ["convert_state_dict"],
     "tasks.embed": ["EmbedError", "embed", "load_features"],
     "export.exporter": ["ExportError", "VerificationError", "export"],
-    "weights.cache": ["DownloadError"],
+    "weights.download": ["DownloadError"],
     "nets.layers": ["GlobalResponseNormalization", "LayerScale", "StochasticDepth"],
     "nets.convnext": ["build_model"],
     "tasks.predict": ["decode_predictions", "predict_files"],

@@ -8,8 +8,7 @@ from pathlib import Path
 
 from convnext_keras import registry
 from convnext_keras.interface import fix
-from convnext_keras.weights import cache as hub
-from convnext_keras.weights import convert as checkpoints
+from convnext_keras.weights import convert, hfhub, read, store
 
 #: ``weights=`` value meaning "the official checkpoint of this name" (downloaded and cached).
 OFFICIAL = "official"
@@ -67,7 +66,7 @@ def model_table(pattern: str | None = None) -> list[dict]:
                 "acc1": c.reported_acc1,
                 "miou": c.segmentation.reported_miou if c.segmentation else None,
                 "licence": c.licence,
-                "cached": hub.is_cached(c),
+                "cached": store.is_cached(c),
                 "url": c.url,
                 "source": _source_text(c.source),
             }
@@ -79,9 +78,9 @@ def _source_text(source: registry.Source) -> str:
     if not source.is_hub:
         return "official"
     at = f"@{source.revision}" if source.revision else ""
-    # The address of the repository alone means its model.safetensors (hub.resolve_hub_address).
-    file = "" if source.path == hub.HUB_DEFAULT_FILES[0] else f"/{source.path}"
-    return f"{hub.HF_SCHEME}{source.repo}{at}{file}"
+    # The address of the repository alone means its model.safetensors (hfhub.resolve_hub_address).
+    file = "" if source.path == hfhub.HUB_DEFAULT_FILES[0] else f"/{source.path}"
+    return f"{hfhub.HF_SCHEME}{source.repo}{at}{file}"
 
 
 def count_params(variant: str | registry.Variant, num_classes: int | None = None) -> int:
@@ -234,17 +233,15 @@ def load_model(
                 + " for a local checkpoint."
                 + (f" Names with official weights: {', '.join(official)}." if official else "")
             )
-        converted = hub.official_weights(resolved.checkpoint)
+        converted = store.official_weights(resolved.checkpoint)
         source = resolved.checkpoint.url
     elif weights is not None:
-        if isinstance(weights, str) and weights.startswith(hub.HF_SCHEME):
-            path, source = hub.resolve_hub_address(weights), weights
+        if isinstance(weights, str) and weights.startswith(hfhub.HF_SCHEME):
+            path, source = hfhub.resolve_hub_address(weights), weights
         else:
             path = Path(weights).expanduser()
             source = str(path)
-        converted = checkpoints.convert_state_dict(
-            checkpoints.read_state_dict(path), resolved.variant
-        )
+        converted = convert.convert_state_dict(read.read_state_dict(path), resolved.variant)
     # With weights to load, no kernel is drawn only to be overwritten (but a new head is).
     build = build_model if converted is None else build_for_loading
     with dtype_policy(precision) if precision else contextlib.nullcontext():
@@ -262,7 +259,7 @@ def load_model(
     # An explicit num_classes other than the checkpoint's head means "start a new head".
     ckpt_classes = converted["head_fc"][1].shape[0] if "head_fc" in converted else None
     load_head = num_classes is None or num_classes == ckpt_classes
-    checkpoints.assign_weights(model, converted, load_head=load_head, source=source)
+    convert.assign_weights(model, converted, load_head=load_head, source=source)
     if not load_head and any(layer.name == "head_fc" for layer in model.layers):
         draw_kernel(model.get_layer("head_fc"), head_init_scale)
     return model

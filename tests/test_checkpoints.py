@@ -15,7 +15,7 @@ import torch_reference as ref
 
 import convnext_keras as ck
 from convnext_keras import registry
-from convnext_keras.weights import convert as checkpoints
+from convnext_keras.weights import layouts
 
 ATTO = registry.VARIANTS["atto"]
 
@@ -39,10 +39,10 @@ def test_layouts_are_detected(atto_torch, tmp_path):
     hf = ck.read_state_dict(ref.save_hf(atto_torch, tmp_path / "hf"))
     hf_bin = ck.read_state_dict(ref.save_hf_bin(atto_torch, tmp_path / "pytorch_model.bin"))
     timm = ck.read_state_dict(ref.save_timm(atto_torch, tmp_path / "t.safetensors", True))
-    assert checkpoints.detect_layout(official) == "official"
-    assert checkpoints.detect_layout(hf) == "huggingface"
-    assert checkpoints.detect_layout(hf_bin) == "huggingface"
-    assert checkpoints.detect_layout(timm) == "timm"
+    assert layouts.detect_layout(official) == "official"
+    assert layouts.detect_layout(hf) == "huggingface"
+    assert layouts.detect_layout(hf_bin) == "huggingface"
+    assert layouts.detect_layout(timm) == "timm"
     for state in (hf, hf_bin, timm):
         _same_as_official(state, official)
 
@@ -105,7 +105,8 @@ def test_safetensors_are_read_without_pytorch(atto_torch, tmp_path):
         "        if name.split('.')[0] == 'torch':\n"
         "            raise ImportError('PyTorch is blocked in this test')\n"
         "sys.meta_path.insert(0, NoTorch())\n"
-        "from convnext_keras.weights.convert import read_state_dict, convert_state_dict\n"
+        "from convnext_keras.weights.convert import convert_state_dict\n"
+        "from convnext_keras.weights.read import read_state_dict\n"
         f"w = convert_state_dict(read_state_dict({str(path)!r}), 'atto')\n"
         "print(len(w), 'torch' in sys.modules)\n"
     )
@@ -255,7 +256,7 @@ def test_v2_layouts_are_detected(atto_v2_torch, tmp_path):
     official = ck.convert_state_dict(states["official"], ATTO_V2)
     assert official["stage1_block1_grn"][0].shape == (320,)
     for layout, state in states.items():
-        assert checkpoints.detect_layout(state) == layout
+        assert layouts.detect_layout(state) == layout
         if layout == "fcmae":
             continue
         _assert_converted_equal(ck.convert_state_dict(state, "convnextv2_atto"), official)
@@ -290,7 +291,7 @@ def test_fcmae_sparse_layout_recovers_the_dense_network(atto_v2_torch, tmp_path,
         assert torch.equal(_remap_as_the_original_does(kernel), dense[key]), key
 
     numpy_sparse = {k: v.numpy() for k, v in sparse.items()}
-    with caplog.at_level(logging.DEBUG, logger="convnext_keras.weights.convert"):
+    with caplog.at_level(logging.DEBUG, logger="convnext_keras.weights.layouts.fcmae"):
         converted = ck.convert_state_dict(numpy_sparse, ATTO_V2)
     _assert_converted_equal(
         {k: v for k, v in converted.items() if k != "head_norm"},

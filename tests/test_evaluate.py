@@ -27,7 +27,7 @@ from test_preprocess import SKIMAGE, SKLEARN, reference
 import convnext_keras as ck
 from convnext_keras.cli import main
 from convnext_keras.data import labels
-from convnext_keras.engines import graph as runtime
+from convnext_keras.engines import runners
 from convnext_keras.tasks.evaluate import evaluate, find_dataset
 
 WNIDS = labels.imagenet_1k().wnids
@@ -102,7 +102,7 @@ def test_eval_agrees_with_the_pytorch_reference(val_set, tmp_path):
     )
     assert result.layout == "class-folders"
     # The default engine is predict's: OpenVINO, else onnxruntime, on one CPU device.
-    expected_engine = runtime.cpu_graph_engine() or "keras"
+    expected_engine = runners.cpu_graph_engine() or "keras"
     if result.devices == 1:
         assert result.config["engine"] == expected_engine
     assert result.evaluated == len(val_set["files"])

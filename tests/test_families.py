@@ -29,7 +29,7 @@ import torch_reference as ref
 import convnext_keras as ck
 from convnext_keras import registry
 from convnext_keras.nets.convnext import build_for_loading
-from convnext_keras.weights import cache as hub
+from convnext_keras.weights import cache, store
 
 TOLERANCE = 1e-4
 
@@ -187,7 +187,7 @@ def test_dinov3_matches_transformers(size, hub_server, monkeypatch):
     # One download, then the converted cache.
     assert len([r for r in hub_server.cdn_requests if r[0].startswith("/lfs/")]) == 1
     if layouts:
-        weights = hub.read_converted(hub.converted_cache_path(ckpt))
+        weights = cache.read_converted(cache.converted_cache_path(ckpt))
         for layout, state in layouts.items():
             converted = ck.convert_state_dict(state, spec)
             assert converted.keys() == weights.keys(), layout
@@ -249,7 +249,7 @@ def test_timm_rows_match_pytorch(name, hub_server):
     got = _run(model, images)
     for key in ("logits", "pooled", *(f"stage{i}" for i in range(1, 5))):
         assert _max_diff(got[key], expected[key]) <= TOLERANCE, key
-    assert hub.is_cached(ckpt)
+    assert store.is_cached(ckpt)
     del model
     _clear()
 
@@ -274,15 +274,16 @@ def test_onnx_graph_of_isotropic_and_dense_models_equals_keras(tmp_path):
     """The onnxruntime engine's own graph (16x16 patch stem without LayerNorm, one stage;
     the 'dense' head) computes what the Keras model does; export writes it, verified."""
     pytest.importorskip("onnxruntime")
-    from convnext_keras.engines import graph as runtime
+    from convnext_keras.engines import graph as onnx_graph
+    from convnext_keras.engines import runners
     from convnext_keras.export.exporter import export
 
     images = _images(64, 48, seed=4)
     iso_model = ck.load_model("convnext_iso_small_1k_224", weights=None)
-    runner = runtime.OnnxRunner(iso_model)
+    runner = runners.OnnxRunner(iso_model)
     assert _max_diff(runner(images), iso_model.predict_on_batch(images)) <= TOLERANCE
     dense = ck.load_model("dinov3_convnext_tiny_lvd1689m", weights=None, features="dense")
-    session = runtime.onnx_session(runtime.build_onnx_graph(dense, None, None))
+    session = runners.onnx_session(onnx_graph.build_onnx_graph(dense, None, None))
     (got,) = session.run(None, {"images": images})
     assert got.shape == (1, 2, 1, 768)
     assert _max_diff(got, dense.predict_on_batch(images)) <= TOLERANCE

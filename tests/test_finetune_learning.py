@@ -7,7 +7,7 @@ downloaded here - so the runs use the original's from-scratch settings (lr 4e-3,
 0.05, warmup, no layer decay) on the library's unchanged pipeline: folder scan, random resized
 crop, label smoothing, warmup + cosine, validation with the official eval transform.
 
-The trained model is also the proxy on which opt-in int8 (``runtime.quantize_int8``) is held
+The trained model is also the proxy on which opt-in int8 (``quantization.quantize_int8``) is held
 to a floor: with random weights top-1 agreement means nothing, with a model that learned
 digits it is the question a user asks.  Calibrated on 64 training images, int8 must give the
 float32 model's top-1 on at least 95 % of the held-out images (BENCHMARKS.md has the full
@@ -23,7 +23,7 @@ import pytest
 from test_finetune_data import digits_folder
 
 import convnext_keras as ck
-from convnext_keras.engines import graph as runtime
+from convnext_keras.engines import quantization, runners
 
 
 @pytest.mark.slow
@@ -61,12 +61,14 @@ def test_atto_learns_handwritten_digits_and_int8_keeps_its_answers(model, tmp_pa
     recipe = json.loads((tmp_path / "run" / "run.json").read_text())["recipe"]
     config = (recipe["resolution"], recipe["crop_pct"], recipe["interpolation"])
     split = ck.finetune.scan(data, val_fraction=recipe["val_fraction"], seed=recipe["seed"])
-    held_out = runtime.calibration_images([p for p, _ in split.val], config, limit=len(split.val))
+    held_out = quantization.calibration_images(
+        [p for p, _ in split.val], config, limit=len(split.val)
+    )
     labels = np.array([y for _, y in split.val])
     model = ck.finetune.load_run(tmp_path / "run")
-    calibration = runtime.calibration_images([p for p, _ in split.train], config)
-    fp32 = runtime.OnnxRunner(model)(held_out)
-    int8 = runtime.OnnxRunner(model, precision="int8", calibration=calibration)(held_out)
+    calibration = quantization.calibration_images([p for p, _ in split.train], config)
+    fp32 = runners.OnnxRunner(model)(held_out)
+    int8 = runners.OnnxRunner(model, precision="int8", calibration=calibration)(held_out)
     assert np.isfinite(int8).all()
     assert np.mean(fp32.argmax(-1) == labels) == pytest.approx(result.best_val_acc1, abs=0.01)
     agreement = np.mean(int8.argmax(-1) == fp32.argmax(-1))

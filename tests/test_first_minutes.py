@@ -25,7 +25,7 @@ import convnext_keras as ck
 from convnext_keras import registry
 from convnext_keras.cli import main
 from convnext_keras.data import labels
-from convnext_keras.weights import cache as hub
+from convnext_keras.weights import store
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = ROOT / "examples" / "images" / "cat.jpg"
@@ -54,7 +54,7 @@ def test_offline_error_names_every_way_out_in_the_interface_s_terms(loopback_ser
     assert "weights=" not in cli and "weights='" not in cli
 
     with pytest.raises(ck.DownloadError) as info:
-        hub.official_weights(TINY)
+        store.official_weights(TINY)
     python = str(info.value)
     assert "weights='FILE'" in python and "weights=None" in python and "--weights" not in python
 
@@ -83,8 +83,8 @@ def test_fetch_into_a_folder_then_use_it_as_base_url_without_a_server(
     # The offline machine: a fresh cache, the folder as the base URL, no server involved.
     monkeypatch.setenv("CONVNEXT_HOME", str(tmp_path / "offline_home"))
     monkeypatch.setenv("CONVNEXT_BASE_URL", carry.as_uri() + "/")
-    weights = hub.official_weights(TINY)
-    expected = hub.convert_official(TINY, checkpoint)
+    weights = store.official_weights(TINY)
+    expected = store.convert_official(TINY, checkpoint)
     np.testing.assert_array_equal(weights["head_fc"][0], expected["head_fc"][0])
     assert len(loopback_server.requests) == 1
     home = tmp_path / "offline_home"
@@ -94,7 +94,7 @@ def test_fetch_into_a_folder_then_use_it_as_base_url_without_a_server(
     monkeypatch.setenv("CONVNEXT_BASE_URL", str(tmp_path / "empty"))  # a plain path works too
     small = registry.CHECKPOINTS["convnext_small_1k_224"]
     with pytest.raises(ck.DownloadError, match="no such file: .*convnext_small_1k_224_ema.pth"):
-        hub.official_weights(small)
+        store.official_weights(small)
 
     bad = _invoke(["fetch", "convnext_atto", "--to", str(carry)])
     assert bad.exit_code == 2 and bad.stderr.startswith("error: ") and "official" in bad.stderr
@@ -141,9 +141,10 @@ def test_download_progress_bar_draws_on_the_terminal_and_leaves_stdout_clean(
     (loopback_server.root / "big.bin").write_bytes(os.urandom(4 << 20))
     code = f"""
         from pathlib import Path
-        from convnext_keras.weights import cache as hub
-        size = hub.fetch({loopback_server.url + "big.bin"!r}, Path({str(tmp_path / "big.bin")!r}),
-                         verify=lambda p: p.stat().st_size)
+        from convnext_keras.weights import download
+        size = download.fetch({loopback_server.url + "big.bin"!r},
+                              Path({str(tmp_path / "big.bin")!r}),
+                              verify=lambda p: p.stat().st_size)
         print("fetched", size)
     """
     env = {k: v for k, v in os.environ.items() if k != "CONVNEXT_NO_PROGRESS"}

@@ -16,7 +16,7 @@ import torch_reference as ref
 
 import convnext_keras as ck
 from convnext_keras import registry
-from convnext_keras.weights import cache as hub
+from convnext_keras.weights import cache, download, store
 
 TINY = registry.CHECKPOINTS["convnext_tiny_1k_224"]
 
@@ -27,7 +27,7 @@ def mirror(loopback_server, tiny_reference, monkeypatch):
     _, path = tiny_reference
     shutil.copy(path, loopback_server.root / TINY.filename)
     monkeypatch.setenv("CONVNEXT_BASE_URL", loopback_server.url)
-    monkeypatch.setattr(hub, "RESUME_PAUSE_SECONDS", 0.0)
+    monkeypatch.setattr(download, "RESUME_PAUSE_SECONDS", 0.0)
     return loopback_server
 
 
@@ -47,7 +47,7 @@ def test_download_convert_cache_then_offline(mirror, tiny_reference, isolated_ca
     assert f"checkpoints/{TINY.filename}" in files
     assert "keras/convnext_tiny_1k_224.safetensors" in files
     assert not [f for f in files if f.endswith(".part")]
-    assert hub.is_cached(TINY)
+    assert store.is_cached(TINY)
 
     # Offline now: the converted cache alone serves the model, its _fe twin and a pyramid.
     mirror.mode = "html"
@@ -59,12 +59,12 @@ def test_download_convert_cache_then_offline(mirror, tiny_reference, isolated_ca
 
 
 def test_stale_converted_cache_is_rebuilt(mirror, isolated_cache):
-    dest = hub.converted_cache_path(TINY)
+    dest = cache.converted_cache_path(TINY)
     dest.parent.mkdir(parents=True)
     dest.write_bytes(b"garbage from an older version")
-    weights = hub.official_weights(TINY)
+    weights = store.official_weights(TINY)
     assert weights["head_fc"][0].shape == (768, 1000)
-    assert hub.load_converted(dest) is not None
+    assert cache.load_converted(dest) is not None
 
 
 @pytest.mark.parametrize(
@@ -111,7 +111,7 @@ def test_offline_machine(monkeypatch):
         port = s.getsockname()[1]
     monkeypatch.setenv("CONVNEXT_BASE_URL", f"http://127.0.0.1:{port}/convnext")
     with pytest.raises(ck.DownloadError, match="Could not download .*ConnectionError"):
-        hub.official_weights(TINY)
+        store.official_weights(TINY)
 
 
 def test_base_url_default_is_official():
@@ -122,8 +122,8 @@ def test_two_processes_share_one_download(mirror, isolated_cache):
     script = textwrap.dedent(
         """
         from convnext_keras import registry
-        from convnext_keras.weights import cache as hub
-        w = hub.official_weights(registry.CHECKPOINTS["convnext_tiny_1k_224"])
+        from convnext_keras.weights import store
+        w = store.official_weights(registry.CHECKPOINTS["convnext_tiny_1k_224"])
         print("OK", w["head_fc"][0].shape)
         """
     )
@@ -146,7 +146,7 @@ def test_two_processes_share_one_download(mirror, isolated_cache):
     files = [f for f in _cache_files(isolated_cache) if not f.endswith(".lock")]
     cached = [f"checkpoints/{TINY.filename}", "keras/convnext_tiny_1k_224.safetensors"]
     assert files == sorted(cached + [f + ".sha256" for f in cached])
-    assert hub.load_converted(isolated_cache / cached[1]) is not None
+    assert cache.load_converted(isolated_cache / cached[1]) is not None
 
 
 def test_v2_checkpoints_in_every_layout_download_and_load(
@@ -235,7 +235,7 @@ def atto_file(tmp_path_factory):
 def atto_mirror(loopback_server, atto_file, monkeypatch):
     shutil.copy(atto_file, loopback_server.root / ATTO.filename)
     monkeypatch.setenv("CONVNEXT_BASE_URL", loopback_server.url)
-    monkeypatch.setattr(hub, "RESUME_PAUSE_SECONDS", 0.0)
+    monkeypatch.setattr(download, "RESUME_PAUSE_SECONDS", 0.0)
     return loopback_server
 
 
@@ -254,16 +254,16 @@ def _same(a, b):
 
 
 def test_damaged_cache_files_are_moved_aside_and_rebuilt(atto_mirror, isolated_cache, caplog):
-    source, converted = hub.checkpoint_cache_path(ATTO), hub.converted_cache_path(ATTO)
-    first = hub.official_weights(ATTO)
+    source, converted = cache.checkpoint_cache_path(ATTO), cache.converted_cache_path(ATTO)
+    first = store.official_weights(ATTO)
     for path in (source, converted):  # a record of every cached file, written with it
-        assert hub.read_record(path) == hub.file_sha256(path)
+        assert cache.read_record(path) == cache.file_sha256(path)
     assert atto_mirror.requests == [f"/{ATTO.filename}"]
 
     # Bit rot in the converted weights (one mantissa bit): re-converted from the checkpoint.
     _flip_byte(converted)
     with caplog.at_level("WARNING", logger="convnext_keras"):
-        _same(hub.official_weights(ATTO), first)
+        _same(store.official_weights(ATTO), first)
     assert f"{converted} is damaged" in caplog.text and "SHA-256" in caplog.text
     assert len(list(converted.parent.glob("*.corrupt-*"))) == 1
     assert len(atto_mirror.requests) == 1
@@ -271,23 +271,23 @@ def test_damaged_cache_files_are_moved_aside_and_rebuilt(atto_mirror, isolated_c
     # Bit rot in the checkpoint too: downloaded again, once.
     _flip_byte(source)
     converted.unlink()
-    _same(hub.official_weights(ATTO), first)
+    _same(store.official_weights(ATTO), first)
     assert len(atto_mirror.requests) == 2 and len(list(source.parent.glob("*.corrupt-*"))) == 1
 
     # An empty checkpoint without a record (an older version's cache, or a crash): replaced.
     source.write_bytes(b"")
-    hub.record_path(source).unlink()
+    cache.record_path(source).unlink()
     converted.unlink()
-    _same(hub.official_weights(ATTO), first)
+    _same(store.official_weights(ATTO), first)
     assert len(atto_mirror.requests) == 3 and "empty" in caplog.text
 
     # Weights with NaN behind a matching record (e.g. written by a buggy version): refused.
     bad = {k: [a.copy() for a in v] for k, v in first.items()}
     bad["stage3_block1_pwconv2"][0][-1, -64:] = np.nan
-    hub.save_converted(bad, converted, {"format": hub.CONVERTED_FORMAT})
+    cache.save_converted(bad, converted, {"format": cache.CONVERTED_FORMAT})
     caplog.clear()
     with caplog.at_level("WARNING", logger="convnext_keras"):
-        _same(hub.official_weights(ATTO), first)
+        _same(store.official_weights(ATTO), first)
     assert "NaN or inf" in caplog.text
     assert len(atto_mirror.requests) == 3  # rebuilt from the (good) checkpoint
 
@@ -295,45 +295,45 @@ def test_damaged_cache_files_are_moved_aside_and_rebuilt(atto_mirror, isolated_c
 def test_a_changed_byte_in_a_download_is_refused(atto_mirror, atto_file, isolated_cache, tmp_path):
     atto_mirror.mode = "corrupt"  # a bad mirror or proxy: one byte of a tensor flipped
     with pytest.raises(ck.DownloadError, match="CRC-32") as info:
-        hub.official_weights(ATTO)
+        store.official_weights(ATTO)
     text = str(info.value)
-    assert ATTO.url in text and str(hub.checkpoint_cache_path(ATTO)) in text
+    assert ATTO.url in text and str(cache.checkpoint_cache_path(ATTO)) in text
     assert ".part" not in text  # the temporary file is gone: never named
     assert not [f for f in _cache_files(isolated_cache) if not f.endswith(".lock")]
 
     # A pinned SHA-256 is checked too (env per model, or a sha256sum-style file).
-    digest = hub.file_sha256(atto_file)
+    digest = cache.file_sha256(atto_file)
     sums = tmp_path / "SHA256SUMS"
     sums.write_text(f"{'0' * 64}  {ATTO.filename}\n")
     atto_mirror.mode = "ok"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CONVNEXT_SHA256SUMS", str(sums))
         with pytest.raises(ck.DownloadError, match="not 0000.* as pinned by CONVNEXT_SHA256SUMS"):
-            hub.official_weights(ATTO)
+            store.official_weights(ATTO)
         mp.setenv("CONVNEXT_SHA256_CONVNEXT_ATTO_TEST", digest)  # the variable wins
-        hub.official_weights(ATTO)
-        assert hub.read_record(hub.checkpoint_cache_path(ATTO)) == digest
+        store.official_weights(ATTO)
+        assert cache.read_record(cache.checkpoint_cache_path(ATTO)) == digest
         mp.setenv("CONVNEXT_SHA256_CONVNEXT_ATTO_TEST", "abc")
         with pytest.raises(ValueError, match="not a SHA-256"):
-            hub.expected_sha256(ATTO)
+            cache.expected_sha256(ATTO)
 
 
 def test_a_dropped_connection_resumes_with_a_range_request(atto_mirror, atto_file):
     atto_mirror.mode = "drop"  # hangs up after 40 % of the file, then honours Range
-    weights = hub.official_weights(ATTO)
+    weights = store.official_weights(ATTO)
     assert weights["head_fc"][0].shape == (320, 1000)
     size = atto_file.stat().st_size
     assert atto_mirror.ranges == [None, f"bytes={size * 2 // 5}-"]
-    cached = hub.checkpoint_cache_path(ATTO)
+    cached = cache.checkpoint_cache_path(ATTO)
     assert cached.read_bytes() == atto_file.read_bytes()
-    assert hub.read_record(cached) == hub.file_sha256(atto_file)
+    assert cache.read_record(cached) == cache.file_sha256(atto_file)
 
 
 def test_a_trickling_server_is_abandoned_naming_the_url(atto_mirror, isolated_cache):
     atto_mirror.mode = "trickle"  # one byte every 0.1 s: each read succeeds, nothing moves
     start = time.monotonic()
     with pytest.raises(ck.DownloadError, match="stalled") as info:
-        hub.fetch(ATTO.url, hub.checkpoint_cache_path(ATTO), verify=lambda p: p, stall=1.0)
+        download.fetch(ATTO.url, cache.checkpoint_cache_path(ATTO), verify=lambda p: p, stall=1.0)
     assert time.monotonic() - start < 10
     assert ATTO.url in str(info.value) and "CONVNEXT_BASE_URL" in str(info.value)
     assert not [f for f in _cache_files(isolated_cache) if not f.endswith(".lock")]
@@ -344,9 +344,9 @@ def test_kill_9_mid_download_leaves_a_temp_file_a_later_load_removes(atto_mirror
     script = textwrap.dedent(
         f"""
         from convnext_keras import registry
-        from convnext_keras.weights import cache as hub
+        from convnext_keras.weights import store
         ckpt = registry.Checkpoint(**{_ATTO_ROW!r}, source=registry.Source({_ATTO_FILE!r}))
-        hub.official_weights(ckpt)
+        store.official_weights(ckpt)
         """
     )
     env = {**os.environ, "CONVNEXT_HOME": str(isolated_cache), "KERAS_BACKEND": "jax"}
@@ -359,14 +359,14 @@ def test_kill_9_mid_download_leaves_a_temp_file_a_later_load_removes(atto_mirror
     proc.kill()  # SIGKILL: no clean-up runs
     proc.wait(timeout=30)
     (leftover,) = folder.glob(".*.part")
-    hub.clean_stale(folder)
+    cache.clean_stale(folder)
     assert leftover.exists()  # fresh: it could belong to a running download
-    old = time.time() - hub.STALE_SECONDS - 60
+    old = time.time() - cache.STALE_SECONDS - 60
     os.utime(leftover, (old, old))
-    with hub._locked(folder / ATTO.filename):  # a writer holds the lock: kept
-        hub.clean_stale(folder)
+    with cache.locked(folder / ATTO.filename):  # a writer holds the lock: kept
+        cache.clean_stale(folder)
         assert leftover.exists()
     atto_mirror.mode = "ok"
-    hub.official_weights(ATTO)  # the next load clears it
+    store.official_weights(ATTO)  # the next load clears it
     assert not leftover.exists()
     assert not list(folder.glob(".*.part")) and not list((isolated_cache / "keras").glob(".*"))

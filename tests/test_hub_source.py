@@ -17,7 +17,7 @@ from click.testing import CliRunner
 import convnext_keras as ck
 from convnext_keras import registry
 from convnext_keras.cli import main
-from convnext_keras.weights import cache as hub
+from convnext_keras.weights import cache, download, hfhub, store
 
 ATTO = registry.CHECKPOINTS["convnext_atto_1k_224"]
 DINO = registry.CHECKPOINTS["dinov3_convnext_tiny_lvd1689m"]
@@ -50,7 +50,7 @@ def test_hub_row_downloads_once_converts_caches_and_loads_offline(
     _serve(hub_server, ATTO.source.repo, atto_file)
     x = np.random.default_rng(0).standard_normal((1, 64, 64, 3)).astype("float32")
     expected = ck.load_model(ATTO.name, weights=atto_file).predict_on_batch(x)
-    assert not hub.is_cached(ATTO)
+    assert not store.is_cached(ATTO)
 
     model = ck.load_model(ATTO.name)
     np.testing.assert_array_equal(model.predict_on_batch(x), expected)
@@ -61,10 +61,10 @@ def test_hub_row_downloads_once_converts_caches_and_loads_offline(
     ]
     assert len(hub_server.cdn_requests) == 1
     (blob,) = _blobs(hub_server)
-    assert blob.name == hub.file_sha256(atto_file)
+    assert blob.name == cache.file_sha256(atto_file)
     assert (isolated_cache / "keras" / f"{ATTO.name}.safetensors").is_file()
     assert not (isolated_cache / "checkpoints").exists()
-    assert hub.is_cached(ATTO)
+    assert store.is_cached(ATTO)
     rows = json.loads(CliRunner().invoke(main, ["list", "convnext_atto_1k*", "--json"]).output)
     assert (rows[0]["cached"], rows[0]["licence"], rows[0]["family"]) == (
         True,
@@ -74,21 +74,23 @@ def test_hub_row_downloads_once_converts_caches_and_loads_offline(
 
     # The converted cache serves the next load without a request; without it, offline mode
     # reads the Hugging Face cache.
-    first = hub.official_weights(ATTO)
+    first = store.official_weights(ATTO)
     assert len(hub_server.requests) == 1
-    hub.converted_cache_path(ATTO).unlink()
+    cache.converted_cache_path(ATTO).unlink()
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    again = hub.official_weights(ATTO)
+    again = store.official_weights(ATTO)
     assert again.keys() == first.keys()
     for layer, arrays in again.items():
         for a, b in zip(arrays, first[layer], strict=True):
             np.testing.assert_array_equal(a, b)
     assert len(hub_server.requests) == 1 and len(hub_server.cdn_requests) == 1
-    hub.converted_cache_path(ATTO).unlink()
+    cache.converted_cache_path(ATTO).unlink()
     for blob in _blobs(hub_server):
         blob.unlink()  # offline, and the Hugging Face cache lost it: the ways out
-    with pytest.raises(hub.DownloadError, match="HF_HUB_OFFLINE is set and timm.convnext_atto"):
-        hub.official_weights(ATTO)
+    with pytest.raises(
+        download.DownloadError, match="HF_HUB_OFFLINE is set and timm.convnext_atto"
+    ):
+        store.official_weights(ATTO)
 
 
 def test_gated_repository_needs_an_accepted_licence_and_a_token(
@@ -99,7 +101,7 @@ def test_gated_repository_needs_an_accepted_licence_and_a_token(
     hub_server.gated.add(repo)
     page = f"{hub_server.url}/{repo}"
 
-    with pytest.raises(hub.DownloadError) as without:
+    with pytest.raises(download.DownloadError) as without:
         ck.load_model(DINO.name)
     message = str(without.value)
     assert f"{repo} is gated: accept its licence at {page}" in message
@@ -110,14 +112,18 @@ def test_gated_repository_needs_an_accepted_licence_and_a_token(
     assert result.output.count("\n") == 1 and "Traceback" not in result.output
 
     monkeypatch.setenv("HF_TOKEN", "hf_someoneelse")
-    with pytest.raises(hub.DownloadError, match="the Hugging Face token given .* has no access"):
+    with pytest.raises(
+        download.DownloadError, match="the Hugging Face token given .* has no access"
+    ):
         ck.load_model(DINO.name)
 
     monkeypatch.setenv("HF_TOKEN", hub_server.token)
-    with pytest.raises(hub.DownloadError, match="did not deliver a usable checkpoint") as wrong:
+    with pytest.raises(
+        download.DownloadError, match="did not deliver a usable checkpoint"
+    ) as wrong:
         ck.load_model(DINO.name)
     assert "ConvNeXt-atto" in str(wrong.value)
-    assert not hub.converted_cache_path(DINO).exists()
+    assert not cache.converted_cache_path(DINO).exists()
     # The token goes to the Hub, never to the content server it redirects to.
     assert hub_server.requests[-1][2] == f"Bearer {hub_server.token}"
     assert {auth for *_, auth in hub_server.cdn_requests} == {None}
@@ -125,11 +131,11 @@ def test_gated_repository_needs_an_accepted_licence_and_a_token(
 
 def test_missing_files_repositories_revisions_and_bad_addresses(hub_server, atto_file):
     _serve(hub_server, "org/weights", atto_file)
-    with pytest.raises(hub.DownloadError, match="org/weights has no file 'nope.pth'"):
+    with pytest.raises(download.DownloadError, match="org/weights has no file 'nope.pth'"):
         ck.load_model("convnext_atto", weights="hf://org/weights/nope.pth")
-    with pytest.raises(hub.DownloadError, match="no repository nobody/nothing"):
+    with pytest.raises(download.DownloadError, match="no repository nobody/nothing"):
         ck.load_model("convnext_atto", weights="hf://nobody/nothing")
-    with pytest.raises(hub.DownloadError, match="has no revision 'v9'"):
+    with pytest.raises(download.DownloadError, match="has no revision 'v9'"):
         ck.load_model("convnext_atto", weights="hf://org/weights@v9/model.safetensors")
     with pytest.raises(ValueError, match="not a Hub address: write hf://ORG/REPO"):
         ck.load_model("convnext_atto", weights="hf://just-one-part")
@@ -147,7 +153,7 @@ def test_hub_addresses_name_a_file_a_revision_or_just_the_repository(hub_server,
     np.testing.assert_array_equal(model.predict_on_batch(x), expected)
 
     commit = hashlib.sha1(b"org/st").hexdigest()  # what the loopback Hub calls the commit
-    pinned = hub.resolve_hub_address(f"hf://org/st@{commit}/model.safetensors")
+    pinned = hfhub.resolve_hub_address(f"hf://org/st@{commit}/model.safetensors")
     assert pinned.read_bytes() == atto_file.read_bytes() and commit in str(pinned)
     state = ck.read_state_dict(atto_file)
     (hub_server.root / "org/bin").mkdir(parents=True)
@@ -155,12 +161,12 @@ def test_hub_addresses_name_a_file_a_revision_or_just_the_repository(hub_server,
         {k: torch.from_numpy(v) for k, v in state.items()},
         hub_server.root / "org/bin/pytorch_model.bin",
     )
-    found = hub.resolve_hub_address("hf://org/bin")  # no model.safetensors: pytorch_model.bin
+    found = hfhub.resolve_hub_address("hf://org/bin")  # no model.safetensors: pytorch_model.bin
     assert found.name == "pytorch_model.bin"
     assert ck.read_state_dict(found).keys() == state.keys()
     (hub_server.root / "org/empty").mkdir()
-    with pytest.raises(hub.DownloadError, match="holds neither model.safetensors nor"):
-        hub.resolve_hub_address("hf://org/empty")
+    with pytest.raises(download.DownloadError, match="holds neither model.safetensors nor"):
+        hfhub.resolve_hub_address("hf://org/empty")
 
 
 def test_a_cut_short_file_is_refused_then_a_dropped_connection_resumes(
@@ -171,10 +177,10 @@ def test_a_cut_short_file_is_refused_then_a_dropped_connection_resumes(
     monkeypatch.setattr(fd.time, "sleep", lambda seconds: None)  # its pause between resumes
     _serve(hub_server, ATTO.source.repo, atto_file)
     hub_server.mode = "short"  # the content server sends half the announced size
-    with pytest.raises(hub.DownloadError, match="Consistency check failed") as short:
+    with pytest.raises(download.DownloadError, match="Consistency check failed") as short:
         ck.load_model(ATTO.name)
     assert "nothing was cached" in str(short.value)
-    assert not hub.converted_cache_path(ATTO).exists()
+    assert not cache.converted_cache_path(ATTO).exists()
 
     hub_server.mode, hub_server.cdn_requests[:] = "drop", []
     model = ck.load_model(ATTO.name, features="pooled")
@@ -182,26 +188,28 @@ def test_a_cut_short_file_is_refused_then_a_dropped_connection_resumes(
     assert [r for _, r, _ in hub_server.cdn_requests][0] is None
     assert any(r and r.startswith("bytes=") for _, r, _ in hub_server.cdn_requests[1:])
     (blob,) = _blobs(hub_server)
-    assert hub.file_sha256(blob) == blob.name
+    assert cache.file_sha256(blob) == blob.name
 
 
 def test_a_damaged_blob_in_the_hugging_face_cache_is_downloaded_again(
     hub_server, atto_file, caplog, monkeypatch
 ):
     _serve(hub_server, "org/weights", atto_file)
-    path = hub.resolve_hub_address("hf://org/weights/model.safetensors")
+    path = hfhub.resolve_hub_address("hf://org/weights/model.safetensors")
     blob = path.resolve()
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0x40
     blob.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="convnext_keras"):
-        again = hub.resolve_hub_address("hf://org/weights/model.safetensors")
+        again = hfhub.resolve_hub_address("hf://org/weights/model.safetensors")
     assert "is damaged" in caplog.text and "downloading it again" in caplog.text
-    assert hub.file_sha256(again) == blob.name == hub.file_sha256(atto_file)
+    assert cache.file_sha256(again) == blob.name == cache.file_sha256(atto_file)
     # A pinned SHA-256 (CONVNEXT_SHA256_<NAME>) that the file does not have is refused.
     _serve(hub_server, ATTO.source.repo, atto_file)
     monkeypatch.setenv("CONVNEXT_SHA256_CONVNEXT_ATTO_1K_224", "0" * 64)
-    with pytest.raises(hub.DownloadError, match="pinned by CONVNEXT_SHA256_CONVNEXT_ATTO_1K_224"):
+    with pytest.raises(
+        download.DownloadError, match="pinned by CONVNEXT_SHA256_CONVNEXT_ATTO_1K_224"
+    ):
         ck.load_model(ATTO.name)
 
 

@@ -24,7 +24,7 @@ import convnext_keras as ck
 from convnext_keras import decode_predictions, preprocess, registry
 from convnext_keras.cli import main
 from convnext_keras.data import labels
-from convnext_keras.engines import graph as runtime
+from convnext_keras.engines import quantization, runners
 from convnext_keras.nets.convnext import FLOAT32_LAYERS, PRECISIONS, non_float32_layer, precision_of
 from convnext_keras.tasks.gradcam import GradCAM
 from convnext_keras.tasks.predict import load_classifier, predict_files, softmax, with_precision
@@ -228,9 +228,9 @@ def test_bf16_logits_within_bf16_tolerance_of_pytorch_float32(atto, keras_atto):
     assert with_precision(again, "bf16") is again
     assert all(layer.dtype_policy.name == "float32" for layer in keras_atto.layers)
     # Mixed precision never goes to the float32-only onnxruntime graph.
-    assert runtime.inference_function(again)[1] == "keras"
+    assert runners.inference_function(again)[1] == "keras"
     with pytest.raises(ValueError, match="computes in bfloat16"):
-        runtime.inference_function(again, "onnxruntime")
+        runners.inference_function(again, "onnxruntime")
 
 
 def test_precision_none_follows_the_global_policy_and_a_value_overrides_it():
@@ -263,7 +263,7 @@ def test_bad_precision_fails_before_any_download():
 def test_cli_precision_choices_are_the_model_precisions():
     from convnext_keras.cli import _app
 
-    assert _app.PRECISIONS == (*PRECISIONS, runtime.INT8)
+    assert _app.PRECISIONS == (*PRECISIONS, quantization.INT8)
 
 
 # --- the command line ---------------------------------------------------------------------------
@@ -319,8 +319,8 @@ def test_cli_predict_int8(atto, keras_atto):
     assert result.exit_code == 0, result.output
     got = json.loads(result.stdout)[0]["predictions"]
     config = preprocess.as_config("convnext_atto")
-    runner = runtime.OnnxRunner(
-        keras_atto, precision="int8", calibration=runtime.calibration_images(EXAMPLES, config)
+    runner = runners.OnnxRunner(
+        keras_atto, precision="int8", calibration=quantization.calibration_images(EXAMPLES, config)
     )
     probs = softmax(runner(preprocess.transform_file(PHOTOS[0], config)[None]))[0]
     assert [p["index"] for p in got] == list(np.argsort(-probs)[:5])
@@ -426,7 +426,7 @@ def test_cli_predict_never_prints_nan_a_non_finite_logit_fails_that_image(
     tiny = tmp_path / "tiny.png"  # 16x16: predict owns the resize, so the network can take it
     Image.open(PHOTOS[0]).resize((16, 16)).save(tiny)
 
-    real = predict_lib.runtime.inference_function
+    real = predict_lib.runners.inference_function
 
     def broken(model, engine="auto", **options):  # the second image of every batch is NaN
         run, name = real(model, engine, **options)
@@ -438,7 +438,7 @@ def test_cli_predict_never_prints_nan_a_non_finite_logit_fails_that_image(
 
         return run_batch, name
 
-    monkeypatch.setattr(predict_lib.runtime, "inference_function", broken)
+    monkeypatch.setattr(predict_lib.runners, "inference_function", broken)
     args = ["predict", str(tiny), str(PHOTOS[1]), "--model", "convnext_atto", "--json"]
     result = _invoke([*args, "--weights", str(atto[1])])
     assert result.exit_code == 1, result.output

@@ -10,7 +10,8 @@ import torch_reference as ref
 
 import convnext_keras as ck
 from convnext_keras import registry
-from convnext_keras.engines import graph as runtime
+from convnext_keras.engines import graph as onnx_graph
+from convnext_keras.engines import quantization, runners
 from convnext_keras.nets.convnext import dtype_policy
 
 TOLERANCE = 1e-4
@@ -39,16 +40,16 @@ def test_runner_equals_torch_reference(atto_checkpoint, size):
     expected = ref.hf_outputs(hf, images)
     classifier = ck.load_model("convnext_atto", weights=path)
     pooled = ck.load_model("convnext_atto", weights=path, features="pooled")
-    logits = runtime.OnnxRunner(classifier)(images)
-    features = runtime.OnnxRunner(pooled)(images)
+    logits = runners.OnnxRunner(classifier)(images)
+    features = runners.OnnxRunner(pooled)(images)
     assert logits.shape == (2, 1000) and features.shape == (2, 320)
     np.testing.assert_allclose(logits, expected["logits"], atol=TOLERANCE, rtol=0)
     np.testing.assert_allclose(features, expected["pooled"], atol=TOLERANCE, rtol=0)
     # OpenVINO on the same graph, in float32 (never its bfloat16 default on CPUs that have it).
-    openvino = runtime.OpenVinoRunner(classifier)
+    openvino = runners.OpenVinoRunner(classifier)
     np.testing.assert_allclose(openvino(images), expected["logits"], atol=TOLERANCE, rtol=0)
     np.testing.assert_allclose(
-        runtime.OpenVinoRunner(pooled)(images), expected["pooled"], atol=TOLERANCE, rtol=0
+        runners.OpenVinoRunner(pooled)(images), expected["pooled"], atol=TOLERANCE, rtol=0
     )
     # ... and Keras' own forward pass on the same weights.
     np.testing.assert_allclose(
@@ -73,7 +74,7 @@ def test_runner_runs_convnext_v2_with_grn(atto_v2_checkpoint):
     hf, path = atto_v2_checkpoint
     classifier = ck.load_model("convnextv2_atto_1k_224", weights=path)
     pooled = ck.load_model("convnextv2_atto_1k_224_fe", weights=path)
-    runner, features = runtime.OnnxRunner(classifier), runtime.OnnxRunner(pooled)
+    runner, features = runners.OnnxRunner(classifier), runners.OnnxRunner(pooled)
     for n in (1, 3):
         images = _images(n, 70, 45, seed=n)
         expected = ref.hf_outputs(hf, images)
@@ -82,7 +83,7 @@ def test_runner_runs_convnext_v2_with_grn(atto_v2_checkpoint):
     assert list(runner._sessions) == [(70, 45)]
     images = _images(3, 70, 45, seed=3)
     np.testing.assert_allclose(
-        runtime.OpenVinoRunner(classifier)(images),
+        runners.OpenVinoRunner(classifier)(images),
         ref.hf_outputs(hf, images)["logits"],
         atol=TOLERANCE,
         rtol=0,
@@ -91,7 +92,7 @@ def test_runner_runs_convnext_v2_with_grn(atto_v2_checkpoint):
     images = _images(2, 96, 64, seed=5)
     want = pyramid.predict_on_batch(images)
     for opset in (17, 20):
-        graph = runtime.build_onnx_graph(pyramid, None, None, opset=opset)
+        graph = onnx_graph.build_onnx_graph(pyramid, None, None, opset=opset)
         session = ort.InferenceSession(
             graph.SerializeToString(), providers=["CPUExecutionProvider"]
         )
@@ -105,7 +106,7 @@ def test_runner_runs_convnext_v2_with_grn(atto_v2_checkpoint):
 def test_runner_without_layer_scale_and_any_batch(atto_checkpoint):
     """Models built without layer scale, and batch sizes 1 and 3 through one cached session."""
     model = ck.build_model("atto", num_classes=7, layer_scale_init=None)
-    runner = runtime.OnnxRunner(model, threads=1)
+    runner = runners.OnnxRunner(model, threads=1)
     for n in (1, 3):
         images = _images(n, 64, 64, seed=n)
         np.testing.assert_allclose(
@@ -117,7 +118,7 @@ def test_runner_without_layer_scale_and_any_batch(atto_checkpoint):
 def test_onnx_graph_passes_the_checker():
     import onnx
 
-    graph = runtime.build_onnx_graph(ck.build_model("atto"), 64, 64)
+    graph = onnx_graph.build_onnx_graph(ck.build_model("atto"), 64, 64)
     onnx.checker.check_model(graph, full_check=True)
     ops = {n.op_type for n in graph.graph.node}
     assert "Gelu" in ops and "LayerNormalization" in ops
@@ -131,8 +132,8 @@ def test_opset_17_graph_with_dynamic_size_equals_opset_20():
     import onnxruntime as ort
 
     model = ck.build_model("atto")
-    graphs = {17: runtime.build_onnx_graph(model, None, None, opset=17)}
-    graphs[20] = runtime.build_onnx_graph(model, 70, 45)
+    graphs = {17: onnx_graph.build_onnx_graph(model, None, None, opset=17)}
+    graphs[20] = onnx_graph.build_onnx_graph(model, 70, 45)
     onnx.checker.check_model(graphs[17], full_check=True)
     assert "Gelu" not in {n.op_type for n in graphs[17].graph.node}
     images = _images(2, 70, 45, seed=3)
@@ -145,24 +146,24 @@ def test_opset_17_graph_with_dynamic_size_equals_opset_20():
     np.testing.assert_allclose(outs[17], outs[20], atol=1e-5, rtol=0)
     np.testing.assert_allclose(outs[17], model.predict_on_batch(images), atol=TOLERANCE, rtol=0)
     with pytest.raises(ValueError, match="opset must be >= 17"):
-        runtime.build_onnx_graph(model, 64, 64, opset=13)
+        onnx_graph.build_onnx_graph(model, 64, 64, opset=13)
 
 
 def test_a_model_with_layers_of_its_own_stays_on_keras():
     """A head added after the pooled features must not be skipped by the graph builder."""
     fe = ck.build_model("atto", head="pooled")
     model = keras.Model(fe.input, keras.layers.Dense(3, name="my_head")(fe.output))
-    assert "my_head" in runtime.unsupported_reason(model)
-    assert runtime.inference_function(model)[1] == "keras"
+    assert "my_head" in onnx_graph.unsupported_reason(model)
+    assert runners.inference_function(model)[1] == "keras"
     with pytest.raises(ValueError, match="my_head"):
-        runtime.build_onnx_graph(model, 64, 64)
+        onnx_graph.build_onnx_graph(model, 64, 64)
 
 
 def test_openvino_runner_any_batch_and_its_outputs_are_its_own():
     """Batches 1 and 3, one compiled graph per shape; a result is a copy, not a view of
     OpenVINO's output buffer that the next call overwrites."""
     model = ck.build_model("atto", num_classes=7, layer_scale_init=None)
-    runner = runtime.OpenVinoRunner(model, threads=1)
+    runner = runners.OpenVinoRunner(model, threads=1)
     first = runner(_images(1, 64, 64, seed=1))
     kept = first.copy()
     for n in (1, 3):
@@ -179,35 +180,35 @@ def test_openvino_runner_any_batch_and_its_outputs_are_its_own():
 def test_inference_function_picks_the_engine(monkeypatch):
     classifier = ck.build_model("atto")
     # auto on a CPU: OpenVINO when installed, else onnxruntime, else Keras.
-    fn, engine = runtime.inference_function(classifier)
-    assert engine == "openvino" and isinstance(fn, runtime.OpenVinoRunner)
-    monkeypatch.setattr(runtime, "openvino_available", lambda: False)
-    fn, engine = runtime.inference_function(classifier)
-    assert engine == "onnxruntime" and isinstance(fn, runtime.OnnxRunner)
+    fn, engine = runners.inference_function(classifier)
+    assert engine == "openvino" and isinstance(fn, runners.OpenVinoRunner)
+    monkeypatch.setattr(runners, "openvino_available", lambda: False)
+    fn, engine = runners.inference_function(classifier)
+    assert engine == "onnxruntime" and isinstance(fn, runners.OnnxRunner)
     with pytest.raises(ImportError, match="pip install openvino"):
-        runtime.inference_function(classifier, "openvino")
-    monkeypatch.setattr(runtime, "onnxruntime_available", lambda: False)
-    assert runtime.inference_function(classifier)[1] == "keras"
+        runners.inference_function(classifier, "openvino")
+    monkeypatch.setattr(runners, "onnxruntime_available", lambda: False)
+    assert runners.inference_function(classifier)[1] == "keras"
     monkeypatch.undo()
-    fn, engine = runtime.inference_function(classifier, "onnxruntime")
-    assert engine == "onnxruntime" and isinstance(fn, runtime.OnnxRunner)
-    fn, engine = runtime.inference_function(classifier, "keras")
+    fn, engine = runners.inference_function(classifier, "onnxruntime")
+    assert engine == "onnxruntime" and isinstance(fn, runners.OnnxRunner)
+    fn, engine = runners.inference_function(classifier, "keras")
     assert engine == "keras" and fn == classifier.predict_on_batch
     pyramid = ck.build_model("atto", head="pyramid")
-    assert runtime.inference_function(pyramid)[1] == "keras"
+    assert runners.inference_function(pyramid)[1] == "keras"
     for insisted in ("onnxruntime", "openvino"):
         with pytest.raises(ValueError, match="pyramid"):
-            runtime.inference_function(pyramid, insisted)
+            runners.inference_function(pyramid, insisted)
     with pytest.raises(ValueError, match="int8' runs on the onnxruntime engine only"):
-        runtime.inference_function(classifier, "openvino", precision="int8")
+        runners.inference_function(classifier, "openvino", precision="int8")
     with pytest.raises(ValueError, match="engine must be one of"):
-        runtime.inference_function(classifier, "tensorrt")
+        runners.inference_function(classifier, "tensorrt")
 
 
 def test_cli_engine_choices_are_the_runtime_engines():
     from convnext_keras.cli import _app
 
-    assert _app.ENGINES == runtime.ENGINES
+    assert _app.ENGINES == runners.ENGINES
 
 
 def test_mixed_precision_models_stay_on_keras():
@@ -217,12 +218,12 @@ def test_mixed_precision_models_stay_on_keras():
         model = ck.build_model("atto")
     finally:
         keras.config.set_dtype_policy(previous)
-    assert "bfloat16" in runtime.unsupported_reason(model)
-    assert runtime.inference_function(model)[1] == "keras"
+    assert "bfloat16" in onnx_graph.unsupported_reason(model)
+    assert runners.inference_function(model)[1] == "keras"
 
 
 def test_bad_inputs_are_explained():
-    runner = runtime.OnnxRunner(ck.build_model("atto"))
+    runner = runners.OnnxRunner(ck.build_model("atto"))
     with pytest.raises(ValueError, match=r"add a batch axis"):
         runner(np.zeros((64, 64, 3), np.float32))
     with pytest.raises(ValueError, match=r"NHWC"):
@@ -230,9 +231,9 @@ def test_bad_inputs_are_explained():
     with pytest.raises(ValueError, match="at least 32x32 pixels .*; got 16x40"):
         runner(np.ones((1, 16, 40, 3), np.float32))
     with pytest.raises(ValueError, match="at least 32x32 pixels .*; got 31x64"):
-        runtime.build_onnx_graph(ck.build_model("atto"), 31, 64)
+        onnx_graph.build_onnx_graph(ck.build_model("atto"), 31, 64)
     with pytest.raises(ValueError, match="not a ConvNeXt"):
-        runtime.OnnxRunner(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]))
+        runners.OnnxRunner(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]))
 
 
 # --- opt-in int8 (static post-training quantization by onnxruntime) ---------------------------
@@ -244,16 +245,16 @@ def atto_int8(atto_checkpoint):
     every other sample photo (7 of 14; the other 7 are held out)."""
     _, path = atto_checkpoint
     model = ck.load_model("convnext_atto", weights=path)
-    photos = runtime.calibration_images(None, "convnext_atto")
-    int8 = runtime.OnnxRunner(model, precision="int8", calibration=photos[::2])
-    return model, runtime.OnnxRunner(model), int8, photos
+    photos = quantization.calibration_images(None, "convnext_atto")
+    int8 = runners.OnnxRunner(model, precision="int8", calibration=photos[::2])
+    return model, runners.OnnxRunner(model), int8, photos
 
 
 def test_int8_quantizes_the_matrix_products_only(atto_int8):
     """Stem, downsampling and pointwise products become integer products with one weight scale
     per output channel; LayerNorm, GELU, the depthwise convolution and the head stay float."""
     model, _, _, photos = atto_int8
-    quantized = runtime.quantize_int8(model, photos[:2])
+    quantized = quantization.quantize_int8(model, photos[:2])
     graph = quantized.graph
     producer = {out: node for node in graph.node for out in node.output}
     inits = {i.name: i for i in graph.initializer}
@@ -297,8 +298,8 @@ def test_int8_pooled_features(atto_checkpoint, atto_int8):
     """The ``_fe`` head (no classifier to exclude): pooled features close to float32."""
     photos = atto_int8[3]
     pooled = ck.load_model("convnext_atto", weights=atto_checkpoint[1], features="pooled")
-    got = runtime.OnnxRunner(pooled, precision="int8", calibration=photos[::2])(photos[1::2])
-    want = runtime.OnnxRunner(pooled)(photos[1::2])
+    got = runners.OnnxRunner(pooled, precision="int8", calibration=photos[::2])(photos[1::2])
+    want = runners.OnnxRunner(pooled)(photos[1::2])
     assert got.shape == want.shape == (7, 320)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.1
 
@@ -306,30 +307,30 @@ def test_int8_pooled_features(atto_checkpoint, atto_int8):
 def test_int8_is_an_onnxruntime_choice_with_clear_errors(atto_int8, tmp_path):
     model = atto_int8[0]
     with pytest.raises(ValueError, match="int8' runs on the onnxruntime engine only"):
-        runtime.inference_function(model, "keras", precision="int8")
+        runners.inference_function(model, "keras", precision="int8")
     with pytest.raises(ValueError, match="None or 'int8', got 'bf16'"):
-        runtime.inference_function(model, precision="bf16")
+        runners.inference_function(model, precision="bf16")
     with pytest.raises(ValueError, match="computes in fp32 or int8, got precision 'fp16'"):
-        runtime.OnnxRunner(model, precision="fp16")
+        runners.OnnxRunner(model, precision="fp16")
     with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16, int8"):
-        runtime.split_precision("int4")
-    assert runtime.split_precision("int8") == ("fp32", "int8")
+        runners.split_precision("int4")
+    assert runners.split_precision("int8") == ("fp32", "int8")
     with pytest.raises(ValueError, match="'int8' is not a Keras dtype policy"):
         ck.load_model("convnext_atto", weights=None, precision="int8")
-    assert runtime.split_precision("bf16") == ("bf16", None)
+    assert runners.split_precision("bf16") == ("bf16", None)
     with pytest.raises(ValueError, match=r"calibration must be .*got shape \(224, 224, 3\)"):
-        runtime.OnnxRunner(model, precision="int8", calibration=np.zeros((224, 224, 3)))
+        runners.OnnxRunner(model, precision="int8", calibration=np.zeros((224, 224, 3)))
     with pytest.raises(ValueError, match="NaN"):
-        runtime.OnnxRunner(model, precision="int8", calibration=np.full((1, 64, 64, 3), np.nan))
+        runners.OnnxRunner(model, precision="int8", calibration=np.full((1, 64, 64, 3), np.nan))
     (tmp_path / "notes.txt").write_text("not a photo")
     with pytest.raises(ValueError, match="No image files in"):
-        runtime.calibration_images(tmp_path)
+        quantization.calibration_images(tmp_path)
     with pytest.raises(FileNotFoundError, match="No such calibration image"):
-        runtime.calibration_images(tmp_path / "missing")
+        quantization.calibration_images(tmp_path / "missing")
     with dtype_policy("bf16"):
         bf16 = ck.build_model("atto")
     with pytest.raises(ValueError, match="computes in bfloat16"):
-        runtime.inference_function(bf16, precision="int8")
+        runners.inference_function(bf16, precision="int8")
 
 
 def test_calibration_images_are_real_photos_through_the_official_transform(tmp_path):
@@ -337,7 +338,7 @@ def test_calibration_images_are_real_photos_through_the_official_transform(tmp_p
 
     from convnext_keras import preprocess
 
-    photos = runtime.sample_photos()
+    photos = quantization.sample_photos()
     assert len(photos) == 14 and all(p.is_file() for p in photos)
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
@@ -345,9 +346,9 @@ def test_calibration_images_are_real_photos_through_the_official_transform(tmp_p
         Image.open(p).convert("RGB").save(folder / ("sub" if i else ".") / f"{i}.png")
     (folder / ".hidden.png").write_bytes(b"")
     (folder / "labels.csv").write_text("a,b")
-    files = runtime.calibration_files(folder)
+    files = quantization.calibration_files(folder)
     assert [f.relative_to(folder).as_posix() for f in files] == ["0.png", "sub/1.png", "sub/2.png"]
-    images = runtime.calibration_images(folder, (64, 0.875, "bicubic"), limit=2)
+    images = quantization.calibration_images(folder, (64, 0.875, "bicubic"), limit=2)
     assert images.shape == (2, 64, 64, 3) and images.dtype == np.float32
     expected = preprocess.transform_file(folder / "sub" / "2.png", (64, 0.875, "bicubic"))
     np.testing.assert_array_equal(images[1], expected)  # evenly spaced: first and last

@@ -34,7 +34,7 @@ from convnext_keras.data import ade20k
 from convnext_keras.engines import upernet_graph as upernet_onnx
 from convnext_keras.tasks import segment
 from convnext_keras.tasks import segment_eval as seg_eval
-from convnext_keras.weights import convert as checkpoints
+from convnext_keras.weights import convert, layouts, read
 
 TOLERANCE = 1e-4
 TINY = "upernet_convnext_tiny_ade20k_512"
@@ -284,10 +284,10 @@ def test_slide_logits_match_the_reference_windows(tiny, keras_tiny):
 
 
 def test_every_official_layout_tensor_is_used_or_named(tiny, caplog):
-    state = checkpoints.read_state_dict(tiny[1])
-    assert checkpoints.is_mmseg_layout(state)
+    state = read.read_state_dict(tiny[1])
+    assert layouts.is_mmseg_layout(state)
     with caplog.at_level(logging.INFO, logger="convnext_keras"):
-        weights = checkpoints.convert_mmseg_state_dict(state, "tiny", num_classes=150)
+        weights = convert.convert_mmseg_state_dict(state, "tiny", num_classes=150)
     dropped = sorted(k for k in state if k.startswith("auxiliary_head."))
     assert len(dropped) == 8  # conv, 5 BatchNorm tensors, classifier weight and bias
     assert f"({len(dropped)} tensors: {', '.join(dropped)})" in caplog.text
@@ -299,18 +299,18 @@ def test_every_official_layout_tensor_is_used_or_named(tiny, caplog):
     broken["decode_head.extra.weight"] = np.zeros(3, np.float32)
     broken["decode_head.bottleneck.conv.weight"] = np.zeros((512, 10, 3, 3), np.float32)
     with pytest.raises(ck.CheckpointError) as info:
-        checkpoints.convert_mmseg_state_dict(broken, "tiny")
+        convert.convert_mmseg_state_dict(broken, "tiny")
     text = str(info.value)
     assert "missing: decode_head.fpn_convs.1.bn.running_var" in text
     assert "unexpected: decode_head.extra.weight" in text
     assert "decode_head.bottleneck.conv.weight: checkpoint (512, 10, 3, 3)" in text
 
     with pytest.raises(ck.CheckpointError, match="use upernet_convnext_tiny_ade20k_512"):
-        checkpoints.convert_mmseg_state_dict(state, "base")
+        convert.convert_mmseg_state_dict(state, "base")
     nan = dict(state)
     nan["decode_head.conv_seg.bias"] = np.full(150, np.nan, np.float32)
     with pytest.raises(ck.CheckpointError, match="NaN"):
-        checkpoints.convert_mmseg_state_dict(nan, "tiny")
+        convert.convert_mmseg_state_dict(nan, "tiny")
 
 
 def test_a_classification_file_for_a_segmentation_name_is_refused(tiny_reference):
@@ -340,13 +340,13 @@ def test_the_pickled_meta_is_skipped_safely(tmp_path, caplog):
     state = {"backbone.norm0.weight": torch.ones(3), "decode_head.conv_seg.bias": torch.zeros(2)}
     clean = tmp_path / "clean.pth"
     torch.save({"meta": uref.training_meta(), "state_dict": state}, clean)
-    assert sorted(checkpoints.read_state_dict(clean)) == sorted(state)
+    assert sorted(read.read_state_dict(clean)) == sorted(state)
 
     marker = tmp_path / "ran"
     evil = tmp_path / "evil_meta.pth"
     torch.save({"meta": {"config": _Run(marker), "seed": 0}, "state_dict": state}, evil)
-    with caplog.at_level(logging.WARNING, logger="convnext_keras.weights.convert"):
-        loaded = checkpoints.read_state_dict(evil)
+    with caplog.at_level(logging.WARNING, logger="convnext_keras.weights.read"):
+        loaded = read.read_state_dict(evil)
     assert sorted(loaded) == sorted(state) and not marker.exists()
     assert ".call)" in caplog.text and "skipped without running anything" in caplog.text
 
@@ -357,7 +357,7 @@ def test_the_pickled_meta_is_skipped_safely(tmp_path, caplog):
     }.items():
         torch.save(obj, tmp_path / name)
         with pytest.raises(ck.UnsafeCheckpointError, match="Refused to load"):
-            checkpoints.read_state_dict(tmp_path / name)
+            read.read_state_dict(tmp_path / name)
     assert not marker.exists()
 
 

@@ -95,7 +95,8 @@ def test_every_contender_builds_and_runs_in_this_process(tmp_path):
     import keras
 
     from convnext_keras import registry
-    from convnext_keras.engines import graph as runtime
+    from convnext_keras.engines import graph as onnx_graph
+    from convnext_keras.engines import runners
     from convnext_keras.tasks import bench
 
     sbs = _script()
@@ -103,13 +104,13 @@ def test_every_contender_builds_and_runs_in_this_process(tmp_path):
     model, _ = bench.bench_model("convnext_atto", resolution=64)
     np.save(tmp_path / "batch2.npy", bench.random_batch(2, 64))
     (tmp_path / "ours.onnx").write_bytes(
-        runtime.build_onnx_graph(model, 64, 64).SerializeToString()
+        onnx_graph.build_onnx_graph(model, 64, 64).SerializeToString()
     )
     common = {"resolution": 64, "threads": 2, "folder": str(tmp_path), "batch_sizes": [2],
               "model": "convnext_atto", "variant": "atto", "arch_name": spec.arch_name,
               "grn": False, "depths": list(spec.depths),
               "dims": list(spec.dims)}  # fmt: skip
-    kinds = [("engine", {"engine": runtime.cpu_graph_engine()}), ("keras", {"precision": "bf16"}),
+    kinds = [("engine", {"engine": runners.cpu_graph_engine()}), ("keras", {"precision": "bf16"}),
              ("torch", {"mode": "eager"}), ("torch", {"mode": "bf16"}),
              ("onnxruntime", {"graph": str(tmp_path / "ours.onnx"), "session": "plain",
                               "layout": "nhwc"})]  # fmt: skip

@@ -60,8 +60,8 @@ def _usage_exit(error: click.UsageError, command_path: str):
 def user_error(error: Exception) -> str | None:
     """The one-line message of an error the user can fix, or None for anything else (a bug)."""
     from convnext_keras.errors import describe, write_errno
-    from convnext_keras.weights.cache import DownloadError
-    from convnext_keras.weights.convert import CheckpointError
+    from convnext_keras.weights.download import DownloadError
+    from convnext_keras.weights.read import CheckpointError
 
     if isinstance(error, (CheckpointError, DownloadError, ValueError, OSError)):
         return describe(error)
@@ -117,19 +117,20 @@ def backend_option(f):
     return wrapper
 
 
-#: Inference engines (``runtime.ENGINES``, repeated here: the CLI imports Keras only after
+#: Inference engines (``engines.runners.ENGINES``, repeated here: the CLI imports Keras only after
 #: ``--backend`` is read; a test keeps the two equal).
 ENGINES = ("auto", "openvino", "onnxruntime", "keras")
 
 
 def engine_option(help_text: str):
-    """``--engine auto|openvino|onnxruntime|keras`` (``runtime.inference_function``'s choice)."""
+    """``--engine auto|openvino|onnxruntime|keras`` (the choice of
+    ``engines.runners.inference_function``)."""
     return click.option(
         "--engine", type=click.Choice(ENGINES), default="auto", show_default=True, help=help_text
     )
 
 
-#: ``--precision`` values (``model.PRECISIONS``' keys and ``runtime.INT8``, repeated for the
+#: ``--precision`` values (``nets.convnext.PRECISIONS``' keys and ``INT8``, repeated for the
 #: same reason; a test keeps them equal).
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 

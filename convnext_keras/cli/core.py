@@ -133,7 +133,7 @@ def fetch_command(names, folder):
     point CONVNEXT_BASE_URL at the folder, or pass one file with --weights FILE.
     """
     from convnext_keras import api, registry
-    from convnext_keras.weights import cache as hub
+    from convnext_keras.weights import store
 
     wanted: dict[str, registry.Checkpoint] = {}
     for name in names:
@@ -153,7 +153,7 @@ def fetch_command(names, folder):
             wanted[resolved.checkpoint.filename] = resolved.checkpoint
     paths = []
     for ckpt in wanted.values():
-        path, how = hub.fetch_official(ckpt, folder)
+        path, how = store.fetch_official(ckpt, folder)
         size = path.stat().st_size / 1e6
         click.echo(f"{path}  ({ckpt.name}, {size:,.1f} MB, {how})")
         paths.append(path.expanduser().resolve())

@@ -23,10 +23,11 @@ import threading
 import numpy as np
 
 from convnext_keras import registry
-from convnext_keras.engines import graph as runtime
+from convnext_keras.engines import graph as onnx_graph
+from convnext_keras.engines import runners
 
 #: The opset of the graph (the backbone's: ``Gelu``).
-OPSET = runtime.OPSET
+OPSET = onnx_graph.OPSET
 
 
 def _backbone(model):
@@ -55,14 +56,14 @@ def unsupported_reason(model) -> str | None:
     mixed = non_float32_layer(model)
     if mixed:
         return f"it computes in {mixed[1]} (layer {mixed[0]!r}); the graph is float32 only"
-    return runtime.graph_unsupported_reason(_backbone(model))
+    return onnx_graph.graph_unsupported_reason(_backbone(model))
 
 
 class _Decoder:
     """The decoder's nodes, appended to the backbone graph (names prefixed, unique)."""
 
     def __init__(self, weights: dict[str, list[np.ndarray]]):
-        self.g = runtime._GraphBuilder()
+        self.g = onnx_graph._GraphBuilder()
         self.weights = weights
 
     def const(self, value, name):
@@ -182,13 +183,13 @@ def build_onnx_graph(
     if reason:
         raise ValueError(f"Cannot build an ONNX graph for {model.name!r}: {reason}.")
     stages = list(PYRAMID_OUTPUTS)
-    proto = runtime.build_onnx_graph(
+    proto = onnx_graph.build_onnx_graph(
         _backbone(model), height, width, opset=opset, output_names=stages
     )
-    d = _Decoder(runtime._weights(model))
+    d = _Decoder(onnx_graph._weights(model))
     features = []
     for i, stage in enumerate(stages):
-        x = runtime._layer_norm(
+        x = onnx_graph._layer_norm(
             d.g, stage, d.weights[f"stage{i}_output_norm"], f"stage{i}_output_norm"
         )
         features.append(d.op("Transpose", [x], f"decode_in{i}", perm=[0, 3, 1, 2]))
@@ -270,7 +271,7 @@ class SegmentationRunner:
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"The onnxruntime engine cannot run {model.name!r}: {reason}.")
-        if not runtime.onnxruntime_available():
+        if not runners.onnxruntime_available():
             raise ImportError(
                 "The onnxruntime engine needs onnxruntime: pip install onnxruntime "
                 "(or pip install 'convnext-keras[export]')."
@@ -290,11 +291,11 @@ class SegmentationRunner:
                 if len(self._sessions) >= self.CACHED_SIZES:
                     self._sessions.pop(next(iter(self._sessions)))
                 graph = build_onnx_graph(self.model, *key)
-                self._sessions[key] = runtime.onnx_session(graph, self.threads)
+                self._sessions[key] = runners.onnx_session(graph, self.threads)
             return self._sessions[key]
 
     def __call__(self, images) -> np.ndarray:
-        x = runtime.nhwc_batch(images, self.min_size)
+        x = runners.nhwc_batch(images, self.min_size)
         return self.session(x.shape[1], x.shape[2]).run(None, {"images": x})[0]
 
     predict_on_batch = __call__
@@ -305,7 +306,7 @@ def inference_function(model, engine: str = "auto"):
     installed and can run the model (``"auto"``), else Keras' ``predict_on_batch``;
     ``"onnxruntime"`` insists, ``"keras"`` always uses Keras (see
     :func:`convnext_keras.engines.graph.inference_function`)."""
-    runtime.check_engine(engine)
+    runners.check_engine(engine)
     if engine == "openvino":
         raise ValueError(
             "Segmentation models run on onnxruntime or Keras (the openvino engine runs "
@@ -315,8 +316,8 @@ def inference_function(model, engine: str = "auto"):
         engine == "auto"
         and (
             unsupported_reason(model)
-            or not runtime.onnxruntime_available()
-            or runtime.accelerator()
+            or not runners.onnxruntime_available()
+            or runners.accelerator()
         )
     ):
         return model.predict_on_batch, "keras"

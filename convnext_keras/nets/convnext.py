@@ -32,6 +32,9 @@ HEADS = ("classifier", "pooled", "pyramid", "dense", "all")
 #: Keras mixed precision: float32 weights (so checkpoints load unchanged), bfloat16 / float16
 #: compute, float32 logits and features.
 PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+#: The CPU engines' opt-in int8 precision (:mod:`convnext_keras.engines.quantization`): not a Keras
+#: dtype policy, but a ``precision=`` value predict / eval / bench accept.
+INT8 = "int8"
 #: Layers that compute in float32 under every policy (:func:`build_model` pins them), so that
 #: pooled features and logits come out in float32 (the input-size check computes nothing).
 FLOAT32_LAYERS = frozenset({"input_size_check", "head_norm", "head_fc"})
@@ -46,13 +49,11 @@ _TRUNCATED_STD_FACTOR = 0.8796256610342398
 
 def policy_name(precision: str) -> str:
     """The Keras dtype policy of a :data:`PRECISIONS` key; ``ValueError`` for anything else."""
-    from convnext_keras.engines.graph import INT8
-
     if precision == INT8:
         raise ValueError(
             f"precision {INT8!r} is not a Keras dtype policy but the onnxruntime engine's opt-in "
             "path: build or load the model in fp32 and pass precision='int8' to predict_files / "
-            "evaluate / bench.benchmark or runtime.OnnxRunner (CLI: --precision int8)."
+            "evaluate / bench.benchmark or engines.runners.OnnxRunner (CLI: --precision int8)."
         )
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")

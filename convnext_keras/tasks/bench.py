@@ -231,7 +231,7 @@ class MemoryProbe:
 
 def accelerator() -> str | None:
     """See :func:`convnext_keras.engines.graph.accelerator`."""
-    from convnext_keras.engines.graph import accelerator as _accelerator
+    from convnext_keras.engines.runners import accelerator as _accelerator
 
     return _accelerator()
 
@@ -304,14 +304,14 @@ def inference_fn(
     import keras
 
     from convnext_keras import preprocess
-    from convnext_keras.engines import graph as runtime
+    from convnext_keras.engines import quantization, runners
 
-    runtime.check_engine(engine, precision)
-    if precision == runtime.INT8:
+    runners.check_engine(engine, precision)
+    if precision == quantization.INT8:
         # Calibrated on the sample photos at the size timed (the ranges do not change the speed).
         side = min(images.shape[1:3])
-        photos = runtime.calibration_images(None, (side, preprocess.DEFAULT_CROP_PCT))
-        fn, name = runtime.inference_function(
+        photos = quantization.calibration_images(None, (side, preprocess.DEFAULT_CROP_PCT))
+        fn, name = runners.inference_function(
             model, engine, precision=precision, calibration=photos
         )
         fn.session(*images.shape[1:3])  # quantize before the timing starts
@@ -324,7 +324,7 @@ def inference_fn(
 
         x = jax.device_put(images)
         return (lambda: _jax_sync(forward(x))), "keras-jax-jit"
-    fn, name = runtime.inference_function(model, engine)
+    fn, name = runners.inference_function(model, engine)
     return (lambda: fn(images)), name
 
 
@@ -524,7 +524,7 @@ def benchmark(
     """
     import keras
 
-    from convnext_keras.engines.graph import split_precision
+    from convnext_keras.engines.runners import split_precision
 
     _check_counts(warmup, repeats)
     keras_precision, engine_precision = split_precision(precision)

@@ -43,7 +43,8 @@ import numpy as np
 
 from convnext_keras import preprocess, registry
 from convnext_keras.interface import fix
-from convnext_keras.weights.cache import HF_SCHEME, atomic_path
+from convnext_keras.weights.cache import atomic_path
+from convnext_keras.weights.hfhub import HF_SCHEME
 
 FORMAT = 1
 FORMATS = ("parquet", "npy")
@@ -383,7 +384,7 @@ def embed(
             that reaches it (the last part may hold fewer).
         workers: decoding threads (default: one per CPU).
         engine: "auto" (OpenVINO, else onnxruntime, on a CPU when it can run the model, else
-            Keras), "openvino", "onnxruntime" or "keras" (``runtime.inference_function``).
+            Keras), "openvino", "onnxruntime" or "keras" (``runners.inference_function``).
         ray: None (this process), True (a Ray cluster: the one this process is connected to,
             else a local one) or an address (``ray.init(address=...)``).
         actors: Ray only: model actors (default: one per 4 CPUs of the cluster, at least one).
@@ -481,9 +482,9 @@ def _flush(out, manifest, paths, blocks, failed) -> None:
 
 def _run_local(images, out, todo, manifest, config, *, model, weights, batch_size, part_size,
                workers, engine, progress, **_):  # fmt: skip
-    from convnext_keras.engines import graph as runtime
+    from convnext_keras.engines import runners
 
-    forward, _ = runtime.inference_function(_feature_model(model, weights), engine)
+    forward, _ = runners.inference_function(_feature_model(model, weights), engine)
     batches = preprocess.ImageBatches(
         [images / p for p in todo], config, batch_size, workers=workers, skip_errors=True
     )
@@ -526,11 +527,11 @@ class _RayEmbedder:
     """Ray Data actor: one model, batches of crops -> pooled features."""
 
     def __init__(self, model: str, weights, engine: str):
-        from convnext_keras.engines import graph as runtime
+        from convnext_keras.engines import runners
 
         network = _feature_model(model, weights)
         self.dim = int(network.output_shape[-1])
-        self.forward, _ = runtime.inference_function(network, engine)
+        self.forward, _ = runners.inference_function(network, engine)
 
     def __call__(self, batch: dict) -> dict:
         good = np.asarray([e == "" for e in batch["error"]], dtype=bool)

@@ -32,7 +32,7 @@ import numpy as np
 
 from convnext_keras import preprocess, registry
 from convnext_keras.data import labels as labels_mod
-from convnext_keras.engines import graph as runtime
+from convnext_keras.engines import quantization, runners
 from convnext_keras.interface import fix
 from convnext_keras.nets.convnext import precision_of
 
@@ -382,15 +382,15 @@ def evaluate(
 
     from convnext_keras.tasks.predict import load_classifier, random_weights
 
-    engine_precision = runtime.engine_precision(precision, calibration)
-    runtime.check_engine(engine, engine_precision)
+    engine_precision = runners.engine_precision(precision, calibration)
+    runners.check_engine(engine, engine_precision)
     dataset = find_dataset(data, ground_truth=ground_truth).subset(limit)
     if len(dataset) == 0:
         raise ValueError(f"{data}: no images to evaluate.")
     real_labels = _real_targets(dataset) if real else None
     # int8 is onnxruntime on the CPU: one device.
     devices = _local_devices() if data_parallel and not engine_precision else ["default"]
-    if len(devices) > 1 and engine in runtime.GRAPH_ENGINES:
+    if len(devices) > 1 and engine in runners.GRAPH_ENGINES:
         raise ValueError(
             fix(f"engine={engine!r}", f"--engine {engine}")
             + f" runs on one device; pass {fix('data_parallel=False', '--single-device')} or "
@@ -408,12 +408,14 @@ def evaluate(
                 "use a 1k model (for the 21k-pre-trained ones: convnext_*_21k_1k_*)."
             )
         run_batch, engine_used = (
-            runtime.inference_function(
+            runners.inference_function(
                 keras_model,
                 engine,
                 precision=engine_precision,
                 calibration=(
-                    runtime.calibration_images(calibration, config) if engine_precision else None
+                    quantization.calibration_images(calibration, config)
+                    if engine_precision
+                    else None
                 ),
             )
             if len(devices) == 1

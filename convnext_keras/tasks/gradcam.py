@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from convnext_keras import preprocess
-from convnext_keras.weights import cache as hub
+from convnext_keras.weights import cache
 
 _HEAD_LAYERS = ("head_pool", "head_norm", "head_fc")
 
@@ -143,6 +143,6 @@ def overlay(
 
 def save_png(image: Image.Image, path) -> Path:
     """Write a PNG atomically (temporary file beside it, renamed when complete)."""
-    with hub.atomic_path(Path(path)) as tmp:
+    with cache.atomic_path(Path(path)) as tmp:
         image.save(tmp, format="PNG")
     return Path(path)

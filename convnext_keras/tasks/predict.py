@@ -17,10 +17,10 @@ import numpy as np
 
 from convnext_keras import preprocess, registry
 from convnext_keras.data import labels as labels_mod
-from convnext_keras.engines import graph as runtime
+from convnext_keras.engines import quantization, runners
 from convnext_keras.interface import fix
 from convnext_keras.tasks.gradcam import GradCAM, overlay, save_png
-from convnext_keras.weights import cache as hub
+from convnext_keras.weights import store
 
 
 class Prediction(NamedTuple):
@@ -151,7 +151,7 @@ def load_classifier(model, *, weights="official", config=None, precision: str | 
     from convnext_keras import api
 
     # A bad value fails before any download.
-    precision = runtime.split_precision(precision)[0]
+    precision = runners.split_precision(precision)[0]
 
     def converted(m):
         return m if precision is None else with_precision(m, precision)
@@ -182,7 +182,7 @@ def load_classifier(model, *, weights="official", config=None, precision: str | 
             )
         if isinstance(weights, str) and weights == api.OFFICIAL and ckpt is not None:
             # Download (or fail) before spending time building the network.
-            hub.official_weights(ckpt)
+            store.official_weights(ckpt)
         loaded = api.load_model(name, weights=weights, precision=precision)
         return loaded, preprocess.as_config(config or name)
     if isinstance(model, keras.Model):
@@ -273,7 +273,7 @@ def predict_files(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     paths = [Path(p) for p in paths]
-    engine_precision = runtime.engine_precision(precision, calibration)
+    engine_precision = runners.engine_precision(precision, calibration)
     keras_model, config = load_classifier(
         model, weights=weights, config=config, precision=precision
     )
@@ -293,8 +293,10 @@ def predict_files(
         cam_dir = Path(cam_dir)
         cam_paths = _cam_names(paths, cam_dir)
     # The fastest correct engine for this model (OpenVINO / onnxruntime on a CPU, else Keras).
-    images_for_int8 = runtime.calibration_images(calibration, config) if engine_precision else None
-    run_batch, _ = runtime.inference_function(
+    images_for_int8 = (
+        quantization.calibration_images(calibration, config) if engine_precision else None
+    )
+    run_batch, _ = runners.inference_function(
         keras_model, precision=engine_precision, calibration=images_for_int8
     )
     random = random_weights(model, weights)

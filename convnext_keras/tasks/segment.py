@@ -85,19 +85,18 @@ def load_segmentation_model(
     from convnext_keras.api import OFFICIAL
     from convnext_keras.nets.convnext import build_for_loading, dtype_policy, policy_name
     from convnext_keras.nets.upernet import build_upernet
-    from convnext_keras.weights import cache as hub
-    from convnext_keras.weights import convert as checkpoints
+    from convnext_keras.weights import convert, read, store
 
     ckpt = settings_of(name)
     if precision:
         policy_name(precision)  # a bad value fails before any download
     converted = source = None
     if isinstance(weights, str) and weights == OFFICIAL:
-        converted, source = hub.official_weights(ckpt), ckpt.url
+        converted, source = store.official_weights(ckpt), ckpt.url
     elif weights is not None:
         path = Path(weights).expanduser()
-        converted = checkpoints.convert_mmseg_state_dict(
-            checkpoints.read_state_dict(path),
+        converted = convert.convert_mmseg_state_dict(
+            read.read_state_dict(path),
             ckpt.variant,
             ckpt.segmentation.head,
             ckpt.num_classes,
@@ -113,7 +112,7 @@ def load_segmentation_model(
         if converted is None:
             return build_upernet(ckpt.variant, **options)
         model = build_for_loading(ckpt.variant, builder=build_upernet, **options)
-    checkpoints.assign_weights(model, converted, source=source)
+    convert.assign_weights(model, converted, source=source)
     return model
 
 
@@ -443,11 +442,11 @@ def segment_files(
     """
     from convnext_keras import preprocess
     from convnext_keras.data import ade20k
-    from convnext_keras.engines import graph as runtime
+    from convnext_keras.engines import runners
     from convnext_keras.engines.upernet_graph import inference_function
     from convnext_keras.tasks.predict import _cam_names, random_weights
 
-    runtime.check_engine(engine)
+    runners.check_engine(engine)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if mode is not None and mode not in registry.SEGMENTATION_MODES:

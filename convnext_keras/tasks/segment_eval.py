@@ -163,13 +163,13 @@ def evaluate_segmentation(
     import keras
 
     from convnext_keras import preprocess
-    from convnext_keras.engines import graph as runtime
+    from convnext_keras.engines import runners
     from convnext_keras.engines.upernet_graph import inference_function
     from convnext_keras.tasks.evaluate import _progress
     from convnext_keras.tasks.predict import random_weights
     from convnext_keras.tasks.segment import _inference, label_map
 
-    runtime.check_engine(engine)
+    runners.check_engine(engine)
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer, got {limit!r}.")
     pairs, unreadable = ade20k.find_pairs(data)

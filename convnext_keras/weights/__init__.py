@@ -5,4 +5,6 @@ downloads and the Hugging Face Hub.
 import lazy_loader as _lazy
 
 #: Modules reachable as attributes (``ck.weights.cache``), imported on first use.
-__getattr__, __dir__, __all__ = _lazy.attach(__name__, ["cache", "convert"])
+__getattr__, __dir__, __all__ = _lazy.attach(
+    __name__, ["cache", "convert", "download", "hfhub", "layouts", "read", "store"]
+)

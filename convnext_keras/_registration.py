@@ -21,7 +21,7 @@ import importlib
 PACKAGE = "convnext_keras"
 
 #: The modules that define Keras serializables (relative to the package).
-MODULES = ("nets.layers", "preprocess", "finetune.optim", "nets.upernet")
+MODULES = ("nets.layers", "preprocess.layers", "finetune.optim", "nets.upernet")
 
 
 def register(keras_module=None) -> None:

@@ -29,9 +29,12 @@ $(VENV)/.installed: $(VENV)/.installed-demo
 demo: setup-demo
 	$(BIN)/convnext predict examples/images/*.jpg --model convnext_tiny_1k_224 --top 3
 
+# ruff for style; import-linter for the architecture (the layers, no cycles, what importing a
+# module may load: pyproject.toml [tool.importlinter], ARCHITECTURE.md).
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	PYTHONPATH=tools $(BIN)/lint-imports --no-cache
 
 format: setup
 	$(BIN)/ruff check --fix .

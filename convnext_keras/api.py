@@ -146,7 +146,7 @@ def load_model(
             and Hub repository names too), its feature-extractor twin (``..._fe``), an
             architecture (``convnext_atto``, ``convnextv2_atto``, ``convnext_iso_small``), or a
             semantic-segmentation model (``upernet_convnext_tiny_ade20k_512``: images ->
-            per-pixel logits, see :func:`convnext_keras.tasks.segment.load_segmentation_model`).
+            per-pixel logits, see :func:`load_segmentation_model`).
             Licences differ (ConvNeXt V2: CC BY-NC 4.0, non-commercial; DINOv3: the DINOv3
             License; timm's: Apache-2.0): ``registry.CHECKPOINTS[name].licence`` and
             ``convnext list`` show each.
@@ -188,10 +188,9 @@ def load_model(
         policy_name,
     )
 
+    # 1. The name -> its registry row, architecture and head.
     resolved = registry.resolve(name)
-    if resolved.head == "segmentation":  # a UperNet-ConvNeXt: convnext_keras.tasks.segment
-        from convnext_keras.tasks.segment import load_segmentation_model
-
+    if resolved.head == "segmentation":
         if features is not None or num_classes is not None:
             raise ValueError(
                 f"{name!r} is a semantic-segmentation model (per-pixel logits of its "
@@ -220,9 +219,103 @@ def load_model(
             "for fine-tuning, or load its features (features='pooled' / 'pyramid', or the name "
             "with '_fe')."
         )
-    model_name = resolved.name
-    # The weights first (download, read, check), so a bad source fails before the build.
-    converted = source = None
+    # 2-5. The weights first (file -> read -> official names -> Keras weights), so that a bad
+    # source fails before the build.
+    converted, source = _converted_weights(
+        name,
+        resolved,
+        weights,
+        lambda state: convert.convert_state_dict(state, resolved.variant),
+    )
+    # 6. The network.  With weights to load, no kernel is drawn only to be overwritten (but a
+    # new head is).
+    build = build_model if converted is None else build_for_loading
+    with dtype_policy(precision) if precision else contextlib.nullcontext():
+        model = build(
+            resolved.variant,
+            num_classes=classes,
+            head=head,
+            input_shape=input_shape,
+            drop_path_rate=drop_path_rate,
+            name=resolved.name,
+        )
+    if converted is None:
+        _scale_head(model, head_init_scale)
+        return model
+    # 7. The weights onto it.  An explicit num_classes other than the checkpoint's head means
+    # "start a new head".
+    ckpt_classes = converted["head_fc"][1].shape[0] if "head_fc" in converted else None
+    load_head = num_classes is None or num_classes == ckpt_classes
+    convert.assign_weights(model, converted, load_head=load_head, source=source)
+    if not load_head and any(layer.name == "head_fc" for layer in model.layers):
+        draw_kernel(model.get_layer("head_fc"), head_init_scale)
+    return model
+
+
+def segmentation_row(name: str) -> registry.Checkpoint:
+    """The registry row of a segmentation model name; ``ValueError`` naming the segmentation
+    models for any other name."""
+    resolved = registry.resolve(name)
+    if resolved.head != "segmentation":
+        names = [c.name for c in registry.CHECKPOINTS.values() if c.segmentation is not None]
+        raise ValueError(
+            f"{name!r} is not a segmentation model; segmentation takes one of {', '.join(names)}."
+        )
+    return resolved.checkpoint
+
+
+def load_segmentation_model(
+    name: str,
+    *,
+    weights="official",
+    input_shape: tuple = (None, None, 3),
+    precision: str | None = None,
+):
+    """The UperNet-ConvNeXt of a segmentation name with its weights (what :func:`load_model`
+    does for the ``upernet_convnext_*`` names), by the same steps.
+
+    ``weights``: ``"official"`` (download -> verify -> convert -> cache), None (random
+    initialisation) or a local mmsegmentation checkpoint file (the official ``.pth``).
+    ``precision``: as ``load_model``'s (logits stay float32).
+    """
+    from convnext_keras.nets.convnext import build_for_loading, dtype_policy, policy_name
+    from convnext_keras.nets.upernet import build_upernet
+
+    ckpt = segmentation_row(name)
+    if precision:
+        policy_name(precision)  # a bad value fails before any download
+    resolved = registry.resolve(name)
+    converted, source = _converted_weights(
+        name,
+        resolved,
+        weights,
+        lambda state: convert.convert_mmseg_state_dict(
+            state, ckpt.variant, ckpt.segmentation.head, ckpt.num_classes
+        ),
+        hub=False,
+    )
+    options = dict(
+        num_classes=ckpt.num_classes,
+        head=ckpt.segmentation.head,
+        input_shape=input_shape,
+        name=ckpt.name,
+    )
+    with dtype_policy(precision) if precision else contextlib.nullcontext():
+        if converted is None:
+            return build_upernet(ckpt.variant, **options)
+        model = build_for_loading(ckpt.variant, builder=build_upernet, **options)
+    convert.assign_weights(model, converted, source=source)
+    return model
+
+
+def _converted_weights(
+    name: str, resolved: registry.ResolvedName, weights, convert_state, *, hub: bool = True
+) -> tuple[dict | None, str | None]:
+    """``(Keras weights or None, where they came from)`` for ``weights=``: the registry row's
+    own file (``"official"``: the converted cache, else download or Hub -> read -> convert ->
+    cache, :func:`convnext_keras.weights.store.official_weights`), None (random
+    initialisation), or a local file or ``hf://`` address read and converted by
+    ``convert_state(state_dict)``."""
     if isinstance(weights, str) and weights == OFFICIAL:
         if resolved.checkpoint is None:
             official = registry.checkpoints_for(resolved.variant.name)
@@ -233,36 +326,15 @@ def load_model(
                 + " for a local checkpoint."
                 + (f" Names with official weights: {', '.join(official)}." if official else "")
             )
-        converted = store.official_weights(resolved.checkpoint)
-        source = resolved.checkpoint.url
-    elif weights is not None:
-        if isinstance(weights, str) and weights.startswith(hfhub.HF_SCHEME):
-            path, source = hfhub.resolve_hub_address(weights), weights
-        else:
-            path = Path(weights).expanduser()
-            source = str(path)
-        converted = convert.convert_state_dict(read.read_state_dict(path), resolved.variant)
-    # With weights to load, no kernel is drawn only to be overwritten (but a new head is).
-    build = build_model if converted is None else build_for_loading
-    with dtype_policy(precision) if precision else contextlib.nullcontext():
-        model = build(
-            resolved.variant,
-            num_classes=classes,
-            head=head,
-            input_shape=input_shape,
-            drop_path_rate=drop_path_rate,
-            name=model_name,
-        )
-    if converted is None:
-        _scale_head(model, head_init_scale)
-        return model
-    # An explicit num_classes other than the checkpoint's head means "start a new head".
-    ckpt_classes = converted["head_fc"][1].shape[0] if "head_fc" in converted else None
-    load_head = num_classes is None or num_classes == ckpt_classes
-    convert.assign_weights(model, converted, load_head=load_head, source=source)
-    if not load_head and any(layer.name == "head_fc" for layer in model.layers):
-        draw_kernel(model.get_layer("head_fc"), head_init_scale)
-    return model
+        return store.official_weights(resolved.checkpoint), resolved.checkpoint.url
+    if weights is None:
+        return None, None
+    if hub and isinstance(weights, str) and weights.startswith(hfhub.HF_SCHEME):
+        path, source = hfhub.resolve_hub_address(weights), weights
+    else:
+        path = Path(weights).expanduser()
+        source = str(path)
+    return convert_state(read.read_state_dict(path)), source
 
 
 class ModelFileError(ValueError):

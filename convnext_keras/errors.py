@@ -3,6 +3,8 @@
 * :func:`plain` strips terminal escape codes and other control characters from a message that
   quotes another library (PyTorch's unsafe-pickle text carries ``\\x1b[1m``), so an error is
   one clean line in a terminal, a log file or JSON.
+* :class:`ImageError`: a file that cannot be read as an image (the image readers of
+  :mod:`convnext_keras.preprocess` and :mod:`convnext_keras.data.ade20k` raise it).
 * :func:`writing` turns a failed write - ``OSError`` (``ENOSPC``, ``EROFS``, ``EACCES``...) or
   another library's error that reports one (TensorFlow's ``ResourceExhaustedError`` while
   writing variables, safetensors' ``IoError``) - into a :class:`WriteError` that names the file
@@ -110,3 +112,15 @@ def describe(error: BaseException) -> str:
     else:
         text = str(error)
     return plain(text).strip()
+
+
+class ImageError(ValueError):
+    """A file that cannot be read as an image; the message names the file and the cause."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: cannot read as an image ({reason}).")
+
+    def __reduce__(self):  # picklable across processes despite the two-argument __init__
+        return (type(self), (self.path, self.reason))

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from convnext_keras import registry
+from convnext_keras.errors import ImageError
 
 #: Label value that is not scored (mmseg's ``ignore_index``).
 IGNORE_INDEX = 255
@@ -60,12 +61,10 @@ def read_annotation(path) -> np.ndarray:
     ``v`` -> ``v - 1`` (mmseg ``reduce_zero_label``).
 
     Raises:
-        convnext_keras.preprocess.ImageError (a ``ValueError``): the file is missing,
+        convnext_keras.errors.ImageError (a ``ValueError``): the file is missing,
             unreadable, or not a single-channel 8-bit label image.
     """
     from PIL import Image
-
-    from convnext_keras.preprocess import ImageError
 
     try:
         with Image.open(path) as image:

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from convnext_keras import registry
+from convnext_keras.errors import ImageError
 
 #: Default evaluation settings of architecture names without a checkpoint (from the registry).
 DEFAULT_RESOLUTION = registry.DEFAULT_RESOLUTION
@@ -55,18 +56,6 @@ INTERPOLATIONS = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
-
-
-class ImageError(ValueError):
-    """A file that cannot be read as an image; the message names the file and the cause."""
-
-    def __init__(self, path, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: cannot read as an image ({reason}).")
-
-    def __reduce__(self):  # picklable across processes despite the two-argument __init__
-        return (type(self), (self.path, self.reason))
 
 
 class PreprocessConfig(NamedTuple):

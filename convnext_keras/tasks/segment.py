@@ -33,7 +33,6 @@ result (``error``) and skipped, as ``predict_files`` does.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from convnext_keras import registry
+from convnext_keras.api import load_keras_file, load_segmentation_model, segmentation_row
 from convnext_keras.interface import fix
 
 #: Rows of the photo-sized logits resized at a time (bounds the memory of the last step).
@@ -50,70 +50,6 @@ _ROWS_PER_CHUNK = 64
 OVERLAY_OPACITY = 0.5
 #: What ``segment_files`` writes per image, by suffix.
 OUTPUTS = {"labels": "_labels.png", "overlay": "_overlay.png", "legend": "_legend.png"}
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-
-
-def settings_of(name: str) -> registry.Checkpoint:
-    """The registry row of a segmentation model name; ``ValueError`` naming the segmentation
-    models for any other name."""
-    resolved = registry.resolve(name)
-    if resolved.head != "segmentation":
-        names = [c.name for c in registry.CHECKPOINTS.values() if c.segmentation is not None]
-        raise ValueError(
-            f"{name!r} is not a segmentation model; segmentation takes one of {', '.join(names)}."
-        )
-    return resolved.checkpoint
-
-
-def load_segmentation_model(
-    name: str,
-    *,
-    weights="official",
-    input_shape: tuple = (None, None, 3),
-    precision: str | None = None,
-):
-    """The UperNet-ConvNeXt of a segmentation name with its weights (``load_model`` for the
-    ``upernet_convnext_*`` names).
-
-    ``weights``: ``"official"`` (download -> verify -> convert -> cache), None (random
-    initialisation) or a local mmsegmentation checkpoint file (the official ``.pth``).
-    ``precision``: as ``load_model``'s (logits stay float32).
-    """
-    from convnext_keras.api import OFFICIAL
-    from convnext_keras.nets.convnext import build_for_loading, dtype_policy, policy_name
-    from convnext_keras.nets.upernet import build_upernet
-    from convnext_keras.weights import convert, read, store
-
-    ckpt = settings_of(name)
-    if precision:
-        policy_name(precision)  # a bad value fails before any download
-    converted = source = None
-    if isinstance(weights, str) and weights == OFFICIAL:
-        converted, source = store.official_weights(ckpt), ckpt.url
-    elif weights is not None:
-        path = Path(weights).expanduser()
-        converted = convert.convert_mmseg_state_dict(
-            read.read_state_dict(path),
-            ckpt.variant,
-            ckpt.segmentation.head,
-            ckpt.num_classes,
-        )
-        source = str(path)
-    options = dict(
-        num_classes=ckpt.num_classes,
-        head=ckpt.segmentation.head,
-        input_shape=input_shape,
-        name=ckpt.name,
-    )
-    with dtype_policy(precision) if precision else contextlib.nullcontext():
-        if converted is None:
-            return build_upernet(ckpt.variant, **options)
-        model = build_for_loading(ckpt.variant, builder=build_upernet, **options)
-    convert.assign_weights(model, converted, source=source)
-    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,12 +314,10 @@ def _inference(model, weights, precision, settings):
     from ``settings`` (a row name or a ``SegmentationEval``)."""
     import keras
 
-    from convnext_keras.api import load_keras_file
-
     if isinstance(settings, str):
-        settings = settings_of(settings).segmentation.eval
+        settings = segmentation_row(settings).segmentation.eval
     if isinstance(model, (str, os.PathLike)) and not str(model).endswith(".keras"):
-        row = settings_of(str(model))
+        row = segmentation_row(str(model))
         loaded = load_segmentation_model(str(model), weights=weights, precision=precision)
         return loaded, settings or row.segmentation.eval
     if isinstance(model, (str, os.PathLike)):
@@ -392,7 +326,7 @@ def _inference(model, weights, precision, settings):
         raise ValueError(f"Expected a model name, a .keras file or a keras.Model, got {model!r}.")
     if settings is None:
         try:
-            settings = settings_of(model.name).segmentation.eval
+            settings = segmentation_row(model.name).segmentation.eval
         except (ValueError, registry.UnknownModelError):
             raise ValueError(
                 f"Model {model.name!r} is not named after a segmentation checkpoint: pass its "

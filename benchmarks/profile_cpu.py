@@ -76,7 +76,7 @@ def main():
     from side_by_side import hf_peer, loadavg, onnx_export
 
     from convnext_keras import registry
-    from convnext_keras.engines import graph as onnx_graph
+    from convnext_keras.engines import onnx_graph
     from convnext_keras.tasks import bench
 
     threads = args.threads or len(os.sched_getaffinity(0))

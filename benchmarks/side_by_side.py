@@ -402,8 +402,7 @@ def _prepare(conn, params: dict) -> None:
         import torch
 
         from convnext_keras import preprocess
-        from convnext_keras.engines import graph as onnx_graph
-        from convnext_keras.engines import quantization, runners
+        from convnext_keras.engines import onnx_graph, quantization, runners
         from convnext_keras.tasks import bench
 
         torch.set_num_threads(params["threads"])

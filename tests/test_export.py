@@ -217,7 +217,7 @@ def test_onnx_of_a_model_with_its_own_layers_goes_through_tf2onnx(tmp_path):
     fe = ck.load_model("convnext_atto_fe", weights=None, input_shape=(64, 64, 3))
     head = keras.layers.Dense(3, name="my_head")(fe.output)
     model = keras.Model(fe.input, head, name="custom")
-    assert "my_head" in ck.engines.graph.graph_unsupported_reason(model)
+    assert "my_head" in ck.engines.onnx_graph.graph_unsupported_reason(model)
     result = ck.export(model, tmp_path / "c.onnx", "onnx")
     assert result.max_abs_diff <= 1e-4 and result.input_shape == (None, 64, 64, 3)
 

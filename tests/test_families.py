@@ -274,8 +274,7 @@ def test_onnx_graph_of_isotropic_and_dense_models_equals_keras(tmp_path):
     """The onnxruntime engine's own graph (16x16 patch stem without LayerNorm, one stage;
     the 'dense' head) computes what the Keras model does; export writes it, verified."""
     pytest.importorskip("onnxruntime")
-    from convnext_keras.engines import graph as onnx_graph
-    from convnext_keras.engines import runners
+    from convnext_keras.engines import onnx_graph, runners
     from convnext_keras.export.exporter import export
 
     images = _images(64, 48, seed=4)

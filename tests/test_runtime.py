@@ -10,8 +10,7 @@ import torch_reference as ref
 
 import convnext_keras as ck
 from convnext_keras import registry
-from convnext_keras.engines import graph as onnx_graph
-from convnext_keras.engines import quantization, runners
+from convnext_keras.engines import onnx_graph, quantization, runners
 from convnext_keras.nets.convnext import dtype_policy
 
 TOLERANCE = 1e-4

@@ -95,8 +95,7 @@ def test_every_contender_builds_and_runs_in_this_process(tmp_path):
     import keras
 
     from convnext_keras import registry
-    from convnext_keras.engines import graph as onnx_graph
-    from convnext_keras.engines import runners
+    from convnext_keras.engines import onnx_graph, runners
     from convnext_keras.tasks import bench
 
     sbs = _script()

@@ -4,5 +4,7 @@ onnxruntime (and onnxruntime's int8).
 
 import lazy_loader as _lazy
 
-#: Modules reachable as attributes (``ck.engines.graph``), imported on first use.
-__getattr__, __dir__, __all__ = _lazy.attach(__name__, ["graph", "upernet_graph"])
+#: Modules reachable as attributes (``ck.engines.runners``), imported on first use.
+__getattr__, __dir__, __all__ = _lazy.attach(
+    __name__, ["onnx_graph", "quantization", "runners", "upernet_graph"]
+)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convnext_keras.engines.graph import build_onnx_graph, check_input_size, unsupported_reason
+from convnext_keras.engines.onnx_graph import build_onnx_graph, check_input_size, unsupported_reason
 from convnext_keras.nets.convnext import INT8, variant_of
 
 #: What the onnxruntime engine computes in.

@@ -26,7 +26,7 @@ import threading
 
 import numpy as np
 
-from convnext_keras.engines.graph import build_onnx_graph, check_input_size, unsupported_reason
+from convnext_keras.engines.onnx_graph import build_onnx_graph, check_input_size, unsupported_reason
 from convnext_keras.engines.quantization import (
     PRECISIONS,
     as_calibration,

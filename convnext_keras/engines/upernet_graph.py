@@ -1,7 +1,7 @@
 """UperNet-ConvNeXt as an ONNX graph built from the Keras model's weights: the ONNX export of
 the segmentation models and their onnxruntime CPU engine (no TensorFlow, no tf2onnx).
 
-The backbone is :func:`convnext_keras.engines.graph.build_onnx_graph`'s (the classifiers' CPU
+The backbone is :func:`convnext_keras.engines.onnx_graph.build_onnx_graph`'s (the classifiers' CPU
 engine: its stage outputs); the decoder follows it in NCHW, the layout of ONNX's ``Conv``:
 
 * each conv + BatchNorm (inference mode) is one ``Conv`` whose weights and bias carry the
@@ -23,8 +23,7 @@ import threading
 import numpy as np
 
 from convnext_keras import registry
-from convnext_keras.engines import graph as onnx_graph
-from convnext_keras.engines import runners
+from convnext_keras.engines import onnx_graph, runners
 
 #: The opset of the graph (the backbone's: ``Gelu``).
 OPSET = onnx_graph.OPSET
@@ -32,7 +31,7 @@ OPSET = onnx_graph.OPSET
 
 def _backbone(model):
     """The model's ConvNeXt pyramid (stage outputs before the stage norms), as a Keras model
-    sharing its layers: what :func:`convnext_keras.engines.graph.build_onnx_graph` rebuilds."""
+    sharing its layers: what :func:`convnext_keras.engines.onnx_graph.build_onnx_graph` rebuilds."""
     import keras
 
     from convnext_keras.nets.convnext import PYRAMID_OUTPUTS, variant_of
@@ -305,7 +304,7 @@ def inference_function(model, engine: str = "auto"):
     """``(fn, engine name)`` for a segmentation model: onnxruntime on a CPU when it is
     installed and can run the model (``"auto"``), else Keras' ``predict_on_batch``;
     ``"onnxruntime"`` insists, ``"keras"`` always uses Keras (see
-    :func:`convnext_keras.engines.graph.inference_function`)."""
+    :func:`convnext_keras.engines.onnx_graph.inference_function`)."""
     runners.check_engine(engine)
     if engine == "openvino":
         raise ValueError(

@@ -17,10 +17,10 @@ The SavedModel is a TF-Hub *reusable SavedModel*: its root object is callable as
 ``logits`` (classifiers) or ``features`` (``_fe`` feature extractors) for TF Serving.
 
 The ONNX file of a ConvNeXt built by this library (any head, fixed or dynamic size) is written
-straight from its weights by :func:`convnext_keras.engines.graph.build_onnx_graph` - the graph the
-CPU inference engine runs, on every backend, without TensorFlow; a model with layers of its own goes
-through tf2onnx instead.  TensorFlow is imported only inside the functions that need it.
-SavedModel, TFLite (and tf2onnx) are written with the TensorFlow backend; under JAX or PyTorch
+straight from its weights by :func:`convnext_keras.engines.onnx_graph.build_onnx_graph` - the
+graph the CPU inference engine runs, on every backend, without TensorFlow; a model with layers
+of its own goes through tf2onnx instead.  TensorFlow is imported only inside the functions that
+need it.  SavedModel, TFLite (and tf2onnx) are written with the TensorFlow backend; under JAX or PyTorch
 the model is handed (as a ``.keras`` file) to a TensorFlow-backend subprocess, which exports it
 and verifies the export against the outputs of the caller's own model.  ``.keras`` export works
 on every backend in-process.
@@ -634,7 +634,7 @@ def _onnx_graph_builder(model):
 
 def _write_onnx_graph(model, path: Path, plan: _Plan) -> None:
     """The ONNX graph built from the weights
-    (:func:`convnext_keras.engines.graph.build_onnx_graph`): the same operators the CPU engine
+    (:func:`convnext_keras.engines.onnx_graph.build_onnx_graph`): the same operators the CPU engine
     runs, opset ``ONNX_OPSET``, dynamic batch."""
     import onnx
 

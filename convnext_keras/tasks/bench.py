@@ -16,7 +16,7 @@ How it measures:
 * peak memory: the device allocator's peak on a GPU (JAX, PyTorch, TensorFlow), the
   process's peak resident memory on a CPU (Linux ``VmHWM``, reset before each measurement).
 
-The inference path is the one :mod:`convnext_keras.engines.graph` picks by default
+The inference path is the one :mod:`convnext_keras.engines.onnx_graph` picks by default
 (OpenVINO, else onnxruntime, on a CPU for float32 models, else Keras); on a JAX accelerator,
 a jitted ``stateless_call`` on device-resident inputs (no host transfer inside the timed region, as
 the PyTorch peers are timed).  A training step is AdamW on sparse cross-entropy, in one
@@ -230,7 +230,7 @@ class MemoryProbe:
 
 
 def accelerator() -> str | None:
-    """See :func:`convnext_keras.engines.graph.accelerator`."""
+    """See :func:`convnext_keras.engines.onnx_graph.accelerator`."""
     from convnext_keras.engines.runners import accelerator as _accelerator
 
     return _accelerator()
@@ -294,12 +294,12 @@ def inference_fn(
     """A no-argument callable running one inference batch to completion, and its engine name.
 
     ``engine="auto"``: on an accelerator, Keras (below); on a CPU,
-    :func:`convnext_keras.engines.graph.inference_function` (onnxruntime for float32 models when
-    installed, else ``predict_on_batch``).  ``"keras"`` on the JAX backend is a jitted
+    :func:`convnext_keras.engines.runners.inference_function` (onnxruntime for float32 models
+    when installed, else ``predict_on_batch``).  ``"keras"`` on the JAX backend is a jitted
     ``stateless_call`` on a device-resident batch (what ``predict_on_batch`` runs, without
     the host transfers); on TensorFlow / PyTorch it is ``predict_on_batch``.
     ``precision="int8"``: onnxruntime with the model quantized to int8, calibrated on the
-    sample photos (:func:`convnext_keras.engines.graph.quantize_int8`), on the CPU everywhere.
+    sample photos (:func:`convnext_keras.engines.onnx_graph.quantize_int8`), on the CPU everywhere.
     """
     import keras
 
@@ -519,7 +519,7 @@ def benchmark(
             or ``"int8"`` (inference only: onnxruntime with the model quantized to int8).
         mode: ``"infer"`` or ``"train"`` (AdamW step, stochastic depth 0.1).
         engine: inference engine (``"auto"``, ``"onnxruntime"``, ``"keras"``), see
-            :func:`convnext_keras.engines.graph.inference_function`.
+            :func:`convnext_keras.engines.onnx_graph.inference_function`.
         warmup, repeats: untimed and timed calls.
     """
     import keras

@@ -365,15 +365,15 @@ def evaluate(
         data_parallel: replicate the model over all local devices when there are several.
         engine: ``"auto"`` runs the model as ``predict`` does: OpenVINO, else onnxruntime,
             on a single CPU device when installed
-            (:func:`convnext_keras.engines.graph.inference_function`), Keras otherwise (always when
-            data-parallel); ``"keras"``, ``"openvino"`` or ``"onnxruntime"`` insist.  The
+            (:func:`convnext_keras.engines.runners.inference_function`), Keras otherwise (always
+            when data-parallel); ``"keras"``, ``"openvino"`` or ``"onnxruntime"`` insist.  The
             report's ``config["engine"]`` says which ran.
         precision: ``"fp32"``, or Keras mixed precision ``"bf16"`` / ``"fp16"`` (runs on
             Keras; ``engine="onnxruntime"`` refuses it); None (default): as
             :func:`convnext_keras.tasks.predict.load_classifier`; ``"int8"`` (opt-in): onnxruntime
             on one CPU device with the model quantized to int8
-            (:func:`convnext_keras.engines.graph.quantize_int8`).  The precision the model ran in is
-            recorded in ``config["precision"]``.
+            (:func:`convnext_keras.engines.quantization.quantize_int8`).  The precision the model
+            ran in is recorded in ``config["precision"]``.
         calibration: ``"int8"`` only: the photos that calibrate the quantization (a folder or
             files, read through the model's transform; default: the sample photos of
             scikit-image and scikit-learn).  Calibrate on photos that are not in ``data``.

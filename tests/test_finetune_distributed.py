@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent(
         )
     import keras
     import convnext_keras as ck
-    from convnext_keras.finetune import loop
+    from convnext_keras.finetune import devices, loop
     {micro}
 
     class Losses(keras.callbacks.Callback):
@@ -54,7 +54,7 @@ SCRIPT = textwrap.dedent(
         )
         weights = loop.hub.load_converted(result.files["best_weights"])
         results[mode] = {
-            "devices": loop._devices(mode).replicas,
+            "devices": devices._devices(mode).replicas,
             "running": losses.running,
             "history": result.history,
             "head": weights["head_fc"][0].tolist(),

@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 from test_finetune_data import MICRO_CLI, MICRO_SETUP, digits_folder
 
-from convnext_keras.finetune import loop, state
+from convnext_keras.finetune import devices, loop, rundir, state
 
 RECIPE = dict(
     model="convnext_micro", epochs=2, batch_size=6, accumulation=2, resolution=32, lr=2e-3,
@@ -187,7 +187,7 @@ def test_two_hosts_follow_one_host_survive_a_kill_and_resume_to_the_same_result(
         started(_script(digits, out, options), stdout=log, stderr=subprocess.STDOUT, env=env)
         for env, log in zip(envs, logs)
     ]
-    checkpoint = out / loop.STATE_FILE
+    checkpoint = out / rundir.STATE_FILE
     try:
         deadline = time.monotonic() + PROCESS_TIMEOUT
         while time.monotonic() < deadline and all(p.poll() is None for p in procs):
@@ -264,8 +264,8 @@ def test_two_hosts_follow_one_host_survive_a_kill_and_resume_to_the_same_result(
     for a, b in zip(got, want):
         for key in COMPARED:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["epoch"], key)
-    a = loop.hub.load_converted(out / loop.BEST_WEIGHTS)
-    b = loop.hub.load_converted(tmp_path / "one" / loop.BEST_WEIGHTS)
+    a = loop.hub.load_converted(out / rundir.BEST_WEIGHTS)
+    b = loop.hub.load_converted(tmp_path / "one" / rundir.BEST_WEIGHTS)
     for layer in b:
         for x, y in zip(a[layer], b[layer]):
             np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5, err_msg=layer)
@@ -363,4 +363,4 @@ def test_distribution_off_on_several_workers_is_refused(monkeypatch):
         "TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 1}})
     )
     with pytest.raises(ValueError, match="cannot train the 2 workers TF_CONFIG names"):
-        loop._devices("off")
+        devices._devices("off")

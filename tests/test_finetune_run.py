@@ -27,7 +27,7 @@ from test_finetune_data import MICRO_CLI, digits_folder, micro_variant
 
 from convnext_keras import preprocess
 from convnext_keras.cli import main
-from convnext_keras.finetune import loop, state
+from convnext_keras.finetune import loop, recipe, rundir, state
 
 RECIPE = [
     "--model", "convnextv2_micro",
@@ -90,13 +90,13 @@ def test_cli_run_writes_every_output(reference):
     info = json.loads((out / "run.json").read_text())
     assert info["recipe"]["accumulation"] == 2 and info["recipe"]["ema"] == 0.8
     assert info["recipe"]["layer_decay_type"] == "single"
-    assert info["recipe"]["drop_path"] == loop.DEFAULT_DROP_PATH  # atto: no published rate
+    assert info["recipe"]["drop_path"] == recipe.DEFAULT_DROP_PATH  # atto: no published rate
     assert info["data"]["train"] == 48 and info["data"]["val"] == 16
     history = _metrics(out)
     assert [row["epoch"] for row in history] == [1, 2, 3]
     assert all(np.isfinite(row[k]) for row in history for k in COMPARED)
     csv_rows = (out / "metrics.csv").read_text().splitlines()
-    assert csv_rows[0].split(",") == list(loop.METRIC_COLUMNS) and len(csv_rows) == 4
+    assert csv_rows[0].split(",") == list(rundir.METRIC_COLUMNS) and len(csv_rows) == 4
     assert float(csv_rows[2].split(",")[1]) == pytest.approx(history[1]["train_loss"])
     with Image.open(out / "curves.png") as png:
         assert png.format == "PNG" and png.size[0] > 400
@@ -123,7 +123,7 @@ def test_best_model_reproduces_the_best_validation_accuracy(reference, digits4):
     assert accuracy == pytest.approx(best["val_acc1"])
     assert model.output_shape == (None, len(info["classes"]))
     np.testing.assert_allclose(
-        keras.ops.convert_to_numpy(loop.load_run(out)(x[:2])), logits[:2], rtol=1e-5, atol=1e-5
+        keras.ops.convert_to_numpy(rundir.load_run(out)(x[:2])), logits[:2], rtol=1e-5, atol=1e-5
     )
 
 
@@ -142,7 +142,7 @@ def test_kill_9_mid_epoch_then_resume_finishes_with_the_same_metrics(reference, 
         stderr=subprocess.STDOUT,
         env=env,
     )
-    checkpoint = out / loop.STATE_FILE
+    checkpoint = out / rundir.STATE_FILE
     meta, deadline = None, time.monotonic() + 600
     try:
         # Wait for a checkpoint in the middle of epoch 2 (3 of its 6 batches done: one update
@@ -173,8 +173,8 @@ def test_kill_9_mid_epoch_then_resume_finishes_with_the_same_metrics(reference, 
     for got, want in zip(resumed, uninterrupted):
         for key in COMPARED:
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (got["epoch"], key)
-    a = loop.hub.load_converted(out / loop.BEST_WEIGHTS)
-    b = loop.hub.load_converted(ref_out / loop.BEST_WEIGHTS)
+    a = loop.hub.load_converted(out / rundir.BEST_WEIGHTS)
+    b = loop.hub.load_converted(ref_out / rundir.BEST_WEIGHTS)
     for layer in b:
         for x, y in zip(a[layer], b[layer]):
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=layer)
@@ -193,7 +193,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(digit
     assert result.exit_code == 3, result.output
     assert "loss became nan at epoch 1, step 2 (of 6)" in result.output
     assert "last good checkpoint" in result.output and "(epoch 1, step 1)" in result.output
-    arrays, meta = state.load(out / loop.STATE_FILE)
+    arrays, meta = state.load(out / rundir.STATE_FILE)
     assert (meta["epoch"], meta["step"]) == (0, 1)
     assert not state.non_finite(arrays)
     assert not (out / "best.keras").exists()
@@ -235,17 +235,17 @@ def test_batch_larger_than_the_data_is_refused(digits4, tmp_path):
 )
 def test_bad_options_are_refused_with_the_fix(options, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-        loop.resolve_recipe(**options)
+        recipe.resolve_recipe(**options)
 
 
 def test_recipe_defaults_are_the_original_fine_tuning_recipe():
-    r = loop.resolve_recipe(model="convnext_base_21k_1k_224")
+    r = recipe.resolve_recipe(model="convnext_base_21k_1k_224")
     assert (r.lr, r.layer_decay, r.weight_decay, r.head_init_scale) == (5e-5, 0.8, 1e-8, 1e-3)
     assert (r.epochs, r.warmup_epochs, r.mixup, r.cutmix, r.label_smoothing) == (30, 0, 0, 0, 0.1)
     assert (r.drop_path, r.resolution, r.crop_pct, r.weights) == (0.2, 224, 0.875, "official")
-    large = loop.resolve_recipe(model="convnext_large_21k_1k_384")
+    large = recipe.resolve_recipe(model="convnext_large_21k_1k_384")
     assert (large.drop_path, large.resolution, large.crop_pct) == (0.3, 384, 1.0)
-    assert loop.resolve_recipe(model="convnext_atto").weights is None
+    assert recipe.resolve_recipe(model="convnext_atto").weights is None
     assert r.layer_decay_type == large.layer_decay_type == "group"
 
 
@@ -253,7 +253,7 @@ def test_v2_models_take_the_v2_recipe():
     """ConvNeXt-V2 TRAINING.md: atto (single, 0.9, drop path 0.1, blr 2e-4, wd 0.3), tiny
     (single, 0.9, 0.2, 8e-4, 0.05), base (group, 0.6, 0.1, 6.25e-4, 0.05); lr = blr * batch /
     256 with the effective batch (batch x accumulation)."""
-    atto = loop.resolve_recipe(model="convnextv2_atto_fcmae")
+    atto = recipe.resolve_recipe(model="convnextv2_atto_fcmae")
     assert (atto.layer_decay_type, atto.layer_decay, atto.drop_path, atto.weight_decay) == (
         "single",
         0.9,
@@ -261,10 +261,10 @@ def test_v2_models_take_the_v2_recipe():
         0.3,
     )
     assert atto.lr == pytest.approx(2e-4 * 32 / 256) and atto.weights == "official"
-    tiny = loop.resolve_recipe(model="convnextv2_tiny_1k_224", batch_size=64, accumulation=2)
+    tiny = recipe.resolve_recipe(model="convnextv2_tiny_1k_224", batch_size=64, accumulation=2)
     assert (tiny.layer_decay_type, tiny.layer_decay, tiny.drop_path) == ("single", 0.9, 0.2)
     assert tiny.lr == pytest.approx(8e-4 * 128 / 256)
-    base = loop.resolve_recipe(model="convnextv2_base_21k_1k_384", lr=1e-4, layer_decay=0.7)
+    base = recipe.resolve_recipe(model="convnextv2_base_21k_1k_384", lr=1e-4, layer_decay=0.7)
     assert (base.layer_decay_type, base.layer_decay, base.lr, base.resolution) == (
         "group",
         0.7,
@@ -273,7 +273,7 @@ def test_v2_models_take_the_v2_recipe():
     )
     assert (base.drop_path, base.weight_decay, base.crop_pct) == (0.1, 0.05, 1.0)
     with pytest.raises(ValueError, match="layer_decay_type must be one of group, single"):
-        loop.resolve_recipe(model="convnextv2_atto", layer_decay_type="block")
+        recipe.resolve_recipe(model="convnextv2_atto", layer_decay_type="block")
 
 
 def _copy_run(reference, tmp_path) -> Path:
@@ -290,7 +290,7 @@ def test_resume_refuses_other_settings_other_classes_and_damaged_state(reference
     other = digits_folder(tmp_path / "other", per_class=3, classes=5)
     with pytest.raises(loop.data_lib.DataError, match=r"missing none, new \['digit4'\]"):
         loop.run(other, out, resume=True, verbose=0)
-    (out / loop.STATE_FILE).write_bytes(b"\0" * 100)
+    (out / rundir.STATE_FILE).write_bytes(b"\0" * 100)
     with pytest.raises(state.StateError, match="not a readable fine-tuning state"):
         loop.run(other, out, resume=True, verbose=0)
     with pytest.raises(FileNotFoundError, match="Nothing to resume"):
@@ -355,7 +355,7 @@ def test_remat_on_tensorflow_is_refused_with_the_reason(digits4, tmp_path):
 @pytest.mark.slow
 def test_export_writes_a_verified_savedmodel_of_the_best_classifier(reference, tmp_path):
     pytest.importorskip("convnext_keras.export.exporter")
-    path, note = loop._export(reference[0] / "best.keras", tmp_path, 32)
+    path, note = rundir._export(reference[0] / "best.keras", tmp_path, 32)
     assert path is not None, note
     assert (path / "saved_model.pb").is_file() and "verified against Keras" in note
 
@@ -410,7 +410,7 @@ def test_a_failed_start_writes_nothing_and_a_never_trained_folder_can_start_agai
 
 def test_resume_refuses_a_data_set_whose_files_changed(reference, digits4, tmp_path):
     out = _copy_run(reference, tmp_path)
-    shutil.copy(reference[0] / loop.DATA_FILES, out / loop.DATA_FILES)
+    shutil.copy(reference[0] / rundir.DATA_FILES, out / rundir.DATA_FILES)
     data = tmp_path / "data"
     shutil.copytree(digits4, data)
     (data / "digit1" / "0003.png").unlink()

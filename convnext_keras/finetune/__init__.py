@@ -16,16 +16,8 @@ import lazy_loader as _lazy
 #: Module -> the public names it defines, imported on first access.
 _PUBLIC = {
     "data": ["DataError", "ImageFolder", "mix_batch", "random_resized_crop", "scan", "shard_rows"],
-    "loop": [
-        "Recipe",
-        "RunResult",
-        "TrainingDiverged",
-        "load_run",
-        "plot_curves",
-        "resolve_recipe",
-        "run",
-    ],
     "hosts": ["HostLost", "connect_hosts"],
+    "loop": ["RunResult", "run"],
     "optim": [
         "LayerDecayAdamW",
         "WarmupCosine",
@@ -36,10 +28,15 @@ _PUBLIC = {
         "parameter_groups",
         "schedule",
     ],
+    "recipe": ["Recipe", "resolve_recipe"],
+    "rundir": ["load_run", "plot_curves"],
     "state": ["StateError"],
+    "trainer": ["TrainingDiverged"],
 }
 
 __getattr__, __dir__, _ = _lazy.attach(
-    __name__, ["data", "hosts", "loop", "optim", "state"], _PUBLIC
+    __name__,
+    ["data", "devices", "hosts", "loop", "optim", "recipe", "rundir", "state", "trainer"],
+    _PUBLIC,
 )
 __all__ = sorted(n for names in _PUBLIC.values() for n in names)

@@ -15,7 +15,7 @@ import lazy_loader as _lazy
 
 from convnext_keras import _registration
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 #: Module -> the public names it defines, imported on first access.
 _PUBLIC = {

@@ -31,8 +31,7 @@ from convnext_keras.finetune import state as state_lib
 from convnext_keras.finetune import trainer as trainer_lib
 from convnext_keras.interface import fix
 from convnext_keras.nets.convnext import dtype_policy
-from convnext_keras.weights import cache as hub
-from convnext_keras.weights import convert as checkpoints
+from convnext_keras.weights import cache, convert
 
 #: run() settings outside the recipe, and their defaults: kept in run.json, so a resumed run
 #: keeps them unless given again (``--no-export`` stays off).
@@ -283,7 +282,7 @@ def run(
                 }
                 rundir._write_json(out / rundir.RUN_FILE, info)
                 rundir._write_text(out / "labels.txt", "\n".join(folder.classes) + "\n")
-                with hub.atomic_path(out / rundir.DATA_FILES) as tmp:
+                with cache.atomic_path(out / rundir.DATA_FILES) as tmp:
                     tmp.write_bytes(gzip.compress("\n".join(folder.file_list()).encode() + b"\n"))
             elif devices.chief and info.get("settings") != settings:  # given again: kept
                 info = {**info, "settings": settings}
@@ -319,7 +318,7 @@ def run(
     if devices.chief:
         classifier = rundir._inference_model(info, final)
         rundir._save_keras(classifier, files["last"])
-        checkpoints.assign_weights(classifier, hub.read_converted(out / rundir.BEST_WEIGHTS))
+        convert.assign_weights(classifier, cache.read_converted(out / rundir.BEST_WEIGHTS))
         rundir._save_keras(classifier, files["best"])
         if export:
             export_path, note = rundir._export(files["best"], out, recipe.resolution)

@@ -10,7 +10,7 @@ from convnext_keras import preprocess, registry
 from convnext_keras.api import OFFICIAL
 from convnext_keras.finetune import optim
 from convnext_keras.nets.convnext import PRECISIONS
-from convnext_keras.weights import cache as hub
+from convnext_keras.weights import hfhub
 
 #: The drop-path rate for variants the original published no fine-tuning rate for (its
 #: smallest rate, ConvNeXt-T's on ImageNet-1k).
@@ -166,13 +166,13 @@ def _check(r: Recipe) -> None:
     )
     need(r.clip_grad is None or r.clip_grad > 0, f"clip_grad must be > 0, got {r.clip_grad}.")
     need(0 <= r.val_fraction < 1, f"val_fraction must be in [0, 1), got {r.val_fraction}.")
-    if r.weights not in (None, OFFICIAL) and not str(r.weights).startswith(hub.HF_SCHEME):
+    if r.weights not in (None, OFFICIAL) and not str(r.weights).startswith(hfhub.HF_SCHEME):
         if not Path(r.weights).is_file():
             raise FileNotFoundError(f"Weights file {r.weights} does not exist.")
 
 
 def _weights_option(value) -> str:
     """A ``weights`` value other than None / official: a Hub address as it is, a path expanded."""
-    if str(value).startswith(hub.HF_SCHEME):
+    if str(value).startswith(hfhub.HF_SCHEME):
         return str(value)
     return str(Path(value).expanduser())

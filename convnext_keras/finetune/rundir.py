@@ -27,8 +27,7 @@ import numpy as np
 from convnext_keras import registry
 from convnext_keras.finetune import recipe as recipe_lib
 from convnext_keras.nets.convnext import build_model, dtype_policy
-from convnext_keras.weights import cache as hub
-from convnext_keras.weights import convert as checkpoints
+from convnext_keras.weights import cache, convert
 
 STATE_FILE = "checkpoint.safetensors"
 BEST_WEIGHTS = "best.weights.safetensors"
@@ -41,12 +40,12 @@ DATA_FILES = "data_files.txt.gz"
 
 
 def _write_json(path: Path, obj) -> None:
-    with hub.atomic_path(path) as tmp:
+    with cache.atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def _write_text(path: Path, text: str) -> None:
-    with hub.atomic_path(path) as tmp:
+    with cache.atomic_path(path) as tmp:
         tmp.write_text(text)
 
 
@@ -97,13 +96,13 @@ def plot_curves(history: list[dict], path: Path) -> Path | None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
-    with hub.atomic_path(Path(path)) as tmp:
+    with cache.atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     return Path(path)
 
 
 def _save_keras(model: keras.Model, path: Path) -> None:
-    with hub.atomic_path(path) as tmp:
+    with cache.atomic_path(path) as tmp:
         keras_tmp = tmp.with_name(tmp.name + ".keras")  # Keras insists on the suffix
         try:
             model.save(keras_tmp)
@@ -140,7 +139,7 @@ def load_run(out: str | os.PathLike, which: str = "best") -> keras.Model:
         return keras.saving.load_model(final, compile=False)
     if which == "best" and (out / BEST_WEIGHTS).is_file():
         info = json.loads((out / RUN_FILE).read_text())
-        return _inference_model(info, hub.read_converted(out / BEST_WEIGHTS))
+        return _inference_model(info, cache.read_converted(out / BEST_WEIGHTS))
     raise FileNotFoundError(
         f"{out} has no {which} model yet ({final.name} is written when training ends"
         + (f", {BEST_WEIGHTS} after the first validated epoch" if which == "best" else "")
@@ -155,7 +154,7 @@ def _inference_model(info: dict, weights: dict) -> keras.Model:
         model = build_model(
             variant, num_classes=len(info["classes"]), name=f"{variant.arch_name}_finetuned"
         )
-    checkpoints.assign_weights(model, weights, source="the fine-tuned weights")
+    convert.assign_weights(model, weights, source="the fine-tuned weights")
     return model
 
 

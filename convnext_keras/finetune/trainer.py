@@ -22,8 +22,7 @@ from convnext_keras.finetune import hosts, optim, rundir
 from convnext_keras.finetune import recipe as recipe_lib
 from convnext_keras.finetune import state as state_lib
 from convnext_keras.nets.convnext import build_model, layer_names
-from convnext_keras.weights import cache as hub
-from convnext_keras.weights import convert as checkpoints
+from convnext_keras.weights import cache, convert
 
 
 class TrainingDiverged(RuntimeError):
@@ -281,7 +280,7 @@ class _Trainer:
     def _sharded_logits(self, batches: data_lib.EvalBatches) -> np.ndarray:
         """Validation logits of every host, in batch order: each host runs the evaluated
         weights on its rows of each batch, then the rows are gathered (a collective)."""
-        checkpoints.assign_weights(self.eval_model, self.evaluated_weights())
+        convert.assign_weights(self.eval_model, self.evaluated_weights())
         local = []
         with (
             devices_lib._jax_distribution(None)
@@ -453,7 +452,7 @@ class _Trainer:
             if improved or (row["val_acc1"] is None):
                 self.best = {"epoch": epoch + 1, "val_acc1": row["val_acc1"]}
                 if self.devices.chief:
-                    hub.save_converted(
+                    cache.save_converted(
                         self.evaluated_weights(),
                         self.out / rundir.BEST_WEIGHTS,
                         {"epoch": str(epoch + 1), "val_acc1": str(row["val_acc1"])},

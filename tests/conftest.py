@@ -14,7 +14,12 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["CONVNEXT_NO_PROGRESS"] = "1"
-sys.path.insert(0, str(Path(__file__).parent))
+# The tests mirror the package's rooms (tests/weights/, tests/nets/, ...) and share helpers by
+# module name (the PyTorch references in tests/references/, test_finetune_data's folders, ...).
+_TESTS = Path(__file__).parent
+for _folder in [_TESTS, _TESTS / "references", *sorted(p for p in _TESTS.iterdir() if p.is_dir())]:
+    if _folder.name != "__pycache__":
+        sys.path.insert(0, str(_folder))
 
 
 @pytest.fixture(autouse=True)

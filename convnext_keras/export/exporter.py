@@ -20,8 +20,8 @@ The ONNX file of a ConvNeXt built by this library (any head, fixed or dynamic si
 straight from its weights by :func:`convnext_keras.engines.onnx_graph.build_onnx_graph` - the
 graph the CPU inference engine runs, on every backend, without TensorFlow; a model with layers
 of its own goes through tf2onnx instead.  TensorFlow is imported only inside the functions that
-need it.  SavedModel, TFLite (and tf2onnx) are written with the TensorFlow backend; under JAX or PyTorch
-the model is handed (as a ``.keras`` file) to a TensorFlow-backend subprocess, which exports it
+need it.  SavedModel, TFLite (and tf2onnx) are written with the TensorFlow backend; under JAX or
+PyTorch the model is handed (as a ``.keras`` file) to a TensorFlow-backend subprocess, which exports it
 and verifies the export against the outputs of the caller's own model.  ``.keras`` export works
 on every backend in-process.
 """

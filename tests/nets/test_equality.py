@@ -81,7 +81,7 @@ V2_VARIANTS = _v2_variants()
 def test_every_registry_entry_is_covered():
     covered = {n for names in ARCHITECTURES.values() for n in names}
     covered |= {n for names in V2_VARIANTS.values() for n in names}
-    # The segmentation rows: tests/test_segmentation.py (tiny and base against transformers'
+    # The segmentation rows: tests/tasks/test_segmentation.py (tiny and base against transformers'
     # UperNet, every row's conversion and parameter count).
     covered |= set(registry.families("upernet_convnext"))
     # test_families.py: isotropic (each size), DINOv3 (tiny; large), timm (each architecture)

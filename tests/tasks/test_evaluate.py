@@ -4,7 +4,7 @@ The agreement test builds an ImageNet-style class-folder set from real photos (s
 scikit-learn), labels it from the reference model's own ranking (a third right at top-1, a third
 at rank 3, a third at rank 500, so acc@1 and acc@5 are neither 0 nor 1), and requires the
 library's top-1 predictions and accuracies to equal those of transformers' PyTorch ConvNext-T
-with the same random weights fed by the PIL preprocessing of tests/test_preprocess.py.
+with the same random weights fed by the PIL preprocessing of tests/preprocess/test_preprocess.py.
 """
 
 from __future__ import annotations

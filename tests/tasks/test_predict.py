@@ -1,7 +1,8 @@
 """predict / decode / Grad-CAM against an independent reference, and ``convnext predict``.
 
 The reference is Hugging Face transformers' PyTorch ConvNext with the same random weights
-(tests/torch_reference.py), fed by the PIL preprocessing written in tests/test_preprocess.py.
+(tests/references/torch_reference.py), fed by the PIL preprocessing written in
+tests/preprocess/test_preprocess.py.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from convnext_keras.nets.convnext import FLOAT32_LAYERS, PRECISIONS, non_float32
 from convnext_keras.tasks.gradcam import GradCAM
 from convnext_keras.tasks.predict import load_classifier, predict_files, softmax, with_precision
 
-EXAMPLES = Path(__file__).parent.parent / "examples" / "images"
+EXAMPLES = Path(__file__).parents[2] / "examples" / "images"
 PHOTOS = sorted(EXAMPLES.glob("*.jpg"))
 ATTO = registry.VARIANTS["atto"]
 

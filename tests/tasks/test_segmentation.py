@@ -38,7 +38,7 @@ from convnext_keras.weights import convert, layouts, read
 
 TOLERANCE = 1e-4
 TINY = "upernet_convnext_tiny_ade20k_512"
-PHOTOS = sorted((Path(__file__).parent.parent / "examples" / "images").glob("*.jpg"))
+PHOTOS = sorted((Path(__file__).parents[2] / "examples" / "images").glob("*.jpg"))
 #: The registry's procedure at a small scale: short side 64, windows of 64 every 43 pixels.
 SMALL = registry.SegmentationEval(image_scale=(256, 64), crop=64, stride=43)
 

@@ -196,7 +196,7 @@ def test_v2_checkpoints_in_every_layout_download_and_load(
 @pytest.mark.parametrize("name", registry.families("convnextv2"))
 def test_every_v2_name_resolves_to_its_model(name):
     """load_model(name, weights=None) builds what the row says (built here for atto; the
-    other sizes are built with weights by tests/test_equality.py)."""
+    other sizes are built with weights by tests/nets/test_equality.py)."""
     ckpt = registry.CHECKPOINTS[name]
     resolved, fe = registry.resolve(name), registry.resolve(name + "_fe")
     assert resolved.variant is fe.variant is ckpt.spec and fe.head == "pooled"

@@ -21,10 +21,9 @@ straight from its weights by :func:`convnext_keras.engines.onnx_graph.build_onnx
 graph the CPU inference engine runs, on every backend, without TensorFlow; a model with layers
 of its own goes through tf2onnx instead.  TensorFlow is imported only inside the functions that
 need it.  SavedModel, TFLite (and tf2onnx) are written with the TensorFlow backend; under JAX or
-PyTorch the model is handed (as a ``.keras`` file) to a TensorFlow-backend subprocess, which exports it
-and verifies the export against the outputs of the caller's own model.  ``.keras`` export works
-on every backend in-process.
-"""
+PyTorch the model is handed (as a ``.keras`` file) to a TensorFlow-backend subprocess, which
+exports it and verifies the export against the outputs of the caller's own model.  ``.keras``
+export works on every backend in-process. """
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 For one model (random weights: speed does not depend on them), in one process, ``rounds``
 times in turn:
 
-* ``convnext bench``'s inference rate (``bench.benchmark``, the same engine ``embed`` picks:
+* ``convnext bench``'s inference rate (``tasks.bench.benchmark``, the same engine ``embed`` picks:
   onnxruntime on a CPU), batches already in memory: the model alone;
 * ``embed`` of ``n`` JPEG photos (500x375, ImageNet's usual size) into a fresh folder:
   decoding, the evaluation transform, the model and the Parquet parts.  Its steady rate is read

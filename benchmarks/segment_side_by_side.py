@@ -9,8 +9,8 @@ runs per 512x512 crop - by each contender in its own process, with the isolation
 turn, order rotated per round, other load measured during each turn):
 
 * ``ours``: ``convnext segment``'s default engine on a CPU: onnxruntime on this library's
-  graph of the model (``upernet_onnx.build_onnx_graph`` at the window's size, the session
-  ``runtime.onnx_session`` makes);
+  graph of the model (``engines.upernet_graph.build_onnx_graph`` at the window's size, the session
+  ``engines.runners.onnx_session`` makes);
 * ``keras``: the same model through Keras ``predict_on_batch`` (``--engine keras``);
 * ``torch_eager``: transformers' ``UperNetForSemanticSegmentation`` (ConvNext backbone, no
   auxiliary head), PyTorch eager, ``torch.inference_mode``;

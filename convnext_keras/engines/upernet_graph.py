@@ -304,7 +304,7 @@ def inference_function(model, engine: str = "auto"):
     """``(fn, engine name)`` for a segmentation model: onnxruntime on a CPU when it is
     installed and can run the model (``"auto"``), else Keras' ``predict_on_batch``;
     ``"onnxruntime"`` insists, ``"keras"`` always uses Keras (see
-    :func:`convnext_keras.engines.onnx_graph.inference_function`)."""
+    :func:`convnext_keras.engines.runners.inference_function`)."""
     runners.check_engine(engine)
     if engine == "openvino":
         raise ValueError(

@@ -23,7 +23,7 @@ of its own goes through tf2onnx instead.  TensorFlow is imported only inside the
 need it.  SavedModel, TFLite (and tf2onnx) are written with the TensorFlow backend; under JAX or
 PyTorch the model is handed (as a ``.keras`` file) to a TensorFlow-backend subprocess, which
 exports it and verifies the export against the outputs of the caller's own model.  ``.keras``
-export works on every backend in-process. """
+export works on every backend in-process."""
 
 from __future__ import annotations
 

@@ -53,7 +53,8 @@ def policy_name(precision: str) -> str:
         raise ValueError(
             f"precision {INT8!r} is not a Keras dtype policy but the onnxruntime engine's opt-in "
             "path: build or load the model in fp32 and pass precision='int8' to predict_files / "
-            "evaluate / bench.benchmark or engines.runners.OnnxRunner (CLI: --precision int8)."
+            "evaluate / tasks.bench.benchmark or engines.runners.OnnxRunner "
+            "(CLI: --precision int8)."
         )
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")

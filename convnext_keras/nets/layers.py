@@ -264,13 +264,13 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
     ``implementation``: ``"auto"`` (``$CONVNEXT_DEPTHWISE`` when set - one of the values
     below, for a whole process, e.g. ``CONVNEXT_DEPTHWISE=native convnext bench --backend
     jax`` -, else shifted sums on JAX's CPU backend, the Pallas kernel on JAX with one NVIDIA
-    GPU for inputs it suits (``pallas_depthwise.suits_width``: up to 256 pixels wide; not under a
+    GPU for inputs it suits (``kernels.depthwise.suits_width``: up to 256 pixels wide; not under a
     multi-device ``keras.distribution``: XLA cannot split a Pallas kernel across devices) and
     Keras' convolution elsewhere), ``"shifted"``, ``"native"`` (always the
     Keras convolution: cuDNN on GPUs), ``"pallas"`` (JAX only: the Pallas kernel; off a GPU it
     runs in Pallas' interpreter, exact but slow) or ``"xla"`` (JAX only: XLA's convolution
     with its input gradient written as the forward convolution with flipped taps,
-    ``pallas_depthwise.xla_depthwise_conv2d``).  On TensorFlow and PyTorch ``"pallas"`` and
+    ``kernels.depthwise.xla_depthwise_conv2d``).  On TensorFlow and PyTorch ``"pallas"`` and
     ``"xla"`` mean Keras' convolution.  Shapes other than stride 1 / ``"same"`` / depth
     multiplier 1 / odd kernel always use Keras' convolution.
     """

@@ -230,7 +230,7 @@ class MemoryProbe:
 
 
 def accelerator() -> str | None:
-    """See :func:`convnext_keras.engines.onnx_graph.accelerator`."""
+    """See :func:`convnext_keras.engines.runners.accelerator`."""
     from convnext_keras.engines.runners import accelerator as _accelerator
 
     return _accelerator()
@@ -299,7 +299,8 @@ def inference_fn(
     ``stateless_call`` on a device-resident batch (what ``predict_on_batch`` runs, without
     the host transfers); on TensorFlow / PyTorch it is ``predict_on_batch``.
     ``precision="int8"``: onnxruntime with the model quantized to int8, calibrated on the
-    sample photos (:func:`convnext_keras.engines.onnx_graph.quantize_int8`), on the CPU everywhere.
+    sample photos (:func:`convnext_keras.engines.quantization.quantize_int8`), on the CPU
+    everywhere.
     """
     import keras
 
@@ -519,7 +520,7 @@ def benchmark(
             or ``"int8"`` (inference only: onnxruntime with the model quantized to int8).
         mode: ``"infer"`` or ``"train"`` (AdamW step, stochastic depth 0.1).
         engine: inference engine (``"auto"``, ``"onnxruntime"``, ``"keras"``), see
-            :func:`convnext_keras.engines.onnx_graph.inference_function`.
+            :func:`convnext_keras.engines.runners.inference_function`.
         warmup, repeats: untimed and timed calls.
     """
     import keras

@@ -88,8 +88,8 @@ def decode_predictions(
 def with_precision(model, precision: str):
     """``model`` computing in ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``): the model
     itself when its layers already have that dtype policy, else a copy whose layers have it
-    (``model.FLOAT32_LAYERS`` stay float32, as :func:`build_model` makes them), with the same
-    weights.  For ``.keras`` files and model objects; names take ``precision`` in
+    (``nets.convnext.FLOAT32_LAYERS`` stay float32, as :func:`build_model` makes them), with the
+    same weights.  For ``.keras`` files and model objects; names take ``precision`` in
     :func:`convnext_keras.load_model` directly."""
     import keras
 
@@ -144,7 +144,7 @@ def load_classifier(model, *, weights="official", config=None, precision: str | 
     follow the global Keras dtype policy; files and objects stay as they are), ``"fp32"``, or
     Keras mixed precision ``"bf16"`` / ``"fp16"`` (float32 logits; these run on Keras, not
     onnxruntime) - see :func:`with_precision`; ``"int8"`` gives the float32 model (the engine
-    quantizes it: :func:`convnext_keras.engines.onnx_graph.inference_function`).
+    quantizes it: :func:`convnext_keras.engines.runners.inference_function`).
     """
     import keras
 
@@ -263,12 +263,13 @@ def predict_files(
             ``"bf16"`` / ``"fp16"`` (on Keras: faster on GPUs, slower on CPUs without native
             bfloat16; logits within bf16 rounding of float32's), or ``"int8"`` (opt-in:
             onnxruntime on the CPU with the model quantized to int8, see
-            :func:`convnext_keras.engines.onnx_graph.quantize_int8`; Grad-CAM stays float32).  None
-            (default): as :func:`load_classifier` - the global Keras policy for names, a model
+            :func:`convnext_keras.engines.quantization.quantize_int8`; Grad-CAM stays float32).
+            None (default): as :func:`load_classifier` - the global Keras policy for names, a model
             as it is.
         calibration: ``"int8"`` only: the photos that calibrate the quantization (a folder,
             files; read through ``config``'s transform); default: the sample photos of
-            scikit-image and scikit-learn (:func:`convnext_keras.engines.onnx_graph.sample_photos`).
+            scikit-image and scikit-learn
+            (:func:`convnext_keras.engines.quantization.sample_photos`).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")

@@ -23,8 +23,10 @@ from click.testing import CliRunner
 import convnext_keras as ck
 from convnext_keras import registry
 from convnext_keras.cli import main
+from convnext_keras.engines import graph as runtime
 from convnext_keras.errors import WriteError
 from convnext_keras.tasks.predict import with_precision
+from convnext_keras.weights import convert
 
 # ``ck.export`` is the function; the module (for its helpers and monkeypatching) is here.
 ex = importlib.import_module("convnext_keras.export.exporter")
@@ -217,7 +219,7 @@ def test_onnx_of_a_model_with_its_own_layers_goes_through_tf2onnx(tmp_path):
     fe = ck.load_model("convnext_atto_fe", weights=None, input_shape=(64, 64, 3))
     head = keras.layers.Dense(3, name="my_head")(fe.output)
     model = keras.Model(fe.input, head, name="custom")
-    assert "my_head" in ck.runtime.graph_unsupported_reason(model)
+    assert "my_head" in runtime.graph_unsupported_reason(model)
     result = ck.export(model, tmp_path / "c.onnx", "onnx")
     assert result.max_abs_diff <= 1e-4 and result.input_shape == (None, 64, 64, 3)
 
@@ -240,7 +242,7 @@ def atto():
     state = {k: v.numpy() for k, v in ref.official_state_dict(torch_model).items()}
     weights = ck.convert_state_dict(state, spec)
     model = ck.load_model("convnext_atto", weights=None)
-    ck.checkpoints.assign_weights(model, weights)
+    convert.assign_weights(model, weights)
     return model
 
 
@@ -450,7 +452,7 @@ def test_without_tensorflow_keras_export_works_and_savedmodel_says_why(tmp_path)
 
     code = BLOCK_TENSORFLOW + (
         "import convnext_keras as ck\n"
-        "from convnext_keras import collection\n"
+        "from convnext_keras.export import collection\n"
         "from convnext_keras.cli import main\n"
         "m = ck.load_model('convnext_atto', weights=None)\n"
         f"print(ck.export(m, {str(tmp_path / 'a.keras')!r}, 'keras', image_size=64).format)\n"

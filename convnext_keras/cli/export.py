@@ -81,7 +81,7 @@ def export_command(
     Each export is reloaded and compared with the Keras model before it is moved into OUT;
     a failed verification leaves nothing there.
     """
-    # (``convnext_keras.export.exporter`` the attribute is the function; import from the module.)
+    # (``ck.export`` the attribute is the function; import from the module.)
     from convnext_keras.export.exporter import ExportError, export_named
 
     try:

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import convnext_keras as ck
 from convnext_keras import registry
 from convnext_keras.cli import main
-from convnext_keras.export import collection
+from convnext_keras.export import cards, collection
 
 TF = keras.backend.backend() == "tensorflow"
 
@@ -23,7 +23,7 @@ TF = keras.backend.backend() == "tensorflow"
 @pytest.mark.parametrize("name", registry.families("convnext"))
 def test_model_card_says_what_the_registry_says(name):
     ckpt = registry.CHECKPOINTS[name]
-    card = collection.model_card(name)
+    card = cards.model_card(name)
     fe = name + "_fe"
     assert card.startswith(f"# {name}\n")
     assert f"| Resolution | {ckpt.resolution}x{ckpt.resolution} |" in card
@@ -61,7 +61,7 @@ def test_model_card_says_what_the_registry_says(name):
 @pytest.mark.parametrize("name", registry.families("convnextv2"))
 def test_v2_model_cards_name_the_v2_paper_licence_and_encoders(name):
     ckpt = registry.CHECKPOINTS[name]
-    card = collection.model_card(name)
+    card = cards.model_card(name)
     fe = name + "_fe"
     assert card.startswith(f"# {name}\n")
     size = ckpt.spec.size.capitalize()
@@ -92,7 +92,7 @@ def test_model_card_snippet_is_the_official_transform():
 
     from convnext_keras.preprocess import eval_transform
 
-    card = collection.model_card("convnext_tiny_1k_224")
+    card = cards.model_card("convnext_tiny_1k_224")
     code = card.split("### Classification\n\n```python\n")[1].split("```")[0]
     lines = code.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("w, h = image.size"))
@@ -107,9 +107,9 @@ def test_model_card_snippet_is_the_official_transform():
 
 def test_model_card_refuses_other_names():
     with pytest.raises(collection.CollectionError, match="convnext_tiny_1k_224"):
-        collection.model_card("convnext_atto")
+        cards.model_card("convnext_atto")
     with pytest.raises(ck.UnknownModelError):
-        collection.model_card("convnext_tiny_1k_999")
+        cards.model_card("convnext_tiny_1k_999")
 
 
 def test_no_matching_model_lists_the_choices(tmp_path):
@@ -201,7 +201,7 @@ def test_build_a_collection(tiny_reference, tmp_path, monkeypatch):
         restored = keras.saving.load_model(str(model_dir / f"{name}.keras"))
         assert np.max(np.abs(restored.predict_on_batch(images) - expected["logits"])) <= 1e-4
         card = (model_dir / "README.md").read_text()
-        assert card.startswith(collection.model_card(name).split("\n## Verification")[0][:400])
+        assert card.startswith(cards.model_card(name).split("\n## Verification")[0][:400])
         assert "## Verification" in card and "serving_default signature" in card
         assert manifest["weights"]["description"] in card
 

@@ -24,6 +24,7 @@ import convnext_keras as ck
 from convnext_keras import registry
 from convnext_keras.cli import main
 from convnext_keras.errors import WriteError
+from convnext_keras.export import planning, tf_subprocess, verify, writers
 from convnext_keras.tasks.predict import with_precision
 
 # ``ck.export`` is the function; the module (for its helpers and monkeypatching) is here.
@@ -103,7 +104,7 @@ def test_savedmodel_classifier(tiny_reference, images, expected, tmp_path):
 
     # The input contract, in the SavedModel and beside it.
     meta = json.loads(obj.metadata().numpy().decode())
-    assert meta == json.loads((path / ex.METADATA_FILE).read_text())
+    assert meta == json.loads((path / writers.METADATA_FILE).read_text())
     assert meta["model"] == "convnext_tiny_1k_224" and meta["outputs"] == ["logits"]
     contract = meta["input"]
     assert contract["dtype"] == "float32" and contract["layout"] == "NHWC"
@@ -175,7 +176,7 @@ def test_onnx_equals_pytorch_with_dynamic_batch(tiny_reference, images, expected
 def test_tflite_equals_pytorch(tiny_reference, images, expected, tmp_path):
     result = _export(tiny_reference, "convnext_tiny_1k_224", "tflite", tmp_path)
     assert result.tolerance == 1e-3
-    interpreter = ex._tflite_interpreter(result.path)
+    interpreter = verify._tflite_interpreter(result.path)
     (detail,) = interpreter.get_input_details()
     assert list(detail["shape_signature"]) == [-1, 224, 224, 3]
     runner = interpreter.get_signature_runner()
@@ -192,13 +193,13 @@ def test_onnx_pyramid_with_dynamic_size_on_any_backend(tmp_path, monkeypatch):
     import onnx
     import onnxruntime as ort
 
-    monkeypatch.setattr(ex, "_export_via_tensorflow", None)  # must not be needed
+    monkeypatch.setattr(tf_subprocess, "_export_via_tensorflow", None)  # must not be needed
     model = ck.load_model("convnext_atto", weights=None, features="pyramid")
     result = ck.export(model, tmp_path / "p.onnx", "onnx", image_size=64, dynamic_size=True)
     assert result.input_shape == (None, None, None, 3)
     assert result.outputs == ["stage1", "stage2", "stage3", "stage4"]
     proto = onnx.load(str(result.path))
-    assert {o.version for o in proto.opset_import if o.domain == ""} == {ex.ONNX_OPSET}
+    assert {o.version for o in proto.opset_import if o.domain == ""} == {writers.ONNX_OPSET}
     props = {p.key: p.value for p in proto.metadata_props}
     assert props["convnext_keras.nets.convnext"] == "convnext_atto"
     assert "ImageNet mean" in props["convnext_keras.input"]
@@ -358,7 +359,7 @@ def _perturbing(runner, amount):
 @pytest.mark.parametrize("fmt", ["keras", pytest.param("savedmodel", marks=needs_tf)])
 def test_failed_verification_leaves_nothing(atto, tmp_path, monkeypatch, fmt):
     """An export off by 3e-3 is discarded: the error shows the difference, the old file stays."""
-    monkeypatch.setitem(ex._RUNNERS, fmt, _perturbing(ex._RUNNERS[fmt], 3e-3))
+    monkeypatch.setitem(verify._RUNNERS, fmt, _perturbing(verify._RUNNERS[fmt], 3e-3))
     target = ex.default_path("convnext_atto", tmp_path, fmt)
     if fmt == "keras":  # (a SavedModel export costs more; its case is the overwrite below)
         with pytest.raises(ck.VerificationError, match=r"max \|diff\| = 0\.003 > tolerance"):
@@ -450,7 +451,7 @@ def test_without_tensorflow_keras_export_works_and_savedmodel_says_why(tmp_path)
 
     code = BLOCK_TENSORFLOW + (
         "import convnext_keras as ck\n"
-        "from convnext_keras import collection\n"
+        "from convnext_keras.export import collection\n"
         "from convnext_keras.cli import main\n"
         "m = ck.load_model('convnext_atto', weights=None)\n"
         f"print(ck.export(m, {str(tmp_path / 'a.keras')!r}, 'keras', image_size=64).format)\n"
@@ -495,13 +496,15 @@ def test_384_and_21k_models_in_every_format(name, tmp_path):
         assert result.input_shape == (None, entry.resolution, entry.resolution, 3)
         assert result.max_abs_diff <= ex.TOLERANCE[result.format], result.checks
         # the export against PyTorch, through the same loader the verification used
-        (_, _, got), *_ = ex._RUNNERS[result.format](result.path, _plan_of(result), [x])
+        (_, _, got), *_ = verify._RUNNERS[result.format](result.path, _plan_of(result), [x])
         assert np.asarray(got["logits"]).shape == (1, entry.num_classes)
         assert _diff(got["logits"], want) <= ex.TOLERANCE[result.format], result.format
 
 
 def _plan_of(result):
-    return ex._Plan(result.format, result.input_shape[1], False, False, None, result.outputs, 1, 0)
+    return planning._Plan(
+        result.format, result.input_shape[1], False, False, None, result.outputs, 1, 0
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -534,8 +537,8 @@ def test_v2_model_in_every_format_and_its_fe_fine_tunes_with_tf_hub(tmp_path):
     out = tmp_path / "out"
     for fmt in ex.FORMATS:
         path = ex.default_path(name, out, fmt)
-        plan = ex._Plan(fmt, 224, False, False, None, ["logits"], 2, 0)
-        (_, _, got), *_ = ex._RUNNERS[fmt](path, plan, [x])
+        plan = planning._Plan(fmt, 224, False, False, None, ["logits"], 2, 0)
+        (_, _, got), *_ = verify._RUNNERS[fmt](path, plan, [x])
         assert _diff(got["logits"], want["logits"]) <= ex.TOLERANCE[fmt], fmt
     meta = json.loads(tf.saved_model.load(str(out / name)).metadata().numpy().decode())
     assert meta["family"] == "convnextv2" and meta["licence"] is None  # a local file's weights
@@ -613,7 +616,7 @@ def test_tensorflow_s_full_disk_error_while_writing_variables_is_a_write_error(
             "No space left on device"
         )  # fmt: skip
 
-    monkeypatch.setattr(ex, "_write_savedmodel", full)
+    monkeypatch.setattr(writers, "_write_savedmodel", full)
     with pytest.raises(WriteError, match=r"the export .*/sm: No space left on device"):
         ck.export(atto, tmp_path / "sm")
     assert list(tmp_path.iterdir()) == []

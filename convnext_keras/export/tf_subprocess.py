@@ -4,7 +4,7 @@ fine-tuning check.
 SavedModel, TFLite (and tf2onnx) need the TensorFlow backend; under another backend
 :func:`_export_via_tensorflow` saves the model as a ``.keras`` file with the outputs of the
 caller's own model on a reference input, and runs ``python -m
-convnext_keras.export.tf_subprocess export REQUEST.json``: the child exports with
+convnext_keras.export.child export REQUEST.json``: the child exports with
 :func:`convnext_keras.export.exporter.export`, first checking that the model it reloaded gives
 those outputs.  :func:`hub_finetune_check` runs one ``hub.KerasLayer(trainable=True)``
 fine-tuning step in a tf-keras child (``... hub-check``).  Each child prints one JSON reply.
@@ -96,7 +96,7 @@ def _export_via_tensorflow(model, path: Path, plan: _Plan, overwrite: bool, sour
             [
                 sys.executable,
                 "-m",
-                "convnext_keras.export.tf_subprocess",
+                "convnext_keras.export.child",
                 "export",
                 str(d / "request.json"),
             ],
@@ -115,37 +115,6 @@ def _export_via_tensorflow(model, path: Path, plan: _Plan, overwrite: bool, sour
             raise VerificationError(reply["message"], reply["max_abs_diff"], reply["tolerance"])
         raise cls(reply["message"])
     return ExportResult.from_dict(reply)
-
-
-def _child_export(request_file: str) -> dict:
-    import keras
-
-    from convnext_keras.export import exporter
-    from convnext_keras.nets import layers  # noqa: F401
-
-    req = json.loads(Path(request_file).read_text())
-    ref = np.load(req["reference"])
-    expected = {k: ref[k] for k in ref.files if k != "x"}
-    expected["backend"] = req["backend"]
-    model = keras.saving.load_model(req["model"], compile=False)
-    result = exporter.export(
-        model,
-        req["path"],
-        req["format"],
-        image_size=req["image_size"],
-        dynamic_size=req["dynamic_size"],
-        include_preprocessing=req["include_preprocessing"],
-        overwrite=req["overwrite"],
-        verify_batch=req["verify_batch"],
-        seed=req["seed"],
-        _transfer=(ref["x"], expected),
-        _source=req["source"],
-    )
-    return result.to_dict()
-
-
-# ----------------------------------------------------------------------------------------------
-# TF-Hub fine-tuning check (tf-keras, in a subprocess)
 
 
 def hub_finetune_check(
@@ -168,7 +137,7 @@ def hub_finetune_check(
     env["TF_CPP_MIN_LOG_LEVEL"] = "1"  # keep TensorFlow's warnings: the check looks at them
     args = [str(path), str(num_classes), str(batch), str(seed)]
     proc = subprocess.run(
-        [sys.executable, "-m", "convnext_keras.export.tf_subprocess", "hub-check", *args],
+        [sys.executable, "-m", "convnext_keras.export.child", "hub-check", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -186,79 +155,3 @@ def hub_finetune_check(
         if any(word in line.lower() for word in suspicious) and not info.match(line)
     ]
     return reply
-
-
-def _child_hub_check(path: str, num_classes: int, batch: int, seed: int) -> dict:
-    import warnings
-
-    import tensorflow as tf
-    import tensorflow_hub as hub
-    import tf_keras
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        layer = hub.KerasLayer(path, trainable=True)
-        meta = json.loads(tf.saved_model.load(path).metadata().numpy().decode())
-        shape = meta["input"]["shape"][1:]
-        size = meta["input"]["resolution"]
-        shape = [size if d is None else d for d in shape]
-        model = tf_keras.Sequential(
-            [tf_keras.Input(shape, dtype=meta["input"]["dtype"]), layer]
-            + [tf_keras.layers.Dense(num_classes)]
-        )
-        rng = np.random.default_rng(seed)
-        if meta["input"]["dtype"] == "uint8":
-            x = rng.integers(0, 256, (batch, *shape)).astype("uint8")
-        else:
-            x = rng.standard_normal((batch, *shape)).astype("float32")
-        y = np.arange(batch) % num_classes
-        loss_fn = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        backbone = list(layer.trainable_weights)
-        before = [v.numpy().copy() for v in backbone]
-        with tf.GradientTape() as tape:
-            logits = model(x, training=True)
-            loss = loss_fn(y, logits) + tf.add_n([0.0] + list(model.losses))
-        grads = tape.gradient(loss, model.trainable_weights)
-        tf_keras.optimizers.SGD(0.1).apply_gradients(zip(grads, model.trainable_weights))
-        backbone_grads = grads[: len(backbone)]
-    return {
-        "backbone_variables": len(backbone),
-        "none_gradients": sum(g is None for g in backbone_grads),
-        "zero_gradients": sum(g is not None and not np.any(g.numpy()) for g in backbone_grads),
-        "changed": sum(not np.array_equal(b, v.numpy()) for b, v in zip(before, backbone)),
-        "regularization_losses": len(model.losses),
-        "loss": float(loss),
-        "output_shape": list(logits.shape),
-        "warnings": [str(w.message) for w in caught if "variable" in str(w.message).lower()],
-    }
-
-
-def _main(argv: list[str]) -> int:
-    """``python -m convnext_keras.export.tf_subprocess export REQUEST.json``, or
-    ``... hub-check PATH N BATCH SEED``."""
-    command, *args = argv
-    try:
-        if command == "export":
-            reply = _child_export(*args)
-        elif command == "hub-check":
-            path, classes, batch, seed = args
-            reply = _child_hub_check(path, int(classes), int(batch), int(seed))
-        else:
-            raise ValueError(f"unknown command {command!r}")
-    except (ExportError, ValueError, OSError) as e:
-        from convnext_keras.errors import WriteError
-
-        reply = {"error": type(e).__name__, "message": str(e)}
-        if isinstance(e, VerificationError):
-            reply.update(max_abs_diff=e.max_abs_diff, tolerance=e.tolerance)
-        if isinstance(e, WriteError):
-            reply["errno"] = e.errno
-    print(_RESULT_MARK + json.dumps(reply), flush=True)
-    return 1 if "error" in reply else 0
-
-
-if __name__ == "__main__":
-    # Run the package's copy of this module, so its exception classes are the ones raised.
-    from convnext_keras.export.tf_subprocess import _main as main
-
-    sys.exit(main(sys.argv[1:]))

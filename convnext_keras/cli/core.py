@@ -27,7 +27,7 @@ _LICENCE_NOTES = {
 @main.command("list")
 @click.argument("pattern", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--markdown", is_flag=True, help="A Markdown table (the README's model table).")
+@click.option("--markdown", is_flag=True, help="A Markdown table (docs/models.md's columns).")
 def list_command(pattern, as_json, markdown):
     """Show the collection: name, params, resolution, classes, reported acc@1, licence, source
     (the official server, or the Hugging Face Hub repository), cached?

@@ -1,33 +1,12 @@
-"""Images in, model inputs out: the official ConvNeXt evaluation transform, exactly.
+"""Images in, model inputs out: the official ConvNeXt evaluation transform, exactly
+(torchvision's ``build_transform`` of the originals, with PIL), and what feeds it.
 
-The original evaluates with torchvision on PIL images (``main.py`` / ``datasets.py``,
-``build_transform``)::
-
-    res < 384:  Resize(int(res / crop_pct), BICUBIC)   # shorter side; aspect ratio kept
-                CenterCrop(res)
-    res >= 384: Resize((res, res), BICUBIC)            # squash, no crop
-    ToTensor()                                         # uint8 -> [0, 1]
-    Normalize(IMAGENET_MEAN, IMAGENET_STD)
-
-:func:`eval_transform` does exactly that with PIL (the same resampling code torchvision calls),
-so this library's inputs equal the original's to the last bit.  The settings come from the
-registry (:func:`config_for`), where a checkpoint's ``crop_mode`` can fix the choice between
-crop and squash whatever the resolution (timm's centre crop at 384, DINOv3's squash at 224).
-
-Also here:
-
-* :func:`load_image` - any file PIL reads becomes RGB (grayscale, palette, alpha, CMYK,
-  16-bit), optionally upright by its EXIF orientation; unreadable files raise
-  :class:`ImageError` naming the file.
-* :func:`normalize` / :func:`denormalize` and :class:`EvalPreprocessing`, a Keras layer that
-  does resize + crop + normalise inside a model (close to, not bit-equal with, PIL).
-* Batched input pipelines that decode and resize in parallel and prefetch:
-  :class:`ImageBatches` (a thread pool yielding numpy batches; needs no TensorFlow) and
-  :func:`image_dataset` (a ``tf.data.Dataset``; TensorFlow is imported only there).
-
-Modules: :mod:`.transforms` (PIL and numpy: the transform, image loading, normalisation),
-:mod:`.batches` (the pipelines) and :mod:`.layers` (the Keras layers; imported on first use, so
-that ``from convnext_keras import preprocess`` imports no Keras).
+Modules: :mod:`.transforms` (PIL and numpy: :func:`eval_transform`, :func:`load_image`,
+:func:`normalize`, the settings of each checkpoint, :func:`config_for`), :mod:`.batches`
+(parallel pipelines: :class:`ImageBatches`, :func:`image_dataset`) and :mod:`.layers` (Keras
+layers for preprocessing inside a model: :class:`EvalPreprocessing`, :class:`Normalize`;
+imported on first use, so that ``from convnext_keras import preprocess`` imports no Keras).
+Every public name of the three is importable from here.
 """
 
 import lazy_loader as _lazy

@@ -52,7 +52,7 @@ SCRIPT = textwrap.dedent(
             val_fraction=0.25, seed=1, checkpoint_every=0, checkpoint_minutes=0,
             export=False, workers=1, verbose=0,
         )
-        weights = loop.hub.load_converted(result.files["best_weights"])
+        weights = loop.cache.load_converted(result.files["best_weights"])
         results[mode] = {
             "devices": devices._devices(mode).replicas,
             "running": losses.running,

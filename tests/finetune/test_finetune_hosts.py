@@ -264,8 +264,8 @@ def test_two_hosts_follow_one_host_survive_a_kill_and_resume_to_the_same_result(
     for a, b in zip(got, want):
         for key in COMPARED:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["epoch"], key)
-    a = loop.hub.load_converted(out / rundir.BEST_WEIGHTS)
-    b = loop.hub.load_converted(tmp_path / "one" / rundir.BEST_WEIGHTS)
+    a = loop.cache.load_converted(out / rundir.BEST_WEIGHTS)
+    b = loop.cache.load_converted(tmp_path / "one" / rundir.BEST_WEIGHTS)
     for layer in b:
         for x, y in zip(a[layer], b[layer]):
             np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5, err_msg=layer)

@@ -173,8 +173,8 @@ def test_kill_9_mid_epoch_then_resume_finishes_with_the_same_metrics(reference, 
     for got, want in zip(resumed, uninterrupted):
         for key in COMPARED:
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (got["epoch"], key)
-    a = loop.hub.load_converted(out / rundir.BEST_WEIGHTS)
-    b = loop.hub.load_converted(ref_out / rundir.BEST_WEIGHTS)
+    a = loop.cache.load_converted(out / rundir.BEST_WEIGHTS)
+    b = loop.cache.load_converted(ref_out / rundir.BEST_WEIGHTS)
     for layer in b:
         for x, y in zip(a[layer], b[layer]):
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=layer)

@@ -148,7 +148,7 @@ def build_upernet(
     Returns a model ``images (batch, H, W, 3)`` (normalised with the ImageNet mean/std, as the
     classifiers) -> ``logits (batch, H, W, num_classes)``, float32 under every dtype policy.
     """
-    from convnext_keras.nets.convnext import PYRAMID_OUTPUTS, _kernel_init, build_model
+    from convnext_keras.nets.convnext import PYRAMID_OUTPUTS, build_model
 
     spec = registry.variant(variant)
     head = head or registry.UperNetHead()
@@ -157,6 +157,21 @@ def build_upernet(
     backbone = build_model(spec, head="pyramid", input_shape=input_shape, stage_norms=True)
     images = backbone.inputs[0]
     features = [backbone.output[key] for key in PYRAMID_OUTPUTS]
+    logits = upernet_decoder(images, features, num_classes, head)
+    return keras.Model(images, logits, name=name or f"upernet_{spec.arch_name}")
+
+
+def upernet_decoder(images, features, num_classes: int, head: registry.UperNetHead | None = None):
+    """UperNet's decoder on symbolic tensors: ``features`` (the 4 normalised stage outputs,
+    strides 4-32) -> logits ``(batch, H, W, num_classes)`` at the height and width of
+    ``images`` (float32).  What :func:`build_upernet` puts on its backbone; keras-hub's
+    segmenter (:mod:`convnext_keras.kerashub.segmenter`) puts it on a ``ConvNeXtBackbone``.
+    Layer names as the module docstring says."""
+    from convnext_keras.nets.convnext import _kernel_init
+
+    head = head or registry.UperNetHead()
+    if len(features) != 4:
+        raise ValueError(f"UperNet takes the 4 stage outputs of a pyramid, got {len(features)}.")
     channels = head.channels
 
     top = features[-1]
@@ -189,5 +204,4 @@ def build_upernet(
         dtype="float32",
         name="decode_conv_seg",
     )(y)
-    logits = BilinearResize(dtype="float32", name="decode_resize")(y, images)
-    return keras.Model(images, logits, name=name or f"upernet_{spec.arch_name}")
+    return BilinearResize(dtype="float32", name="decode_resize")(y, images)

@@ -145,7 +145,7 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
         body = message.encode()
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if self.command == "GET":
+        if self.command != "HEAD":
             self.wfile.write(body)
 
     def _resolve(self):
@@ -197,6 +197,66 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
     do_HEAD = _resolve  # noqa: N815 (http.server API)
     do_GET = _resolve  # noqa: N815
 
+    def _json(self, status, payload):
+        import json
+
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):  # noqa: N802 (http.server API)
+        """The uploading part of the Hub's API (``create_repo``, ``upload_file`` /
+        ``upload_folder`` through ``create_commit``): files come in the commit's body as
+        base64 ("regular" upload mode, which the preupload answer asks for) and land in
+        ``hub.root/{org}/{repo}/``, served by the resolve endpoint from then on; each write
+        is recorded in ``hub.uploads`` (repo, path)."""
+        import base64
+        import hashlib
+        import json
+        import re
+
+        hub = self.server.hub
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        path = self.path.split("?", 1)[0]
+        if path == "/api/validate-yaml":
+            return self._json(200, {"errors": [], "warnings": []})
+        if path == "/api/repos/create":
+            payload = json.loads(body)
+            repo = f"{payload.get('organization') or 'user'}/{payload['name']}"
+            folder = hub.root / repo
+            existed = folder.is_dir()
+            folder.mkdir(parents=True, exist_ok=True)
+            status = 409 if existed else 200
+            return self._json(status, {"url": f"{hub.url}/{repo}", "error": "exists" * existed})
+        m = re.match(r"^/api/models/(?P<repo>[^/]+/[^/]+)/(?P<op>preupload|commit)/[^/]+$", path)
+        if not m or not (hub.root / m.group("repo")).is_dir():
+            return self._error(404, "RepoNotFound", f"No such repository or endpoint: {path}")
+        repo, folder = m.group("repo"), hub.root / m.group("repo")
+        if m.group("op") == "preupload":
+            files = json.loads(body)["files"]
+            answer = [
+                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files
+            ]
+            return self._json(200, {"files": answer})
+        for line in body.decode().splitlines():
+            item = json.loads(line)
+            if item["key"] == "file":
+                target = folder / item["value"]["path"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(base64.b64decode(item["value"]["content"]))
+                hub.uploads.append((repo, item["value"]["path"]))
+            elif item["key"] == "deletedFile":
+                (folder / item["value"]["path"]).unlink(missing_ok=True)
+            elif item["key"] != "header":
+                return self._error(400, "BadRequest", f"Unsupported commit operation {item['key']}")
+        commit = hashlib.sha1(repo.encode()).hexdigest()
+        return self._json(
+            200, {"commitUrl": f"{hub.url}/{repo}/commit/{commit}", "commitOid": commit}
+        )
+
 
 class _CdnHandler(http.server.BaseHTTPRequestHandler):
     """Serves ``/lfs/{sha256}`` of the Hub's files, with HTTP Range.  ``hub.mode``: ``ok``;
@@ -241,13 +301,15 @@ class _CdnHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def hub_server(tmp_path, monkeypatch):
-    """A loopback Hugging Face Hub (and its "CDN") that ``huggingface_hub`` downloads from:
-    ``HF_ENDPOINT``, a fresh Hugging Face cache and no token.  Put files under
+    """A loopback Hugging Face Hub (and its "CDN") that ``huggingface_hub`` downloads from and
+    uploads to (``create_repo``, ``upload_folder``): ``HF_ENDPOINT``, a fresh Hugging Face
+    cache and no token.  Put files under
     ``hub.root / "org/repo"``; add a repository to ``hub.gated`` to gate it behind
     ``hub.token``; set ``hub.mode`` to break the downloads."""
     import types
 
     import huggingface_hub.constants  # the submodule: a package attribute only once imported
+    import huggingface_hub.hf_api
 
     hub = types.SimpleNamespace(
         root=tmp_path / "hub",
@@ -257,6 +319,7 @@ def hub_server(tmp_path, monkeypatch):
         blobs={},
         requests=[],
         cdn_requests=[],
+        uploads=[],
     )
     hub.root.mkdir()
     servers = []
@@ -269,6 +332,9 @@ def hub_server(tmp_path, monkeypatch):
     hub.cdn_url = f"http://127.0.0.1:{servers[1].server_address[1]}/"
     hub.cache = tmp_path / "hf_home" / "hub"
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+    # The module-level HfApi behind huggingface_hub.create_repo, upload_folder...: its endpoint
+    # was read at import.
+    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", hub.url)
     template = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
     monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub.cache))

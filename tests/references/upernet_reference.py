@@ -25,11 +25,14 @@ CHANNELS = 512
 POOL_SCALES = (1, 2, 3, 6)
 
 
-def hf_upernet(spec, classes: int = CLASSES, seed: int = 0) -> UperNetForSemanticSegmentation:
+def hf_upernet(
+    spec, classes: int = CLASSES, seed: int = 0, channels: int = CHANNELS
+) -> UperNetForSemanticSegmentation:
     """A transformers UperNet-ConvNeXt of a registry ``Variant`` (backbone LayerNorms with
     eps 1e-6, as the original; the auxiliary FCN head on stage 3, as the released files carry
     it) with well-spread weights: every BatchNorm's running mean and variance away from 0 and
-    1, its scale and shift away from 1 and 0."""
+    1, its scale and shift away from 1 and 0.  ``channels``: the decoder's width (512 in every
+    official checkpoint)."""
     backbone = ConvNextConfig(
         depths=list(spec.depths),
         hidden_sizes=list(spec.dims),
@@ -41,7 +44,7 @@ def hf_upernet(spec, classes: int = CLASSES, seed: int = 0) -> UperNetForSemanti
     config = UperNetConfig(
         backbone_config=backbone,
         num_labels=classes,
-        hidden_size=CHANNELS,
+        hidden_size=channels,
         pool_scales=list(POOL_SCALES),
         use_auxiliary_head=True,
         auxiliary_in_channels=spec.dims[2],

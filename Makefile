@@ -22,7 +22,7 @@ $(VENV)/.installed-demo: pyproject.toml
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.installed-demo
-	$(PY) -m pip install -q "$(TORCH)" -e ".[torch,jax,export,test]"
+	$(PY) -m pip install -q "$(TORCH)" -e ".[torch,jax,export,keras-hub,test]"
 	touch $@
 
 # The README's main job: classify the sample photos with the official ConvNeXt-T.

@@ -15,10 +15,23 @@ from convnext_keras.cli._app import (
     quiet_backend_logs,
 )
 
+#: ``--format`` spellings of a keras-hub preset.
+KERAS_HUB_FORMATS = ("keras-hub", "kerashub")
+
 
 def _fail(error: Exception):
     click.echo(f"error: {error}", err=True)
     sys.exit(1)
+
+
+def _keras_hub_preset(name, out, weights, overwrite):
+    """``--format keras-hub``: :func:`convnext_keras.kerashub.export_preset`."""
+    try:
+        from convnext_keras.kerashub import export_preset
+    except ImportError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    return export_preset(name, out, weights=weights, overwrite=overwrite)
 
 
 @main.command("export")
@@ -29,13 +42,16 @@ def _fail(error: Exception):
     multiple=True,
     default=["savedmodel"],
     show_default=True,
-    help="savedmodel (TF-Hub-style, fine-tunable), onnx, tflite or keras; repeat for several.",
+    help="savedmodel (TF-Hub-style, fine-tunable), onnx, tflite, keras, or keras-hub (a KerasHub "
+    "preset folder with a model card: from_preset, upload_preset; needs the keras-hub extra); "
+    "repeat for several.",
 )
 @click.option(
     "--out",
     required=True,
     type=click.Path(file_okay=False),
-    help="Directory; writes OUT/NAME (SavedModel) or OUT/NAME.onnx|.tflite|.keras.",
+    help="Directory; writes OUT/NAME (SavedModel, keras-hub preset) or OUT/NAME.onnx|.tflite|"
+    ".keras.",
 )
 @click.option(
     "--weights",
@@ -84,18 +100,41 @@ def export_command(
     # (``ck.export`` the attribute is the function; import from the module.)
     from convnext_keras.export.exporter import ExportError, export_named
 
-    try:
-        results = export_named(
-            name,
-            out,
-            formats,
-            weights=parse_weights(weights),
-            overwrite=overwrite,
-            check_hub=check_hub,
-            image_size=image_size,
-            dynamic_size=dynamic_size,
-            include_preprocessing=include_preprocessing,
+    presets = [f for f in formats if f.strip().lower().replace("_", "-") in KERAS_HUB_FORMATS]
+    formats = [f for f in formats if f not in presets]
+    options = {
+        "--image-size": image_size is not None,
+        "--dynamic-size/--fixed-size": dynamic_size is not None,
+        "--include-preprocessing": include_preprocessing,
+        "--check-hub": check_hub,
+    }
+    if presets and not formats and any(options.values()):
+        given = ", ".join(k for k, v in options.items() if v)
+        raise click.UsageError(
+            f"{given} does not apply to --format keras-hub (a preset takes any size and "
+            "carries its own preprocessing)"
         )
+    if presets and any(f.strip().lower() in ("savedmodel", "saved_model", "tf") for f in formats):
+        raise click.UsageError(
+            "savedmodel and keras-hub would both write OUT/NAME; export them to different --out "
+            "folders"
+        )
+    results = []
+    try:
+        if formats:
+            results += export_named(
+                name,
+                out,
+                formats,
+                weights=parse_weights(weights),
+                overwrite=overwrite,
+                check_hub=check_hub,
+                image_size=image_size,
+                dynamic_size=dynamic_size,
+                include_preprocessing=include_preprocessing,
+            )
+        if presets:
+            results.append(_keras_hub_preset(name, out, parse_weights(weights), overwrite))
     except ExportError as e:
         _fail(e)
     if as_json:

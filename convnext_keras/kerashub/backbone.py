@@ -33,7 +33,7 @@ from keras_hub.models import FeaturePyramidBackbone
 
 from convnext_keras import registry
 from convnext_keras._registration import PACKAGE
-from convnext_keras.nets.convnext import PYRAMID_OUTPUTS, build_model
+from convnext_keras.nets.convnext import PYRAMID_OUTPUTS, build_model, kernels_drawn_in_numpy
 
 #: keras-hub's pyramid keys by stage stride (``Pn``: 2**n times smaller than the input).
 _PYRAMID_KEYS = {4: "P2", 8: "P3", 16: "P4", 32: "P5"}
@@ -106,9 +106,11 @@ class ConvNeXtBackbone(FeaturePyramidBackbone):
     ):
         spec = find_variant(depths, dims, block, patch_size, stem_norm)
         image_shape = tuple(image_shape)
-        with _global_policy(dtype):
-            # "all" holds the stage outputs and the pooled features in one graph (its one-class
-            # head_fc is left out of the backbone); UperNet's backbone is the normed pyramid.
+        # "all" holds the stage outputs and the pooled features in one graph (its one-class
+        # head_fc is left out of the backbone); UperNet's backbone is the normed pyramid.  The
+        # kernels are drawn in numpy: keras-hub builds a backbone before loading its weights,
+        # and Keras' own draws cost JAX a compilation per kernel shape.
+        with _global_policy(dtype), kernels_drawn_in_numpy() as draw:
             network = build_model(
                 spec,
                 head="pyramid" if stage_norms else "all",
@@ -117,6 +119,7 @@ class ConvNeXtBackbone(FeaturePyramidBackbone):
                 drop_path_rate=drop_path_rate,
                 stage_norms=stage_norms,
             )
+        draw(network.layers)
         stages = [network.output[k] for k in PYRAMID_OUTPUTS if k in network.output]
         kwargs.setdefault("name", "convnext_backbone")
         super().__init__(inputs=network.inputs[0], outputs=stages[-1], dtype=dtype, **kwargs)

@@ -27,6 +27,7 @@ from convnext_keras import registry
 from convnext_keras._registration import PACKAGE
 from convnext_keras.kerashub.backbone import ConvNeXtBackbone
 from convnext_keras.kerashub.converter import ConvNeXtUperNetImageConverter
+from convnext_keras.nets.convnext import kernels_drawn_in_numpy
 from convnext_keras.nets.upernet import upernet_decoder
 
 #: The label mmsegmentation's ADE20K pipeline ignores (``reduce_zero_label``: "other" -> 255).
@@ -97,8 +98,10 @@ class ConvNeXtUperNetImageSegmenter(ImageSegmenter):
                 )(f)
                 for i, f in enumerate(features)
             ]
-        outputs = upernet_decoder(inputs, features, num_classes, head)
+        with kernels_drawn_in_numpy() as draw:  # see ConvNeXtBackbone
+            outputs = upernet_decoder(inputs, features, num_classes, head)
         Task.__init__(self, inputs=inputs, outputs=outputs, **kwargs)
+        draw(self.layers)
 
         # === Config ===
         self.num_classes = num_classes

@@ -105,12 +105,66 @@ class _Undrawn(keras.initializers.Zeros):
     """Marks a kernel :func:`build_for_loading` leaves undrawn (replaced before it returns)."""
 
 
-def _kernel_init():
-    if _UNDRAWN.get():
-        return _Undrawn()
+def _truncated_normal():
     return keras.initializers.TruncatedNormal(
         stddev=registry.KERNEL_INIT_STD / _TRUNCATED_STD_FACTOR
     )
+
+
+def _kernel_init():
+    if _UNDRAWN.get():
+        return _Undrawn()
+    return _truncated_normal()
+
+
+def _numpy_truncated_normal(shape, stddev: float, mean: float, rng) -> np.ndarray:
+    """Keras' ``TruncatedNormal``: normal draws, those beyond 2 standard deviations redrawn."""
+    x = rng.standard_normal(shape)
+    outside = np.abs(x) > 2.0
+    while outside.any():
+        x[outside] = rng.standard_normal(int(outside.sum()))
+        outside = np.abs(x) > 2.0
+    return x * stddev + mean
+
+
+@contextlib.contextmanager
+def kernels_drawn_in_numpy():
+    """Build layers whose truncated-normal kernels are drawn in numpy instead of by Keras.
+
+    Keras' initialisers compile a random op per kernel shape on JAX: the first build of a new
+    architecture spends tens of seconds there (ConvNeXt-atto: 40 s of a loaded 2-core machine;
+    then 0.2 s).  Inside the block kernels start as zeros (as in :func:`build_for_loading`);
+    the block yields ``draw(layers)``, which gives those layers their truncated-normal
+    initialiser back and draws their kernels from it in numpy (same distribution; seeded from
+    numpy's global generator, which ``keras.utils.set_random_seed`` seeds).  Inside
+    :func:`build_for_loading` (weights assigned right after) nothing is drawn.
+
+        with kernels_drawn_in_numpy() as draw:
+            model = build_model("atto")
+        draw(model.layers)
+    """
+    outer = _UNDRAWN.get()
+    token = _UNDRAWN.set(True)
+
+    def draw(layers) -> None:
+        rng = np.random.default_rng(np.random.randint(0, 2**31 - 1))
+        for layer in layers:
+            for attr in ("kernel_initializer", "depthwise_initializer"):
+                if not isinstance(getattr(layer, attr, None), _Undrawn):
+                    continue
+                init = _truncated_normal()
+                setattr(layer, attr, init)
+                if not outer:
+                    kernel = layer.kernel
+                    values = _numpy_truncated_normal(
+                        tuple(kernel.shape), init.stddev, init.mean, rng
+                    )
+                    kernel.assign(values.astype(kernel.dtype))
+
+    try:
+        yield draw
+    finally:
+        _UNDRAWN.reset(token)
 
 
 def build_for_loading(variant, *, builder=None, **kwargs) -> keras.Model:
@@ -129,7 +183,7 @@ def build_for_loading(variant, *, builder=None, **kwargs) -> keras.Model:
     for layer in model.layers:
         for attr in ("kernel_initializer", "depthwise_initializer"):
             if isinstance(getattr(layer, attr, None), _Undrawn):
-                setattr(layer, attr, _kernel_init())
+                setattr(layer, attr, _truncated_normal())
     return model
 
 

@@ -51,6 +51,7 @@ from convnext_keras.kerashub import (  # noqa: E402
 )
 from convnext_keras.preprocess import config_for, eval_transform, load_image  # noqa: E402
 from convnext_keras.tasks import segment  # noqa: E402
+from convnext_keras.weights import cache  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Real photos: the examples and the ones scikit-image and scikit-learn ship (RGB and grey).
@@ -161,6 +162,31 @@ def test_converter_inputs_and_errors():
     assert ConvNeXtImageConverter.from_config(converter.get_config()).config == converter.config
     with pytest.raises(ValueError, match="interpolation must be one of"):
         ConvNeXtImageConverter(224, 0.875, "cubic")
+
+
+def test_a_new_backbone_starts_as_the_original_does():
+    """ConvNeXtBackbone draws its kernels in numpy (Keras' draws cost JAX a compilation per
+    shape) from the layers' own initialiser: truncated normal, std 0.02 (the original's
+    trunc_normal_), cut at 2 standard deviations; reproducible under set_random_seed; layer
+    scale 1e-6, LayerNorms at 1 and 0."""
+    from convnext_keras.kerashub import ConvNeXtBackbone
+
+    keras.utils.set_random_seed(3)
+    first = ConvNeXtBackbone.from_architecture("convnext_atto")
+    keras.utils.set_random_seed(3)
+    second = ConvNeXtBackbone.from_architecture("convnext_atto")
+    layer = first.get_layer("stage3_block1_pwconv1")
+    assert isinstance(layer.kernel_initializer, keras.initializers.TruncatedNormal)
+    kernel = _numpy(layer.kernel)
+    bound = 2 * layer.kernel_initializer.stddev
+    assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.9 * bound
+    assert abs(kernel.std() - registry.KERNEL_INIT_STD) < 0.001
+    for a, b in zip(first.weights, second.weights):
+        np.testing.assert_array_equal(_numpy(a), _numpy(b))
+    np.testing.assert_array_equal(
+        _numpy(first.get_layer("stage0_block0_layer_scale").weights[0]), np.float32(1e-6)
+    )
+    assert np.all(_numpy(first.head_norm.gamma) == 1) and np.all(_numpy(first.head_norm.beta) == 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,7 +499,9 @@ def test_cli_export_writes_a_verified_preset_with_a_model_card(checkpoints, tmp_
     card = (folder / "README.md").read_text()
     assert "library_name: keras-hub" in card and "import convnext_keras, keras_hub" in card
     manifest = json.loads((folder / presets.MANIFEST).read_text())
-    assert manifest["weights"] == str(checkpoints["convnextv2_atto"])
+    digest = cache.file_sha256(checkpoints["convnextv2_atto"])
+    assert manifest["weights"] == f"the checkpoint file atto_v2.pt (SHA-256 {digest})"
+    assert str(tmp_path.parent) not in card  # no path of this machine in what may be published
     assert set(manifest["files"]) >= {"config.json", "model.weights.h5", "task.weights.h5"}
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 2 and "exists; pass --overwrite" in again.output

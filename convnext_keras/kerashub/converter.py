@@ -2,12 +2,13 @@
 
 keras-hub's ``ImageConverter`` resizes with ``keras.layers.Resizing`` (``keras.ops.image``
 kernels) and normalises with ``x * scale + offset``.  Neither equals the originals' transform:
-ConvNeXt evaluates with torchvision on PIL images (bicubic with PIL's antialiasing filter and
-8-bit rounding after each pass, shorter side to ``res / crop_pct`` then a centre crop, or a
-squash at 384 and above; :mod:`convnext_keras.preprocess.transforms`), and Keras' bicubic
-differs from PIL's by up to tens of 8-bit levels on photos (``docs/keras_hub.md`` measures
-it).  So these converters do not approximate it: they call the very functions the rest of this
-library uses, on each image,
+ConvNeXt evaluates with torchvision on PIL images (shorter side to ``int(res / crop_pct)``, then
+a centre crop, or a squash at 384 and above; PIL's antialiased bicubic with 8-bit rounding
+after each pass; :mod:`convnext_keras.preprocess.transforms`).  keras-hub's converter has no
+crop fraction (it squashes, or crops the largest window of the target's aspect ratio), and
+Keras' antialiased bicubic differs from PIL's by up to 5-8 8-bit steps on photos even with the
+official geometry (``docs/predict_eval.md``).  So these converters do not approximate it: they
+call the very functions the rest of this library uses, on each image,
 
 * :class:`ConvNeXtImageConverter`: :func:`convnext_keras.preprocess.eval_transform` (PIL), the
   transform of ``ck.predict_files`` / ``ck.load_model`` users;

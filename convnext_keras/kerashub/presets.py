@@ -40,14 +40,30 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import keras
+import keras_hub
 import numpy as np
+from keras_hub.src.utils import preset_utils
+from PIL import Image
 
 from convnext_keras import api, registry
 from convnext_keras.export.cards import _DATASETS, _eval_transform_text, _licence_text
 from convnext_keras.export.exporter import staged
 from convnext_keras.export.planning import ExportResult, VerificationError
 from convnext_keras.interface import fix
+from convnext_keras.kerashub.backbone import ConvNeXtBackbone
+from convnext_keras.kerashub.classifier import (
+    ConvNeXtImageClassifier,
+    ConvNeXtImageClassifierPreprocessor,
+)
+from convnext_keras.kerashub.converter import ConvNeXtImageConverter, ConvNeXtUperNetImageConverter
+from convnext_keras.kerashub.segmenter import (
+    ConvNeXtUperNetImageSegmenter,
+    ConvNeXtUperNetImageSegmenterPreprocessor,
+)
+from convnext_keras.nets.convnext import build_for_loading
 from convnext_keras.preprocess.transforms import config_for, eval_transform
+from convnext_keras.tasks.segment import test_image
 from convnext_keras.weights import cache
 
 logger = logging.getLogger("convnext_keras")
@@ -87,8 +103,6 @@ def _copy_weights(source, layers, skip=()) -> int:
     """Assign every weight-carrying layer in ``layers`` the weights of ``source``'s layer of the
     same name; ``RuntimeError`` if one is missing or a ``source`` layer with weights is left
     over (outside ``skip``).  Returns the number of layers copied."""
-    import keras
-
     by_name = {layer.name: layer for layer in source.layers if layer.weights}
     done = set()
     for layer in layers:
@@ -115,21 +129,6 @@ def build(name: str, *, weights="official"):
     ``weights``: as :func:`convnext_keras.load_model`'s (``"official"``, None, a checkpoint
     file or an ``hf://`` address).
     """
-    from convnext_keras.kerashub.backbone import ConvNeXtBackbone
-    from convnext_keras.kerashub.classifier import (
-        ConvNeXtImageClassifier,
-        ConvNeXtImageClassifierPreprocessor,
-    )
-    from convnext_keras.kerashub.converter import (
-        ConvNeXtImageConverter,
-        ConvNeXtUperNetImageConverter,
-    )
-    from convnext_keras.kerashub.segmenter import (
-        ConvNeXtUperNetImageSegmenter,
-        ConvNeXtUperNetImageSegmenterPreprocessor,
-    )
-    from convnext_keras.nets.convnext import build_for_loading
-
     kind = preset_kind(name)
     resolved = registry.resolve(name)
     spec = resolved.variant
@@ -166,8 +165,6 @@ def build(name: str, *, weights="official"):
         backbone, num_classes=resolved.num_classes, preprocessor=preprocessor
     )
     task.output_dense.set_weights(loaded.get_layer("head_fc").get_weights())
-    import keras
-
     reference = keras.Model(loaded.inputs, loaded.output["logits"], name=loaded.name)
     return task, preprocessor, reference
 
@@ -180,9 +177,6 @@ def _verify(folder: Path, kind: str, name: str, reference, seed: int = 0) -> tup
     """Load ``folder`` with keras-hub's ``from_preset`` and compare it with ``reference`` on
     random images, and its image converter with this library's transform on a random photo-
     sized image.  Returns ``(max |difference|, one line per check)``."""
-    import keras
-    import keras_hub
-
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((2, _VERIFY_SIZE, _VERIFY_SIZE, 3)).astype(np.float32)
     expected = np.asarray(reference.predict_on_batch(x))
@@ -207,13 +201,9 @@ def _verify(folder: Path, kind: str, name: str, reference, seed: int = 0) -> tup
     image = rng.integers(0, 256, (97, 131, 3), dtype=np.uint8)
     converted = np.asarray(keras.ops.convert_to_numpy(converter(image)))
     if kind == "segmenter":
-        from convnext_keras.tasks.segment import test_image
-
         row = registry.resolve(name).checkpoint
         transformed = test_image(image, row.segmentation.eval.image_scale)
     else:
-        from PIL import Image
-
         transformed = eval_transform(Image.fromarray(image), *config_for(name))
     same = converted.shape == transformed.shape and np.array_equal(converted, transformed)
     lines.append(
@@ -224,9 +214,6 @@ def _verify(folder: Path, kind: str, name: str, reference, seed: int = 0) -> tup
 
 
 def _manifest(folder: Path, name: str, kind: str, source: str) -> dict:
-    import keras
-    import keras_hub
-
     from convnext_keras import __version__
 
     files = {p.name: cache.file_sha256(p) for p in sorted(folder.iterdir()) if p.name != MANIFEST}
@@ -244,12 +231,18 @@ def _manifest(folder: Path, name: str, kind: str, source: str) -> dict:
 
 
 def _describe_weights(name: str, weights) -> str:
+    """Where the weights came from, for the card and the manifest (both may be published): the
+    official URL, the ``hf://`` address, or a local file by its name and SHA-256 (not its
+    path on this machine)."""
     if weights is None:
         return "random initialisation"
     if isinstance(weights, str) and weights == api.OFFICIAL:
         ckpt = registry.resolve(name).checkpoint
         return ckpt.url if ckpt else api.OFFICIAL
-    return str(weights)
+    if isinstance(weights, str) and weights.startswith("hf://"):
+        return weights
+    path = Path(weights).expanduser()
+    return f"the checkpoint file {path.name} (SHA-256 {cache.file_sha256(path)})"
 
 
 def save_preset(
@@ -312,7 +305,7 @@ def save_preset(
         path=path,
         format=FORMAT,
         input_shape=(None, None, None, 3),
-        input_dtype="uint8 or float 0..255 (through the preprocessor); float32 normalised",
+        input_dtype="uint8",  # raw images, through the preset's preprocessor
         outputs=["logits" if kind != "backbone" else "features"],
         max_abs_diff=diff,
         tolerance=TOLERANCE,
@@ -540,10 +533,6 @@ def register_presets() -> list[str]:
     """Make every checkpoint name of the registry a keras-hub built-in preset of
     :class:`ConvNeXtBackbone` (names keras-hub itself already uses are left to it).  Returns
     the names registered."""
-    from keras_hub.src.utils import preset_utils
-
-    from convnext_keras.kerashub.backbone import ConvNeXtBackbone
-
     taken = preset_utils.BUILTIN_PRESETS
     presets = {
         name: LazyPreset(name)
@@ -563,8 +552,6 @@ def upload_preset(uri: str, folder: str | os.PathLike) -> None:
     the folder's ``README.md`` first (creating the repository), so keras-hub leaves the card
     alone; other addresses (``kaggle://``) go to keras-hub as they are.
     """
-    import keras_hub
-
     folder = Path(folder)
     card = folder / CARD
     if str(uri).startswith("hf://") and card.is_file():

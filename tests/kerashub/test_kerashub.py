@@ -314,7 +314,9 @@ def test_registry_names_are_presets(hub_server, isolated_cache, tmp_path, caplog
     """``ImageClassifier.from_preset("convnext_atto_1k_224")`` and
     ``Backbone.from_preset("dinov3_convnext_tiny_lvd1689m")``: each name's file comes from its
     (loopback) Hub repository through load_model, the preset is built, verified and cached; the
-    next load reads the cache alone; a damaged cached file is moved aside and rebuilt."""
+    next load reads the cache alone; a damaged cached file is moved aside and rebuilt.  DINOv3's
+    features equal load_model's on normalised input (1e-5) and on raw photos through the
+    preset's converter (1e-4)."""
     atto, dino = (
         registry.CHECKPOINTS[n] for n in ("convnext_atto_1k_224", "dinov3_convnext_tiny_lvd1689m")
     )
@@ -340,11 +342,17 @@ def test_registry_names_are_presets(hub_server, isolated_cache, tmp_path, caplog
     # global descriptor); ImageClassifier.from_preset gives it a new head.
     backbone = keras_hub.models.Backbone.from_preset(dino.name)
     x = np.random.default_rng(4).standard_normal((1, 64, 64, 3)).astype(np.float32)
-    pooled = keras.Model(backbone.inputs, backbone.pooled_output)(x)
-    expected = ck.load_model(dino.name, weights=dino_file, features="pooled")(x)
-    assert _max_diff(_numpy(pooled), _numpy(expected)) <= 1e-5
+    features = keras.Model(backbone.inputs, backbone.pooled_output)
+    dino_reference = ck.load_model(dino.name, weights=dino_file, features="pooled")
+    assert _max_diff(_numpy(features(x)), _numpy(dino_reference(x))) <= 1e-5
     converter = keras_hub.layers.ImageConverter.from_preset(dino.name)
     assert converter.config == config_for(dino.name)
+    # Raw photos through the preset's converter (DINOv3's bilinear squash at 224) and the
+    # backbone: ck.load_model's features on this library's transform of the same photos.
+    photos = PHOTOS[6:8]
+    converted = np.stack([_numpy(converter(np.asarray(load_image(p)))) for p in photos])
+    transformed = np.stack([eval_transform(load_image(p), *config_for(dino.name)) for p in photos])
+    assert _max_diff(_numpy(features(converted)), _numpy(dino_reference(transformed))) <= 1e-4
     with pytest.raises(ValueError, match="num_classes must be a positive integer"):
         keras_hub.models.ImageClassifier.from_preset(dino.name)
     fresh = keras_hub.models.ImageClassifier.from_preset(dino.name, num_classes=3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 
 from convnext_keras import registry
@@ -227,6 +228,7 @@ def load_model(
         weights,
         lambda state: convert.convert_state_dict(state, resolved.variant),
     )
+    normed = _stage_norms(converted, head, resolved, source)
     # 6. The network.  With weights to load, no kernel is drawn only to be overwritten (but a
     # new head is).
     build = build_model if converted is None else build_for_loading
@@ -238,6 +240,7 @@ def load_model(
             input_shape=input_shape,
             drop_path_rate=drop_path_rate,
             name=resolved.name,
+            **({"stage_norms": normed} if normed else {}),
         )
     if converted is None:
         _scale_head(model, head_init_scale)
@@ -250,6 +253,30 @@ def load_model(
     if not load_head and any(layer.name == "head_fc" for layer in model.layers):
         draw_kernel(model.get_layer("head_fc"), head_init_scale)
     return model
+
+
+def _stage_norms(converted, head: str, resolved, source) -> list[int]:
+    """The stages whose output norms ``converted`` holds (a backbone file with stage-output
+    norms, e.g. transformers' ``ConvNextV2Backbone``): they load as a pyramid model with those
+    norms; any other head is refused, naming the call that works."""
+    normed = sorted(
+        int(m.group(1))
+        for layer in converted or {}
+        if (m := re.fullmatch(r"stage(\d+)_output_norm", layer))
+    )
+    if normed and head != "pyramid":
+        arch = resolved.variant.arch_name
+        raise read.CheckpointError(
+            f"{source} is a {resolved.variant.title} backbone with stage-output norms (e.g. "
+            "transformers' ConvNextBackbone / ConvNextV2Backbone): no final norm and no head, so "
+            f"it has no {head} output. It loads as a feature pyramid: "
+            + fix(
+                f"load_model({arch!r}, weights=FILE, features='pyramid')",
+                f"convnext convert FILE --model {arch} --features pyramid --out MODEL.keras",
+            )
+            + "."
+        )
+    return normed
 
 
 def segmentation_row(name: str) -> registry.Checkpoint:
@@ -402,15 +429,9 @@ def convert_checkpoint(
         raise FileExistsError(
             f"{out} exists; pass {fix('overwrite=True', '--overwrite')} to replace it."
         )
-    from convnext_keras.errors import writing
+    from convnext_keras.weights.cache import atomic_path
 
     model = load_model(name, weights=checkpoint, features=features)
-    with writing(out, "the model file"):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.stem}.part.keras")
-        try:
-            model.save(tmp)
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
+    with atomic_path(out, suffix=".keras") as tmp:  # Keras insists on the suffix
+        model.save(tmp)
     return out

@@ -37,7 +37,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     ``html`` an error page; ``truncate`` half the file then hang up, every time, ignoring
     Range; ``drop`` hang up after 40 % on the first request, then serve the Range asked for;
     ``corrupt`` one byte flipped mid-file; ``trickle`` one byte every 0.1 s (at most
-    ``server.trickle_seconds``).  Every request's path and Range header land in
+    ``server.trickle_seconds``); ``silent`` the headers, then nothing for
+    ``server.trickle_seconds``.  Every request's path and Range header land in
     ``server.requests`` / ``server.ranges``.
     """
 
@@ -83,6 +84,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 cut = len(data) // 2 if server.mode == "truncate" else len(data) * 2 // 5
                 self.wfile.write(data[start:cut])
                 self.wfile.flush()
+                self.close_connection = True
+                return
+            if server.mode == "silent":
+                self.wfile.flush()
+                time.sleep(server.trickle_seconds)
                 self.close_connection = True
                 return
             if server.mode == "trickle":
@@ -157,6 +163,11 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
         if not m:  # the library's other calls (e.g. /api/...): not part of a download
             return self._error(404, "RepoNotFound", "Not a resolve URL")
         hub.requests.append((self.command, self.path, self.headers.get("authorization")))
+        if hub.status != 200:  # the Hub is down (HTTP 500, 503...)
+            self.send_response(hub.status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
         repo, rev, name = m.group("repo"), m.group("rev"), m.group("file")
         folder = hub.root / repo
         if not folder.is_dir():
@@ -262,7 +273,8 @@ class _CdnHandler(http.server.BaseHTTPRequestHandler):
     """Serves ``/lfs/{sha256}`` of the Hub's files, with HTTP Range.  ``hub.mode``: ``ok``;
     ``short`` the file cut to half (a consistent, shorter response: the size the Hub announced
     is not met); ``drop`` the first response hangs up after 80 % (the client resumes from what
-    it wrote: ``huggingface_hub`` writes in 10 MB pieces)."""
+    it wrote: ``huggingface_hub`` writes in 10 MB pieces); ``silent`` the headers, then nothing
+    (for ``hub.slow_seconds``); ``trickle`` one byte every 0.1 s (for ``hub.slow_seconds``)."""
 
     def log_message(self, *args):
         pass
@@ -294,6 +306,18 @@ class _CdnHandler(http.server.BaseHTTPRequestHandler):
                 self.wfile.flush()
                 self.close_connection = True
                 return
+            if hub.mode in ("silent", "trickle"):
+                self.wfile.flush()
+                deadline = time.monotonic() + hub.slow_seconds
+                for i in range(start, len(data)):
+                    if time.monotonic() > deadline:
+                        break
+                    if hub.mode == "trickle":
+                        self.wfile.write(data[i : i + 1])
+                        self.wfile.flush()
+                    time.sleep(0.1)
+                self.close_connection = True
+                return
             self.wfile.write(data[start:])
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
@@ -305,7 +329,8 @@ def hub_server(tmp_path, monkeypatch):
     uploads to (``create_repo``, ``upload_folder``): ``HF_ENDPOINT``, a fresh Hugging Face
     cache and no token.  Put files under
     ``hub.root / "org/repo"``; add a repository to ``hub.gated`` to gate it behind
-    ``hub.token``; set ``hub.mode`` to break the downloads."""
+    ``hub.token``; set ``hub.mode`` to break the downloads, ``hub.status`` to another HTTP
+    status than 200 for a Hub that is down."""
     import types
 
     import huggingface_hub.constants  # the submodule: a package attribute only once imported
@@ -316,6 +341,8 @@ def hub_server(tmp_path, monkeypatch):
         gated=set(),
         token="hf_loopbacktoken0123456789",
         mode="ok",
+        status=200,
+        slow_seconds=20.0,
         blobs={},
         requests=[],
         cdn_requests=[],
@@ -350,6 +377,45 @@ def hub_server(tmp_path, monkeypatch):
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def fifo():
+    """``fifo(path)`` makes a named pipe at ``path``.  Opening one for reading waits for a
+    writer forever; so that a regression that opens it fails instead of hanging the suite, a
+    guard opens the writing end after ``FIFO_GUARD_SECONDS`` when a reader waits (the reader
+    then sees an empty file), and the test fails at its end."""
+    made, unblocked, stop = [], [], threading.Event()
+
+    def guard():
+        deadline = time.monotonic() + FIFO_GUARD_SECONDS
+        while not stop.wait(0.2):
+            if time.monotonic() < deadline:
+                continue
+            for path in made:
+                try:  # succeeds only while a reader waits
+                    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+                except OSError:
+                    continue
+                os.close(fd)
+                unblocked.append(path)
+
+    thread = threading.Thread(target=guard, daemon=True)
+    thread.start()
+
+    def make(path):
+        os.mkfifo(path)
+        made.append(Path(path))
+        return Path(path)
+
+    yield make
+    stop.set()
+    thread.join()
+    assert not unblocked, f"a FIFO was opened (the guard had to unblock it): {unblocked}"
+
+
+#: How long the ``fifo`` guard lets a reader of a named pipe wait before unblocking it.
+FIFO_GUARD_SECONDS = 60
 
 
 @pytest.fixture(scope="session")

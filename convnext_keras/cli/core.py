@@ -130,7 +130,8 @@ def fetch_command(names, folder):
     NAMES are model names (convnext_tiny_1k_224; an _fe twin means the same file) or shell
     patterns ('convnext_tiny_*'). Each file is verified (it must be that checkpoint) and kept
     under its official name; the cache's copy is used when there is one. On the other machine,
-    point CONVNEXT_BASE_URL at the folder, or pass one file with --weights FILE.
+    point CONVNEXT_BASE_URL at the folder, or pass one file with --weights FILE (rows from the
+    Hugging Face Hub: --weights FILE, or the copied Hugging Face cache with HF_HUB_OFFLINE=1).
     """
     from convnext_keras import api, registry
     from convnext_keras.weights import store
@@ -151,17 +152,44 @@ def fetch_command(names, folder):
                     "`convnext list` for the names that have one."
                 )
             wanted[resolved.checkpoint.filename] = resolved.checkpoint
-    paths = []
+    fetched = []
     for ckpt in wanted.values():
         path, how = store.fetch_official(ckpt, folder)
         size = path.stat().st_size / 1e6
         click.echo(f"{path}  ({ckpt.name}, {size:,.1f} MB, {how})")
-        paths.append(path.expanduser().resolve())
-    where = folder.expanduser().resolve()
-    # Segmentation files sit in a sub-folder (ade20k/), as on the official server.
-    command = "segment" if all(c.segmentation for c in wanted.values()) else "predict"
-    file = paths[0] if len(paths) == 1 else f"{where}/FILE"
-    click.echo(
-        f"On the machine without internet: CONVNEXT_BASE_URL={where.as_uri()}/ convnext "
-        f"{command} ... --model NAME, or --weights {file}."
-    )
+        fetched.append((ckpt, path.expanduser().resolve()))
+    for line in _offline_recipe(fetched, folder.expanduser().resolve()):
+        click.echo(line)
+
+
+def _command_for(ckpt) -> str:
+    """The command that takes a row's file: segment, predict (a classifier), or embed (an
+    encoder or feature extractor: pooled features)."""
+    if ckpt.segmentation is not None:
+        return "segment IMAGES"
+    return "predict IMAGES" if ckpt.has_head else "embed IMAGES_DIR --out FEATURES"
+
+
+def _offline_recipe(fetched, where: Path) -> list[str]:
+    """What to run on the machine without internet, for what was fetched: official rows read
+    the folder as ``CONVNEXT_BASE_URL``; Hub rows never do - they take ``--weights FILE``, or
+    the copied Hugging Face cache with ``HF_HUB_OFFLINE=1``."""
+    lines = []
+    official = [(c, p) for c, p in fetched if not c.source.is_hub]
+    if official:
+        commands = sorted({_command_for(c) for c, _ in official})
+        file = official[0][1] if len(official) == 1 else f"{where}/FILE"
+        lines.append(
+            f"On the machine without internet: CONVNEXT_BASE_URL={where.as_uri()}/ convnext "
+            f"{' | '.join(commands)} ... --model NAME, or --weights {file}."
+        )
+    for ckpt, path in ((c, p) for c, p in fetched if c.source.is_hub):
+        from convnext_keras.weights.hfhub import _hf_cache_root
+
+        lines.append(
+            f"On the machine without internet ({ckpt.name} comes from the Hugging Face Hub, "
+            f"which CONVNEXT_BASE_URL does not serve): convnext {_command_for(ckpt)} --model "
+            f"{ckpt.name} --weights {path}; or copy the Hugging Face cache "
+            f"({_hf_cache_root()}) there, point HF_HUB_CACHE at it and set HF_HUB_OFFLINE=1."
+        )
+    return lines

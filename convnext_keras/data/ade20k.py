@@ -8,8 +8,10 @@ ADEChallengeData2016 folder layout and its annotations.
 * :func:`find_pairs`: the validation images and their annotations in the layout of
   ``ADEChallengeData2016.zip`` (``images/validation/*.jpg``, ``annotations/validation/*.png``).
 * :func:`read_annotation`: an annotation PNG as class ids the way mmseg's
-  ``LoadAnnotations(reduce_zero_label=True)`` makes them: 0 ("other") becomes
-  :data:`IGNORE_INDEX`, every other value ``v`` becomes class ``v - 1``.
+  ``LoadAnnotations(reduce_zero_label=True)`` makes them (``mmseg/datasets/pipelines/
+  loading.py``): the file read as mmcv's ``imfrombytes(flag="unchanged", backend="pillow")``
+  reads it, cast to ``uint8``, then ``0 -> 255``, ``v -> v - 1``, ``254 -> 255``: 0 ("other")
+  and 255 become :data:`IGNORE_INDEX` (never scored), every other value ``v`` class ``v - 1``.
 
 Imports no Keras.
 """
@@ -56,35 +58,65 @@ def palette() -> np.ndarray:
     return _table()[1]
 
 
+def _label_values(image) -> np.ndarray:
+    """The pixel values of a single-channel annotation as mmseg reads them: mmcv's pillow
+    backend with ``flag="unchanged"`` (``np.array(image)``) then ``.astype(np.uint8)``: integer
+    modes (``L``, ``P``'s palette indices, ``1``, ``I;16``, ``I``) exactly as numpy's cast does
+    (modulo 256); ``F`` only where every value is a whole number in 0..255 (numpy's cast of
+    other floats is undefined)."""
+    values = np.asarray(image)
+    if values.ndim != 2:
+        raise ValueError(
+            f"an annotation is a single-channel label image (class id per pixel), this one is "
+            f"{image.mode} ({values.shape[-1]} channels)"
+        )
+    if np.issubdtype(values.dtype, np.floating):
+        whole = np.isfinite(values) & (values == np.floor(values)) & (values >= 0) & (values <= 255)
+        if not whole.all():
+            raise ValueError(
+                f"an annotation holds whole class ids 0..255; this {image.mode} image holds "
+                f"other values (e.g. {values[~whole].flat[0]!r})"
+            )
+    return values.astype(np.uint8)
+
+
+def reduce_zero_label(values: np.ndarray) -> np.ndarray:
+    """mmseg's ``reduce_zero_label`` on ``uint8`` label values: ``0 -> 255``, ``v -> v - 1``,
+    ``254 -> 255`` (so 0 and 255 are ignored, 1..254 become 0..253) -> ``int64``."""
+    values = np.array(values, dtype=np.uint8)
+    values[values == 0] = 255
+    values = values - np.uint8(1)
+    values[values == 254] = 255
+    return values.astype(np.int64)
+
+
 def read_annotation(path) -> np.ndarray:
-    """An ADE20K annotation PNG as ``(H, W)`` int64 class ids: 0 -> :data:`IGNORE_INDEX`,
-    ``v`` -> ``v - 1`` (mmseg ``reduce_zero_label``).
+    """An ADE20K annotation PNG as ``(H, W)`` int64 class ids, as mmseg's
+    ``LoadAnnotations(reduce_zero_label=True)`` makes them: 0 and 255 -> :data:`IGNORE_INDEX`,
+    ``v`` -> ``v - 1`` (see :func:`reduce_zero_label`); any single-channel mode PIL opens.
 
     Raises:
-        convnext_keras.errors.ImageError (a ``ValueError``): the file is missing,
-            unreadable, or not a single-channel 8-bit label image.
+        convnext_keras.errors.ImageError (a ``ValueError``): the file is missing, not a
+            regular file, unreadable, or not a single-channel label image.
     """
     from PIL import Image
 
+    from convnext_keras.data.files import not_regular
+
+    problem = not_regular(path)
+    if problem is not None:
+        raise ImageError(path, problem if problem == "no such file" else f"{problem}, not a PNG")
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode not in ("L", "P"):
-                raise ImageError(
-                    path,
-                    f"an annotation is a single-channel 8-bit PNG (class id per pixel), this "
-                    f"one is {image.mode}",
-                )
-            labels = np.asarray(image, dtype=np.int64)
-    except ImageError:
-        raise
+            values = _label_values(image)
     except FileNotFoundError:
         raise ImageError(path, "no such file") from None
+    except ValueError as e:
+        raise ImageError(path, str(e)) from None
     except Exception as e:  # PIL raises OSError, SyntaxError... on damaged files
         raise ImageError(path, f"{type(e).__name__}: {e}") from e
-    reduced = labels - 1
-    reduced[labels == 0] = IGNORE_INDEX
-    return reduced
+    return reduce_zero_label(values)
 
 
 def find_pairs(root, split: str = "validation") -> tuple[list[tuple[Path, Path]], list[dict]]:
@@ -92,7 +124,9 @@ def find_pairs(root, split: str = "validation") -> tuple[list[tuple[Path, Path]]
 
     ``root`` is the unpacked ``ADEChallengeData2016`` folder (or the folder that holds it).
     Images are ``images/<split>/*.jpg`` in sorted order, each with ``annotations/<split>/
-    <stem>.png``; an image without annotation is a problem (``{"file", "error"}``), not a pair.
+    <stem>.png``; an image without annotation is a problem (``{"file", "error"}``), not a pair,
+    and so is an entry named ``*.jpg`` that is not a regular file (a directory, a FIFO:
+    :func:`convnext_keras.data.files.image_files`).
 
     Raises:
         FileNotFoundError: no such folder.  ValueError: it is not in this layout, or holds no
@@ -110,10 +144,13 @@ def find_pairs(root, split: str = "validation") -> tuple[list[tuple[Path, Path]]
             f"and annotations/{split}/*.png below it (unpack ADEChallengeData2016.zip of "
             "http://sceneparsing.csail.mit.edu and pass the ADEChallengeData2016 folder)."
         )
-    files = sorted(p for p in images.iterdir() if p.suffix.lower() == ".jpg" and p.is_file())
-    if not files:
+    from convnext_keras.data import files as walker
+
+    files, skipped = walker.image_files(images, suffixes={".jpg"}, recursive=False)
+    if not files and not skipped:
         raise ValueError(f"{images} holds no .jpg image.")
-    pairs, problems = [], []
+    pairs = []
+    problems = [{"file": str(s.path), "error": f"{s.reason}, not an image file"} for s in skipped]
     for image in files:
         label = annotations / f"{image.stem}.png"
         if label.is_file():

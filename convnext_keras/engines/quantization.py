@@ -65,6 +65,8 @@ def calibration_files(source=None) -> list[Path]:
     """
     from PIL import Image
 
+    from convnext_keras.data import files as files_lib
+
     if source is None:
         files = sample_photos()
         if not files:
@@ -78,14 +80,9 @@ def calibration_files(source=None) -> list[Path]:
     known = set(Image.registered_extensions())
     files = []
     for path in paths:
-        if path.is_dir():
-            files += sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file()
-                and p.suffix.lower() in known
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
+        if path.is_dir():  # each real folder once; FIFOs and other non-files left out
+            found = files_lib.image_files(path, suffixes={k.lower() for k in known}).files
+            files += sorted(found, key=lambda p: p.relative_to(path).as_posix())
         elif path.is_file():
             files.append(path)
         else:

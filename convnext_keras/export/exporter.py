@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from convnext_keras.export import planning, tf_subprocess, verify, writers
 from convnext_keras.export.planning import ExportError, ExportResult, VerificationError
 from convnext_keras.export.tf_subprocess import hub_finetune_check
 from convnext_keras.interface import fix
+from convnext_keras.weights.cache import temporary_dir
 
 __all__ = [
     "FORMATS",
@@ -139,8 +139,10 @@ def _replace(src: Path, dest: Path) -> None:
 def staged(dest: str | os.PathLike, overwrite: bool = False):
     """Yield a path inside a temp directory beside ``dest``; move it onto ``dest`` on success.
 
-    Works for files and directories.  The temp directory (``.NAME.XXXX.part``) is removed in
-    every case, so a failure leaves neither a partial export nor a stray folder, and an existing
+    Works for files and directories.  The temp directory (``.NAME.XXXX.part``, the library's
+    one temporary name: :func:`convnext_keras.weights.cache.temporary_dir`) is removed in
+    every case, so a failure leaves neither a partial export nor a stray folder (one a
+    ``kill -9`` left is removed by the next export into the folder), and an existing
     ``dest`` is only replaced (``overwrite=True``) by a complete one.  A failed write - a full
     disk (also TensorFlow's ``ResourceExhaustedError`` while writing variables), a read-only or
     forbidden folder - raises :class:`convnext_keras.errors.WriteError` naming ``dest``.
@@ -152,14 +154,9 @@ def staged(dest: str | os.PathLike, overwrite: bool = False):
         raise FileExistsError(
             f"{dest} exists; pass {fix('overwrite=True', '--overwrite')} to replace it."
         )
-    with writing(dest, "the export"):
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
-        try:
-            yield tmp / dest.name
-            _replace(tmp / dest.name, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with writing(dest, "the export"), temporary_dir(dest) as tmp:
+        yield tmp / dest.name
+        _replace(tmp / dest.name, dest)
 
 
 # ----------------------------------------------------------------------------------------------

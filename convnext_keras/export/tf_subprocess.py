@@ -17,13 +17,13 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from convnext_keras.export import verify
 from convnext_keras.export.planning import ExportError, ExportResult, VerificationError, _Plan
+from convnext_keras.weights.cache import temporary_dir
 
 # ----------------------------------------------------------------------------------------------
 # Other backends: export in a TensorFlow-backend subprocess
@@ -72,9 +72,7 @@ def _export_via_tensorflow(model, path: Path, plan: _Plan, overwrite: bool, sour
     rng = np.random.default_rng(plan.seed + 1)
     x = rng.standard_normal((1, plan.image_size, plan.image_size, 3)).astype("float32")
     expected = verify._keras_outputs(model, x, plan.outputs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.", suffix=".part") as d:
-        d = Path(d)
+    with temporary_dir(path) as d:
         model.save(d / "model.keras")
         np.savez(d / "reference.npz", x=x, **expected)
         request = {

@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from convnext_keras import preprocess
+from convnext_keras.data import files as files_lib
 
 #: Names accepted for the split folders.
 TRAIN_DIRS = ("train",)
@@ -75,10 +76,12 @@ class ImageFolder:
         return lines
 
     def fingerprint(self) -> str:
-        """SHA-256 of :meth:`file_list`: equal iff the same files are in the same splits."""
+        """SHA-256 of :meth:`file_list`: equal iff the same files are in the same splits.
+        File names are hashed as their bytes on disk (:func:`os.fsencode`: a name that is not
+        valid UTF-8 is kept exactly)."""
         import hashlib
 
-        return hashlib.sha256("\n".join(self.file_list()).encode()).hexdigest()
+        return hashlib.sha256(encode_lines(self.file_list())).hexdigest()
 
     def summary(self) -> dict:
         counts = np.bincount([y for _, y in self.train], minlength=len(self.classes))
@@ -95,17 +98,28 @@ class ImageFolder:
         }
 
 
+def encode_lines(lines: list[str]) -> bytes:
+    """Lines of names as bytes, each name as it is on disk (``surrogateescape``: a file name
+    that is not valid UTF-8 round-trips exactly; :func:`decode_lines` reads them back)."""
+    return "\n".join(lines).encode("utf-8", "surrogateescape")
+
+
+def decode_lines(data: bytes) -> list[str]:
+    """The inverse of :func:`encode_lines`."""
+    return data.decode("utf-8", "surrogateescape").splitlines()
+
+
 def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return files_lib.subfolders(folder)
 
 
-def _files(folder: Path) -> list[Path]:
-    """Every non-hidden file below ``folder``, sorted (torchvision ImageFolder walks too)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
-    return found
+def _files(folder: Path, exclude=()) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Every non-hidden regular file below ``folder`` in ``os.walk``'s order (torchvision's
+    ImageFolder walks too), each real folder once and never into ``exclude`` (the other class
+    folders); and the entries that are not regular files (a FIFO, a broken link), with what
+    they are (:func:`convnext_keras.data.files.image_files`)."""
+    listing = files_lib.image_files(folder, exclude=exclude)
+    return listing.files, [(str(s.path), f"{s.reason}, not an image file") for s in listing.skipped]
 
 
 def _check_image(path: Path) -> str | None:
@@ -129,8 +143,9 @@ def _check_image(path: Path) -> str | None:
     return None
 
 
-def _read_split(folder: Path, classes: list[str] | None, workers: int):
-    """(classes, samples, skipped) of a folder with one sub-folder per class."""
+def _read_split(folder: Path, classes: list[str] | None, workers: int, claimed=frozenset()):
+    """(classes, samples, skipped) of a folder with one sub-folder per class; ``claimed``: the
+    identities of every class folder of the data set (walked into by their own class only)."""
     dirs = _class_dirs(folder)
     names = [d.name for d in dirs]
     if classes is not None and names != classes:
@@ -143,12 +158,18 @@ def _read_split(folder: Path, classes: list[str] | None, workers: int):
             + (f"unexpected {extra}" if extra else "")
             + ". Give train/ and val/ the same class folders."
         )
-    per_class = [_files(d) for d in dirs]
+    # Every class folder of the data set is claimed: a link from one into another (or back up
+    # into the data set) lists nothing twice, in no other class or split.
+    listed = [_files(d, exclude=claimed) for d in dirs]
+    per_class = [files for files, _ in listed]
     flat = [p for files in per_class for p in files]
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
         reasons = list(pool.map(_check_image, flat))
     bad = {p: r for p, r in zip(flat, reasons) if r is not None}
-    samples, skipped = [], [(str(p), r) for p, r in bad.items()]
+    samples = []
+    skipped = [s for _, not_files in listed for s in not_files] + [
+        (str(p), r) for p, r in bad.items()
+    ]
     for label, (d, files) in enumerate(zip(dirs, per_class)):
         good = [str(p) for p in files if p not in bad]
         if not good:
@@ -185,14 +206,17 @@ def scan(
             f"{source} has no class folders. Expected DATA_DIR/<class>/<image files> (optionally "
             "DATA_DIR/train/<class>/... and DATA_DIR/val/<class>/...)."
         )
-    classes, train, skipped = _read_split(source, None, workers)
+    claimed = {
+        files_lib.folder_key(d) for split in (source, val_dir) if split for d in _class_dirs(split)
+    }
+    classes, train, skipped = _read_split(source, None, workers, claimed)
     if len(classes) < 2:
         raise DataError(
             f"{source} has a single class ({classes[0]!r}); a classifier needs at least two "
             "class folders."
         )
     if train_dir is not None and val_dir is not None:
-        _, val, skipped_val = _read_split(val_dir, classes, workers)
+        _, val, skipped_val = _read_split(val_dir, classes, workers, claimed)
         return ImageFolder(root, classes, train, val, skipped + skipped_val, "folders")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}.")

@@ -62,7 +62,7 @@ class RunResult:
 
 
 def _read_gzip_lines(path: Path) -> list[str]:
-    return gzip.decompress(path.read_bytes()).decode().splitlines()
+    return data_lib.decode_lines(gzip.decompress(path.read_bytes()))
 
 
 def _check_resume(out: Path, recipe_options: dict) -> tuple[dict, dict | None]:
@@ -151,6 +151,8 @@ def run(
     if resume:
         info, meta = _check_resume(out, options)
         recipe = recipe_lib.Recipe.from_json(info["recipe"])
+        # What a killed run left (its temporaries, and safetensors' own of older versions).
+        cache.clean_stale(out, legacy=True)
     else:
         # A run that never saved a training step (its start failed: no weights, bad data) is
         # no run: a new one may take its place.  Nothing is written before that point anyway.
@@ -283,7 +285,8 @@ def run(
                 rundir._write_json(out / rundir.RUN_FILE, info)
                 rundir._write_text(out / "labels.txt", "\n".join(folder.classes) + "\n")
                 with cache.atomic_path(out / rundir.DATA_FILES) as tmp:
-                    tmp.write_bytes(gzip.compress("\n".join(folder.file_list()).encode() + b"\n"))
+                    listed = data_lib.encode_lines(folder.file_list())
+                    tmp.write_bytes(gzip.compress(listed + b"\n"))
             elif devices.chief and info.get("settings") != settings:  # given again: kept
                 info = {**info, "settings": settings}
                 rundir._write_json(out / rundir.RUN_FILE, info)

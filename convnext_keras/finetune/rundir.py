@@ -45,8 +45,10 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
+    """UTF-8, with names that are not (a class folder named in another encoding) kept as their
+    bytes on disk (``surrogateescape``)."""
     with cache.atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
 
 
 METRIC_COLUMNS = (
@@ -102,13 +104,8 @@ def plot_curves(history: list[dict], path: Path) -> Path | None:
 
 
 def _save_keras(model: keras.Model, path: Path) -> None:
-    with cache.atomic_path(path) as tmp:
-        keras_tmp = tmp.with_name(tmp.name + ".keras")  # Keras insists on the suffix
-        try:
-            model.save(keras_tmp)
-            os.replace(keras_tmp, tmp)
-        finally:
-            keras_tmp.unlink(missing_ok=True)
+    with cache.atomic_path(path, suffix=".keras") as tmp:  # Keras insists on the suffix
+        model.save(tmp)
 
 
 def _layer_weights(model: keras.Model, values_by_path: dict | None = None) -> dict:

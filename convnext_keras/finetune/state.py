@@ -55,17 +55,19 @@ def non_finite(arrays: dict[str, np.ndarray]) -> list[str]:
 
 
 def save(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
-    """Write the state atomically (temp file beside ``path``, then rename)."""
-    from safetensors.numpy import save_file
+    """Write the state atomically (temp file beside ``path``, then rename): the bytes of
+    ``safetensors.numpy.save`` through the library's writer (``save_file`` would stage them in a
+    temporary file of its own naming, which a ``kill -9`` would leave in the run folder)."""
+    from safetensors.numpy import save as serialize
 
     header = {"format": FORMAT, **meta}
+    data = serialize(
+        # (np.ascontiguousarray would turn 0-d scalars such as the step counter into 1-d)
+        {k: np.array(a, order="C", copy=True) for k, a in arrays.items()},
+        metadata={_META_KEY: json.dumps(header)},
+    )
     with atomic_path(Path(path)) as tmp:
-        save_file(
-            # (np.ascontiguousarray would turn 0-d scalars such as the step counter into 1-d)
-            {k: np.array(a, order="C", copy=True) for k, a in arrays.items()},
-            str(tmp),
-            metadata={_META_KEY: json.dumps(header)},
-        )
+        tmp.write_bytes(data)
 
 
 def read_meta(path: Path) -> dict | None:

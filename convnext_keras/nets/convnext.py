@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import re
+from collections.abc import Sequence
 
 import keras
 import numpy as np
@@ -254,7 +255,7 @@ def build_model(
     drop_path_rate: float = 0.0,
     layer_scale_init: float | None = registry.LAYER_SCALE_INIT,
     name: str | None = None,
-    stage_norms: bool = False,
+    stage_norms: bool | Sequence[int] = False,
 ) -> keras.Model:
     """Build a randomly initialised ConvNeXt (V1 or V2: the variant's block type decides).
 
@@ -283,7 +284,8 @@ def build_model(
         stage_norms: ``head="pyramid"`` only: a LayerNorm on each stage output
             (``stage{i}_output_norm``), as the backbone of the official segmentation models
             (facebookresearch/ConvNeXt ``semantic_segmentation/backbone/convnext.py``,
-            ``norm0`` ... ``norm3``) has.
+            ``norm0`` ... ``norm3``) has; or the indices of the stages that have one (a
+            transformers ``ConvNextBackbone`` normalises only its ``out_features``).
 
     Logits and pooled features are float32 under any mixed-precision policy; pyramid outputs
     keep the compute dtype.
@@ -303,8 +305,16 @@ def build_model(
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
     if not 0.0 <= drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}.")
-    if stage_norms and head != "pyramid":
-        raise ValueError(f"stage_norms=True needs head='pyramid', got head={head!r}.")
+    if stage_norms is True:
+        normed = set(range(len(spec.depths)))
+    else:
+        normed = set(stage_norms or ())
+    if normed and head != "pyramid":
+        raise ValueError(f"stage_norms={stage_norms!r} needs head='pyramid', got head={head!r}.")
+    if not normed <= set(range(len(spec.depths))):
+        raise ValueError(
+            f"stage_norms: {spec.title} has stages 0..{len(spec.depths) - 1}, got {sorted(normed)}."
+        )
     if len(input_shape) != 3 or input_shape[-1] != 3:
         raise ValueError(f"input_shape must be (height, width, 3) NHWC RGB, got {input_shape}.")
 
@@ -340,7 +350,7 @@ def build_model(
             x = _block(x, dim, f"stage{stage}_block{b}", rates[block_index], layer_scale_init, grn)
             block_index += 1
         stage_outputs[PYRAMID_OUTPUTS[stage]] = (
-            _norm(f"stage{stage}_output_norm")(x) if stage_norms else x
+            _norm(f"stage{stage}_output_norm")(x) if stage in normed else x
         )
 
     model_name = name or spec.arch_name

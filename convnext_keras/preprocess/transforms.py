@@ -26,6 +26,7 @@ Imports no Keras and no backend.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -33,6 +34,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from convnext_keras import registry
+from convnext_keras.data import files
 from convnext_keras.errors import ImageError
 
 #: Default evaluation settings of architecture names without a checkpoint (from the registry).
@@ -171,9 +173,15 @@ def load_image(path, *, exif_transpose: bool = False) -> Image.Image:
             (``convnext predict`` does; the official evaluation, and ``convnext eval``, do not).
 
     Raises:
-        ImageError: the file is missing, not an image, truncated or otherwise unreadable; the
-            message names the file.
+        ImageError: the file is missing, not a regular file (a FIFO, a device, a directory: never
+            opened, so a named pipe cannot block), not an image, truncated or otherwise
+            unreadable; the message names the file.
     """
+    if isinstance(path, (str, bytes, os.PathLike)):
+        problem = files.not_regular(path)
+        if problem is not None:
+            what = problem if problem == "no such file" else f"{problem}, not an image file"
+            raise ImageError(path, what)
     try:
         with Image.open(path) as image:
             image.load()
@@ -242,6 +250,12 @@ def _resize_crop_geometry(size, config: PreprocessConfig) -> tuple[int, int, int
     return new_w, new_h, int(round((new_w - res) / 2.0)), int(round((new_h - res) / 2.0))
 
 
+#: The most pixels :func:`resize_and_crop` resizes a whole image to before cropping (the
+#: original's order, bit for bit): 16.8 M (64 MiB of RGBA), an aspect ratio of 256:1 at the
+#: usual 256-pixel resize.  Beyond it (a thin strip) the crop is resampled alone.
+MAX_RESIZED_PIXELS = 1 << 24
+
+
 def resize_and_crop(
     image: Image.Image,
     resolution: int,
@@ -249,13 +263,23 @@ def resize_and_crop(
     interpolation: str = DEFAULT_INTERPOLATION,
     crop_mode: str | None = None,
 ) -> Image.Image:
-    """The geometric half of :func:`eval_transform`: a ``resolution``-square RGB PIL image."""
+    """The geometric half of :func:`eval_transform`: a ``resolution``-square RGB PIL image.
+
+    The original's order - resize the whole image, then crop - where the resized image has at
+    most :data:`MAX_RESIZED_PIXELS` (every photo: bit-identical); past it (a 1x8000 strip would
+    take gigabytes) the crop's region of the image is resampled directly to ``resolution``
+    (PIL's ``resize(box=...)``: the same filter over the same source region, its coordinates
+    in float32, so a pixel may differ by a level), at a cost bounded by the output's size."""
     config = as_config((resolution, crop_pct, interpolation, crop_mode))
     resample = INTERPOLATIONS[config.interpolation]
     res = config.resolution
     if config.squash:
         return image.resize((res, res), resample) if image.size != (res, res) else image
     new_w, new_h, left, top = _resize_crop_geometry(image.size, config)
+    if new_w * new_h > MAX_RESIZED_PIXELS:
+        # An extreme aspect ratio (a 1x8000 strip: 256 x 2,048,000 after the resize): only the
+        # crop's region is resampled (PIL's ``box``), the work bounded by the output's size.
+        return image.resize((res, res), resample, box=crop_box(image.size, config))
     if (new_w, new_h) != image.size:
         image = image.resize((new_w, new_h), resample)
     return image.crop((left, top, left + res, top + res))

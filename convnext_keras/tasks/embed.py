@@ -9,18 +9,27 @@ read and the settings::
 
     features/
       manifest.json                          (manifest-00003-of-00008.json with --shard 3/8)
-      part-00000-of-00001-000000.parquet     path, feature (float32 x dim), model, preprocessing
-      part-00000-of-00001-000001.parquet     ...
+      part-00000-of-00001-000000.parquet     path, path_bytes, feature (float32 x dim), model,
+      part-00000-of-00001-000001.parquet     preprocessing ...
       (or part-...npy + part-....paths.json with format="npy")
+
+``path`` is the file's path relative to the folder as UTF-8 text (a name whose bytes are not
+UTF-8 has them as ``\\xNN``), ``path_bytes`` its exact bytes (:func:`os.fsencode`), which
+:func:`load_features` returns decoded as Python names them.  The manifest records each part's
+SHA-256: :func:`load_features` refuses a part whose bytes changed, and a run that continues a
+folder embeds the images of such a part again.
 
 A run continues where a killed one stopped: the files already in a listed part (or listed as
 unreadable) are skipped, so a resumed run writes exactly the features the uninterrupted one
 would have; a part that was being written when the run died was never renamed or listed, and is
-written again.  ``shard=(i, n)`` embeds every n-th file from the i-th (in the sorted file list)
-into its own parts and manifest, so n jobs on any scheduler fill one folder;
-:func:`load_features` reads them all back.  With ``ray`` the same parts and manifest are written
-by a Ray Data pipeline: file paths in, decode + transform in parallel tasks, the model in a pool
-of actors (one model each, batched).
+written again (its temporary file is removed by the next run's first write, once stale).
+Only regular files are embedded: an entry with an image extension that is not one (a FIFO, a
+broken link) is listed as unreadable; each real folder is walked once
+(:func:`convnext_keras.data.files.image_files`).  ``shard=(i, n)`` embeds every n-th file from
+the i-th (in the sorted file list) into its own parts and manifest, so n jobs on any scheduler
+fill one folder; :func:`load_features` reads them all back.  With ``ray`` the same parts and
+manifest are written by a Ray Data pipeline: file paths in, decode + transform in parallel
+tasks, the model in a pool of actors (one model each, batched).
 
 Parquet through pyarrow (columns read without the rest, dictionary-encoded repeated strings,
 readable by pandas, Spark, DuckDB); Ray Data for many machines: both the fields' usual tools.
@@ -28,9 +37,11 @@ readable by pandas, Spark, DuckDB); Ray Data for many machines: both the fields'
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import os
 import re
 import sys
@@ -42,8 +53,9 @@ from typing import NamedTuple
 import numpy as np
 
 from convnext_keras import preprocess, registry
+from convnext_keras.data import files as files_lib
 from convnext_keras.interface import fix
-from convnext_keras.weights.cache import atomic_path
+from convnext_keras.weights.cache import atomic_path, clean_stale, file_sha256
 from convnext_keras.weights.hfhub import HF_SCHEME
 
 FORMAT = 1
@@ -82,20 +94,30 @@ def parse_shard(value) -> tuple[int, int]:
 
 
 def image_files(root: str | os.PathLike) -> list[str]:
-    """Paths (relative to ``root``, ``/``-separated, sorted) of the files below ``root`` whose
-    extension PIL reads (``.jpg``, ``.png``, ``.webp``, ...); hidden files and folders are left
-    out.  Whether each one decodes is found when it is embedded."""
+    """Paths (relative to ``root``, ``/``-separated, sorted) of the regular files below ``root``
+    whose extension PIL reads (``.jpg``, ``.png``, ``.webp``, ...); hidden files and folders
+    are left out, each real folder is walked once (a link back up the tree is not followed),
+    and FIFOs and other entries that are not regular files are not listed
+    (:func:`_entries` reports them).  Whether each one decodes is found when it is embedded."""
+    return _entries(root)[0]
+
+
+def _entries(root: str | os.PathLike) -> tuple[list[str], list[list[str]]]:
+    """``(image files, [[entry, why it is skipped]])`` below ``root``, as :func:`image_files`:
+    the skipped entries have an image extension but are not regular files (a FIFO named
+    ``pipe.jpg``, a broken link); relative ``/``-separated paths, sorted
+    (:func:`convnext_keras.data.files.image_files`)."""
     from PIL import Image
 
     root = Path(root)
     known = {ext.lower() for ext in Image.registered_extensions()}
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in known:
-                found.append(Path(dirpath, name).relative_to(root).as_posix())
-    return sorted(found)
+    listing = files_lib.image_files(root, suffixes=known)
+    found = sorted(p.relative_to(root).as_posix() for p in listing.files)
+    skipped = sorted(
+        [s.path.relative_to(root).as_posix(), f"{s.reason}, not an image file"]
+        for s in listing.skipped
+    )
+    return found, skipped
 
 
 def manifest_name(shard: tuple[int, int]) -> str:
@@ -181,14 +203,26 @@ def _open_manifest(out: Path, settings: dict, shard: tuple[int, int]) -> _Manife
 # Parts
 
 
+def _text_path(path: str) -> str:
+    """A path as valid UTF-8 text: a file name whose bytes are not UTF-8 has them written as
+    ``\\xNN`` (the exact name is in the ``path_bytes`` column)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _write_part(out: Path, name: str, paths: list[str], features: np.ndarray, settings: dict):
-    """One part, atomically: Parquet (path, feature, model, preprocessing) or .npy + paths."""
+    """One part, atomically: Parquet (path, path_bytes, feature, model, preprocessing) or
+    .npy + paths; returns the SHA-256 of each file written (``{"sha256", ["paths_sha256"]}``),
+    for the manifest."""
     if settings["output_format"] == "npy":
+        digests = {}
         with atomic_path(out / (name[: -len(".npy")] + ".paths.json")) as tmp:
-            tmp.write_text(json.dumps(paths) + "\n")
-        with atomic_path(out / name) as tmp, open(tmp, "wb") as f:
-            np.save(f, features.astype(np.float32, copy=False))
-        return
+            tmp.write_text(json.dumps(paths) + "\n")  # \udcXX escapes keep any name exactly
+            digests["paths_sha256"] = file_sha256(tmp)
+        with atomic_path(out / name) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, features.astype(np.float32, copy=False))
+            digests["sha256"] = file_sha256(tmp)
+        return digests
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -197,7 +231,8 @@ def _write_part(out: Path, name: str, paths: list[str], features: np.ndarray, se
     preprocessing = json.dumps(settings["preprocessing"], sort_keys=True)
     table = pa.table(
         {
-            "path": pa.array(paths, pa.string()),
+            "path": pa.array([_text_path(p) for p in paths], pa.string()),
+            "path_bytes": pa.array([os.fsencode(p) for p in paths], pa.binary()),
             "feature": pa.FixedSizeListArray.from_arrays(flat, dim),
             "model": pa.DictionaryArray.from_arrays(
                 pa.array(np.zeros(n, np.int32)), pa.array([settings["model"]])
@@ -209,10 +244,69 @@ def _write_part(out: Path, name: str, paths: list[str], features: np.ndarray, se
     )
     with atomic_path(out / name) as tmp:
         pq.write_table(table, tmp)
+        return {"sha256": file_sha256(tmp)}
+
+
+def _part_files(name: str, fmt: str) -> dict[str, str]:
+    """The files of a part, by the manifest key of their SHA-256."""
+    if fmt == "npy":
+        return {"sha256": name, "paths_sha256": name[: -len(".npy")] + ".paths.json"}
+    return {"sha256": name}
+
+
+def _part_problem(out: Path, part: dict, fmt: str) -> str | None:
+    """Why a listed part cannot be trusted - a file missing, or not the bytes whose SHA-256
+    the manifest recorded - or None.  A part listed without SHA-256 (an older version's) is
+    ``"unverified"``."""
+    for key, file in _part_files(part["file"], fmt).items():
+        recorded = part.get(key)
+        if recorded is None:
+            return "unverified: the manifest records no SHA-256 for it (an older version's part)"
+        try:
+            digest = file_sha256(out / file)
+        except OSError as e:
+            return f"{file} cannot be read ({e.strerror or e})"
+        if digest != recorded:
+            return (
+                f"{file} is damaged: its SHA-256 {digest[:12]}... is not the {recorded[:12]}... "
+                "recorded when it was written"
+            )
+    return None
+
+
+def _drop_bad_parts(out: Path, manifest: _Manifest) -> None:
+    """Before a run continues: every listed part whose files differ from their recorded
+    SHA-256 (or have none) is moved aside (``<file>.corrupt-<time>``) and unlisted, so its
+    images are embedded again."""
+    fmt = manifest.settings["output_format"]
+    kept = []
+    for part in manifest.parts:
+        problem = _part_problem(out, part, fmt)
+        if problem is None:
+            kept.append(part)
+            continue
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for file in _part_files(part["file"], fmt).values():
+            with contextlib.suppress(OSError):
+                os.replace(out / file, out / f"{file}.corrupt-{stamp}")
+        logging.getLogger("convnext_keras").warning(
+            f"convnext_keras: {out / part['file']}: {problem}; moved it aside and embedding its "
+            f"{part['count']} images again."
+        )
+    if len(kept) != len(manifest.parts):
+        manifest.parts = kept
+        manifest.save()
+
+
+def _next_part_number(manifest: _Manifest) -> int:
+    """One more than the highest part number listed (never a listed part's name)."""
+    numbers = [int(m.group(1)) for p in manifest.parts if (m := re.search(r"-(\d+)\.", p["file"]))]
+    return max(numbers, default=-1) + 1
 
 
 def _read_part(out: Path, name: str, fmt: str, columns=("path", "feature")):
-    """``(paths, features or None)`` of one part."""
+    """``(paths, features or None)`` of one part; paths exactly as the file names were (the
+    ``path_bytes`` column where the part has it)."""
     path = out / name
     try:
         if fmt == "npy":
@@ -221,16 +315,33 @@ def _read_part(out: Path, name: str, fmt: str, columns=("path", "feature")):
             return paths, features
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path, columns=list(columns))
+        names = pq.read_schema(path).names
+        wanted = [c for c in columns if c != "path"]
+        wanted.append("path_bytes" if "path_bytes" in names else "path")
+        table = pq.read_table(path, columns=wanted)
     except (OSError, ValueError) as e:
         raise EmbedError(f"Cannot read the features part {path} ({e}).") from None
-    paths = table.column("path").to_pylist()
+    if "path_bytes" in table.column_names:
+        paths = [os.fsdecode(b) for b in table.column("path_bytes").to_pylist()]
+    else:
+        paths = table.column("path").to_pylist()
     if "feature" not in columns:
         return paths, None
     column = table.column("feature").combine_chunks()
     dim = column.type.list_size
     features = column.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
     return paths, features
+
+
+def _check_part(out: Path, part: dict, fmt: str) -> None:
+    """``EmbedError`` for a listed part whose files differ from their recorded SHA-256; a part
+    without one (written before this version) is read as it is."""
+    problem = _part_problem(out, part, fmt)
+    if problem is not None and not problem.startswith("unverified"):
+        raise EmbedError(
+            f"{out / part['file']}: {problem}. Run convnext embed again with the same settings "
+            "and --out: it embeds the images of damaged parts again."
+        )
 
 
 def load_features(out: str | os.PathLike) -> Features:
@@ -242,8 +353,9 @@ def load_features(out: str | os.PathLike) -> Features:
     ``"failed"``).
 
     Raises:
-        EmbedError: no manifest, a part that cannot be read, an image in two parts, or shards
-            made with other settings.
+        EmbedError: no manifest, a part that cannot be read or whose bytes differ from the
+            SHA-256 its manifest recorded, an image in two parts, or shards made with other
+            settings.
     """
     out = Path(out).expanduser()
     records = _manifests(out) if out.is_dir() else {}
@@ -256,6 +368,7 @@ def load_features(out: str | os.PathLike) -> Features:
         if differ:
             raise EmbedError(f"{path.name} was made with other settings ({', '.join(differ)}).")
         for part in record["parts"]:
+            _check_part(out, part, record["output_format"])
             paths, features = _read_part(out, part["file"], record["output_format"])
             if len(paths) != part["count"] or features.shape[0] != part["count"]:
                 raise EmbedError(f"{out / part['file']} does not hold the {part['count']} rows "
@@ -426,19 +539,25 @@ def embed(
         weights = str(Path(weights).expanduser())
         if not Path(weights).is_file():
             raise FileNotFoundError(f"Weights file {weights} does not exist.")
-    files = image_files(images)
+    files, not_files = _entries(images)
     if not files:
         raise EmbedError(f"{images} holds no image files (.jpg, .png, .webp, ...).")
-    mine = files[shard[0] :: shard[1]]
+    every = sorted(files + [p for p, _ in not_files])  # one order for every shard
+    mine = every[shard[0] :: shard[1]]
     settings = _settings(images, model, weights, config, format, None)
     manifest = _open_manifest(out, settings, shard)
+    clean_stale(out)  # the temporaries of a killed run (a part being written), once stale
+    _drop_bad_parts(out, manifest)
     done = {p for p, _ in manifest.failed}
     for part in manifest.parts:
         done.update(_read_part(out, part["file"], format, columns=("path",))[0])
+    ours = set(mine)
+    manifest.failed += [[p, why] for p, why in not_files if p in ours and p not in done]
+    done.update(p for p, _ in not_files)
     todo = [p for p in mine if p not in done]
     where = "" if shard == (0, 1) else f" (shard {shard[0]}/{shard[1]}: {len(mine)} of them)"
     say(
-        f"embedding {len(todo)} of {len(files)} images{where} with {settings['model']} "
+        f"embedding {len(todo)} of {len(every)} images{where} with {settings['model']} "
         f"({config.resolution}px) into {out}"
         + (f"; {len(mine) - len(todo)} already done" if len(todo) < len(mine) else "")
     )
@@ -473,9 +592,10 @@ def _flush(out, manifest, paths, blocks, failed) -> None:
         features = np.concatenate(blocks)
         _check_finite(features, paths)
         manifest.settings["feature_dim"] = int(features.shape[1])
-        name = _part_name(manifest.shard, len(manifest.parts), manifest.settings["output_format"])
-        _write_part(out, name, paths, features, manifest.settings)
-        manifest.parts.append({"file": name, "count": len(paths)})
+        fmt = manifest.settings["output_format"]
+        name = _part_name(manifest.shard, _next_part_number(manifest), fmt)
+        digests = _write_part(out, name, paths, features, manifest.settings)
+        manifest.parts.append({"file": name, "count": len(paths), **(digests or {})})
     manifest.failed += failed
     manifest.save()
 

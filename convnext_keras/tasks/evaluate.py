@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from convnext_keras import preprocess, registry
+from convnext_keras.data import files as files_lib
 from convnext_keras.data import labels as labels_mod
 from convnext_keras.engines import quantization, runners
 from convnext_keras.interface import fix
@@ -80,17 +81,13 @@ class EvalSet:
 
 def _entries(folder: Path) -> tuple[list[Path], list[dict]]:
     """Image files of a folder (hidden ones skipped), and the other entries as "cannot be
-    evaluated" records: a directory named ``x.jpg`` is reported, never silently ignored."""
-    files, others = [], []
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith("."):
-            continue
-        if p.is_file():
-            files.append(p)
-        else:
-            what = "a directory" if p.is_dir() else "not a regular file (a broken link?)"
-            others.append({"file": str(p), "error": f"{what}, not an image file"})
-    return files, others
+    evaluated" records: a directory named ``x.jpg``, a FIFO or a broken link is reported, never
+    silently ignored nor opened (:func:`convnext_keras.data.files.image_files`)."""
+    listing = files_lib.image_files(folder, recursive=False)
+    others = [
+        {"file": str(s.path), "error": f"{s.reason}, not an image file"} for s in listing.skipped
+    ]
+    return listing.files, others
 
 
 def _class_folders(root: Path) -> EvalSet | None:

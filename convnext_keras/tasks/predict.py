@@ -131,7 +131,8 @@ def labels_beside(path: str | os.PathLike) -> list[str] | None:
     file = Path(path).with_name("labels.txt")
     if not file.is_file():
         return None
-    names = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    text = file.read_text(encoding="utf-8", errors="surrogateescape")
+    names = [line.strip() for line in text.splitlines()]
     return [n for n in names if n] or None
 
 

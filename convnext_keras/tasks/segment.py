@@ -27,8 +27,9 @@ The procedure is the original's (mmsegmentation 0.x, as the configs of facebookr
    (flipped back), in ``multi_scale_mode``; the softmax probabilities are averaged before the
    arg-max.
 
-Unreadable files, and any the model returns NaN or infinite logits for, are reported in their
-result (``error``) and skipped, as ``predict_files`` does.
+Unreadable files, and any the model returns NaN or infinite logits for (or that cannot be
+processed at all, e.g. too large for memory), are reported in their result (``error``) and
+skipped, as ``predict_files`` does: one file never costs the others their label maps.
 """
 
 from __future__ import annotations
@@ -129,16 +130,40 @@ def windows(height: int, width: int, crop: int, stride: int) -> list[tuple[int, 
     return boxes
 
 
-def slide_logits(run, image: np.ndarray, crop: int, stride: int, batch_size: int = 4) -> np.ndarray:
+#: The smallest window the segmentation networks take (ConvNeXt's 4 x 2 x 2 x 2).
+MIN_WINDOW = registry.VARIANTS["tiny"].min_input_size
+
+
+def _padded(run, batch: np.ndarray, min_size: int) -> np.ndarray:
+    """``run`` on a batch ``(n, h, w, 3)`` of normalised images, padded with zeros at the
+    bottom and right to at least ``min_size`` (the smallest input the network takes), the
+    logits cropped back to ``(n, h, w, classes)``.  Zero is the mean colour after
+    normalisation: mmsegmentation 1.x's ``SegDataPreProcessor`` pads the normalised image with
+    0 the same way and crops the logits back."""
+    height, width = batch.shape[1:3]
+    if height >= min_size and width >= min_size:
+        return np.asarray(run(batch))
+    padded = np.zeros(
+        (batch.shape[0], max(height, min_size), max(width, min_size), batch.shape[3]), batch.dtype
+    )
+    padded[:, :height, :width] = batch
+    return np.asarray(run(padded))[:, :height, :width]
+
+
+def slide_logits(
+    run, image: np.ndarray, crop: int, stride: int, batch_size: int = 4, min_size: int = MIN_WINDOW
+) -> np.ndarray:
     """The averaged logits ``(h, w, classes)`` of the sliding windows over ``image``
     ``(h, w, 3)``; ``run`` maps a batch ``(n, hc, wc, 3)`` to logits ``(n, hc, wc, classes)``
-    (every window has the same size, so they run in batches)."""
+    (every window has the same size, so they run in batches).  A window smaller than
+    ``min_size`` (a thin or tiny image) is padded to it and its logits cropped back."""
     height, width = image.shape[:2]
     boxes = windows(height, width, crop, stride)
     total = count = None
     for start in range(0, len(boxes), batch_size):
         chunk = boxes[start : start + batch_size]
-        logits = np.asarray(run(np.stack([image[y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])))
+        batch = np.stack([image[y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])
+        logits = _padded(run, batch, min_size)
         if total is None:
             total = np.zeros((height, width, logits.shape[-1]), np.float32)
             count = np.zeros((height, width, 1), np.float32)
@@ -148,12 +173,15 @@ def slide_logits(run, image: np.ndarray, crop: int, stride: int, batch_size: int
     return total / count
 
 
-def image_logits(run, image: np.ndarray, mode: str, settings, batch_size: int = 4) -> np.ndarray:
-    """Logits ``(h, w, classes)`` of one test image in ``mode`` (``"slide"`` / ``"whole"``)."""
+def image_logits(
+    run, image: np.ndarray, mode: str, settings, batch_size: int = 4, min_size: int = MIN_WINDOW
+) -> np.ndarray:
+    """Logits ``(h, w, classes)`` of one test image in ``mode`` (``"slide"`` / ``"whole"``);
+    windows (or a whole image) below ``min_size`` are padded, their logits cropped back."""
     if mode == "slide":
-        return slide_logits(run, image, settings.crop, settings.stride, batch_size)
+        return slide_logits(run, image, settings.crop, settings.stride, batch_size, min_size)
     if mode == "whole":
-        return np.asarray(run(image[None]))[0]
+        return _padded(run, image[None], min_size)[0]
     raise ValueError(f"mode must be one of {registry.SEGMENTATION_MODES}, got {mode!r}.")
 
 
@@ -171,9 +199,11 @@ def label_map(
     mode: str | None = None,
     multi_scale: bool = False,
     batch_size: int = 4,
+    min_size: int = MIN_WINDOW,
 ) -> np.ndarray:
     """The ``(H, W)`` uint8 class ids of a photo ``(H, W, 3)`` uint8 RGB (see the module
-    docstring for the procedure).
+    docstring for the procedure).  Any size works: a window or image smaller than ``min_size``
+    (the network's smallest input, 32) at some test scale is padded to it.
 
     Raises:
         FloatingPointError: the model returned NaN or infinite logits.
@@ -187,9 +217,8 @@ def label_map(
         views = [(1.0, False)]
     scored = []
     for ratio, flip in views:
-        logits = image_logits(
-            run, test_image(photo, settings.image_scale, ratio, flip), mode, settings, batch_size
-        )
+        image = test_image(photo, settings.image_scale, ratio, flip)
+        logits = image_logits(run, image, mode, settings, batch_size, min_size)
         if not np.isfinite(logits).all():
             raise FloatingPointError(
                 "the model returned NaN or infinite logits (its weights are damaged or the "
@@ -308,6 +337,29 @@ def _write_png(image, path: Path) -> str:
 # Files in, label maps out
 
 
+def _min_size(model) -> int:
+    """The smallest input ``model`` takes (its variant's; :data:`MIN_WINDOW` if unknown)."""
+    from convnext_keras.nets.convnext import variant_of
+
+    try:
+        spec = variant_of(model)
+    except (AttributeError, TypeError, ValueError):  # not a model of this library
+        spec = None
+    return spec.min_input_size if spec is not None else MIN_WINDOW
+
+
+def file_error(path, error: BaseException) -> str:
+    """One line for a file that could not be segmented: an :class:`ImageError` as it is (it
+    names the file), anything else prefixed with the file."""
+    from convnext_keras.errors import ImageError, plain
+
+    if isinstance(error, ImageError):
+        return str(error)
+    if isinstance(error, MemoryError):
+        return f"{path}: not enough memory to segment it ({error or 'MemoryError'})"
+    return f"{path}: {plain(str(error)).strip() or type(error).__name__}"
+
+
 def _inference(model, weights, precision, settings):
     """``(keras model, SegmentationEval, num_classes)`` from a name, a ``.keras`` file or a
     model; the settings come from the registry row of the name (or of the model's name), or
@@ -399,6 +451,7 @@ def segment_files(
         out_dir = Path(out_dir)
         targets = {kind: _cam_names(paths, out_dir, suffix) for kind, suffix in OUTPUTS.items()}
     run, _ = inference_function(keras_model, engine)
+    min_size = _min_size(keras_model)
     results = []
     for i, path in enumerate(paths):
         result = SegmentResult(str(path), random_weights=random)
@@ -406,10 +459,11 @@ def segment_files(
         try:
             photo = np.asarray(preprocess.load_image(path, exif_transpose=exif_transpose))
             result.mask = label_map(
-                run, photo, test_settings, mode=mode, multi_scale=multi_scale, batch_size=batch_size
-            )
-        except (preprocess.ImageError, FloatingPointError) as e:
-            result.error = str(e) if isinstance(e, preprocess.ImageError) else f"{path}: {e}"
+                run, photo, test_settings, mode=mode, multi_scale=multi_scale,
+                batch_size=batch_size, min_size=min_size,
+            )  # fmt: skip
+        except (ValueError, FloatingPointError, MemoryError) as e:
+            result.error = file_error(path, e)
             continue
         result.classes = class_areas(result.mask, names)
         if out_dir is not None:

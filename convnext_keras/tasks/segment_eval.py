@@ -6,7 +6,9 @@
     result.write("report.json")                  # + per-class IoU / accuracy, unreadable files
 
 The metrics are mmsegmentation's (``mmseg/core/evaluation/metrics.py``, ``intersect_and_union``
-and ``mean_iou``), accumulated over the whole set, not averaged per image: for each class ``c``
+and ``mean_iou``), accumulated over the whole set, not averaged per image, on annotations
+read as mmseg reads them (:func:`convnext_keras.data.ade20k.read_annotation`: 0 and 255
+ignored): for each class ``c``
 over every scored pixel (label not :data:`convnext_keras.data.ade20k.IGNORE_INDEX`), ``intersect``
 = pixels predicted ``c`` and labelled ``c``, ``union`` = predicted ``c`` + labelled ``c`` -
 intersect; ``IoU = intersect / union`` and ``Acc = intersect / labelled``; mIoU and mAcc are
@@ -167,7 +169,7 @@ def evaluate_segmentation(
     from convnext_keras.engines.upernet_graph import inference_function
     from convnext_keras.tasks.evaluate import _progress
     from convnext_keras.tasks.predict import random_weights
-    from convnext_keras.tasks.segment import _inference, label_map
+    from convnext_keras.tasks.segment import _inference, _min_size, file_error, label_map
 
     runners.check_engine(engine)
     if limit is not None and (not isinstance(limit, int) or limit < 1):
@@ -179,6 +181,7 @@ def evaluate_segmentation(
     start = time.perf_counter()
     keras_model, settings = _inference(model, weights, precision, None)
     run, engine_name = inference_function(keras_model, engine)
+    min_size = _min_size(keras_model)
     names = ade20k.classes()
     counts = IoUAccumulator(len(names))
     if progress is None:
@@ -202,12 +205,14 @@ def evaluate_segmentation(
                     mode=mode,
                     multi_scale=multi_scale,
                     batch_size=batch_size,
+                    min_size=min_size,
                 )
-            except (ValueError, FloatingPointError) as e:
+            except (ValueError, FloatingPointError, MemoryError) as e:
                 # The entry names the image; an error about the image itself gives its reason
                 # only (as evaluate's report), one about its annotation names that file.
                 own = isinstance(e, preprocess.ImageError) and e.path == str(image)
-                unreadable.append({"file": str(image), "error": e.reason if own else str(e)})
+                error = e.reason if own else file_error(image, e).removeprefix(f"{image}: ")
+                unreadable.append({"file": str(image), "error": error})
             else:
                 counts.update(mask, label)
                 evaluated += 1

@@ -166,11 +166,33 @@ _BLOCK_WORDS = {
 }
 
 
+def stage_norms(official: dict[str, np.ndarray]) -> list[int]:
+    """The stages whose output has a LayerNorm in an official-named state dict (``norm{i}.*``:
+    the official segmentation backbone's ``norm0`` ... ``norm3``, transformers' Backbone's
+    ``hidden_states_norms.stage{i+1}``), sorted."""
+    return sorted({int(m.group(1)) for k in official if (m := re.match(r"norm(\d+)\.", k))})
+
+
+def _backbone_hint(v: registry.Variant) -> str:
+    """How to load a backbone file with stage-output norms of variant ``v``: as a pyramid."""
+    how = fix(
+        f"load_model({v.arch_name!r}, weights=FILE, features='pyramid')",
+        f"convnext convert FILE --model {v.arch_name} --features pyramid --out MODEL.keras",
+    )
+    return f"it loads as a feature pyramid with its stage norms: {how}"
+
+
 def _describe_architecture(official) -> str:
     depths, dims, classes = infer_architecture(official)
     block = infer_block(official)
     for v in registry.VARIANTS.values():
         if v.depths == depths and v.dims == dims and block in (None, v.block):
+            if stage_norms(official):
+                return (
+                    f"it is a {v.title} backbone ({_BLOCK_WORDS[v.block]}, depths "
+                    f"{list(depths)}, dims {list(dims)}, stage-output norms, e.g. transformers' "
+                    f"ConvNextBackbone / ConvNextV2Backbone): {_backbone_hint(v)}"
+                )
             names = registry.checkpoints_for(v.name, classes) or [v.arch_name]
             return (
                 f"it is a {v.title} ({_BLOCK_WORDS[v.block]}, depths {list(depths)}, dims "
@@ -224,7 +246,11 @@ def convert_state_dict(
     LayerNorm (``head_norm``) at its initialisation, scale 1 and shift 0, as the original
     fine-tuning starts from it.  ``final_norm=False``: a backbone without final LayerNorm (the
     segmentation backbone, :func:`convert_mmseg_state_dict`), whose ``norm.*`` would be
-    unexpected.
+    unexpected.  A backbone with stage-output norms (``norm{i}.*``: transformers'
+    ``ConvNextBackbone`` / ``ConvNextV2Backbone``, whose ``hidden_states_norms`` the layout
+    renames so) has no final norm either; its norms become ``stage{i}_output_norm``, the layers
+    of a pyramid model built with ``stage_norms`` (:func:`convnext_keras.load_model` with
+    ``features="pyramid"``).
     """
     spec = registry.variant(variant)
     official = to_official_layout(state_dict)
@@ -239,11 +265,11 @@ def convert_state_dict(
     weights: dict[str, list[np.ndarray]] = {}
     missing, wrong = [], []
     used = set()
-    encoder = (
-        final_norm
-        and spec.block == "grn"
-        and not ({"norm.weight", "norm.bias", "head.weight", "head.bias"} & set(official))
-    )
+    normed = stage_norms(official)
+    final = {"norm.weight", "norm.bias", "head.weight", "head.bias"} & set(official)
+    if normed and not final:
+        final_norm = False  # a backbone with stage-output norms: no final norm, no head
+    encoder = final_norm and spec.block == "grn" and not final
     if encoder:
         c = spec.num_features
         weights["head_norm"] = [np.ones(c, np.float32), np.zeros(c, np.float32)]
@@ -256,6 +282,12 @@ def convert_state_dict(
         arrays = _take(official, entries, used, missing, wrong)
         if arrays is not None:
             weights[layer] = arrays
+    for i in normed if len(spec.dims) > 1 else ():
+        if i < len(spec.dims):
+            entries = [(f"norm{i}.{p}", (spec.dims[i],), _identity) for p in ("weight", "bias")]
+            arrays = _take(official, entries, used, missing, wrong)
+            if arrays is not None:
+                weights[f"stage{i}_output_norm"] = arrays
     head_keys = {"head.weight", "head.bias"} & set(official)
     if head_keys:
         used |= head_keys

@@ -3,8 +3,9 @@ and ``file://`` / folder mirrors; every file checked before it is renamed into p
 
 
 Downloads are abandoned when they stall (fewer than :data:`MIN_RATE` bytes per second over
-:data:`STALL_SECONDS`; ``CONVNEXT_STALL_SECONDS`` sets the window) and resume with an HTTP
-``Range`` request after a dropped connection (up to :data:`RESUMES` times).
+:data:`STALL_SECONDS`; ``CONVNEXT_STALL_SECONDS`` sets the window; a connection silent that long
+before its first byte - headers, then nothing - is a stall too, not resumed) and resume with
+an HTTP ``Range`` request after a dropped connection (up to :data:`RESUMES` times).
 
 A download goes to a temporary file beside its destination (:func:`.cache.atomic_path`), is
 hashed as it arrives, checked by the caller's ``verify`` (e.g. the conversion) and only then
@@ -165,6 +166,20 @@ def _chunks(response, window: float):
             start, count = now, 0
 
 
+def _is_timeout(error: BaseException) -> bool:
+    """Whether ``error`` (requests / urllib3) is a read that timed out, not a closed
+    connection."""
+    import requests
+    import urllib3
+
+    timeouts = (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)
+    while error is not None:
+        if isinstance(error, timeouts):
+            return True
+        error = error.__context__ or error.__cause__
+    return False
+
+
 def _content_range(value: str | None) -> tuple[int | None, int | None]:
     """``(first byte, total)`` of a ``Content-Range: bytes A-B/N`` header."""
     match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", (value or "").strip())
@@ -227,6 +242,7 @@ def _download(url: str, tmp: Path, dest: Path, timeout: float, window: float) ->
                         )
                     if bar is None:
                         bar = _progress(total, dest.name)
+                    before = received
                     try:
                         for chunk in _chunks(response, window):
                             f.write(chunk)
@@ -243,6 +259,15 @@ def _download(url: str, tmp: Path, dest: Path, timeout: float, window: float) ->
                             f"pass a local file ({fix('weights=FILE', '--weights FILE')})."
                         ) from None
                     except broken as e:
+                        if received == before and _is_timeout(e):
+                            # Headers, then silence: a stall, not a dropped connection.
+                            raise DownloadError(
+                                f"Download of {url} stalled: the server sent nothing for "
+                                f"{min(timeout, window):g} s after its headers (at byte "
+                                f"{received}). Nothing was cached at {dest}; try again later, "
+                                "set CONVNEXT_BASE_URL to a mirror, or pass a local file "
+                                f"({fix('weights=FILE', '--weights FILE')})."
+                            ) from None
                         if tries < RESUMES:
                             tries += 1
                             logger.info(f"{url}: connection broke at byte {received}; resuming")

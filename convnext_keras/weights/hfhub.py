@@ -1,21 +1,30 @@
 """The Hugging Face Hub as a weight source, through ``huggingface_hub``: its cache, tokens,
 ``HF_ENDPOINT``, offline mode and resumable downloads; ``hf://org/repo[@revision][/file]``
 addresses; every failure one line saying what was wrong and what to do.
+
+The official path's rules (:mod:`.download`) hold here too, through event hooks on
+``huggingface_hub``'s HTTP client that act only during this library's downloads: the stall
+window (``CONVNEXT_STALL_SECONDS``), no resume of a connection that sent nothing, and no retry
+of a request nothing answered - an offline machine or a Hub that never answers fails in one line
+within the client's timeout (``HF_HUB_ETAG_TIMEOUT`` / ``HF_HUB_DOWNLOAD_TIMEOUT``, 10 s each
+by default), not after minutes of retries.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 from convnext_keras import registry
 from convnext_keras.errors import plain
 from convnext_keras.interface import fix
 from convnext_keras.weights.cache import file_sha256
-from convnext_keras.weights.download import DownloadError
+from convnext_keras.weights.download import MIN_RATE, DownloadError, stall_seconds
 
 logger = logging.getLogger("convnext_keras")
 
@@ -113,11 +122,155 @@ def _hub_error(error: Exception, repo: str, filename: str, revision: str | None)
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# The official path's rules on huggingface_hub's HTTP client
+
+
+class _HubGaveUp(Exception):
+    """Raised inside ``huggingface_hub``'s HTTP client (by this library's event hooks) to end a
+    download its own retries would prolong; a plain ``Exception``, so that no ``except`` of
+    ``huggingface_hub`` retries it.  Turned into a :class:`DownloadError` by
+    :func:`_hub_download`."""
+
+
+class _Watch:
+    """The rules of :mod:`.download` for the requests of one :func:`_hub_download`: a body
+    slower than ``MIN_RATE`` over the stall window is abandoned, a body silent from its first
+    byte is not resumed, and a request whose previous try got no answer (connection refused,
+    a timeout, HTTP 408/429/5xx) is not sent again."""
+
+    def __init__(self, window: float):
+        self.window = window
+        self.unanswered: dict[tuple[str, str], tuple[str, float]] = {}
+
+
+_WATCH: contextvars.ContextVar[_Watch | None] = contextvars.ContextVar(
+    "convnext_keras_hub_watch", default=None
+)
+_RETRIED_STATUS = (408, 429, 500, 502, 503, 504)
+
+
+def _on_request(request) -> None:
+    watch = _WATCH.get()
+    if watch is None:
+        return
+    key = (request.method, str(request.url))
+    if key in watch.unanswered:
+        reason, started = watch.unanswered[key]
+        if reason == "no answer":
+            reason = f"no answer: the connection failed after {time.monotonic() - started:.1f} s"
+        raise _HubGaveUp(f"{request.url.host} did not answer {request.method} ({reason})")
+    watch.unanswered[key] = ("no answer", time.monotonic())
+
+
+def _on_response(response) -> None:
+    watch = _WATCH.get()
+    if watch is None:
+        return
+    request = response.request
+    key = (request.method, str(request.url))
+    if response.status_code in _RETRIED_STATUS:
+        watch.unanswered[key] = (f"HTTP {response.status_code}", time.monotonic())
+        return
+    watch.unanswered.pop(key, None)
+    if request.method == "GET" and 200 <= response.status_code < 300:
+        stream_class = _watched_stream_class(response)
+        if stream_class is not None:
+            response.stream = stream_class(response.stream, watch, str(request.url.host))
+
+
+_STREAM_CLASSES: dict[type, type] = {}
+
+
+def _watched_stream_class(response) -> type | None:
+    """:class:`_WatchedStream` made a subclass of the HTTP client's ``SyncByteStream`` (the
+    client checks the type of a body it iterates), or None for a body of another kind."""
+    import importlib
+
+    client = importlib.import_module(type(response).__module__.split(".")[0])
+    base = getattr(client, "SyncByteStream", None)
+    if base is None or not isinstance(response.stream, base):
+        return None
+    if base not in _STREAM_CLASSES:
+        _STREAM_CLASSES[base] = type("WatchedStream", (_WatchedStream, base), {})
+    return _STREAM_CLASSES[base]
+
+
+class _WatchedStream:
+    """A response body under the stall rule of :func:`.download._chunks`; a read that times
+    out before the first byte (headers, then silence) ends the download instead of a retry."""
+
+    def __init__(self, stream, watch: _Watch, host: str):
+        self.stream, self.watch, self.host = stream, watch, host
+
+    def __iter__(self):
+        window = self.watch.window
+        start, count, total = time.monotonic(), 0, 0
+        try:
+            for chunk in self.stream:
+                yield chunk
+                count += len(chunk)
+                total += len(chunk)
+                now = time.monotonic()
+                if now - start >= window:
+                    if count < MIN_RATE * window:
+                        raise _HubGaveUp(
+                            f"the download from {self.host} stalled: {count} bytes in "
+                            f"{now - start:.0f} s (less than {MIN_RATE} bytes/s over {window:g} s) "
+                            f"after {total} bytes"
+                        )
+                    start, count = now, 0
+        except _HubGaveUp:
+            raise
+        except Exception as e:
+            if total == 0 and "timeout" in type(e).__name__.lower():
+                raise _HubGaveUp(
+                    f"the download from {self.host} stalled: nothing arrived after the headers "
+                    f"({type(e).__name__})"
+                ) from e
+            raise
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def _watch_session() -> bool:
+    """Add this library's event hooks to ``huggingface_hub``'s shared HTTP client (they act only
+    inside :func:`_hub_download`); False where the client has none (an older release)."""
+    try:
+        from huggingface_hub import get_session
+
+        client = get_session()
+        hooks = client.event_hooks
+    except (ImportError, AttributeError):
+        return False
+    if _on_request not in hooks.get("request", []):
+        client.event_hooks = {
+            "request": [*hooks.get("request", []), _on_request],
+            "response": [*hooks.get("response", []), _on_response],
+        }
+    return True
+
+
+def _is_http_client_error(error: BaseException) -> bool:
+    """Whether ``error`` comes from an HTTP client library (httpx and its kin, requests,
+    urllib3): a failure of the network, never of this library."""
+    clients = {"httpx", "httpx2", "httpcore", "h11", "h2", "requests", "urllib3"}
+    return any(cls.__module__.split(".")[0] in clients for cls in type(error).__mro__)
+
+
 def _hub_download(repo: str, filename: str, revision: str | None, force: bool) -> Path:
+    """``hf_hub_download`` under the official path's rules (:class:`_Watch`): the stall window
+    of :func:`.download.stall_seconds`, no retry of a request nothing answered (an offline
+    machine, a Hub that accepts and never answers, HTTP 5xx: one line within the client's
+    timeout instead of minutes of retries), every error of its HTTP client one
+    :class:`DownloadError`."""
     import huggingface_hub
 
     from convnext_keras import __version__
 
+    window = stall_seconds()
+    token = _WATCH.set(_Watch(window)) if _watch_session() else None
     try:
         return Path(
             huggingface_hub.hf_hub_download(
@@ -125,10 +278,13 @@ def _hub_download(repo: str, filename: str, revision: str | None, force: bool) -
                 filename,
                 revision=revision,
                 force_download=force,
+                etag_timeout=min(window, huggingface_hub.constants.DEFAULT_ETAG_TIMEOUT),
                 library_name="convnext_keras",
                 library_version=__version__,
             )
         )
+    except _HubGaveUp as e:
+        raise _unreachable(repo, filename, revision, str(e)) from None
     except (
         huggingface_hub.errors.HfHubHTTPError,
         huggingface_hub.errors.EntryNotFoundError,  # not an HTTP error when offline
@@ -136,6 +292,25 @@ def _hub_download(repo: str, filename: str, revision: str | None, force: bool) -
         ValueError,
     ) as e:
         raise _hub_error(e, repo, filename, revision) from e
+    except Exception as e:
+        if not _is_http_client_error(e):
+            raise
+        raise _hub_error(e, repo, filename, revision) from e
+    finally:
+        if token is not None:
+            _WATCH.reset(token)
+
+
+def _unreachable(repo: str, filename: str, revision: str | None, reason: str) -> DownloadError:
+    import huggingface_hub
+
+    at = f"@{revision}" if revision else ""
+    return DownloadError(
+        f"Could not download {repo}{at}/{filename} from {huggingface_hub.constants.ENDPOINT}: "
+        f"{reason}; nothing was cached. No internet? Download it where there is (or set "
+        "HF_ENDPOINT to a mirror), copy the cache (HF_HOME) here and set HF_HUB_OFFLINE=1, or "
+        f"pass the file with {fix('weights=FILE', '--weights FILE')}."
+    )
 
 
 def _hub_blob_problem(path: Path, pinned: tuple[str, str] | None) -> str | None:

@@ -246,11 +246,24 @@ def _looks_like_tensors(d: dict) -> bool:
     return bool(values) and all(hasattr(v, "shape") for v in values)
 
 
+def _numpy_knows_bfloat16() -> None:
+    """Teach numpy the dtypes of ``ml_dtypes`` (``bfloat16``, the ``float8`` kinds) before a
+    safetensors file is read: ``safetensors.numpy`` asks numpy for them by name, which works
+    only once ``ml_dtypes`` is imported (Keras imports it; this reader must not depend on the
+    order).  ``ml_dtypes`` ships with Keras."""
+    try:
+        import ml_dtypes  # noqa: F401  (registers the dtypes with numpy)
+    except ImportError:
+        pass
+
+
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     """Read ``.pth`` / ``.bin`` / ``.safetensors`` into ``{name: float32 numpy array}``.
 
     PyTorch pickles are read with ``torch.load(weights_only=True)`` (crafted files are refused
-    with ``UnsafeCheckpointError``); safetensors files are read without PyTorch.
+    with ``UnsafeCheckpointError``); safetensors files are read without PyTorch, in any of
+    their floating-point dtypes (float16, bfloat16, float64 ... made float32), whatever was
+    imported before.
     """
     path = Path(path)
     if not path.is_file():
@@ -259,6 +272,7 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     if fmt == "safetensors":
         from safetensors.numpy import load_file
 
+        _numpy_knows_bfloat16()
         try:
             raw = load_file(str(path))
         except Exception as e:  # safetensors raises its own error types

@@ -19,16 +19,19 @@ from convnext_keras import registry
 from convnext_keras.errors import plain
 from convnext_keras.weights import convert
 from convnext_keras.weights.cache import (
+    CONVERTED_FORMAT,
     DamagedFileError,
     check_record,
     checkpoint_cache_path,
+    clean_cache,
     clean_stale,
     converted_cache_path,
     expected_sha256,
     file_sha256,
     locked,
     quarantine,
-    read_converted,
+    read_converted_metadata,
+    read_record,
     save_converted,
 )
 from convnext_keras.weights.download import DownloadError, fetch
@@ -72,20 +75,53 @@ def convert_official(ckpt: registry.Checkpoint, path: Path) -> dict[str, list[np
     return weights
 
 
-def _downloaded_weights(ckpt: registry.Checkpoint) -> dict[str, list[np.ndarray]]:
-    """Converted weights of an official file: the cache's copy, else downloaded (verified)."""
+def _downloaded_weights(ckpt: registry.Checkpoint) -> tuple[dict[str, list[np.ndarray]], str]:
+    """``(converted weights, the checkpoint's SHA-256)`` of an official file: the cache's copy,
+    else downloaded (verified)."""
     source = checkpoint_cache_path(ckpt)
-    clean_stale(source.parent)
     convert = functools.partial(convert_official, ckpt)
     pinned = expected_sha256(ckpt)
     with locked(source):
         if source.is_file():
             try:
-                check_record(source, pinned)
-                return convert(source)
+                digest = check_record(source, pinned)
+                return convert(source), digest
             except CheckpointError as e:  # DamagedFileError or unreadable
-                quarantine(source, plain(str(e)).replace(f"{source} ", "it ").splitlines()[0])
-        return fetch(ckpt.url, source, verify=convert, sha256=pinned)
+                _set_aside(source, plain(str(e)).replace(f"{source} ", "it ").splitlines()[0])
+        weights = fetch(ckpt.url, source, verify=convert, sha256=pinned)
+        return weights, read_record(source) or file_sha256(source)
+
+
+def _set_aside(path: Path, problem: str) -> None:
+    """:func:`quarantine` where the cache can be written; in a read-only cache the damaged
+    file stays (it is not used: the weights are rebuilt in memory)."""
+    try:
+        quarantine(path, problem)
+    except OSError:
+        logger.warning(
+            f"convnext_keras: {path} is damaged or unverified ({problem}) and the cache cannot "
+            "be written; not using it."
+        )
+
+
+def _verified_converted(
+    ckpt: registry.Checkpoint, path: Path
+) -> dict[str, list[np.ndarray]] | None:
+    """The converted cache's weights of ``ckpt``, checked: their SHA-256 record (required: a
+    file without one is unverified), readable, finite, written by this format (else
+    ``DamagedFileError`` ... or None for an older format, rebuilt), and made from the
+    checkpoint any pin names (the ``source_sha256`` recorded in their metadata)."""
+    weights, metadata = read_converted_metadata(path, required=True)
+    if weights is None or metadata.get("format") != CONVERTED_FORMAT:
+        return None  # an older format: rebuilt
+    pinned = expected_sha256(ckpt)
+    source = metadata.get("source_sha256", "")
+    if pinned is not None and source != pinned[0]:
+        raise DamagedFileError(
+            f"it was converted from a file whose SHA-256 is {source[:12]}..., not the one "
+            f"pinned by {pinned[1]}"
+        )
+    return weights
 
 
 def official_weights(ckpt: registry.Checkpoint) -> dict[str, list[np.ndarray]]:
@@ -94,22 +130,36 @@ def official_weights(ckpt: registry.Checkpoint) -> dict[str, list[np.ndarray]]:
     Official files are downloaded by this module (``CONVNEXT_BASE_URL``), Hub files by
     ``huggingface_hub`` (:func:`hub_file`); either way the converted weights land in this
     library's cache.  The second call for the same model reads only the converted cache (fast,
-    offline).  A damaged cache file is moved aside and rebuilt (see the module docstring).
+    offline), without taking a lock (a read-only cache works).  A damaged or unverified cache
+    file, or one made from another file than a pin names, is moved aside and rebuilt (see
+    :mod:`.cache`).  Every call removes the stale temporaries an interrupted run left in the
+    cache.
     """
+    clean_cache()
     converted = converted_cache_path(ckpt)
-    clean_stale(converted.parent)
+    if converted.is_file():  # complete and verified: read without a lock
+        try:
+            weights = _verified_converted(ckpt, converted)
+        except (DamagedFileError, OSError):
+            weights = None  # looked at again under the lock, then rebuilt
+        if weights is not None:
+            return weights
     with locked(converted):
         if converted.is_file():
             try:
-                weights = read_converted(converted)
+                weights = _verified_converted(ckpt, converted)
             except DamagedFileError as e:
-                quarantine(converted, str(e))
+                _set_aside(converted, str(e))
                 weights = None
             if weights is not None:
                 return weights
-        weights = _hub_weights(ckpt) if ckpt.source.is_hub else _downloaded_weights(ckpt)
+        if ckpt.source.is_hub:
+            weights, digest = _hub_weights(ckpt)
+        else:
+            weights, digest = _downloaded_weights(ckpt)
+        metadata = {"source": ckpt.filename, "model": ckpt.name, "source_sha256": digest}
         try:
-            save_converted(weights, converted, {"source": ckpt.filename, "model": ckpt.name})
+            save_converted(weights, converted, metadata)
         except OSError as e:  # e.g. a full disk: the weights are good, only the cache is lost
             logger.warning(f"convnext_keras: {e} The model loads; the next load converts again.")
         return weights
@@ -126,9 +176,12 @@ def fetch_official(ckpt: registry.Checkpoint, folder: str | os.PathLike) -> tupl
     downloaded (from ``CONVNEXT_BASE_URL`` when set).  Returns ``(path, how)``, ``how`` being
     ``"present"`` (already there and valid), ``"copied from the cache"`` or ``"downloaded"``.
     Raises DownloadError as :func:`fetch` does; a damaged file already in ``folder`` is
-    replaced.
+    replaced.  The stale temporaries of an interrupted ``convnext fetch`` into ``folder`` (and
+    the folders only they filled) are removed first.
     """
-    dest = Path(folder).expanduser() / ckpt.source.cache_name
+    folder = Path(folder).expanduser()
+    clean_stale(folder, recursive=True)
+    dest = folder / ckpt.source.cache_name
     verify = functools.partial(convert_official, ckpt)
     pinned = expected_sha256(ckpt)
     if ckpt.source.is_hub:  # from the Hugging Face cache (downloaded there first if need be)
@@ -153,17 +206,18 @@ def fetch_official(ckpt: registry.Checkpoint, folder: str | os.PathLike) -> tupl
                 fetch(str(cached), dest, verify=verify, sha256=pinned)
                 return dest, "copied from the cache"
             except (CheckpointError, DownloadError) as e:
-                quarantine(cached, plain(str(e)).splitlines()[0])
+                _set_aside(cached, plain(str(e)).splitlines()[0])
     fetch(ckpt.url, dest, verify=verify, sha256=pinned)
     return dest, "downloaded"
 
 
-def _hub_weights(ckpt: registry.Checkpoint) -> dict[str, list[np.ndarray]]:
-    """Converted weights of a Hub row: the file from :func:`hub_file`, checked and converted."""
+def _hub_weights(ckpt: registry.Checkpoint) -> tuple[dict[str, list[np.ndarray]], str]:
+    """``(converted weights, the file's SHA-256)`` of a Hub row: the file from
+    :func:`hub_file`, checked and converted."""
     src = ckpt.source
     path = hub_file(src.repo, src.path, src.revision, sha256=expected_sha256(ckpt))
     try:
-        return convert_official(ckpt, path)
+        return convert_official(ckpt, path), file_sha256(path)
     except CheckpointError as e:
         raise DownloadError(
             f"{src.url} did not deliver a usable checkpoint for {ckpt.name}, so nothing was "

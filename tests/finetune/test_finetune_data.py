@@ -122,6 +122,40 @@ def test_scan_skips_unreadable_files_and_reports_them(tmp_path):
     assert len(folder.train) == 9 and folder.summary()["skipped"] == 3
 
 
+def test_scan_walks_each_folder_once_and_skips_what_is_not_a_file(tmp_path, fifo):
+    """Links back up the tree (``a/sub/up -> ..`` and ``a/top -> ../..``), a link from one class
+    into another and from train/ into val/, a FIFO, a name that is not UTF-8: each image once,
+    in its own class and split (they made 24 images 886 samples, class b's trained as class
+    a, the same files in train and validation); the FIFO reported, never opened; the odd name
+    kept exactly, in the file list and its fingerprint (a run's ``--resume`` compares them)."""
+    import os
+
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        _colour_folder(root / split, classes=("a", "b"), per_class=3)
+    train = root / "train"
+    (train / "a" / "sub").mkdir()
+    os.symlink("..", train / "a" / "sub" / "up")
+    os.symlink("../..", train / "a" / "top")
+    os.symlink("../b", train / "a" / "b_again")
+    os.symlink("../../val/a", train / "a" / "val_a")
+    fifo(train / "b" / "pipe.png")
+    odd = os.fsdecode(b"\xe9t\xe9.png")  # Latin-1 bytes, not UTF-8
+    (train / "b" / "0.png").rename(train / "b" / odd)
+    folder = data_lib.scan(root, workers=2)
+    assert len(folder.train) == 6 and len(folder.val) == 6
+    assert sorted(Path(p).relative_to(train).as_posix() for p, _ in folder.train) == [
+        "a/0.png", "a/1.png", "a/2.png", "b/1.png", "b/2.png", f"b/{odd}",
+    ]  # fmt: skip
+    assert folder.skipped == [
+        (str(train / "b" / "pipe.png"), "a FIFO (named pipe), not an image file")
+    ]
+    lines = folder.file_list()
+    assert data_lib.decode_lines(data_lib.encode_lines(lines)) == lines
+    assert b"\xe9t\xe9.png" in data_lib.encode_lines(lines)
+    assert len(folder.fingerprint()) == 64
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [

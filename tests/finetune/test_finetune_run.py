@@ -10,6 +10,7 @@ restore (EMA, accumulators, step counter, seed generators, running metrics) is i
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -197,6 +198,40 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(digit
     assert (meta["epoch"], meta["step"]) == (0, 1)
     assert not state.non_finite(arrays)
     assert not (out / "best.keras").exists()
+
+
+def test_names_that_are_not_utf8_train_and_resume_and_leftovers_are_removed(digits4, tmp_path):
+    """A class folder and a file whose names are Latin-1 bytes (not UTF-8): the run trains, its
+    file list, fingerprint and labels.txt keep the names exactly (the fingerprint failed with
+    'surrogates not allowed'), and ``--resume`` finds the same files.  What a killed run left
+    in the run folder - this library's temporary and safetensors' own ``.tmpXXXXXX`` of older
+    versions, both stale - is removed when the run is resumed."""
+    data = tmp_path / "data"
+    for digit, name in (("digit1", "one"), ("digit2", os.fsdecode(b"deux-\xe9"))):
+        shutil.copytree(digits4 / digit, data / name)
+    odd = os.fsdecode(b"\xe9t\xe9.png")
+    (data / "one" / "0001.png").rename(data / "one" / odd)
+    out = tmp_path / "run"
+    args = ["finetune", str(data), "--out", str(out), "--model", "convnext_micro", "--epochs", "1"]
+    args += ["--batch-size", "8", "--resolution", "32", "--val-fraction", "0.25", "--no-export"]
+    args += ["--workers", "1"]
+    with micro_variant():
+        result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    labels = (out / "labels.txt").read_bytes().splitlines()
+    assert labels == [b"deux-\xe9", b"one"]
+    listed = gzip.decompress((out / rundir.DATA_FILES).read_bytes())
+    assert b"one/\xe9t\xe9.png" in listed
+    old = time.time() - 3600
+    leftovers = [out / ".checkpoint.safetensors.k1ll3d.part", out / ".tmpAb3dE9"]
+    for leftover in leftovers:
+        leftover.write_bytes(b"half a checkpoint")
+        os.utime(leftover, (old, old))
+    with micro_variant():
+        again = CliRunner().invoke(main, ["finetune", str(data), "--resume", str(out)])
+    assert again.exit_code == 0, again.output + repr(again.exception)
+    assert "already complete" in again.output
+    assert not [p for p in leftovers if p.exists()]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -250,6 +250,62 @@ def test_unreadable_files_raise_image_error_naming_the_file(tmp_path):
         assert str(clone) == str(info.value)
 
 
+def test_a_fifo_is_reported_never_opened_and_costs_no_other_image(tmp_path, fifo):
+    """``pipe.jpg``, a named pipe: opening it waits forever for a writer (``predict`` hung on
+    it, the good image got no answer).  It is an error naming what it is, at once; the batch
+    pipeline answers the other image."""
+    pipe = fifo(tmp_path / "pipe.jpg")
+    good = tmp_path / "good.png"
+    Image.open(PHOTOS[1]).save(good)
+    done = {}
+
+    def run():
+        with pytest.raises(pp.ImageError, match="a FIFO .named pipe., not an image file"):
+            pp.load_image(pipe)
+        batches = pp.ImageBatches([pipe, good], (64, 0.875), 2, skip_errors=True)
+        done["batches"] = [indices.tolist() for _, indices in batches]
+        done["errors"] = [e.reason for e in batches.errors]
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "the FIFO was opened"
+    assert done["batches"] == [[1]] and done["errors"] == ["a FIFO (named pipe), not an image file"]
+
+
+def test_a_thin_image_costs_the_output_s_work_not_gigabytes(tmp_path):
+    """A 113-byte 1x60000 PNG: resized whole first (the original's order) it is 256 x
+    15,360,000 pixels, about 19 GB; the crop's region alone is resampled instead.  Run in a
+    child with its address space capped at 2 GiB, so that a regression fails with a
+    MemoryError here instead of exhausting the machine.  A strip below that size keeps the
+    original's order, bit for bit (the equality tests above), and both orders agree within a
+    level or two on a real photo's strip."""
+    import subprocess
+    import sys
+
+    strip = tmp_path / "strip.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60000, 1, 3), np.uint8)).save(strip)
+    script = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30));"
+        "import numpy as np; from convnext_keras import preprocess as pp;"
+        f"x = pp.transform_file({str(strip)!r}, (224, 0.875, 'bicubic'));"
+        "print(x.shape, bool(np.isfinite(x).all()))"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.strip() == "(224, 224, 3) True"
+
+    photo = Image.open(PHOTOS[0]).convert("RGB").crop((0, 0, 3, 512))  # 3x512: 256 x 43690
+    exact = np.asarray(pp.resize_and_crop(photo, 224))
+    np.testing.assert_array_equal(exact, reference_uint8(photo, 224, 0.875, "bicubic"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pp.transforms, "MAX_RESIZED_PIXELS", 1000)
+        bounded = np.asarray(pp.resize_and_crop(photo, 224))
+    assert np.abs(bounded.astype(int) - exact.astype(int)).max() <= 2
+
+
 # --- normalize ----------------------------------------------------------------------------------
 
 

@@ -43,7 +43,11 @@ def _well_spread(model, seed: int, residual_scale: float = 1.0):
             elif ".grn." in name and name.endswith("weight"):
                 sign = torch.where(torch.rand(p.shape, generator=gen) < 0.5, -1.0, 1.0)
                 p.copy_(sign * (torch.rand(p.shape, generator=gen) * 0.4 + 0.1))
-            elif p.ndim == 1 and "layernorm" in name and name.endswith("weight"):
+            elif (
+                p.ndim == 1
+                and name.endswith("weight")
+                and ("layernorm" in name or "hidden_states_norms" in name)
+            ):
                 p.copy_(torch.rand(p.shape, generator=gen) * 0.6 + 0.7)
             elif p.ndim == 1 or ".grn." in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
@@ -79,6 +83,31 @@ def hf_model(depths, dims, num_classes: int, seed: int = 0) -> ConvNextForImageC
         num_classes,
         layer_scale_init_value=1e-6,
     )
+    return _well_spread(model, seed)
+
+
+def hf_backbone(depths, dims, out_features, *, v2: bool, seed: int = 0):
+    """transformers' ``ConvNextBackbone`` / ``ConvNextV2Backbone`` (the backbone of its
+    ``UperNetForSemanticSegmentation``: a LayerNorm on the output of each stage in
+    ``out_features``, ``hidden_states_norms.stageN``), well-spread weights."""
+    import transformers
+
+    names = (
+        ("ConvNextV2Config", "ConvNextV2Backbone") if v2 else ("ConvNextConfig", "ConvNextBackbone")
+    )
+    config_class, model_class = (getattr(transformers, n) for n in names)
+    extra = {} if v2 else {"layer_scale_init_value": 1e-6}
+    config = config_class(
+        depths=list(depths),
+        hidden_sizes=list(dims),
+        layer_norm_eps=1e-6,
+        hidden_act="gelu",
+        drop_path_rate=0.0,
+        out_features=list(out_features),
+        **extra,
+    )
+    with no_init_weights():
+        model = model_class(config).eval()
     return _well_spread(model, seed)
 
 

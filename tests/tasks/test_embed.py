@@ -98,7 +98,7 @@ def test_one_process_writes_parts_manifest_and_the_model_s_features(single, expe
     import pyarrow.parquet as pq
 
     table = pq.read_table(out / manifest["parts"][0]["file"])
-    assert table.column_names == ["path", "feature", "model", "preprocessing"]
+    assert table.column_names == ["path", "path_bytes", "feature", "model", "preprocessing"]
     assert set(table.column("model").to_pylist()) == {"convnext_atto"}
     assert not list(out.glob(".*part*"))  # no temporary file left
     _assert_features(out, expected)
@@ -179,6 +179,57 @@ def test_weights_from_a_hub_address(images, tmp_path, hub_server):
     config = preprocess.PreprocessConfig(32, *preprocess.config_for("convnext_atto")[1:])
     x = np.stack([preprocess.transform_file(images / p, config) for p in paths])
     np.testing.assert_allclose(features, model.predict(x, verbose=0), rtol=1e-4, atol=1e-4)
+
+
+def test_odd_names_fifos_cycles_stale_leftovers_and_damaged_parts(images, tmp_path, caplog, fifo):
+    """A folder with a name that is not UTF-8 (``caf\\xe9.png``), a FIFO named ``pipe.jpg``
+    and a link back up the tree (``sub/up -> ..``): every regular image once, the name kept
+    exactly (``path_bytes``; ``path`` as text with ``\\xe9``), the FIFO listed as unreadable -
+    nothing hangs, nothing is lost.  Then a bit flipped in a written part: ``load_features``
+    refuses it, and the next run embeds that part's images again (and removes a stale
+    temporary a killed run left), giving the same features."""
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "odd"
+    (folder / "sub").mkdir(parents=True)
+    name = os.fsdecode(b"caf\xe9.png")
+    sources = sorted(p for p in images.rglob("*") if p.suffix in (".png", ".jpg"))[:4]
+    for i, source in enumerate(sources):
+        target = folder / (name if i == 0 else f"sub/{i}{source.suffix}")
+        target.write_bytes(source.read_bytes())
+    fifo(folder / "pipe.jpg")
+    os.symlink("..", folder / "sub" / "up")
+    out = tmp_path / "out"
+    args = ["embed", str(folder), "--out", str(out), *CLI, "--part-size", "2"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    features, paths = ck.load_features(out)
+    assert paths == sorted([name, "sub/1.jpg", "sub/2.png", "sub/3.png"])  # once each
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["failed"] == [["pipe.jpg", "a FIFO (named pipe), not an image file"]]
+    table = pq.read_table(out / manifest["parts"][0]["file"])
+    assert table.column("path").to_pylist()[0] == "caf\\xe9.png"
+    assert table.column("path_bytes").to_pylist()[0] == b"caf\xe9.png"
+
+    part = manifest["parts"][1]
+    path = out / part["file"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x10  # Parquet writes no page checksums by default
+    path.write_bytes(bytes(data))
+    with pytest.raises(embed_lib.EmbedError, match="is damaged: its SHA-256"):
+        ck.load_features(out)
+    leftover = out / ".part-00000-of-00001-000009.parquet.x1y2z3.part"
+    leftover.write_bytes(b"a part being written when the run was killed")
+    old = time.time() - 3600
+    os.utime(leftover, (old, old))
+    with caplog.at_level("WARNING", logger="convnext_keras"):
+        again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert f"embedding {part['count']} of 5 images" in again.output
+    assert "is damaged" in caplog.text and not leftover.exists()
+    repaired, same_paths = ck.load_features(out)
+    assert same_paths == paths
+    np.testing.assert_array_equal(repaired, features)
 
 
 def test_an_empty_folder_and_a_folder_without_features_are_refused(tmp_path):

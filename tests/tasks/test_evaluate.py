@@ -359,24 +359,27 @@ def test_data_parallel_over_two_devices_agrees_with_reference(backend, tmp_path)
     assert out["acc1"] == pytest.approx(100 * np.mean(top1 == np.arange(5)))
 
 
-def test_cli_eval_fails_when_files_could_not_be_evaluated(tmp_path):
+def test_cli_eval_fails_when_files_could_not_be_evaluated(tmp_path, fifo):
     root = tmp_path / "val"
     photo = (SKIMAGE / "rocket.jpg").read_bytes()
     for wnid in (WNIDS[970], WNIDS[0]):
         (root / wnid).mkdir(parents=True)
         (root / wnid / "a.JPEG").write_bytes(photo)
     (root / WNIDS[0] / "x.jpg").mkdir()  # a directory where an image should be
+    fifo(root / WNIDS[0] / "pipe.JPEG")  # a named pipe: reported, never opened
     (root / WNIDS[0] / "cut.JPEG").write_bytes(photo[: len(photo) // 3])  # truncated JPEG
     model_file = tmp_path / "fixed.keras"
     fixed_model().save(model_file)
     args = ["eval", str(root), "--model", str(model_file), "--report", str(tmp_path / "r.json")]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1, result.output
-    assert "2 evaluated, 2 unreadable" in result.stdout
+    assert "2 evaluated, 3 unreadable" in result.stdout
     assert "x.jpg: a directory, not an image file" in result.stderr
-    assert "cut.JPEG" in result.stderr and "2 file(s) could not be evaluated" in result.stderr
+    assert "pipe.JPEG: a FIFO (named pipe), not an image file" in result.stderr
+    assert "cut.JPEG" in result.stderr and "3 file(s) could not be evaluated" in result.stderr
     report = json.loads((tmp_path / "r.json").read_text())
-    assert {Path(u["file"]).name for u in report["unreadable"]} == {"x.jpg", "cut.JPEG"}
+    names = {Path(u["file"]).name for u in report["unreadable"]}
+    assert names == {"x.jpg", "pipe.JPEG", "cut.JPEG"}
     allowed = CliRunner().invoke(main, [*args, "--allow-unreadable"])
     assert allowed.exit_code == 0, allowed.output
     # Nothing evaluable is an error, not "acc@1 0.000%", even with --allow-unreadable.
@@ -384,7 +387,7 @@ def test_cli_eval_fails_when_files_could_not_be_evaluated(tmp_path):
         (root / wnid / "a.JPEG").write_bytes(b"not a photo")
     nothing = CliRunner().invoke(main, [*args, "--allow-unreadable"])
     assert nothing.exit_code == 2, nothing.output
-    assert "error: None of the 4 file(s)" in nothing.stderr and "acc@1" not in nothing.stdout
+    assert "error: None of the 5 file(s)" in nothing.stderr and "acc@1" not in nothing.stdout
     for wnid in (WNIDS[970], WNIDS[0]):
         (root / wnid / "a.JPEG").write_bytes(photo)
 

@@ -274,21 +274,27 @@ def _invoke(args, env=None):
     return CliRunner().invoke(main, args, env=env, catch_exceptions=False)
 
 
-def test_cli_predict_json_and_failures(atto, tmp_path):
+def test_cli_predict_json_and_failures(atto, tmp_path, fifo):
+    """... and a FIFO named ``pipe.jpg`` among them (predict hung on it forever, the good
+    images got no answer): that file's error, at once."""
     _, ckpt = atto
     notes = tmp_path / "notes.jpg"
     notes.write_text("not a photo")
-    args = ["predict", str(PHOTOS[0]), str(notes), str(PHOTOS[1]), "--model", "convnext_atto"]
-    result = _invoke([*args, "--weights", str(ckpt), "--top", "3", "--json"])
+    pipe = fifo(tmp_path / "pipe.jpg")
+    args = ["predict", str(PHOTOS[0]), str(notes), str(PHOTOS[1]), str(pipe)]
+    result = _invoke(
+        [*args, "--model", "convnext_atto", "--weights", str(ckpt), "--top", "3", "--json"]
+    )
     assert result.exit_code == 1, result.output
     rows = json.loads(result.stdout)
-    assert [r["file"] for r in rows] == [str(PHOTOS[0]), str(notes), str(PHOTOS[1])]
+    assert [r["file"] for r in rows] == [str(PHOTOS[0]), str(notes), str(PHOTOS[1]), str(pipe)]
     assert "error" in rows[1] and "notes.jpg" in rows[1]["error"]
+    assert "a FIFO (named pipe), not an image file" in rows[3]["error"]
     assert [len(r["predictions"]) for r in (rows[0], rows[2])] == [3, 3]
     first = rows[0]["predictions"][0]
     assert set(first) == {"rank", "index", "wnid", "label", "probability"}
     assert first["label"] == labels.imagenet_1k().names[first["index"]]
-    assert "skipped:" in result.stderr and "1 of 3 images" in result.stderr
+    assert "skipped:" in result.stderr and "2 of 4 images" in result.stderr
 
     ok = _invoke(["predict", str(PHOTOS[0]), "--model", "convnext_atto", "--weights", str(ckpt)])
     assert ok.exit_code == 0, ok.output

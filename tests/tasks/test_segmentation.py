@@ -10,6 +10,7 @@ registry's settings scaled down (crop 64), which exercises the same code.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -136,10 +137,19 @@ def test_mixed_precision_gives_float32_logits(tiny):
 # The test-time procedure, restated with PyTorch on the transformers model
 
 
+def _padded_logits(torch_model, image, minimum=32):
+    """The model's logits of a normalised image, as mmseg 1.x's ``SegDataPreProcessor`` runs
+    one smaller than the network takes: zeros appended below and to the right up to
+    ``minimum``, the logits cut back to the image."""
+    _, _, height, width = image.shape
+    padded = F.pad(image, (0, max(minimum - width, 0), 0, max(minimum - height, 0)))
+    return torch_model(pixel_values=padded).logits[:, :, :height, :width]
+
+
 def _reference_logits(torch_model, image, mode, settings):
     """mmseg ``EncoderDecoder.whole_inference`` / ``slide_inference`` (before the rescale)."""
     if mode == "whole":
-        return torch_model(pixel_values=image).logits
+        return _padded_logits(torch_model, image)
     _, _, height, width = image.shape
     crop, stride = settings.crop, settings.stride
     preds = torch.zeros((1, 150, height, width))
@@ -148,7 +158,7 @@ def _reference_logits(torch_model, image, mode, settings):
         for col in range(max(width - crop + stride - 1, 0) // stride + 1):
             y2, x2 = min(row * stride + crop, height), min(col * stride + crop, width)
             y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
-            window = torch_model(pixel_values=image[:, :, y1:y2, x1:x2]).logits
+            window = _padded_logits(torch_model, image[:, :, y1:y2, x1:x2])
             preds += F.pad(window, (x1, width - x2, y1, height - y2))
             count[:, :, y1:y2, x1:x2] += 1
     return preds / count
@@ -266,6 +276,22 @@ def test_label_maps_match_the_reference_procedure(tiny, keras_tiny, mode, multi_
         keras_tiny.predict_on_batch, photo, settings, mode=mode, multi_scale=multi_scale
     )
     assert got.shape == photo.shape[:2] and got.dtype == np.uint8
+    assert_same_labels(got, reference)
+
+
+def test_thin_photos_are_padded_at_every_scale_as_the_reference(tiny, keras_tiny):
+    """A 3x100 strip under multi-scale + flip: whole images 1-2 pixels wide at every scale,
+    each padded with zeros (the mean colour) to the network's 32 pixels and its logits cut
+    back, as the PyTorch reference does; a label map of the photo's size, no error.  (Sliding
+    windows of a 450x4 strip: ``test_eval_seg_command_gives_the_reference_miou``.)"""
+    settings = dataclasses.replace(SMALL, multi_scale_ratios=(0.5, 1.25))
+    photo = np.ascontiguousarray(_photo(PHOTOS[1])[:100, 200:203])
+    mode = settings.multi_scale_mode
+    reference = reference_mask(
+        tiny[0], photo, dataclasses.replace(settings, mode=mode), True, library_resize
+    )
+    got = segment.label_map(keras_tiny.predict_on_batch, photo, settings, multi_scale=True)
+    assert got.shape == photo.shape[:2]
     assert_same_labels(got, reference)
 
 
@@ -506,14 +532,98 @@ def test_iou_accumulation_equals_a_brute_force_count():
         counts.update(np.zeros((2, 2), int), np.zeros((2, 3), int))
 
 
-def test_annotations_reduce_the_zero_label(tmp_path):
-    Image.fromarray(np.array([[0, 1], [150, 7]], np.uint8), mode="L").save(tmp_path / "a.png")
-    np.testing.assert_array_equal(ade20k.read_annotation(tmp_path / "a.png"), [[255, 0], [149, 6]])
+def _mmseg_annotation(path) -> np.ndarray:
+    """mmsegmentation 0.x's ``LoadAnnotations(reduce_zero_label=True)`` with its default
+    pillow backend, restated: ``mmcv.imfrombytes(flag="unchanged", backend="pillow")`` is
+    ``np.array(Image.open(f))``, then ``.squeeze().astype(np.uint8)``, then in uint8
+    ``gt[gt == 0] = 255; gt = gt - 1; gt[gt == 254] = 255``."""
+    gt = np.array(Image.open(path)).squeeze().astype(np.uint8)
+    gt[gt == 0] = 255
+    gt = gt - 1
+    gt[gt == 254] = 255
+    return gt
+
+
+def test_annotations_are_read_as_mmseg_reads_them(tmp_path):
+    """Every single-channel mode PIL opens (L, P, 1, I;16, I, F), values 0..255 and the 16-bit
+    ones mmseg wraps: equal to mmseg's loading; 0 and 255 are both ignored (255 is not class
+    254), 254 is class 253 (outside ADE20K's 150: scored, in no class)."""
+    values = np.array([[0, 1, 2, 150], [151, 253, 254, 255]], np.uint8)
+    palette = Image.new("P", values.shape[::-1])  # a palette annotation: indices are ids
+    palette.putdata(values.ravel().tolist())
+    images = {
+        "L": Image.fromarray(values),
+        "P": palette,
+        "1": Image.fromarray(values > 127),
+        "I;16": Image.fromarray(values.astype(np.uint16) + np.uint16(256 * 3)),
+        "I": Image.fromarray(values.astype(np.int32)),
+        "F": Image.fromarray(values.astype(np.float32)),
+    }
+    for mode, image in images.items():
+        assert image.mode == mode
+        path = tmp_path / f"{mode.replace(';', '_')}.{'png' if mode in ('L', 'P', '1') else 'tif'}"
+        image.save(path)
+        assert Image.open(path).mode == mode
+        got = ade20k.read_annotation(path)
+        np.testing.assert_array_equal(got, _mmseg_annotation(path), err_msg=mode)
+        assert got.dtype == np.int64
+    np.testing.assert_array_equal(
+        ade20k.read_annotation(tmp_path / "L.png"), [[255, 0, 1, 149], [150, 252, 253, 255]]
+    )
     Image.new("RGB", (2, 2)).save(tmp_path / "rgb.png")
-    with pytest.raises(ValueError, match="single-channel 8-bit PNG"):
+    with pytest.raises(ValueError, match="single-channel label image .* RGB"):
         ade20k.read_annotation(tmp_path / "rgb.png")
+    Image.fromarray(np.full((2, 2), 1.5, np.float32)).save(tmp_path / "half.tif")
+    with pytest.raises(ValueError, match="whole class ids 0..255"):
+        ade20k.read_annotation(tmp_path / "half.tif")
     assert len(ade20k.classes()) == 150 and ade20k.classes()[:3] == ("wall", "building", "sky")
     assert ade20k.palette().shape == (150, 3) and tuple(ade20k.palette()[2]) == (6, 230, 230)
+
+
+def _mmseg_intersect_and_union(pred, label, num_classes, ignore_index=255):
+    """mmseg 0.x ``mmseg/core/evaluation/metrics.py`` ``intersect_and_union``, restated with
+    torch as it is written there (``torch.histc`` over ``[0, num_classes - 1]``)."""
+    pred, label = torch.from_numpy(np.asarray(pred)), torch.from_numpy(np.asarray(label))
+    mask = label != ignore_index
+    pred, label = pred[mask], label[mask]
+    intersect = pred[pred == label]
+    hist = functools.partial(torch.histc, bins=num_classes, min=0, max=num_classes - 1)
+    area_intersect = hist(intersect.float())
+    area_pred, area_label = hist(pred.float()), hist(label.float())
+    return area_intersect, area_pred + area_label - area_intersect, area_pred, area_label
+
+
+def test_miou_equals_mmseg_on_annotations_with_0_and_255(tmp_path):
+    """Annotations holding 0, 255 and 254 read and scored as mmseg does (its loading, then
+    ``intersect_and_union`` summed over the set, ``mean_iou``'s nanmean): equal counts and
+    mIoU.  A 10-pixel band of 255 in otherwise perfect annotations leaves mIoU at 100 (it was
+    86.51 when 255 was read as class 254)."""
+    rng = np.random.default_rng(7)
+    classes, totals, counts = 150, None, seg_eval.IoUAccumulator(150)
+    for i, shape in enumerate([(12, 20), (9, 31), (16, 16)]):
+        stored = rng.integers(0, 256, shape).astype(np.uint8)
+        stored[:, :3] = rng.choice([0, 254, 255], (shape[0], 3))
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(stored).save(path)
+        prediction = rng.integers(0, classes, shape)
+        label = ade20k.read_annotation(path)
+        counts.update(prediction, label)
+        mine = _mmseg_intersect_and_union(prediction, _mmseg_annotation(path), classes)
+        totals = mine if totals is None else [a + b for a, b in zip(totals, mine)]
+    intersect, union, predicted, labelled = (t.numpy().astype(np.int64) for t in totals)
+    np.testing.assert_array_equal(counts.intersect, intersect)
+    np.testing.assert_array_equal(counts.union, union)
+    np.testing.assert_array_equal(counts.labelled, labelled)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        assert counts.metrics()["miou"] == pytest.approx(100 * np.nanmean(intersect / union))
+
+    perfect = rng.integers(1, 151, (40, 40)).astype(np.uint8)
+    banded = perfect.copy()
+    banded[:, 10:20] = 255
+    Image.fromarray(banded).save(tmp_path / "banded.png")
+    counts = seg_eval.IoUAccumulator(classes)
+    counts.update(perfect.astype(np.int64) - 1, ade20k.read_annotation(tmp_path / "banded.png"))
+    assert counts.metrics()["miou"] == 100.0
 
 
 def _ade_folder(root, torch_model):
@@ -525,7 +635,11 @@ def _ade_folder(root, torch_model):
     annotations.mkdir(parents=True)
     predictions, labels = [], []
     for i, photo_path in enumerate(PHOTOS[:3]):
-        photo = _photo(photo_path)
+        shutil.copy(photo_path, images / f"ADE_val_{i:08d}.jpg")
+    strip = np.ascontiguousarray(_photo(PHOTOS[1])[150:154, :450])  # 450x4: padded windows
+    Image.fromarray(strip).save(images / "ADE_val_00000003.jpg")
+    for i in range(4):
+        photo = _photo(images / f"ADE_val_{i:08d}.jpg")
         prediction, gap = reference_mask(torch_model, photo, SMALL, resize=library_resize)
         label = prediction.astype(np.int64)
         label[: label.shape[0] // 4] = 255
@@ -533,7 +647,8 @@ def _ade_folder(root, torch_model):
         block = label[-20:, -30:]  # a view: relabels the scored pixels of a corner
         block[block != 255] = (block[block != 255] + 7) % 150
         stored = np.where(label == 255, 0, label + 1).astype(np.uint8)
-        shutil.copy(photo_path, images / f"ADE_val_{i:08d}.jpg")
+        stored[:, -10:] = 255  # also ignored (mmseg: 255 stays 255, never class 254)
+        label[:, -10:] = 255
         Image.fromarray(stored, mode="L").save(annotations / f"ADE_val_{i:08d}.png")
         predictions.append(prediction)
         labels.append(label)
@@ -553,17 +668,18 @@ def test_eval_seg_command_gives_the_reference_miou(
 ):
     _serve(loopback_server, monkeypatch, tiny[1])  # --weights official: download, convert
     iou, acc, aacc = _ade_folder(tmp_path / "ADEChallengeData2016", tiny[0])
-    (
-        tmp_path / "ADEChallengeData2016" / "images" / "validation" / "ADE_val_00000099.jpg"
-    ).write_bytes(b"")
+    validation = tmp_path / "ADEChallengeData2016" / "images" / "validation"
+    (validation / "ADE_val_00000099.jpg").write_bytes(b"")
+    (validation / "ADE_val_00000098.jpg").mkdir()  # reported, as eval reports it
     report = tmp_path / "report.json"
     args = ["eval-seg", str(tmp_path), "--model", TINY]
     result = CliRunner().invoke(main, [*args, "--report", str(report)])
-    assert result.exit_code == 1, result.output  # the image without annotation
+    assert result.exit_code == 1, result.output  # the image without annotation, the directory
     assert "ADE_val_00000099.jpg: no annotation" in result.output
+    assert "ADE_val_00000098.jpg: a directory, not an image file" in result.output
     assert f"mIoU      {100 * np.nanmean(iou):.2f}%" in result.output
     data = json.loads(report.read_text())
-    assert data["evaluated"] == 3 and data["config"]["engine"] in ("onnxruntime", "keras")
+    assert data["evaluated"] == 4 and data["config"]["engine"] in ("onnxruntime", "keras")
     assert loopback_server.requests == ["/" + registry.CHECKPOINTS[TINY].source.path]
     assert data["miou"] == pytest.approx(100 * np.nanmean(iou), abs=1e-9)
     assert data["macc"] == pytest.approx(100 * np.nanmean(acc), abs=1e-9)
@@ -618,16 +734,20 @@ def test_segment_command_writes_label_maps_overlays_and_legends(
     monkeypatch.setattr(segment, "load_segmentation_model", load_once)
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
-    args = [str(p) for p in PHOTOS[:2]] + [str(broken)]
+    thin = tmp_path / "thin.png"  # 3000x20: windows 2 pixels high at the small scale
+    Image.fromarray(np.tile(_photo(PHOTOS[0])[:20, :300], (1, 10, 1))).save(thin)
+    args = [str(thin), str(broken)] + [str(p) for p in PHOTOS[:2]]
     out = tmp_path / "seg"
     result = CliRunner().invoke(
         main, ["segment", *args, "--model", TINY, "--weights", "none", "--out", str(out), "--json"]
     )
     assert result.exit_code == 1, result.output
     rows = json.loads(result.stdout)
-    assert [r["random_weights"] for r in rows] == [True] * 3
-    assert "cannot read as an image" in rows[2]["error"]
-    for row, photo in zip(rows, PHOTOS[:2]):
+    assert [r["random_weights"] for r in rows] == [True] * 4
+    assert "cannot read as an image" in rows[1]["error"]
+    assert rows[0]["size"] == [20, 3000] and "error" not in rows[0]  # one bad file only
+    assert np.asarray(Image.open(rows[0]["labels"])).shape == (20, 3000)
+    for row, photo in zip(rows[2:], PHOTOS[:2]):
         width, height = Image.open(photo).size
         assert row["size"] == [height, width]
         labels = Image.open(row["labels"])

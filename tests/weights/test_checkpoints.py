@@ -120,6 +120,77 @@ def test_safetensors_are_read_without_pytorch(atto_torch, tmp_path):
     assert out.stdout.split()[-2:] == [str(2 + 2 * 3 + 12 * 5 + 1 + 1), "False"]
 
 
+def test_bfloat16_safetensors_read_whatever_was_imported_first(atto_torch, tmp_path):
+    """A valid bfloat16 ``.safetensors`` (``model.to(torch.bfloat16)`` then saved): read in a
+    fresh process that imported nothing else first ("data type 'bfloat16' not understood"
+    unless Keras had imported ml_dtypes), each value the float32 of its bfloat16."""
+    import torch
+    from safetensors.torch import save_file
+
+    state = {k: v.to(torch.bfloat16) for k, v in atto_torch.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "bf16.safetensors"))
+    code = (
+        "import sys, numpy as np\n"
+        "from convnext_keras.weights.read import read_state_dict\n"
+        f"s = read_state_dict({str(tmp_path / 'bf16.safetensors')!r})\n"
+        "np.savez(sys.argv[1], **s)\n"
+        "print('keras' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "read.npz")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.split()[-1] == "False"
+    read = np.load(tmp_path / "read.npz")
+    for key, value in state.items():
+        assert read[key].dtype == np.float32
+        np.testing.assert_array_equal(read[key], value.float().numpy(), err_msg=key)
+
+
+def _follow_hint(message: str, file):
+    """Load the model the error's hint names, as it names it (``load_model('NAME',
+    weights=FILE, features='F')``)."""
+    import re
+
+    call = re.search(r"load_model\('([^']+)', weights=FILE, features='(\w+)'\)", message)
+    assert call, message
+    return ck.load_model(call.group(1), weights=file, features=call.group(2))
+
+
+@pytest.mark.equality
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_transformers_backbone_files_load_as_pyramids_with_their_stage_norms(tmp_path, v2):
+    """``ConvNextBackbone`` / ``ConvNextV2Backbone.save_pretrained`` files (stage-output norms
+    ``hidden_states_norms.stageN`` for its ``out_features``; loaded under no name before, the
+    hint naming a model that failed the same way): pyramid outputs equal transformers'
+    ``feature_maps`` within 1e-4, with the norms where the file has them.  Every hint of a
+    refusal is followed here, and loads."""
+    spec = registry.VARIANTS["convnextv2_atto" if v2 else "atto"]
+    features = ["stage1", "stage2", "stage3", "stage4"] if v2 else ["stage2", "stage4"]
+    torch_model = ref.hf_backbone(spec.depths, spec.dims, features, v2=v2, seed=3)
+    torch_model.save_pretrained(tmp_path / "backbone")
+    file = tmp_path / "backbone" / "model.safetensors"
+    x = np.random.default_rng(0).standard_normal((1, 64, 96, 3)).astype("float32")
+    with torch.no_grad():
+        maps = torch_model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).feature_maps
+    model = ck.load_model(spec.arch_name, weights=file, features="pyramid")
+    normed = sorted(layer.name for layer in model.layers if layer.name.endswith("output_norm"))
+    assert normed == [f"stage{int(f[-1]) - 1}_output_norm" for f in features]
+    got = model.predict_on_batch(x)
+    for name, expected in zip(features, maps, strict=True):
+        diff = np.max(np.abs(np.asarray(got[name]) - expected.numpy().transpose(0, 2, 3, 1)))
+        assert diff <= 1e-4, (name, diff)
+
+    other = "convnextv2_pico" if v2 else "convnext_femto"  # another size: the hint's call
+    for name, feature in ((other, None), (spec.arch_name, None), (spec.arch_name, "pooled")):
+        with pytest.raises(ck.CheckpointError, match="feature pyramid") as info:
+            ck.load_model(name, weights=file, features=feature)
+        followed = _follow_hint(str(info.value), file)
+        np.testing.assert_array_equal(followed.predict_on_batch(x)["stage4"], got["stage4"])
+
+
 def test_not_a_checkpoint(tmp_path):
     html = tmp_path / "page.pth"
     html.write_text("<!DOCTYPE html><html>404</html>")

@@ -370,3 +370,170 @@ def test_kill_9_mid_download_leaves_a_temp_file_a_later_load_removes(atto_mirror
     store.official_weights(ATTO)  # the next load clears it
     assert not leftover.exists()
     assert not list(folder.glob(".*.part")) and not list((isolated_cache / "keras").glob(".*"))
+
+
+def test_headers_then_silence_is_one_stall_not_four(atto_mirror, isolated_cache):
+    """A server that sends its headers and then nothing: one stall window (it took four, each
+    silence taken for a dropped connection and resumed), one request, nothing cached."""
+    atto_mirror.mode, atto_mirror.trickle_seconds = "silent", 10.0
+    start = time.monotonic()
+    with pytest.raises(ck.DownloadError, match="stalled: the server sent nothing for 1 s"):
+        download.fetch(ATTO.url, cache.checkpoint_cache_path(ATTO), verify=lambda p: p, stall=1.0)
+    assert time.monotonic() - start < 5 and len(atto_mirror.requests) == 1
+    assert not [f for f in _cache_files(isolated_cache) if not f.endswith(".lock")]
+
+
+def _stale(path, data=b""):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    old = time.time() - cache.STALE_SECONDS - 60
+    os.utime(path, (old, old))
+    return path
+
+
+def test_every_cache_folder_is_cleaned_on_every_load(atto_mirror, isolated_cache):
+    """Once the model is cached, a load reads only keras/ - and still removes what killed runs
+    left anywhere in the cache: a half download in checkpoints/ (and its sub-folders), a 0-byte
+    placeholder, safetensors' own ``.tmpXXXXXX`` of older versions.  A fresh temporary, and an
+    old one whose writer is alive (it holds the file), stay."""
+    store.official_weights(ATTO)
+    checkpoints, keras_dir = isolated_cache / "checkpoints", isolated_cache / "keras"
+    stale = [
+        _stale(checkpoints / f".{ATTO.filename}.k1ll3d.part", b"x" * 5000),
+        _stale(checkpoints / "convnextv2" / "im1k" / ".v2.pt.abc123.part"),
+        _stale(keras_dir / f".{ATTO.name}.safetensors.zz9.part"),
+        _stale(keras_dir / ".tmpAb3dE9", b"y" * 100),
+    ]
+    fresh = keras_dir / ".other.safetensors.fresh1.part"
+    fresh.write_bytes(b"")
+    with cache.atomic_path(keras_dir / "live.safetensors") as held:
+        _stale(held, b"being written")
+        store.official_weights(ATTO)
+        assert held.exists()  # its writer holds it
+    assert not [p for p in stale if p.exists()] and fresh.exists()
+    assert not (checkpoints / "convnextv2").exists()  # only the leftover filled it
+    assert len(atto_mirror.requests) == 1
+
+
+def test_a_pin_set_after_caching_is_checked_on_every_load(atto_mirror, atto_file, isolated_cache):
+    """The converted weights record the SHA-256 of the checkpoint they were made from: a pin
+    set later is checked against it on the warm path too (it was never checked there)."""
+    first = store.official_weights(ATTO)
+    digest = cache.file_sha256(atto_file)
+    meta = cache.read_converted_metadata(cache.converted_cache_path(ATTO))[1]
+    assert meta["source_sha256"] == digest and meta["format"] == cache.CONVERTED_FORMAT
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CONVNEXT_SHA256_CONVNEXT_ATTO_TEST", digest)  # the right pin: warm, offline
+        atto_mirror.mode = "html"
+        _same(store.official_weights(ATTO), first)
+        assert len(atto_mirror.requests) == 1
+        mp.setenv("CONVNEXT_SHA256_CONVNEXT_ATTO_TEST", "a" * 64)  # another file pinned
+        atto_mirror.mode = "ok"
+        with pytest.raises(ck.DownloadError, match="not a{64} as pinned by CONVNEXT_SHA256_"):
+            store.official_weights(ATTO)
+        assert len(list(cache.converted_cache_path(ATTO).parent.glob("*.corrupt-*"))) == 1
+
+
+def test_converted_weights_without_a_record_are_rebuilt_not_trusted(
+    atto_mirror, isolated_cache, caplog
+):
+    """A converted file whose record is gone is unverified: rebuilt from the checkpoint (its
+    CRC-32s and record checked), never re-recorded as it is - here it was damaged too."""
+    first = store.official_weights(ATTO)
+    converted = cache.converted_cache_path(ATTO)
+    _flip_byte(converted)
+    cache.record_path(converted).unlink()
+    with caplog.at_level("WARNING", logger="convnext_keras"):
+        _same(store.official_weights(ATTO), first)
+    assert "no SHA-256 record" in caplog.text and "unverified" in caplog.text
+    assert cache.read_record(converted) == cache.file_sha256(converted)
+    assert len(atto_mirror.requests) == 1  # from the cached checkpoint
+
+
+def _read_only(folder, script, env):
+    """Run ``script`` with ``folder`` mounted read-only (a mount namespace of an unprivileged
+    user namespace: ``unshare -rm``); None where the machine does not allow it."""
+    import shutil as sh
+
+    if not sh.which("unshare"):
+        return None
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f"mount --bind -o ro {folder} {folder}"],
+        capture_output=True,
+        timeout=30,
+    )
+    if probe.returncode != 0:
+        return None
+    command = f'mount --bind -o ro {folder} {folder} && exec {sys.executable} -c "$SCRIPT"'
+    return subprocess.run(
+        ["unshare", "-rm", "sh", "-c", command],
+        env={**env, "SCRIPT": script},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_a_complete_read_only_cache_loads_without_a_lock(atto_mirror, isolated_cache):
+    """A shared read-only cache (an NFS mount, as docs/embed.md suggests for Ray nodes): the
+    complete, verified entry loads without the lock file (EROFS, exit 2 before), stale
+    leftovers there are left alone, and an entry with only its checkpoint converts in memory.
+    On a read-only mount where the machine allows one (``unshare``), else simulated."""
+    first = store.official_weights(ATTO)
+    _stale(isolated_cache / "checkpoints" / ".leftover.pth.abc.part")
+    shutil.rmtree(isolated_cache / "locks")
+    script = textwrap.dedent(
+        f"""
+        import hashlib, os
+        from convnext_keras import registry
+        from convnext_keras.weights import cache, store
+        ckpt = registry.Checkpoint(**{_ATTO_ROW!r}, source=registry.Source({_ATTO_FILE!r}))
+        def digest(weights):
+            return hashlib.sha256(b"".join(a.tobytes() for k in sorted(weights)
+                                           for a in weights[k])).hexdigest()
+        print(digest(store.official_weights(ckpt)))
+        """
+    )
+    env = {**os.environ, "CONVNEXT_HOME": str(isolated_cache), "CONVNEXT_BASE_URL": "file:///x"}
+    done = _read_only(isolated_cache, script, env)
+    if done is None:  # simulated: creating the lock file fails as on a read-only mount
+        import errno
+
+        import filelock
+
+        def read_only(self, *args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system", self.lock_file)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(filelock.FileLock, "acquire", read_only)
+            _same(store.official_weights(ATTO), first)
+        return
+    assert done.returncode == 0, done.stderr[-3000:]
+    import hashlib
+
+    expected = hashlib.sha256(
+        b"".join(a.tobytes() for k in sorted(first) for a in first[k])
+    ).hexdigest()
+    assert done.stdout.split()[-1] == expected
+    assert (isolated_cache / "checkpoints" / ".leftover.pth.abc.part").exists()
+    assert not (isolated_cache / "locks").exists()
+    cache.converted_cache_path(ATTO).unlink()  # only the checkpoint: converted in memory
+    again = _read_only(isolated_cache, script, env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.split()[-1] == expected and "next load converts again" in again.stderr
+
+
+def test_fetch_into_a_folder_removes_what_a_killed_fetch_left(atto_mirror, tmp_path):
+    """``convnext fetch --to DIR`` killed mid-download left a partial file and the folders made
+    for a file of a sub-folder; the next fetch into DIR removes them (once stale)."""
+    folder = tmp_path / "carry"
+    partial = _stale(folder / f".{ATTO.filename}.k1ll3d.part", b"x" * 5000)
+    deep = _stale(folder / "convnextv2" / "im1k" / ".convnextv2_atto.pt.abc123.part")
+    mine = folder / "notes" / "keep.txt"  # the user's own files and folders stay
+    mine.parent.mkdir(parents=True)
+    mine.write_text("mine")
+    (folder / "empty").mkdir()
+    path, how = store.fetch_official(ATTO, folder)
+    assert how == "downloaded" and path.read_bytes()
+    assert not partial.exists() and not deep.exists() and not (folder / "convnextv2").exists()
+    assert mine.exists() and (folder / "empty").is_dir()

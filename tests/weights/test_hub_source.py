@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,12 +215,112 @@ def test_a_damaged_blob_in_the_hugging_face_cache_is_downloaded_again(
 
 
 def test_fetch_puts_a_hub_row_file_into_a_folder(hub_server, atto_file, tmp_path):
+    """``convnext fetch`` of a Hub row: the file, and a recipe that works for a Hub row
+    (``--weights FILE``, or the copied Hugging Face cache with ``HF_HUB_OFFLINE``) - not
+    ``CONVNEXT_BASE_URL``, which Hub rows never read.  Followed, the recipe classifies a photo
+    with the Hub unreachable; an encoder row's recipe names a command that takes it (embed)."""
+    from convnext_keras.cli.core import _offline_recipe
+
     _serve(hub_server, ATTO.source.repo, atto_file)
     result = CliRunner().invoke(main, ["fetch", ATTO.name, "--to", str(tmp_path / "carry")])
     assert result.exit_code == 0, result.output
     dest = tmp_path / "carry" / "hf" / ATTO.source.repo / "main" / "model.safetensors"
     assert dest.read_bytes() == atto_file.read_bytes()
     assert "copied from the Hugging Face cache" in result.output
+    assert "CONVNEXT_BASE_URL=" not in result.output
+    recipe = f"convnext predict IMAGES --model {ATTO.name} --weights {dest}"
+    assert recipe in result.output and "HF_HUB_OFFLINE=1" in result.output
+    hub_server.status = 503  # the machine without internet
+    photo = Path(__file__).parents[2] / "examples" / "images"
+    photo = sorted(photo.glob("*.jpg"))[0]
+    followed = CliRunner().invoke(main, recipe.replace("IMAGES", str(photo)).split()[1:])
+    assert followed.exit_code == 0, followed.output
+    (line,) = _offline_recipe([(DINO, tmp_path / "dino.safetensors")], tmp_path)
+    assert f"convnext embed IMAGES_DIR --out FEATURES --model {DINO.name} --weights" in line
+    assert "CONVNEXT_BASE_URL=" not in line
+
+
+# --- the official path's rules on the Hub path: bounded time, one line, no retry storm -------
+
+
+def _gave_up_quickly(call, seconds, *match):
+    """``call()`` raises a one-line DownloadError containing ``match`` within ``seconds``."""
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(download.DownloadError) as info:
+        call()
+    took = time.monotonic() - start
+    text = str(info.value)
+    assert took < seconds, f"took {took:.1f} s: {text}"
+    assert "\n" not in text and all(m in text for m in match), text
+    return text, took
+
+
+def test_a_hub_that_never_answers_or_is_down_or_offline_fails_in_one_line_at_once(
+    hub_server, atto_file, monkeypatch, caplog
+):
+    """A Hub that accepts and never answers (394 s of huggingface_hub's retries before), one
+    that answers HTTP 500, and none at all (offline: 23 s and 11 retry lines): each one line
+    within the client's timeout, with the ways out, and no retry."""
+    import socket
+
+    import huggingface_hub
+
+    _serve(hub_server, ATTO.source.repo, atto_file)
+    monkeypatch.setenv("CONVNEXT_STALL_SECONDS", "2")  # the metadata request's timeout too
+    mute = socket.socket()  # accepts connections (the backlog), never answers
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(8)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+    ports = {"mute": mute.getsockname()[1], "closed": closed.getsockname()[1]}
+    try:
+        for kind, limit in (("mute", 8), ("closed", 4)):
+            url = f"http://127.0.0.1:{ports[kind]}"
+            monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", url)
+            template = url + "/{repo_id}/resolve/{revision}/{filename}"
+            monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+            with caplog.at_level(logging.WARNING):
+                text, _ = _gave_up_quickly(
+                    lambda: hfhub.resolve_hub_address("hf://org/x/model.safetensors"),
+                    limit,
+                    "did not answer",
+                    "HF_HUB_OFFLINE=1",
+                    "weights=FILE",
+                )
+            assert "Retrying" not in caplog.text, caplog.text
+    finally:
+        mute.close()
+        closed.close()
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub_server.url)  # the loopback
+    template = hub_server.url + "/{repo_id}/resolve/{revision}/{filename}"  # Hub again, down
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    hub_server.status = 500
+    text, _ = _gave_up_quickly(lambda: store.official_weights(ATTO), 4, "HTTP 500")
+    assert len(hub_server.requests) == 1  # asked once, not 6 times
+
+
+def test_a_silent_or_trickling_file_server_is_a_stall_in_one_line(
+    hub_server, atto_file, isolated_cache, monkeypatch
+):
+    """The Hub answers, its file server sends the headers and then nothing (a 160-line
+    ``ReadTimeout`` traceback, exit 1, before) or one byte every 0.1 s (never abandoned
+    before): one line within the stall window, exit 2 on the command line, nothing cached."""
+    import huggingface_hub
+
+    _serve(hub_server, ATTO.source.repo, atto_file)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
+    monkeypatch.setenv("CONVNEXT_STALL_SECONDS", "1.5")
+    hub_server.mode = "silent"
+    _gave_up_quickly(lambda: store.official_weights(ATTO), 8, "stalled", "nothing arrived")
+    assert len(hub_server.cdn_requests) == 1  # no resume of a connection that sent nothing
+    hub_server.mode, hub_server.cdn_requests[:] = "trickle", []
+    _gave_up_quickly(lambda: store.official_weights(ATTO), 8, "stalled", "bytes/s over 1.5 s")
+    assert not cache.converted_cache_path(ATTO).exists() and not _blobs(hub_server)
+    result = CliRunner().invoke(main, ["fetch", ATTO.name, "--to", "carry"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "stalled" in result.output and "Traceback" not in result.output
 
 
 def test_list_does_not_import_huggingface_hub_without_a_downloaded_repository(tmp_path):

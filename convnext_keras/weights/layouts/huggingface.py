@@ -1,6 +1,15 @@
 """Hugging Face transformers' ``ConvNext*`` / ``ConvNextV2*`` layout (``embeddings``,
 ``encoder.stages.N.layers.M``, ``layer_scale_parameter``, ``classifier``; optionally under a
-``convnext.`` / ``convnextv2.`` prefix) -> the official names."""
+``convnext.`` / ``convnextv2.`` prefix) -> the official names.
+
+transformers' ``ConvNextBackbone`` / ``ConvNextV2Backbone`` (``save_pretrained`` of the backbone
+a ``UperNetForSemanticSegmentation`` uses) store the same network without final norm and head,
+plus a LayerNorm on the output of each stage in ``out_features``:
+``hidden_states_norms.stageN.*`` (N = 1..4).  Those become ``norm{N-1}.*``, the names of the
+stage-output norms of the official segmentation backbone (facebookresearch/ConvNeXt
+``semantic_segmentation/backbone/convnext.py``), which load as a pyramid model's
+``stage{i}_output_norm`` layers (:func:`convnext_keras.weights.convert.convert_state_dict`).
+"""
 
 from __future__ import annotations
 
@@ -22,6 +31,7 @@ RULES = [
     (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.grn\.bias$", r"stages.\1.\2.grn.beta"),
     (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.", r"stages.\1.\2."),  # dwconv, pwconv1/2
     (r"^layernorm\.", "norm."),
+    (r"^hidden_states_norms\.stage(\d+)\.", lambda m: f"norm{int(m.group(1)) - 1}."),
     (r"^classifier\.", "head."),
 ]
 _PREFIXES = ("convnext.embeddings.", "convnextv2.embeddings.", "embeddings.patch_embeddings.")

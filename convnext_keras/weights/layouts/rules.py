@@ -10,8 +10,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-#: ``[(regular expression, replacement)]``, applied in order; the first match wins.
-Rules = list[tuple[str, str]]
+#: ``[(regular expression, replacement)]``, applied in order; the first match wins.  A
+#: replacement is a ``re.sub`` template or a function of the match.
+Rules = list[tuple[str, str | Callable[[re.Match], str]]]
 
 
 def rename(

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from convnext_keras.cli import _checks as checks
 from convnext_keras.cli._app import (
     RANDOM_WEIGHTS_BANNER,
     WEIGHTS_HELP,
@@ -81,9 +82,11 @@ def export_command(
     Each export is reloaded and compared with the Keras model before it is moved into OUT;
     a failed verification leaves nothing there.
     """
-    # (``ck.export`` the attribute is the function; import from the module.)
-    from convnext_keras.export.exporter import ExportError, export_named
+    # (``ck.export`` the attribute is the function; import from the module: Keras-free.)
+    from convnext_keras.export.exporter import ExportError, check_named, export_named
 
+    check_named(name, out, formats, overwrite=overwrite, check_hub=check_hub)
+    checks.weights(name, parse_weights(weights))
     try:
         results = export_named(
             name,

@@ -133,3 +133,14 @@ def test_relative_links_point_at_existing_files_and_headings(doc):
         if anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
             broken.append(f"{target}: no heading #{anchor} in {dest.relative_to(ROOT)}")
     assert not broken, f"{doc.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+def test_the_docs_headings_that_messages_name_exist():
+    """Messages point users at a page and heading by text (`docs/install.md#mirrors`, in a
+    mirror's error): each one must be there."""
+    named = []
+    for source in sorted((ROOT / "convnext_keras").rglob("*.py")):
+        for file, anchor in re.findall(r"(docs/\w+\.md)#([\w-]+)", source.read_text()):
+            named.append((source.name, file, anchor))
+            assert anchor in _anchors(ROOT / file), (source, file, anchor)
+    assert ("download.py", "docs/install.md", "mirrors") in named

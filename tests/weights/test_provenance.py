@@ -247,3 +247,25 @@ def test_a_save_pretrained_folder_is_a_checkpoint(atto_model, tmp_path):
         folder_files(empty)
     with pytest.raises(FileNotFoundError, match="No such checkpoint file or folder"):
         ck.load_model("convnextv2_atto_1k_224", weights=tmp_path / "nope")
+
+
+def test_a_full_disk_is_said_once_however_often_the_model_loads(mirror, monkeypatch, caplog):
+    """The converted cache cannot be written (a full disk): the model still loads each time,
+    and the warning is one line per process, not one per load (it was printed twice by one
+    `convnext predict`)."""
+    import errno
+    import os
+
+    def full(weights, path, meta):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(store, "save_converted", full)
+    monkeypatch.setattr(store, "_UNSAVED", set())
+    with caplog.at_level(logging.WARNING, logger="convnext_keras"):
+        first = store.official_weights(ATTO)
+        second = store.official_weights(ATTO)  # converts again from the cached checkpoint
+    assert not cache.converted_cache_path(ATTO).exists()
+    assert first.keys() == second.keys()
+    assert all(np.array_equal(a, b) for k in first for a, b in zip(first[k], second[k]))
+    warnings = [r.getMessage() for r in caplog.records if "converts again" in r.getMessage()]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0], warnings

@@ -46,8 +46,9 @@ def list_models(pattern: str | None = None, *, include_fe: bool = True) -> list[
 def model_table(pattern: str | None = None) -> list[dict]:
     """One row per checkpoint: name, family, params, resolution, classes (None: an encoder
     without head), dataset, acc1, miou (segmentation models: ADE20K val, single scale), licence
-    (SPDX), cached, url, source (``"official"`` or the Hub address
-    ``hf://org/repo[@revision][/file]``, which ``weights=`` takes)."""
+    (SPDX), cached, cached_from (None, ``"official"``, the mirror's URL or ``"unknown"``:
+    :func:`convnext_keras.weights.store.cached_from`), url, source (``"official"`` or the Hub
+    address ``hf://org/repo[@revision][/file]``, which ``weights=`` takes)."""
     rows = []
     for name in list_models(pattern, include_fe=False):
         c = registry.CHECKPOINTS[name]
@@ -68,6 +69,7 @@ def model_table(pattern: str | None = None) -> list[dict]:
                 "miou": c.segmentation.reported_miou if c.segmentation else None,
                 "licence": c.licence,
                 "cached": store.is_cached(c),
+                "cached_from": store.cached_from(c),
                 "url": c.url,
                 "source": _source_text(c.source),
             }
@@ -335,15 +337,15 @@ def load_segmentation_model(
     return model
 
 
-def _converted_weights(
-    name: str, resolved: registry.ResolvedName, weights, convert_state, *, hub: bool = True
-) -> tuple[dict | None, str | None]:
-    """``(Keras weights or None, where they came from)`` for ``weights=``: the registry row's
-    own file (``"official"``: the converted cache, else download or Hub -> read -> convert ->
-    cache, :func:`convnext_keras.weights.store.official_weights`), None (random
-    initialisation), or a local file or ``hf://`` address read and converted by
-    ``convert_state(state_dict)``."""
+def check_weights(name: str, weights, *, hub: bool = True) -> registry.Checkpoint | None:
+    """Check ``weights=`` for the model ``name`` without reading anything: ``"official"`` needs
+    a name with an official checkpoint (``ValueError`` otherwise, naming the ways out), an
+    ``hf://`` address must parse (``hub``: whether the model takes one), a path must exist (a
+    checkpoint file, or a folder holding one: ``FileNotFoundError``).  Returns the registry
+    row whose official file ``"official"`` means (None for any other ``weights``).  Keras-free:
+    the command line checks ``--weights`` with it before a backend loads."""
     if isinstance(weights, str) and weights == OFFICIAL:
+        resolved = registry.resolve(name)
         if resolved.checkpoint is None:
             official = registry.checkpoints_for(resolved.variant.name)
             raise ValueError(
@@ -353,7 +355,32 @@ def _converted_weights(
                 + " for a local checkpoint."
                 + (f" Names with official weights: {', '.join(official)}." if official else "")
             )
-        return store.official_weights(resolved.checkpoint), resolved.checkpoint.url
+        return resolved.checkpoint
+    if weights is None:
+        return None
+    if hub and isinstance(weights, str) and weights.startswith(hfhub.HF_SCHEME):
+        hfhub.parse_hf_address(weights)
+        return None
+    path = Path(weights).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"No such checkpoint file or folder: {path} (given as "
+            f"{fix('weights=', '--weights ')}{weights})."
+        )
+    return None
+
+
+def _converted_weights(
+    name: str, resolved: registry.ResolvedName, weights, convert_state, *, hub: bool = True
+) -> tuple[dict | None, str | None]:
+    """``(Keras weights or None, where they came from)`` for ``weights=``: the registry row's
+    own file (``"official"``: the converted cache, else download or Hub -> read -> convert ->
+    cache, :func:`convnext_keras.weights.store.official_weights`), None (random
+    initialisation), or a local file, a folder holding one (transformers' ``save_pretrained``)
+    or an ``hf://`` address, read and converted by ``convert_state(state_dict)``."""
+    row = check_weights(name, weights, hub=hub)
+    if row is not None:
+        return store.official_weights(row), row.url
     if weights is None:
         return None, None
     if hub and isinstance(weights, str) and weights.startswith(hfhub.HF_SCHEME):
@@ -362,6 +389,29 @@ def _converted_weights(
         path = Path(weights).expanduser()
         source = str(path)
     return convert_state(read.read_state_dict(path)), source
+
+
+def classifier_row(name: str) -> registry.ResolvedName:
+    """The resolved name of a classifier (what predict and evaluate take); ``ValueError``
+    naming the right command or name for a segmentation model, a feature extractor or an
+    encoder.  Keras-free (the command line checks ``--model`` with it first)."""
+    resolved = registry.resolve(name)
+    if resolved.head == "segmentation":
+        raise ValueError(
+            f"{name!r} is a semantic-segmentation model: label images with "
+            f"{fix('convnext_keras.segment_files', 'convnext segment')} and evaluate it with "
+            + fix("convnext_keras.tasks.segment_eval.evaluate_segmentation", "convnext eval-seg")
+            + "."
+        )
+    if resolved.head != "classifier":
+        what = "a feature extractor" if resolved.head == "pooled" else "an encoder"
+        classifiers = registry.checkpoints_for(resolved.variant.name, 1000)
+        raise ValueError(
+            f"{name!r} is {what} without a classification head; predict and evaluate need "
+            f"a classifier name (e.g. {(classifiers or ['convnext_tiny_1k_224'])[0]}), or "
+            "fine-tune it first (convnext finetune)."
+        )
+    return resolved
 
 
 class ModelFileError(ValueError):

@@ -3,6 +3,10 @@
 * :func:`plain` strips terminal escape codes and other control characters from a message that
   quotes another library (PyTorch's unsafe-pickle text carries ``\\x1b[1m``), so an error is
   one clean line in a terminal, a log file or JSON.
+* :func:`require` is every optional import: a missing module is :class:`MissingDependencyError`,
+  one line naming what needs it and the extra that installs it
+  (``pip install "convnext-keras[embed]"``); :func:`check_installed` finds that out without
+  importing anything, for the checks made before any work starts.
 * :class:`ImageError`: a file that cannot be read as an image (the image readers of
   :mod:`convnext_keras.preprocess` and :mod:`convnext_keras.data.ade20k` raise it).
 * :func:`writing` turns a failed write - ``OSError`` (``ENOSPC``, ``EROFS``, ``EACCES``...) or
@@ -124,3 +128,95 @@ class ImageError(ValueError):
 
     def __reduce__(self):  # picklable across processes despite the two-argument __init__
         return (type(self), (self.path, self.reason))
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional dependencies: one rule for every optional import
+
+
+#: The pip name of each optional module whose name differs from it.
+_PIP_NAMES = {
+    "skimage": "scikit-image",
+    "sklearn": "scikit-learn",
+    "tensorflow_hub": "tensorflow-hub",
+    "tf_keras": "tf-keras",
+    "ray": "ray[data]",
+}
+
+
+class MissingDependencyError(ImportError, ValueError):
+    """An optional dependency that is not installed (or cannot be imported); ``str()`` is one
+    line naming what needs it and the extra that installs it: ``pip install
+    "convnext-keras[embed]"``.  Both an ``ImportError`` (what Python callers expect of a missing
+    module) and a ``ValueError`` (what the command line reports as one line, exit status 2)."""
+
+    def __init__(self, message: str, *, module: str, extra: str | None):
+        super().__init__(message, name=module)
+        self.module, self.extra = module, extra
+
+    def __reduce__(self):  # picklable across processes despite the keyword-only arguments
+        return (_missing, (str(self), self.module, self.extra))
+
+
+def _missing(message: str, module: str, extra: str | None) -> MissingDependencyError:
+    return MissingDependencyError(message, module=module, extra=extra)
+
+
+def missing_dependency(
+    module: str,
+    *,
+    extra: str | None,
+    purpose: str,
+    alternative: str = "",
+    cause: BaseException | None = None,
+) -> MissingDependencyError:
+    """The error for ``module`` missing: ``"<purpose> needs <package>, which is not installed:
+    pip install "convnext-keras[<extra>]" (<alternative>)."`` (``extra`` None: a package no
+    extra installs, ``pip install <package>``) - or, when ``cause`` shows the module is
+    installed but its import failed, that failure instead of "not installed"."""
+    top = module.split(".")[0]
+    package = _PIP_NAMES.get(top, top)
+    absent = cause is None or getattr(cause, "name", None) in (None, top, module)
+    why = (
+        "which is not installed"
+        if absent
+        else f"which could not be imported ({type(cause).__name__}: {plain(str(cause)).strip()})"
+    )
+    tail = f" ({alternative})" if alternative else ""
+    command = f'pip install "convnext-keras[{extra}]"' if extra else f"pip install {package}"
+    return MissingDependencyError(
+        f"{purpose} needs {package}, {why}: {command}{tail}.", module=module, extra=extra
+    )
+
+
+def require(module: str, *, extra: str | None, purpose: str, alternative: str = ""):
+    """``import module`` and return it, or raise :class:`MissingDependencyError` naming the
+    extra of this package that installs it (``extra``: a key of pyproject.toml's
+    ``optional-dependencies``), what needs it (``purpose``, e.g. ``"ONNX export"``) and any
+    other way (``alternative``, e.g. ``"or --format npy"``).  Every optional import of the
+    library goes through here, so a missing one is always the same one line."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise missing_dependency(
+            module, extra=extra, purpose=purpose, alternative=alternative, cause=e
+        ) from e
+
+
+def installed(module: str) -> bool:
+    """Whether ``module``'s top-level package can be found, without importing it (cheap: for
+    checks made before any work starts)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module.split(".")[0]) is not None
+    except (ImportError, ValueError):  # a parent package missing, or set to None in sys.modules
+        return False
+
+
+def check_installed(module: str, *, extra: str, purpose: str, alternative: str = "") -> None:
+    """:func:`require`'s error when ``module`` is not installed, found without importing it."""
+    if not installed(module):
+        raise missing_dependency(module, extra=extra, purpose=purpose, alternative=alternative)

@@ -133,3 +133,47 @@ def test_relative_links_point_at_existing_files_and_headings(doc):
         if anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
             broken.append(f"{target}: no heading #{anchor} in {dest.relative_to(ROOT)}")
     assert not broken, f"{doc.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+def test_the_docs_headings_that_messages_name_exist():
+    """Messages point users at a page and heading by text (`docs/install.md#mirrors`, in a
+    mirror's error): each one must be there."""
+    named = []
+    for source in sorted((ROOT / "convnext_keras").rglob("*.py")):
+        for file, anchor in re.findall(r"(docs/\w+\.md)#([\w-]+)", source.read_text()):
+            named.append((source.name, file, anchor))
+            assert anchor in _anchors(ROOT / file), (source, file, anchor)
+    assert ("download.py", "docs/install.md", "mirrors") in named
+
+
+def _install_table() -> dict[str, tuple[int, str]]:
+    """docs/install.md's measured set-ups: ``{"demo" | "test": (packages, size of .venv)}``."""
+    text = (ROOT / "docs" / "install.md").read_text()
+    found = {}
+    for step, total, size in re.findall(
+        r"^\| `make (demo|test)`'s set-up .*?\| (?:\+\d+ \()?(\d+)\)? \| ([\d.]+ GB)", text, re.M
+    ):
+        found[step] = (int(total), size)
+    return found
+
+
+def test_readme_install_figures_are_the_measured_ones_and_name_every_extra():
+    """The README's install line gives the packages and sizes docs/install.md measured (one
+    source of truth), the test command's duration and the quick loop, and its table names
+    every extra pyproject.toml declares (the test tools aside)."""
+    import tomllib
+
+    readme = (ROOT / "README.md").read_text()
+    table = _install_table()
+    assert set(table) == {"demo", "test"}, table
+    (demo,) = re.findall(r"`make demo` installs .*?\((\d+) packages, ([\d.]+ GB)\)", readme, re.S)
+    (test,) = re.findall(r"`make test` adds .*?\((\d+), ([\d.]+ GB)\)", readme, re.S)
+    assert (int(demo[0]), demo[1]) == table["demo"] and (int(test[0]), test[1]) == table["test"]
+    words = " ".join(readme.split())
+    assert re.search(r"`make test` takes about \d+ minutes on an idle 2-core machine", words)
+    assert "`make test-fast`" in readme and "test-fast:" in (ROOT / "Makefile").read_text()
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    named = set(re.findall(r'"\.\[(\w+)\]"', readme))
+    assert named == set(extras) - {"test"}, named ^ (set(extras) - {"test"})

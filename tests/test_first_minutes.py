@@ -101,12 +101,14 @@ def test_fetch_into_a_folder_then_use_it_as_base_url_without_a_server(
     assert len(bad.stderr.strip().splitlines()) == 1
 
 
-def test_random_weights_say_so_on_every_result():
-    result = _invoke(
-        ["predict", str(PHOTO), "--model", "convnext_atto", "--weights", "none", "--json"]
-    )
+def test_random_weights_say_so_on_every_result_and_are_the_same_every_run():
+    """--weights none draws seeded weights (as embed does): two runs, the same answers."""
+    args = ["predict", str(PHOTO), "--model", "convnext_atto", "--weights", "none", "--json"]
+    result = _invoke(args)
     assert result.exit_code == 0, result.output
-    assert [row["random_weights"] for row in json.loads(result.stdout)] == [True]
+    rows = json.loads(result.stdout)
+    assert [row["random_weights"] for row in rows] == [True]
+    assert json.loads(_invoke(args).stdout) == rows
 
 
 def test_errors_name_cli_flags_and_python_keywords(tmp_path):

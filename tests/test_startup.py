@@ -129,9 +129,22 @@ NOISE = (
     "To enable the following instructions: AVX2 FMA, in other operations, rebuild TensorFlow.\n"
     "I0000 00:00:1796016963.249864    5246 cudart_stub.cc:31] Could not find cuda drivers on "
     "your machine, GPU will not be used.\n"
+    # A TFLite export and its verification (captured from `convnext export --format tflite`).
+    "W0000 00:00:1796676677.481145   16041 tf_tfl_flatbuffer_helpers.cc:364] Ignored "
+    "output_format.\n"
+    "W0000 00:00:1796676677.481188   16041 tf_tfl_flatbuffer_helpers.cc:367] Ignored "
+    "drop_control_dependency.\n"
+    "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n"
+    # Ray's core worker on a successful `convnext embed --ray` run.
+    "[2026-12-07 20:51:43,228 E 16629 16629] core_worker.cc:2465: Actor with class name: "
+    "'MapWorker(MapBatches(_RayEmbedder))' and ID: '7b4deb0dbb8a42eda725b5cf01000000' has "
+    "constructor arguments in the object store and max_restarts > 0. If the arguments in the "
+    "object store go out of scope or are lost, the actor restart will fail.\n"
 )
 REAL = (
     "W0000 00:00:1796016964.000000    5246 some_op.cc:12] a real warning\n"
+    "W0000 00:00:1796676677.481188   16041 tf_tfl_flatbuffer_helpers.cc:367] Ignored other.\n"
+    "[2026-12-07 20:51:43,228 E 16629 16629] core_worker.cc:2465: a real Ray error\n"
     "E0000 00:00:1796016964.000001    5246 other.cc:34] a real error\n"
     "To enable the following instructions: (not a continuation: kept)\n"
 )

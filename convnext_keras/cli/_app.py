@@ -80,17 +80,48 @@ def main(ctx):
     ctx.with_resource(command_line())  # errors name flags (--weights none), not weights=None
 
 
-def echo_table(title: str, columns: list[str], rows: list[list], justify=None):
-    """Print a table with rich (aligned on a terminal, plain when piped)."""
+def table_width() -> int | None:
+    """The width tables are drawn in: the terminal's (None: rich asks it, ``$COLUMNS`` first),
+    or 200 when piped (one row per line in a log)."""
+    return None if sys.stdout.isatty() else 200
+
+
+def echo_table(title: str, columns: list[str], rows: list[list], justify=None, drop=()):
+    """Print a table with rich (aligned on a terminal, plain when piped).
+
+    The first column (the names) is never cut or wrapped: when the table is wider than the
+    terminal, the columns of ``drop`` (indices, least needed first) are left out one by one
+    until it fits, and the title says which; what still does not fit wraps in the other
+    columns.
+    """
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title, show_lines=False)
-    for i, col in enumerate(columns):
-        table.add_column(col, justify=(justify or {}).get(i, "left"))
-    for row in rows:
-        table.add_row(*[str(c) for c in row])
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    console = Console(width=table_width())
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max([len(col), *(len(row[i]) for row in cells)]) for i, col in enumerate(columns)]
+    shown = list(range(len(columns)))
+    left_out = []
+    for i in drop:  # a column takes its text, one space each side and one rule
+        if sum(widths[j] + 3 for j in shown) + 1 <= console.width:
+            break
+        shown.remove(i)
+        left_out.append(columns[i])
+    if left_out:
+        title = f"{title} - left out for the terminal's width: {', '.join(left_out)}"
+    table = Table(title=escape(title), show_lines=False)
+    for i in shown:
+        first = i == shown[0]
+        table.add_column(
+            escape(columns[i]),
+            justify=(justify or {}).get(i, "left"),
+            no_wrap=first,
+            min_width=widths[i] if first else None,
+        )
+    for row in cells:
+        table.add_row(*[escape(row[i]) for i in shown])
+    console.print(table)
 
 
 def backend_option(f):

@@ -12,10 +12,13 @@ Commands that compute call :func:`quiet_backend_logs` before a backend is import
 ``TF_CPP_MIN_LOG_LEVEL=1`` (INFO hidden, warnings and errors shown) and passes what the
 libraries write to file descriptor 2 through a small filter process that drops only the
 lines above: INFO lines, the absl banner, and the CUDA probes' failures on a machine without an
-NVIDIA device (where they are expected).  Every other line, warnings and errors included, goes
-through unchanged.  Python's own ``sys.stderr`` (errors, progress bars) keeps writing to the
-terminal directly.  The filter is a separate process so that it still passes on the last lines
-of a process that crashes.
+NVIDIA device (where they are expected) - and a few more lines that are noise on every run:
+the TFLite converter's ``Ignored output_format`` / ``Ignored drop_control_dependency`` and its
+interpreter's ``Created TensorFlow Lite XNNPACK delegate``, and Ray's core-worker error line
+about every Ray Data actor pool (``... max_restarts > 0``) on a successful ``--ray`` run.
+Every other line, warnings and errors included, goes through unchanged.  Python's own
+``sys.stderr`` (errors, progress bars) keeps writing to the terminal directly.  The filter is
+a separate process so that it still passes on the last lines of a process that crashes.
 
 Nothing is changed when the user set ``TF_CPP_MIN_LOG_LEVEL`` (their choice wins: ``0`` shows
 everything), or when ``sys.stderr`` is not the process's own (a test's CliRunner).
@@ -41,6 +44,15 @@ _NOISE = [
     _ABSL + r".*Unable to register cu(DNN|FFT|BLAS) factory",
     _ABSL + r".*[Cc]omputation placer already registered",
     _ABSL + r".*TF-TRT Warning: Could not find TensorRT",
+    # The TFLite converter's notes on options that TensorFlow itself passes it, and the
+    # interpreter's announcement of its default CPU delegate (TFLite export and verification).
+    r"W\d{4} [\d:.]+ +\d+ tf_tfl_flatbuffer_helpers\.cc:\d+\] Ignored "
+    r"(output_format|drop_control_dependency)\.",
+    r"INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.",
+    # Ray's core worker on every Ray Data actor pool (its actors may restart, their constructor
+    # arguments live in the object store): an error-level line on a run that succeeds.
+    r"\[[\d-]+ [\d:,.]+ E \d+ \d+\] core_worker\.cc:\d+: Actor with class name: .* has "
+    r"constructor arguments in the object store and max_restarts > 0",
 ]
 #: Expected where there is no NVIDIA device; a real problem where there is one.
 _NO_GPU_NOISE = [_ABSL + r".*failed call to cuInit"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from convnext_keras import registry
+from convnext_keras.cli import _checks as checks
 from convnext_keras.cli._app import (
     backend_option,
     echo_table,
@@ -26,8 +26,9 @@ from convnext_keras.cli._app import (
 @click.option(
     "--resolution",
     default=None,
-    type=click.IntRange(min=registry.MIN_INPUT_SIZE),
-    help="Input height and width (default: the checkpoint's, 224 for architectures).",
+    type=int,
+    help=f"Input height and width, {checks.RESOLUTION_RULE} (default: the checkpoint's, 224 "
+    "for architectures).",
 )
 @precision_option(
     "float32, mixed bfloat16 / float16 (Keras dtype policy), or int8 (inference only: "
@@ -43,6 +44,9 @@ def bench_command(
     model_name, batch_size, resolution, precision, mode, engine, warmup, repeats, as_json
 ):
     """Images/s (median of timed runs after warm-up, with spread) and peak memory."""
+    checks.model_name(model_name)
+    checks.resolution(model_name, resolution)
+    checks.engine_flags(precision, engine)
     from convnext_keras.tasks import bench
 
     result = bench.benchmark(
@@ -78,3 +82,5 @@ def bench_command(
         ],
         justify={1: "right", 2: "right", 3: "right", 4: "right", 5: "right"},
     )
+    if t.noise:
+        click.echo(f"{t.noise[0].upper()}{t.noise[1:]}.")

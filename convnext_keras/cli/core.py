@@ -30,7 +30,9 @@ _LICENCE_NOTES = {
 @click.option("--markdown", is_flag=True, help="A Markdown table (docs/models.md's columns).")
 def list_command(pattern, as_json, markdown):
     """Show the collection: name, params, resolution, classes, reported acc@1, licence, source
-    (the official server, or the Hugging Face Hub repository), cached?
+    (the official server, or the Hugging Face Hub repository), cached? (``yes (mirror)``: from a
+    CONVNEXT_BASE_URL mirror, not the official source; see `convnext cache list`). On a narrow
+    terminal the names stay whole and other columns are left out.
 
     PATTERN filters names: shell-style ('convnext_base*384', 'convnextv2*') or a substring
     ('xlarge').  ConvNeXt V2 weights are CC-BY-NC-4.0 (non-commercial use only); DINOv3's are
@@ -82,13 +84,23 @@ def list_command(pattern, as_json, markdown):
     echo_table(
         f"ConvNeXt collection ({'; '.join(notes)})",
         [*header, "source", "cached"],
-        [[*row, r["source"], "yes" if r["cached"] else "no"] for row, r in zip(cells, rows)],
+        [[*row, r["source"], _cached(r)] for row, r in zip(cells, rows)],
         justify={1: "right", 2: "right", 3: "right", 5: "right"},
+        # Left out first on a narrow terminal (never the names): source, pre-training, ...
+        drop=(7, 4, 3, 2, 8, 6, 1),
     )
 
 
+def _cached(row: dict) -> str:
+    """The "cached" cell: ``no``, ``yes``, or ``yes (mirror)`` for a file that did not come
+    from its official source (``convnext cache list`` says where it came from)."""
+    if not row["cached"]:
+        return "no"
+    return "yes" if row.get("cached_from") in ("official", "unknown") else "yes (mirror)"
+
+
 @main.command("convert")
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.argument("checkpoint", type=click.Path(exists=True))
 @click.option(
     "--model",
     "model_name",
@@ -104,10 +116,13 @@ def list_command(pattern, as_json, markdown):
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 def convert_command(checkpoint, model_name, out, features, overwrite):
-    """Convert CHECKPOINT (official, isotropic, timm, Hugging Face, DINOv3 or FCMAE layout) to
-    a .keras model."""
+    """Convert CHECKPOINT (official, isotropic, timm, Hugging Face, DINOv3 or FCMAE layout; a
+    file, or a folder holding one, as transformers' save_pretrained writes it) to a .keras
+    model."""
+    from convnext_keras import api, registry
+
+    registry.resolve(model_name)  # a typo is said before a backend loads
     quiet_backend_logs()
-    from convnext_keras import api
 
     path = api.convert_checkpoint(
         checkpoint, model_name, out, features=features, overwrite=overwrite

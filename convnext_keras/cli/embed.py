@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from convnext_keras import registry
+from convnext_keras.cli import _checks as checks
 from convnext_keras.cli._app import (
     RANDOM_WEIGHTS_BANNER,
     WEIGHTS_HELP,
@@ -43,8 +43,8 @@ from convnext_keras.cli._app import (
 @click.option(
     "--resolution",
     default=None,
-    type=click.IntRange(min=registry.MIN_INPUT_SIZE),
-    help="Input size. [default: the model's evaluation resolution]",
+    type=int,
+    help=f"Input size, {checks.RESOLUTION_RULE}. [default: the model's evaluation resolution]",
 )
 @click.option(
     "--part-size",
@@ -93,9 +93,14 @@ def embed_command(
     """Pooled features of every image below IMAGES_DIR into --out: parts of (path, feature,
     model, preprocessing) and a manifest. A killed run continues where it stopped when run
     again with the same options; unreadable files are listed in the manifest."""
-    from convnext_keras.tasks.embed import embed
+    from convnext_keras.tasks.embed import check_options, embed  # light: no Keras yet
 
     weights = parse_weights(weights)
+    checks.model_name(model)
+    checks.folder(images_dir, "image folder")
+    check_options(model, output_format, shard, resolution, ray_address)
+    checks.engine_flags(None, engine)
+    checks.weights(model, weights)
     if weights is None:  # stderr: the features themselves go to files
         click.echo(RANDOM_WEIGHTS_BANNER, err=True)
     embed(

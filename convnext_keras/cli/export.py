@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from convnext_keras.cli import _checks as checks
 from convnext_keras.cli._app import (
     RANDOM_WEIGHTS_BANNER,
     WEIGHTS_HELP,
@@ -97,8 +98,8 @@ def export_command(
     Each export is reloaded and compared with the Keras model before it is moved into OUT;
     a failed verification leaves nothing there.
     """
-    # (``ck.export`` the attribute is the function; import from the module.)
-    from convnext_keras.export.exporter import ExportError, export_named
+    # (``ck.export`` the attribute is the function; import from the module: Keras-free.)
+    from convnext_keras.export.exporter import ExportError, check_named, export_named
 
     presets = [f for f in formats if f.strip().lower().replace("_", "-") in KERAS_HUB_FORMATS]
     formats = [f for f in formats if f not in presets]
@@ -119,6 +120,9 @@ def export_command(
             "savedmodel and keras-hub would both write OUT/NAME; export them to different --out "
             "folders"
         )
+    if formats:
+        check_named(name, out, formats, overwrite=overwrite, check_hub=check_hub)
+    checks.weights(name, parse_weights(weights))
     results = []
     try:
         if formats:

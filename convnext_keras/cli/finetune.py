@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from convnext_keras import registry
+from convnext_keras.cli import _checks as checks
 from convnext_keras.cli._app import backend_option, main, parse_weights
 
 # Recipe options: every default is None ("the recipe's default", or the saved value when
@@ -94,8 +94,9 @@ _RECIPE_OPTIONS = [
     (
         "--resolution",
         "resolution",
-        click.IntRange(min=registry.MIN_INPUT_SIZE),
-        "Training/validation image size. [default: the model's, 224 or 384]",
+        int,
+        f"Training/validation image size, {checks.RESOLUTION_RULE}. [default: the model's, 224 "
+        "or 384]",
     ),
     ("--crop-pct", "crop_pct", float, "Validation centre-crop fraction. [default: the model's]"),
     (
@@ -151,6 +152,22 @@ def _recipe_options(f):
         nargs = len(kind) if isinstance(kind, tuple) else 1
         f = click.option(flag, dest, type=kind, nargs=nargs, default=None, help=help_text)(f)
     return f
+
+
+def _check_finetune(data_dir, resume_dir, given: dict) -> None:
+    """What ``finetune`` checks before a backend loads: DATA_DIR and --resume's folder exist,
+    --model is a name, --resolution fits it, a --weights path exists (the official file is
+    fetched as the run starts: its default depends on the model and on the run resumed)."""
+    checks.folder(data_dir, "data folder")
+    if resume_dir:
+        checks.folder(resume_dir, "run folder to resume")
+    model = given.get("model")
+    if model is not None:
+        checks.model_name(model)
+    checks.resolution(model, given.get("resolution"))
+    weights = given.get("weights")
+    if model is not None and weights not in (None, "official"):
+        checks.weights(model, weights)
 
 
 @main.command("finetune")
@@ -232,6 +249,7 @@ def finetune_command(
     given = {k: v for k, v in recipe.items() if v is not None}
     if "weights" in given:
         given["weights"] = parse_weights(given["weights"])
+    _check_finetune(data_dir, resume_dir, given)
     if multi_host:
         from convnext_keras.finetune import connect_hosts
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from convnext_keras.cli import _checks as checks
 from convnext_keras.cli._app import (
     RANDOM_WEIGHTS_BANNER,
     WEIGHTS_HELP,
@@ -36,6 +37,22 @@ def _read_labels(path):
     if not names:
         raise click.BadParameter(f"{path} holds no class names.", param_hint="--labels")
     return names
+
+
+def _check_predict(model_name, images, weights, precision, calibration, cam_dir) -> None:
+    """What ``predict`` checks before a backend loads (:mod:`._checks`)."""
+    checks.classifier(model_name)
+    checks.images(images)
+    checks.engine_flags(precision, "auto", calibration)
+    checks.cam(cam_dir)
+    checks.weights(model_name, parse_weights(weights))
+
+
+def _check_eval(model_name, weights, engine, precision, calibration) -> None:
+    """What ``eval`` checks before a backend loads (DATA: Click checks it exists)."""
+    checks.classifier(model_name)
+    checks.engine_flags(precision, engine, calibration)
+    checks.weights(model_name, parse_weights(weights))
 
 
 @main.command("predict")
@@ -73,6 +90,7 @@ def predict_command(
     Unreadable files (and any the model returns NaN/inf for) are reported and skipped; the
     exit status is 1 if any failed, 2 for a bad command (unknown model, damaged weights...).
     """
+    _check_predict(model_name, images, weights, precision, calibration, cam_dir)
     from convnext_keras.tasks.predict import predict_files
 
     results = predict_files(
@@ -144,6 +162,7 @@ def eval_command(
     Files that could not be evaluated (unreadable, unlabelled, a directory where an image should
     be, NaN/inf logits) are listed and make the exit status 1, unless --allow-unreadable.
     """
+    _check_eval(model_name, weights, engine, precision, calibration)
     from convnext_keras.tasks.evaluate import evaluate
 
     result = evaluate(

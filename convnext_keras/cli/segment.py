@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from convnext_keras.cli import _checks as checks
 from convnext_keras.cli._app import (
     PRECISIONS,
     RANDOM_WEIGHTS_BANNER,
@@ -111,6 +112,10 @@ def segment_command(
     overlay and a legend per image. Unreadable files are reported and skipped: exit status 1
     if any failed, 2 for a bad command.
     """
+    checks.segmentation(model_name)
+    checks.images(images)
+    checks.engine_flags(precision, engine)
+    checks.weights(model_name, parse_weights(weights), hub=False)
     from convnext_keras.tasks.segment import segment_files
 
     results = segment_files(
@@ -135,7 +140,9 @@ def segment_command(
                 continue
             height, width = r.mask.shape
             tag = "  [random weights]" if r.random_weights else ""
-            click.echo(f"{r.path}  ({width}x{height}, {len(r.classes)} classes){tag}")
+            click.echo(
+                f"{r.path}  (width {width} x height {height}, {len(r.classes)} classes){tag}"
+            )
             for _, name, _, share in r.classes[:_SHOWN]:
                 click.echo(f"  {100 * share:6.2f}%  {name}")
             if len(r.classes) > _SHOWN:
@@ -160,6 +167,9 @@ def eval_seg_command(
 ):  # fmt: skip
     """mIoU, mAcc and aAcc on ADE20K validation DATA (the ADEChallengeData2016 folder:
     images/validation/*.jpg, annotations/validation/*.png; label 0 is not scored)."""
+    checks.segmentation(model_name)
+    checks.engine_flags(precision, engine)
+    checks.weights(model_name, parse_weights(weights), hub=False)
     from convnext_keras.tasks.segment_eval import evaluate_segmentation
 
     result = evaluate_segmentation(

@@ -24,15 +24,21 @@ are rebuilt (:func:`graph_unsupported_reason`); anything else stays on Keras.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 
 from convnext_keras import registry
+from convnext_keras.errors import require
 from convnext_keras.nets.convnext import non_float32_layer, variant_of
 from convnext_keras.nets.layers import too_small_message
 
 #: ONNX opset of the graph (``Gelu`` is an operator from opset 20).
 OPSET = 20
+#: Protobuf serialises at most 2 GiB: a graph whose weights pass this many bytes is written in
+#: ONNX's external-data format (the weights in a file beside the graph; 64 MiB are left for the
+#: nodes and names).  ConvNeXt V2-H (660M parameters, 2.6 GB) is over it, ConvNeXt-XL is under.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 
 
 #: Every layer of a plain ConvNeXt built by this library (anything else: not ours to rebuild).
@@ -92,18 +98,39 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
+def require_onnx(purpose: str = "This library's ONNX graph", extra: str = "export"):
+    """The ``onnx`` module, or :class:`convnext_keras.errors.MissingDependencyError` naming
+    ``extra``."""
+    return require("onnx", extra=extra, purpose=purpose)
+
+
 class _GraphBuilder:
-    """Accumulates ONNX nodes and initializers with unique names."""
+    """Accumulates ONNX nodes and initializers, every name unique.
+
+    A constant asked for under a name already taken reuses it when the value is the same (the
+    ``1.0`` of GELU and of GRN in one block) and gets a new name otherwise: onnxruntime warns
+    about every duplicate initializer name, and a duplicate with another value would be wrong.
+    """
 
     def __init__(self):
-        from onnx import helper, numpy_helper
+        onnx = require_onnx()
 
-        self.helper, self.numpy_helper = helper, numpy_helper
+        self.helper, self.numpy_helper = onnx.helper, onnx.numpy_helper
         self.nodes, self.initializers = [], []
         self._count = 0
+        self._consts: dict[str, np.ndarray] = {}
 
     def const(self, array, name) -> str:
-        self.initializers.append(self.numpy_helper.from_array(np.asarray(array), name))
+        array = np.asarray(array)
+        base, n = name, 1
+        while name in self._consts:
+            known = self._consts[name]
+            if known.dtype == array.dtype and np.array_equal(known, array):
+                return name
+            n += 1
+            name = f"{base}_{n}"
+        self._consts[name] = array
+        self.initializers.append(self.numpy_helper.from_array(array, name))
         return name
 
     def op(self, op_type, inputs, name, **attrs) -> str:
@@ -243,6 +270,91 @@ def check_input_size(spec, height: int | None, width: int | None) -> None:
             raise ValueError(too_small_message(height, width, spec.min_input_size))
 
 
+def weight_bytes(graph) -> int:
+    """Bytes of an ``onnx.ModelProto``'s initializers (their shapes times their element sizes,
+    read without serialising anything)."""
+    onnx = require_onnx()
+
+    total = 0
+    for tensor in graph.graph.initializer:
+        size = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        total += size * int(np.prod(tensor.dims, dtype=np.int64))
+    return total
+
+
+def needs_external_data(graph, threshold: int | None = None) -> bool:
+    """Whether ``graph``'s weights pass ``threshold`` bytes (default
+    :data:`EXTERNAL_DATA_THRESHOLD`), so that it must be saved with external data."""
+    limit = EXTERNAL_DATA_THRESHOLD if threshold is None else threshold
+    return weight_bytes(graph) > limit
+
+
+def data_file(path) -> Path:
+    """The external-data file of the ONNX file ``path``: ``<path>.data`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
+def save_graph(graph, path, *, threshold: int | None = None) -> list[Path]:
+    """Write ``graph`` (an ``onnx.ModelProto``) to ``path``; returns the files written.
+
+    Up to ``threshold`` bytes of weights (default :data:`EXTERNAL_DATA_THRESHOLD`) one file;
+    above it, ONNX's external-data format: the graph in ``path`` and every tensor over 1 KiB in
+    :func:`data_file` (``<name>.onnx.data``) beside it, found by its relative name, so the two
+    files move together.  onnxruntime (``InferenceSession(path)``), OpenVINO
+    (``Core().read_model(path)``) and ``onnx.load(path)`` read both.  Saving with external data
+    moves the weights out of ``graph`` (it keeps references to the data file).
+    """
+    onnx = require_onnx()
+
+    path = Path(path)
+    if not needs_external_data(graph, threshold):
+        onnx.save_model(graph, str(path))
+        return [path]
+    data = data_file(path)
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save_model(
+        graph,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+    )
+    return [path, data]
+
+
+class GraphFiles:
+    """A graph as an engine loads it: ``source`` is its serialised bytes, or - for a graph over
+    the external-data threshold - the path of the graph saved with its data file in a temporary
+    folder, which lives as long as this object (keep it with the engine's session: engines may
+    map the data file instead of copying it)."""
+
+    def __init__(self, graph, threshold: int | None = None):
+        self._folder = None
+        if isinstance(graph, bytes):
+            self.source = graph
+        elif needs_external_data(graph, threshold):
+            import tempfile
+
+            self._folder = tempfile.TemporaryDirectory(prefix="convnext-graph-")
+            path = Path(self._folder.name) / "graph.onnx"
+            save_graph(graph, path, threshold=threshold)
+            self.source = str(path)
+        else:
+            self.source = graph.SerializeToString()
+
+    @property
+    def external(self) -> bool:
+        """Whether the graph is a file with external data (not bytes)."""
+        return self._folder is not None
+
+    def close(self) -> None:
+        if self._folder is not None:
+            self._folder.cleanup()
+            self._folder = None
+
+
 def build_onnx_graph(
     model,
     height: int | None,
@@ -262,7 +374,7 @@ def build_onnx_graph(
     models it cannot rebuild (see :func:`graph_unsupported_reason`) and for inputs smaller than
     the network's total stride.
     """
-    from onnx import TensorProto
+    TensorProto = require_onnx().TensorProto
 
     outputs = _graph_outputs(model)
     if isinstance(outputs, str):

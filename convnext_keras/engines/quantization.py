@@ -18,7 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from convnext_keras.engines.onnx_graph import build_onnx_graph, check_input_size, unsupported_reason
+from convnext_keras.engines.onnx_graph import (
+    build_onnx_graph,
+    check_input_size,
+    save_graph,
+    unsupported_reason,
+)
+from convnext_keras.errors import missing_dependency, require
+from convnext_keras.interface import fix
 from convnext_keras.nets.convnext import INT8, variant_of
 
 #: What the onnxruntime engine computes in.
@@ -70,10 +77,12 @@ def calibration_files(source=None) -> list[Path]:
     if source is None:
         files = sample_photos()
         if not files:
-            raise ValueError(
-                "int8 calibrates on real photos and none were given: pass calibration=FOLDER "
-                "(CLI: --calibration DIR) with photos like the ones you will classify, or "
-                "install scikit-image (pip install scikit-image) for its sample photos."
+            raise missing_dependency(
+                "skimage",
+                extra="int8",
+                purpose="int8 calibration on the default sample photos",
+                alternative=f"or pass {fix('calibration=FOLDER', '--calibration DIR')} with "
+                "photos like the ones you will classify",
             )
         return files
     paths = [Path(source)] if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]
@@ -166,8 +175,8 @@ def quantize_int8(model, calibration, *, reduce_range: bool | None = None):
 
     Returns the quantized ``onnx.ModelProto``; its ``metadata_props`` record the settings.
     """
-    import onnx
-    from onnxruntime import quantization as q
+    onnx = require("onnx", extra="int8", purpose="The int8 precision")
+    q = require("onnxruntime.quantization", extra="int8", purpose="The int8 precision")
 
     reason = unsupported_reason(model)
     if reason:
@@ -189,9 +198,13 @@ def quantize_int8(model, calibration, *, reduce_range: bool | None = None):
 
     with tempfile.TemporaryDirectory(prefix="convnext_int8_") as tmp:
         source, prepared, out = (Path(tmp, n) for n in ("float.onnx", "pre.onnx", "int8.onnx"))
-        onnx.save(build_onnx_graph(model, None, None), source)
-        q.quant_pre_process(source, prepared, skip_symbolic_shape=True)  # as onnxruntime advises
-        head = [n.name for n in onnx.load(prepared).graph.node if n.name.startswith("head")]
+        # A graph over protobuf's 2 GiB (ConvNeXt V2-H) goes through with external data.
+        external = len(save_graph(build_onnx_graph(model, None, None), source)) > 1
+        q.quant_pre_process(  # as onnxruntime advises
+            source, prepared, skip_symbolic_shape=True, save_as_external_data=external
+        )
+        graph = onnx.load(prepared, load_external_data=False)
+        head = [n.name for n in graph.graph.node if n.name.startswith("head")]
         q.quantize_static(
             prepared,
             out,
@@ -204,6 +217,7 @@ def quantize_int8(model, calibration, *, reduce_range: bool | None = None):
             weight_type=q.QuantType.QInt8,
             nodes_to_exclude=head,
             calibrate_method=q.CalibrationMethod.MinMax,
+            use_external_data_format=external,
             extra_options={
                 "MatMulConstBOnly": True,
                 "OpTypesToExcludeOutputQuantization": ["MatMul"],

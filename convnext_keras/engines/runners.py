@@ -21,12 +21,19 @@ Weights are copied when a runner is made: a runner made before training or a
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import weakref
 
 import numpy as np
 
-from convnext_keras.engines.onnx_graph import build_onnx_graph, check_input_size, unsupported_reason
+from convnext_keras.engines.onnx_graph import (
+    GraphFiles,
+    build_onnx_graph,
+    check_input_size,
+    unsupported_reason,
+)
 from convnext_keras.engines.quantization import (
     PRECISIONS,
     as_calibration,
@@ -34,8 +41,11 @@ from convnext_keras.engines.quantization import (
     calibration_images,
     quantize_int8,
 )
+from convnext_keras.errors import installed, missing_dependency, plain, require
 from convnext_keras.nets.convnext import INT8, variant_of
 from convnext_keras.nets.layers import too_small_message
+
+logger = logging.getLogger("convnext_keras")
 
 ENGINES = ("auto", "openvino", "onnxruntime", "keras")
 #: Engines that run this library's ONNX graph on the CPU, in the order ``"auto"`` tries them.
@@ -43,19 +53,53 @@ GRAPH_ENGINES = ("openvino", "onnxruntime")
 
 
 def onnxruntime_available() -> bool:
-    """Whether ``import onnxruntime`` works (it ships in the ``export`` extra)."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether onnxruntime is installed (the ``int8`` and ``export`` extras); found without
+    importing it."""
+    return installed("onnxruntime")
 
 
 def openvino_available() -> bool:
     """Whether OpenVINO is installed (the ``openvino`` extra); found without importing it."""
-    import importlib.util
+    return installed("openvino")
 
-    return importlib.util.find_spec("openvino") is not None
+
+def check_onnxruntime(purpose: str, extra: str = "int8") -> None:
+    """:class:`convnext_keras.errors.MissingDependencyError` (one line: ``pip install
+    "convnext-keras[int8]"``) unless onnxruntime and onnx are installed; ``purpose`` names what
+    needs them."""
+    if not onnxruntime_available():
+        raise missing_dependency("onnxruntime", extra=extra, purpose=purpose)
+    if not installed("onnx"):
+        raise missing_dependency("onnx", extra=extra, purpose=purpose)
+
+
+def import_openvino():
+    """``import openvino``, without the usage telemetry its model converter sends.
+
+    ``import openvino`` imports its converter (``openvino.tools.ovc``), which starts
+    ``openvino_telemetry``: unless the user opted out, it sends a usage event to Google
+    Analytics from a forked process (JAX then warns that ``os.fork()`` was called in its
+    multithreaded process; offline the child waits for its timeout).  This library never asked
+    its users for that consent, so it imports OpenVINO as OpenVINO does where
+    ``openvino_telemetry`` is not installed: with the converter's own stand-in
+    (``openvino.tools.ovc.telemetry_stub``).  Nothing else changes; the user's own use of
+    OpenVINO's tools in another process is untouched.
+    """
+    import sys
+
+    if "openvino" in sys.modules:
+        return sys.modules["openvino"]
+    hidden = [
+        m for m in ("openvino_telemetry", "openvino_telemetry.backend") if m not in sys.modules
+    ]
+    for name in hidden:
+        sys.modules[name] = None  # an ImportError for `import openvino_telemetry`
+    try:
+        return require("openvino", extra="openvino", purpose="The openvino engine")
+    finally:
+        for name in hidden:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
 
 
 def cpu_graph_engine() -> str | None:
@@ -72,19 +116,31 @@ def _threads(threads: int | None) -> int | None:
     return threads if threads is not None else (int(env) if env else None)
 
 
-def onnx_session(graph, threads: int | None = None):
+def onnx_session(graph, threads: int | None = None, *, threshold: int | None = None):
     """An onnxruntime CPU session of ``graph`` (an ``onnx.ModelProto`` or its bytes) with the
     engine's settings: every graph optimisation, ``threads`` intra-op threads (None:
-    onnxruntime's default, one per physical core) and sequential execution."""
-    import onnxruntime as ort
+    onnxruntime's default, one per physical core) and sequential execution.
+
+    A graph whose weights pass ``threshold`` bytes (default
+    :data:`.onnx_graph.EXTERNAL_DATA_THRESHOLD`, protobuf's 2 GiB) is loaded from a temporary
+    file with external data (:class:`.onnx_graph.GraphFiles`), kept as long as the session."""
+    ort = require("onnxruntime", extra="int8", purpose="The onnxruntime engine")
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    data = graph if isinstance(graph, bytes) else graph.SerializeToString()
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    files = GraphFiles(graph, threshold)
+    try:
+        session = ort.InferenceSession(files.source, options, providers=["CPUExecutionProvider"])
+    except BaseException:
+        files.close()
+        raise
+    if files.external:
+        session.graph_files = files  # the data file lives as long as the session
+        weakref.finalize(session, files.close)
+    return session
 
 
 def nhwc_batch(images, min_size: int) -> np.ndarray:
@@ -103,7 +159,44 @@ def nhwc_batch(images, min_size: int) -> np.ndarray:
     return x
 
 
-class OnnxRunner:
+class _GraphRunner:
+    """What the graph engines' runners share: input checks, and the way back to Keras.
+
+    ``fallback``: None (an engine failure raises), or the Keras function to run instead when
+    the engine cannot run the model (:func:`inference_function` sets it for ``engine="auto"``):
+    the first failure is said in one line (``convnext_keras`` logger, a warning) and every
+    later call goes to Keras.  Bad inputs (a wrong shape, an image too small) raise either way.
+    """
+
+    #: The engine's name (``"onnxruntime"``, ``"openvino"``).
+    engine = ""
+    fallback = None
+    #: Why the engine gave way to Keras (None while it runs the model).
+    fell_back: str | None = None
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, images) -> np.ndarray:
+        x = nhwc_batch(images, self.min_size)
+        if self.fell_back is None:
+            try:
+                return self._run(x)
+            except Exception as e:
+                if self.fallback is None:
+                    raise
+                first = (plain(str(e)).strip().splitlines() or [""])[0][:200]
+                self.fell_back = f"{type(e).__name__}: {first}" if first else type(e).__name__
+                logger.warning(
+                    f"convnext_keras: the {self.engine} engine cannot run {self.model.name} "
+                    f"({self.fell_back}); running it on Keras instead."
+                )
+        return np.asarray(self.fallback(x))
+
+    predict_on_batch = __call__
+
+
+class OnnxRunner(_GraphRunner):
     """Inference of a float32 ConvNeXt Keras model with onnxruntime (CPU), in float32 or int8.
 
     ``runner(images)`` takes an NHWC float batch (numpy or anything ``np.asarray`` accepts)
@@ -124,8 +217,13 @@ class OnnxRunner:
             scikit-learn through the official 224 transform.
 
     Raises ``ValueError`` for models it cannot run (:func:`unsupported_reason`) and a
-    ``precision`` other than ``"fp32"``/``"int8"``, ``ImportError`` without onnxruntime.
+    ``precision`` other than ``"fp32"``/``"int8"``,
+    :class:`convnext_keras.errors.MissingDependencyError` (an ``ImportError``) without
+    onnxruntime.  A graph over protobuf's 2 GiB (ConvNeXt V2-H) is loaded with external data
+    (:func:`onnx_session`).
     """
+
+    engine = "onnxruntime"
 
     def __init__(
         self,
@@ -143,11 +241,10 @@ class OnnxRunner:
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"OnnxRunner cannot run {model.name!r}: {reason}.")
-        if not onnxruntime_available():
-            raise ImportError(
-                "OnnxRunner needs onnxruntime: pip install onnxruntime "
-                "(or pip install 'convnext-keras[export]')."
-            )
+        check_onnxruntime(
+            "The int8 precision" if precision == INT8 else "The onnxruntime engine",
+            "int8" if precision == INT8 else "export",
+        )
         self.model = model
         self.min_size = variant_of(model).min_input_size
         self.precision = precision
@@ -179,14 +276,11 @@ class OnnxRunner:
                 self._sessions[key] = onnx_session(graph, self.threads)
             return self._sessions[key]
 
-    def __call__(self, images) -> np.ndarray:
-        x = nhwc_batch(images, self.min_size)
+    def _run(self, x: np.ndarray) -> np.ndarray:
         return self.session(x.shape[1], x.shape[2]).run(None, {"images": x})[0]
 
-    predict_on_batch = __call__
 
-
-class OpenVinoRunner:
+class OpenVinoRunner(_GraphRunner):
     """Inference of a float32 ConvNeXt Keras model with OpenVINO's CPU plugin.
 
     ``runner(images)`` takes an NHWC float batch and returns a numpy array: logits for a
@@ -200,9 +294,15 @@ class OpenVinoRunner:
     (one infer request per compiled graph) and every output is copied out of OpenVINO's
     buffers.
 
+    A graph over protobuf's 2 GiB (ConvNeXt V2-H) is read from a temporary file with external
+    data (:class:`.onnx_graph.GraphFiles`).
+
     Raises ``ValueError`` for models it cannot run (:func:`unsupported_reason`),
-    ``ImportError`` without OpenVINO (``pip install openvino``).
+    :class:`convnext_keras.errors.MissingDependencyError` (an ``ImportError``) without OpenVINO
+    (``pip install "convnext-keras[openvino]"``).
     """
+
+    engine = "openvino"
 
     #: Shapes whose compiled graphs are kept (a run's batch size, its last smaller batch, ...).
     CACHED_SHAPES = 4
@@ -212,10 +312,11 @@ class OpenVinoRunner:
         if reason:
             raise ValueError(f"OpenVinoRunner cannot run {model.name!r}: {reason}.")
         if not openvino_available():
-            raise ImportError(
-                "The openvino engine needs OpenVINO: pip install openvino "
-                "(or pip install 'convnext-keras[openvino]'); engine 'auto' uses onnxruntime "
-                "without it."
+            raise missing_dependency(
+                "openvino",
+                extra="openvino",
+                purpose="The openvino engine",
+                alternative="engine 'auto' uses onnxruntime without it",
             )
         self.model = model
         self.min_size = variant_of(model).min_input_size
@@ -225,29 +326,32 @@ class OpenVinoRunner:
 
     def _request(self, shape: tuple[int, ...]):
         if shape not in self._requests:
-            import openvino as ov
+            ov = import_openvino()
 
             if len(self._requests) >= self.CACHED_SHAPES:
                 self._requests.pop(next(iter(self._requests)))
             core = ov.Core()
-            graph = core.read_model(
-                build_onnx_graph(self.model, *shape[1:3]).SerializeToString(), b""
-            )
-            graph.reshape({graph.inputs[0].get_any_name(): list(shape)})
-            config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
-            if self.threads:
-                config["INFERENCE_NUM_THREADS"] = self.threads
-            self._requests[shape] = core.compile_model(graph, "CPU", config).create_infer_request()
-        return self._requests[shape]
+            files = GraphFiles(build_onnx_graph(self.model, *shape[1:3]))
+            try:
+                source = files.source
+                graph = core.read_model(source) if files.external else core.read_model(source, b"")
+                graph.reshape({graph.inputs[0].get_any_name(): list(shape)})
+                config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+                if self.threads:
+                    config["INFERENCE_NUM_THREADS"] = self.threads
+                request = core.compile_model(graph, "CPU", config).create_infer_request()
+            except BaseException:
+                files.close()
+                raise
+            # The data file of a graph over 2 GiB lives as long as its compiled graph.
+            self._requests[shape] = (request, files)
+        return self._requests[shape][0]
 
-    def __call__(self, images) -> np.ndarray:
-        x = nhwc_batch(images, self.min_size)
+    def _run(self, x: np.ndarray) -> np.ndarray:
         with self._lock:
             request = self._request(x.shape)
             request.infer({0: x})
             return np.array(request.get_output_tensor(0).data, copy=True)
-
-    predict_on_batch = __call__
 
 
 def accelerator() -> str | None:
@@ -338,16 +442,22 @@ def inference_function(
     calibrated on ``calibration``, see :class:`OnnxRunner`) on onnxruntime, on the CPU even
     where a GPU is present; it needs a float32 model and raises ``ValueError`` with
     ``engine="keras"``.  None (default): the model as it computes.
+
+    With ``"auto"``, an engine that cannot run the model after all (its graph cannot be built
+    or loaded, the engine fails) gives way to Keras with one line saying why
+    (:class:`_GraphRunner`'s ``fallback``); an engine asked for by name raises instead.
     """
     check_engine(engine, precision)
     if precision == INT8:
         return OnnxRunner(model, precision=INT8, calibration=calibration), "onnxruntime"
+    chosen = engine
     if engine == "auto":
-        engine = "keras"
+        chosen = "keras"
         if not unsupported_reason(model) and not accelerator():
-            engine = cpu_graph_engine() or "keras"
-    if engine == "keras":
+            chosen = cpu_graph_engine() or "keras"
+    if chosen == "keras":
         return model.predict_on_batch, "keras"
-    if engine == "openvino":
-        return OpenVinoRunner(model), "openvino"
-    return OnnxRunner(model), "onnxruntime"
+    runner = OpenVinoRunner(model) if chosen == "openvino" else OnnxRunner(model)
+    if engine == "auto":
+        runner.fallback = model.predict_on_batch
+    return runner, chosen

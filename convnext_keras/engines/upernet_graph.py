@@ -174,7 +174,8 @@ def build_onnx_graph(
     for a model it cannot rebuild (:func:`unsupported_reason`) or an input below the
     network's 32x32.
     """
-    from onnx import TensorProto, helper
+    onnx = onnx_graph.require_onnx()
+    helper = onnx.helper
 
     from convnext_keras.nets.convnext import PYRAMID_OUTPUTS
 
@@ -248,21 +249,22 @@ def build_onnx_graph(
     del graph.output[:]
     classes = int(bias.shape[0])
     dims = ["batch", height or "height", width or "width", classes]
-    graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
+    graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, dims))
     graph.name = f"{model.name}_{height or 'H'}x{width or 'W'}"
     return proto
 
 
-class SegmentationRunner:
+class SegmentationRunner(runners._GraphRunner):
     """Inference of a float32 UperNet-ConvNeXt with onnxruntime (CPU): ``runner(images)``
     takes an NHWC float batch and returns the logits ``(batch, H, W, classes)`` as numpy, the
     same as ``model.predict_on_batch(images)``.  One graph per input height/width (built on
     first use and cached: the sliding windows of a model all share one size).
 
     Raises ``ValueError`` for a model it cannot run (:func:`unsupported_reason`),
-    ``ImportError`` without onnxruntime.
+    :class:`convnext_keras.errors.MissingDependencyError` without onnxruntime.
     """
 
+    engine = "onnxruntime"
     #: Sizes whose sessions are kept (whole-image inference meets a new size per image).
     CACHED_SIZES = 4
 
@@ -270,11 +272,7 @@ class SegmentationRunner:
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"The onnxruntime engine cannot run {model.name!r}: {reason}.")
-        if not runners.onnxruntime_available():
-            raise ImportError(
-                "The onnxruntime engine needs onnxruntime: pip install onnxruntime "
-                "(or pip install 'convnext-keras[export]')."
-            )
+        runners.check_onnxruntime("The onnxruntime engine")
         from convnext_keras.nets.convnext import variant_of
 
         self.model = model
@@ -293,18 +291,16 @@ class SegmentationRunner:
                 self._sessions[key] = runners.onnx_session(graph, self.threads)
             return self._sessions[key]
 
-    def __call__(self, images) -> np.ndarray:
-        x = runners.nhwc_batch(images, self.min_size)
+    def _run(self, x: np.ndarray) -> np.ndarray:
         return self.session(x.shape[1], x.shape[2]).run(None, {"images": x})[0]
-
-    predict_on_batch = __call__
 
 
 def inference_function(model, engine: str = "auto"):
     """``(fn, engine name)`` for a segmentation model: onnxruntime on a CPU when it is
     installed and can run the model (``"auto"``), else Keras' ``predict_on_batch``;
     ``"onnxruntime"`` insists, ``"keras"`` always uses Keras (see
-    :func:`convnext_keras.engines.runners.inference_function`)."""
+    :func:`convnext_keras.engines.runners.inference_function`; with ``"auto"`` an engine
+    failure gives way to Keras with one line saying why)."""
     runners.check_engine(engine)
     if engine == "openvino":
         raise ValueError(
@@ -320,4 +316,7 @@ def inference_function(model, engine: str = "auto"):
         )
     ):
         return model.predict_on_batch, "keras"
-    return SegmentationRunner(model), "onnxruntime"
+    runner = SegmentationRunner(model)
+    if engine == "auto":  # an engine failure gives way to Keras, in one line
+        runner.fallback = model.predict_on_batch
+    return runner, "onnxruntime"

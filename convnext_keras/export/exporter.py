@@ -136,7 +136,7 @@ def _replace(src: Path, dest: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged(dest: str | os.PathLike, overwrite: bool = False):
+def staged(dest: str | os.PathLike, overwrite: bool = False, companion: str | None = None):
     """Yield a path inside a temp directory beside ``dest``; move it onto ``dest`` on success.
 
     Works for files and directories.  The temp directory (``.NAME.XXXX.part``, the library's
@@ -146,6 +146,11 @@ def staged(dest: str | os.PathLike, overwrite: bool = False):
     ``dest`` is only replaced (``overwrite=True``) by a complete one.  A failed write - a full
     disk (also TensorFlow's ``ResourceExhaustedError`` while writing variables), a read-only or
     forbidden folder - raises :class:`convnext_keras.errors.WriteError` naming ``dest``.
+
+    ``companion``: the suffix of a file that belongs to ``dest`` (ONNX's external data:
+    ``".data"``, ``NAME.onnx.data``).  Written beside the yielded path, it is moved before
+    ``dest`` (a reader never finds ``dest`` without it); an old one that the new export does
+    not have is removed.
     """
     from convnext_keras.errors import writing
 
@@ -156,6 +161,12 @@ def staged(dest: str | os.PathLike, overwrite: bool = False):
         )
     with writing(dest, "the export"), temporary_dir(dest) as tmp:
         yield tmp / dest.name
+        if companion:
+            side = dest.with_name(dest.name + companion)
+            if (tmp / side.name).exists():
+                _replace(tmp / side.name, side)
+            elif side.is_file():
+                side.unlink()
         _replace(tmp / dest.name, dest)
 
 
@@ -212,6 +223,7 @@ def export(
     fmt = canonical_format(format)
     path = Path(path)
     _check_path(path, fmt, overwrite)
+    writers.check_dependencies(fmt)
     source = _source
     if isinstance(model, str):
         from convnext_keras.api import load_model
@@ -251,7 +263,7 @@ def export(
     exported = writers._with_preprocessing(model, plan) if plan.preprocessing else model
     inputs = plan.inputs()
     expected = [verify._keras_outputs(exported, x, plan.outputs) for x in inputs]
-    with staged(path, overwrite) as tmp:
+    with staged(path, overwrite, ".data" if fmt == "onnx" else None) as tmp:
         if fmt == "savedmodel":
             writers._write_savedmodel(exported, tmp, plan, writers._metadata(model, plan, source))
         elif direct_onnx:
@@ -276,6 +288,22 @@ def export(
     )
 
 
+def check_named(
+    name: str, out_dir, formats, *, overwrite: bool = False, check_hub: bool = False
+) -> tuple[list[str], list[Path]]:
+    """What :func:`export_named` checks before it loads anything: the name, each format (and
+    the extras it needs: ``pip install "convnext-keras[export]"``) and each path (an existing
+    export needs ``overwrite``).  Returns ``(formats, paths)``.  Keras-free: the command line
+    runs it before a backend loads."""
+    registry.resolve(name)  # an unknown name, with the close ones
+    fmts = [canonical_format(f) for f in formats]
+    paths = [default_path(name, out_dir, f) for f in fmts]
+    for fmt, path in zip(fmts, paths):
+        _check_path(path, fmt, overwrite)
+        writers.check_dependencies(fmt, check_hub=check_hub)
+    return fmts, paths
+
+
 def export_named(
     name: str,
     out_dir: str | os.PathLike,
@@ -294,10 +322,7 @@ def export_named(
     """
     from convnext_keras.api import load_model
 
-    fmts = [canonical_format(f) for f in formats]
-    paths = [default_path(name, out_dir, f) for f in fmts]
-    for fmt, path in zip(fmts, paths):
-        _check_path(path, fmt, overwrite)
+    fmts, paths = check_named(name, out_dir, formats, overwrite=overwrite, check_hub=check_hub)
     model = load_model(name, weights=weights)
     source = writers._describe_weights(name, weights)
     results = []

@@ -56,8 +56,10 @@ def _run_savedmodel(path: Path, plan: _Plan, inputs):
 
 
 def _run_onnx(path: Path, plan: _Plan, inputs):
-    import onnxruntime as ort
+    from convnext_keras.errors import require
 
+    ort = require("onnxruntime", extra="export", purpose="ONNX export's verification")
+    # A graph saved with external data (NAME.onnx.data) is read from beside ``path``.
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     for i, x in enumerate(inputs):

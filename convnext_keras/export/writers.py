@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from convnext_keras import registry
+from convnext_keras.errors import check_installed, require
 from convnext_keras.export import planning
 from convnext_keras.export.planning import INPUT_NAME, _Plan
 
@@ -183,6 +184,7 @@ def _register_onnx_erfc() -> None:
     tf2onnx 1.17 converts ``Erf`` but not ``Erfc``; this registers the missing handler through
     tf2onnx's own ``tf_op`` extension decorator (once per process).
     """
+    require("tf2onnx", extra="export", purpose="ONNX export of a model with layers of its own")
     from tf2onnx import handler, utils
 
     if "Erfc" in handler.tf_op.get_opsets().get("", [{}])[-1]:
@@ -244,10 +246,13 @@ def _onnx_graph_builder(model):
 def _write_onnx_graph(model, path: Path, plan: _Plan) -> None:
     """The ONNX graph built from the weights
     (:func:`convnext_keras.engines.onnx_graph.build_onnx_graph`): the same operators the CPU engine
-    runs, opset ``ONNX_OPSET``, dynamic batch."""
-    import onnx
-
+    runs, opset ``ONNX_OPSET``, dynamic batch.  Over protobuf's 2 GiB (ConvNeXt V2-H) the graph
+    is written in ONNX's external-data format: ``NAME.onnx`` and its weights in
+    ``NAME.onnx.data`` beside it (:func:`convnext_keras.engines.onnx_graph.save_graph`)."""
+    from convnext_keras.engines.onnx_graph import save_graph
     from convnext_keras.nets.convnext import variant_of
+
+    onnx = require("onnx", extra="export", purpose="ONNX export")
 
     side = None if plan.dynamic_size else plan.image_size
     build = _onnx_graph_builder(model)
@@ -256,7 +261,30 @@ def _write_onnx_graph(model, path: Path, plan: _Plan) -> None:
     # A dynamic-size graph cannot refuse small images itself (ONNX has no assertion): say it.
     props["convnext_keras.min_input_size"] = str(variant_of(model).min_input_size)
     onnx.helper.set_model_props(proto, props)
-    onnx.save(proto, str(path))
+    save_graph(proto, path)
+
+
+#: What each format needs beyond Keras and TensorFlow: ``[(module, extra, what needs it)]``.
+_NEEDS = {
+    "onnx": [
+        ("onnx", "export", "ONNX export"),
+        ("onnxruntime", "export", "ONNX export's verification"),
+    ],
+}
+
+
+def check_dependencies(fmt: str, *, check_hub: bool = False) -> None:
+    """:class:`convnext_keras.errors.MissingDependencyError` (one line naming the extra) when
+    what format ``fmt`` needs is not installed - found before any model is loaded;
+    ``check_hub``: also tensorflow_hub and tf_keras (the TF-Hub fine-tuning check)."""
+    needs = list(_NEEDS.get(fmt, []))
+    if check_hub and fmt == "savedmodel":
+        needs += [
+            ("tensorflow_hub", "export", "--check-hub"),
+            ("tf_keras", "export", "--check-hub"),
+        ]
+    for module, extra, purpose in needs:
+        check_installed(module, extra=extra, purpose=purpose)
 
 
 def _write_tflite(model, path: Path, plan: _Plan) -> None:

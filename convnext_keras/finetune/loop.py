@@ -97,6 +97,52 @@ def _check_resume(out: Path, recipe_options: dict) -> tuple[dict, dict | None]:
     return info, meta
 
 
+def _finished(out: Path, info: dict, meta: dict, export: bool | None, say) -> RunResult:
+    """What :func:`run` returns for a run that is already complete: its files as they are,
+    nothing trained, written or exported again (``export``: the one given now; a run made
+    without an export is not exported by resuming it)."""
+    recipe = recipe_lib.Recipe.from_json(info["recipe"])
+    say(f"{out} is already complete ({recipe.epochs} epochs); nothing to do, nothing changed.")
+    files = {
+        "run": out / rundir.RUN_FILE,
+        "state": out / rundir.STATE_FILE,
+        "metrics_csv": out / "metrics.csv",
+        "metrics_json": out / "metrics.json",
+        "curves": out / "curves.png",
+        "best_weights": out / rundir.BEST_WEIGHTS,
+        "best": out / "best.keras",
+        "last": out / "last.keras",
+    }
+    try:
+        history = json.loads(files["metrics_json"].read_text())
+    except (OSError, ValueError):
+        history = []
+    saved = out / "savedmodel"
+    if saved.is_dir():
+        exported, note = saved, f"SavedModel {saved} (exported when the run finished)."
+    elif export is False or not info.get("settings", {}).get("export", True):
+        exported, note = None, "not exported (export=False)."
+    else:
+        exported, note = (
+            None,
+            f"no SavedModel in {out}; export {files['best']} with convnext export.",
+        )
+    say(f"{files['best']} and {files['last']} are the run's; {note}")
+    best = meta.get("best") or {}
+    return RunResult(
+        out=out,
+        classes=list(info["classes"]),
+        history=history,
+        best_epoch=best.get("epoch"),
+        best_val_acc1=best.get("val_acc1"),
+        files={k: p for k, p in files.items() if p.exists()},
+        export=exported,
+        export_note=note,
+        data=info.get("data", {}),
+        skipped=[tuple(s) for s in info.get("skipped", [])],
+    )
+
+
 def run(
     data_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -119,7 +165,8 @@ def run(
         out: the run directory (created). An existing run is only continued with ``resume``.
         resume: continue the run in ``out`` from its last complete checkpoint, with its own
             settings (options given here must agree with them) on the same files (a data
-            directory whose files changed is refused, naming the difference).
+            directory whose files changed is refused, naming the difference).  A run already
+            complete is left exactly as it is: nothing is trained, written or exported.
         distribution, checkpoint_every, checkpoint_minutes, export, jit_compile: None means
             the run's own value when resuming (kept in run.json), else the default
             (:data:`RUN_SETTINGS`); a value given explicitly is used and kept.
@@ -150,6 +197,8 @@ def run(
     state_path = out / rundir.STATE_FILE
     if resume:
         info, meta = _check_resume(out, options)
+        if meta is not None and meta.get("complete"):
+            return _finished(out, info, meta, export, say)
         recipe = recipe_lib.Recipe.from_json(info["recipe"])
         # What a killed run left (its temporaries, and safetensors' own of older versions).
         cache.clean_stale(out, legacy=True)
@@ -214,8 +263,6 @@ def run(
             f"The training split has {len(folder.train)} images, fewer than one batch "
             f"({recipe.batch_size}); lower --batch-size or add images."
         )
-    if meta is not None and meta.get("complete"):
-        say(f"{out} is already complete ({recipe.epochs} epochs).")
 
     trainer = trainer_lib._Trainer(
         recipe,

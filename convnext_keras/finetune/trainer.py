@@ -469,7 +469,10 @@ class _Trainer:
                     rundir.plot_curves(self.history, self.out / "curves.png") is None
                     and not self.warned
                 ):
-                    say("no curves.png: matplotlib is missing (pip install 'convnext-keras[viz]')")
+                    say(
+                        "no curves.png: matplotlib is not installed "
+                        '(pip install "convnext-keras[viz]")'
+                    )
                     self.warned = True
             say(_epoch_line(row, r.epochs))
 

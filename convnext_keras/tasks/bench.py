@@ -9,7 +9,8 @@ How it measures:
   numbers), then ``repeats`` timed calls of one batch each; every call waits until the result
   exists (numpy output, ``block_until_ready``, or a device synchronisation);
 * the result is the **median** images/s with the spread (slowest and fastest call, and the
-  inter-quartile range in percent) - a busy machine shows up as a wide spread;
+  inter-quartile range in percent) - a busy machine shows up as a wide spread, and an IQR over
+  :data:`NOISY_IQR_PERCENT` is said to be noisy (:attr:`Timing.noise`);
 * :func:`interleave` times several contenders round-robin in one process, so that load from
   other programs hits all of them alike; compare ratios from one such run, never numbers from
   different runs;
@@ -38,6 +39,9 @@ import numpy as np
 from convnext_keras import registry
 
 MODES = ("infer", "train")
+#: An inter-quartile range of the call times above this percent of their median makes a
+#: measurement noisy (:attr:`Timing.noise`): another program was busy, or too few repeats.
+NOISY_IQR_PERCENT = 10.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,6 +77,18 @@ class Timing:
         q1, _, q3 = statistics.quantiles(self.seconds, n=4)
         return 100.0 * (q3 - q1) / statistics.median(self.seconds)
 
+    @property
+    def noise(self) -> str | None:
+        """Why the median is not a figure to compare (None when the calls agree): an IQR over
+        :data:`NOISY_IQR_PERCENT` of the median, as the benchmark harness labels a run NOISY."""
+        if self.iqr_percent <= NOISY_IQR_PERCENT:
+            return None
+        return (
+            f"noisy: the timed calls spread over an IQR of {self.iqr_percent:.0f}% of their "
+            f"median (over {NOISY_IQR_PERCENT:.0f}%: another program was busy, or too few "
+            "repeats); measure again on a quiet machine, with more repeats, before comparing"
+        )
+
     def summary(self) -> str:
         low, high = self.spread
         text = (
@@ -81,6 +97,8 @@ class Timing:
         )
         if self.peak_memory_bytes is not None:
             text += f", peak {self.memory_kind} memory {format_bytes(self.peak_memory_bytes)}"
+        if self.noise:
+            text += f" [{self.noise}]"
         return text
 
     def as_dict(self) -> dict:
@@ -92,6 +110,7 @@ class Timing:
             "slowest": low,
             "fastest": high,
             "iqr_percent": self.iqr_percent,
+            "noisy": self.noise is not None,
             "repeats": len(self.seconds),
             "peak_memory_bytes": self.peak_memory_bytes,
             "memory_kind": self.memory_kind,

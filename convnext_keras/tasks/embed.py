@@ -5,10 +5,11 @@ Every image file below a folder goes through the model's official evaluation tra
 TF-Hub ``_fe`` models' output: global average pool + LayerNorm; any name of the registry works,
 its classifier is left out).  The features land in *parts*, each written to a temporary file
 and renamed when complete, and a *manifest* that lists the parts, the files that could not be
-read and the settings::
+read and the settings (its leading underscore keeps it out of Arrow's dataset discovery:
+``pd.read_parquet("features/")`` reads the parts as one table)::
 
     features/
-      manifest.json                          (manifest-00003-of-00008.json with --shard 3/8)
+      _manifest.json                         (_manifest-00003-of-00008.json with --shard 3/8)
       part-00000-of-00001-000000.parquet     path, path_bytes, feature (float32 x dim), model,
       part-00000-of-00001-000001.parquet     preprocessing ...
       (or part-...npy + part-....paths.json with format="npy")
@@ -54,6 +55,7 @@ import numpy as np
 
 from convnext_keras import preprocess, registry
 from convnext_keras.data import files as files_lib
+from convnext_keras.errors import check_installed, require
 from convnext_keras.interface import fix
 from convnext_keras.weights.cache import atomic_path, clean_stale, file_sha256
 from convnext_keras.weights.hfhub import HF_SCHEME
@@ -62,7 +64,11 @@ FORMAT = 1
 FORMATS = ("parquet", "npy")
 #: Images per part file (a kill loses at most the part being written).
 PART_SIZE = 4096
-_MANIFEST = re.compile(r"manifest(?:-(\d+)-of-(\d+))?\.json")
+#: A manifest's name: ``_manifest.json`` (``_manifest-00003-of-00008.json`` for shard 3/8).  The
+#: leading underscore makes Arrow's (and Spark's) dataset discovery skip it, so the folder reads
+#: as one Parquet dataset (``pd.read_parquet("features/")``); folders written by 0.2 and earlier
+#: have ``manifest.json`` (read as well, and renamed when a run continues them).
+_MANIFEST = re.compile(r"(?P<new>_?)manifest(?:-(\d+)-of-(\d+))?\.json")
 
 
 class EmbedError(ValueError):
@@ -120,9 +126,12 @@ def _entries(root: str | os.PathLike) -> tuple[list[str], list[list[str]]]:
     return found, skipped
 
 
-def manifest_name(shard: tuple[int, int]) -> str:
+def manifest_name(shard: tuple[int, int], *, legacy: bool = False) -> str:
+    """The manifest of ``shard``: ``_manifest.json`` (one shard) or
+    ``_manifest-00003-of-00008.json``; ``legacy``: the name of 0.2 and earlier (no underscore)."""
     index, count = shard
-    return "manifest.json" if count == 1 else f"manifest-{index:05d}-of-{count:05d}.json"
+    name = "manifest.json" if count == 1 else f"manifest-{index:05d}-of-{count:05d}.json"
+    return name if legacy else "_" + name
 
 
 def _part_name(shard: tuple[int, int], number: int, fmt: str) -> str:
@@ -138,6 +147,9 @@ class _Manifest:
     parts: list[dict]
     failed: list[list[str]]
     complete: bool = False
+    #: The manifest under its name of 0.2 and earlier (``manifest.json``); the first save
+    #: removes it.
+    legacy: Path | None = None
 
     def save(self) -> None:
         record = {
@@ -151,6 +163,9 @@ class _Manifest:
         }
         with atomic_path(self.path) as tmp:
             tmp.write_text(json.dumps(record, indent=1) + "\n")
+        if self.legacy is not None:  # saved under the new name: the old one goes
+            self.legacy.unlink(missing_ok=True)
+            self.legacy = None
 
 
 def _read_manifest(path: Path) -> dict:
@@ -167,11 +182,16 @@ def _read_manifest(path: Path) -> dict:
 
 
 def _manifests(out: Path) -> dict[Path, dict]:
-    return {
-        p: _read_manifest(p)
-        for p in sorted(out.glob("manifest*.json"))
-        if _MANIFEST.fullmatch(p.name)
-    }
+    """Every shard's manifest in ``out``; of a shard with both names (a run that died between
+    writing the new one and removing the old), the new one."""
+    found = {}
+    for path in sorted(out.glob("*manifest*.json")):
+        match = _MANIFEST.fullmatch(path.name)
+        if match:
+            shard = path.name.lstrip("_")
+            if shard not in found or match.group("new"):
+                found[shard] = path
+    return {p: _read_manifest(p) for p in sorted(found.values())}
 
 
 _SETTING_NAMES = ("model", "weights", "preprocessing", "output_format", "images_dir")
@@ -193,9 +213,12 @@ def _open_manifest(out: Path, settings: dict, shard: tuple[int, int]) -> _Manife
                 f"Continue with the same settings, or give another {fix('out', '--out')}."
             )
     path = out / manifest_name(shard)
-    if path.is_file():
-        record = _read_manifest(path)
-        return _Manifest(path, settings, shard, record["parts"], record["failed"])
+    legacy = out / manifest_name(shard, legacy=True)
+    for found in (path, legacy):
+        if found.is_file():
+            record = _read_manifest(found)
+            old = legacy if legacy.is_file() else None
+            return _Manifest(path, settings, shard, record["parts"], record["failed"], legacy=old)
     return _Manifest(path, settings, shard, [], [])
 
 
@@ -223,8 +246,8 @@ def _write_part(out: Path, name: str, paths: list[str], features: np.ndarray, se
                 np.save(f, features.astype(np.float32, copy=False))
             digests["sha256"] = file_sha256(tmp)
         return digests
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa = _pyarrow()
+    pq = _pyarrow("pyarrow.parquet")
 
     n, dim = features.shape
     flat = pa.array(features.astype(np.float32, copy=False).reshape(-1), pa.float32())
@@ -304,6 +327,16 @@ def _next_part_number(manifest: _Manifest) -> int:
     return max(numbers, default=-1) + 1
 
 
+def _pyarrow(module: str = "pyarrow"):
+    """pyarrow (or one of its modules), or the one-line error naming the ``embed`` extra."""
+    return require(
+        module,
+        extra="embed",
+        purpose="Parquet features (convnext embed's default format)",
+        alternative="or " + fix("format='npy'", "--format npy"),
+    )
+
+
 def _read_part(out: Path, name: str, fmt: str, columns=("path", "feature")):
     """``(paths, features or None)`` of one part; paths exactly as the file names were (the
     ``path_bytes`` column where the part has it)."""
@@ -313,8 +346,7 @@ def _read_part(out: Path, name: str, fmt: str, columns=("path", "feature")):
             paths = json.loads((out / (name[: -len(".npy")] + ".paths.json")).read_text())
             features = np.load(path) if "feature" in columns else None
             return paths, features
-        import pyarrow.parquet as pq
-
+        pq = _pyarrow("pyarrow.parquet")
         names = pq.read_schema(path).names
         wanted = [c for c in columns if c != "path"]
         wanted.append("path_bytes" if "path_bytes" in names else "path")
@@ -460,6 +492,39 @@ def _check_finite(features: np.ndarray, paths: Sequence[str]) -> None:
         )
 
 
+def check_options(model: str, format: str, shard, resolution: int | None, ray) -> tuple[int, int]:  # noqa: A002
+    """The checks of :func:`embed`'s options that need no file and no model: the name (not a
+    segmentation model), ``format`` (and pyarrow for Parquet), ``shard`` (returned parsed),
+    ``resolution`` (at least the network's total stride) and Ray for ``ray``.  Keras-free: the
+    command line runs them before a backend loads."""
+    if format not in FORMATS:
+        raise EmbedError(f"format must be one of {', '.join(FORMATS)}, got {format!r}.")
+    shard = parse_shard(shard)
+    resolved = registry.resolve(model)  # an unknown name fails here
+    if resolved.head == "segmentation":
+        raise EmbedError(
+            f"{model!r} is a semantic-segmentation model (per-pixel labels, no pooled "
+            "feature): embed takes a classifier, feature-extractor or encoder name (e.g. "
+            "convnext_tiny_1k_224_fe); label images with convnext segment."
+        )
+    smallest = resolved.variant.min_input_size
+    if resolution is not None and resolution < smallest:
+        raise EmbedError(
+            f"resolution must be at least {smallest} pixels (the network's total stride) for "
+            f"{model}, got {resolution}."
+        )
+    if format == "parquet":
+        check_installed(
+            "pyarrow",
+            extra="embed",
+            purpose="Parquet features (convnext embed's default format)",
+            alternative="or " + fix("format='npy'", "--format npy"),
+        )
+    if ray not in (None, False):
+        check_installed("ray", extra="ray", purpose=fix("ray=", "--ray"))
+    return shard
+
+
 def embed(
     images: str | os.PathLike,
     out: str | os.PathLike,
@@ -515,30 +580,18 @@ def embed(
     images, out = Path(images).expanduser(), Path(out).expanduser()
     if not images.is_dir():
         raise FileNotFoundError(f"Image folder {images} does not exist (or is not a folder).")
-    if format not in FORMATS:
-        raise EmbedError(f"format must be one of {', '.join(FORMATS)}, got {format!r}.")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise EmbedError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if not isinstance(part_size, int) or part_size < 1:
         raise EmbedError(f"part_size must be a positive integer, got {part_size!r}.")
-    shard = parse_shard(shard)
-    if registry.resolve(model).head == "segmentation":  # an unknown name fails here too
-        raise EmbedError(
-            f"{model!r} is a semantic-segmentation model (per-pixel labels, no pooled "
-            "feature): embed takes a classifier, feature-extractor or encoder name (e.g. "
-            "convnext_tiny_1k_224_fe); label images with convnext segment."
-        )
+    shard = check_options(model, format, shard, resolution, ray)
     config = preprocess.config_for(model)
     if resolution is not None:
         config = preprocess.as_config((int(resolution), config.crop_pct, config.interpolation))
-        if resolution < registry.MIN_INPUT_SIZE:
-            raise EmbedError(
-                f"resolution must be at least {registry.MIN_INPUT_SIZE} pixels, got {resolution}."
-            )
     if weights not in (None, "official") and not str(weights).startswith(HF_SCHEME):
         weights = str(Path(weights).expanduser())
-        if not Path(weights).is_file():
-            raise FileNotFoundError(f"Weights file {weights} does not exist.")
+        if not Path(weights).exists():
+            raise FileNotFoundError(f"No such checkpoint file or folder: {weights}.")
     files, not_files = _entries(images)
     if not files:
         raise EmbedError(f"{images} holds no image files (.jpg, .png, .webp, ...).")
@@ -663,35 +716,58 @@ class _RayEmbedder:
 
 
 def _connect_ray(ray_option):
-    try:
-        import ray
-    except ImportError:
-        raise EmbedError(
-            "--ray needs Ray Data: pip install 'convnext-keras[ray]' (or 'ray[data]')."
-        ) from None
+    ray = require("ray", extra="ray", purpose=fix("ray=", "--ray"))
+    require("ray.data", extra="ray", purpose=fix("ray=", "--ray"))
     if ray.is_initialized():
         return ray, False
     address = None if ray_option is True or ray_option == "local" else str(ray_option)
-    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.ERROR,  # (ray.init sets the "ray" logger to this level)
+    )
     return ray, True
+
+
+#: Ray's Python loggers, quiet (errors only) while a job runs on Ray: its start-up notes, Ray
+#: Data's plan, progress and "execution finished" lines say nothing a user acts on.
+_RAY_LOGGERS = ("ray", "ray.data")
+
+
+@contextlib.contextmanager
+def _quiet_ray():
+    """Ray's loggers at ERROR during the job, as they were afterwards."""
+    loggers = [logging.getLogger(name) for name in _RAY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _run_ray(images, out, todo, manifest, config, *, model, weights, batch_size, part_size,
              engine, ray, actors, progress, **_):  # fmt: skip
-    ray, started = _connect_ray(ray)
-    try:
-        _ray_pipeline(ray, images, out, todo, manifest, config, model=model, weights=weights,
-                      batch_size=batch_size, part_size=part_size, engine=engine, actors=actors,
-                      progress=progress)  # fmt: skip
-    finally:
-        if started:  # a local instance or a connection this job made: not left behind
-            ray.shutdown()
+    with _quiet_ray():
+        ray, started = _connect_ray(ray)
+        try:
+            _ray_pipeline(ray, images, out, todo, manifest, config, model=model, weights=weights,
+                          batch_size=batch_size, part_size=part_size, engine=engine,
+                          actors=actors, progress=progress)  # fmt: skip
+        finally:
+            if started:  # a local instance or a connection this job made: not left behind
+                ray.shutdown()
 
 
 def _ray_pipeline(ray, images, out, todo, manifest, config, *, model, weights, batch_size,
                   part_size, engine, actors, progress):  # fmt: skip
     import ray.data
 
+    for name in _RAY_LOGGERS:  # Ray Data sets its loggers' levels when it is imported
+        logging.getLogger(name).setLevel(logging.ERROR)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     if actors is None:

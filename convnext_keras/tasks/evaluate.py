@@ -139,13 +139,14 @@ def _read_loc_csv(path: Path) -> dict[int, str]:
 
 def _devkit_wnids(meta: Path) -> dict[int, str]:
     """ILSVRC2012_ID -> wnid from the devkit's meta.mat (its IDs are not the head order)."""
-    try:
-        from scipy.io import loadmat
-    except ImportError:
-        raise ValueError(
-            f"Reading {meta} needs scipy (pip install scipy); or use class folders or "
-            "LOC_val_solution.csv."
-        ) from None
+    from convnext_keras.errors import require
+
+    loadmat = require(
+        "scipy.io",
+        extra=None,
+        purpose=f"Reading {meta}",
+        alternative="or use class folders or LOC_val_solution.csv",
+    ).loadmat
     synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
     return {
         int(s["ILSVRC2012_ID"]): str(s["WNID"])

@@ -115,13 +115,9 @@ def colorize(cam: np.ndarray, size: tuple[int, int], colormap: str = "jet") -> I
     """A heat map resized (bicubic) to ``size = (width, height)`` as an RGB image.
 
     Uses matplotlib's colormaps (``pip install matplotlib``)."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise ValueError(
-            "Grad-CAM pictures need matplotlib for the colour map: pip install matplotlib "
-            "(or pip install 'convnext-keras[viz]')."
-        ) from None
+    from convnext_keras.errors import require
+
+    matplotlib = require("matplotlib", extra="viz", purpose="Grad-CAM pictures (the colour map)")
     big = Image.fromarray(np.asarray(cam, np.float32), "F").resize(size, Image.Resampling.BICUBIC)
     values = np.clip(np.asarray(big), 0.0, 1.0)
     rgba = matplotlib.colormaps[colormap](values)

@@ -15,12 +15,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from convnext_keras import preprocess, registry
+from convnext_keras import preprocess
 from convnext_keras.data import labels as labels_mod
 from convnext_keras.engines import quantization, runners
 from convnext_keras.interface import fix
 from convnext_keras.tasks.gradcam import GradCAM, overlay, save_png
-from convnext_keras.weights import store
 
 
 class Prediction(NamedTuple):
@@ -140,8 +139,10 @@ def load_classifier(model, *, weights="official", config=None, precision: str | 
     """``(keras_model, preprocess_config)`` from a model name, a ``.keras`` file or a model.
 
     Names load via :func:`convnext_keras.load_model` (``weights="official"`` downloads; a path
-    loads a local checkpoint).  A ``.keras`` file or a model object takes ``config`` (default:
-    224 / 0.875 / bicubic, the original's evaluation settings).  ``precision``: None (names
+    loads a local checkpoint; None: random weights drawn after
+    ``keras.utils.set_random_seed(0)``, as ``embed`` draws them, so every run gives the same
+    answers).  A ``.keras`` file or a model object takes ``config`` (default: 224 / 0.875 /
+    bicubic, the original's evaluation settings).  ``precision``: None (names
     follow the global Keras dtype policy; files and objects stay as they are), ``"fp32"``, or
     Keras mixed precision ``"bf16"`` / ``"fp16"`` (float32 logits; these run on Keras, not
     onnxruntime) - see :func:`with_precision`; ``"int8"`` gives the float32 model (the engine
@@ -162,28 +163,10 @@ def load_classifier(model, *, weights="official", config=None, precision: str | 
         return loaded, preprocess.as_config(config or "convnext_tiny")
     if isinstance(model, (str, os.PathLike)):
         name = str(model)
-        resolved = registry.resolve(name)
-        ckpt = resolved.checkpoint
-        if resolved.head == "segmentation":
-            raise ValueError(
-                f"{name!r} is a semantic-segmentation model: label images with "
-                f"{fix('convnext_keras.segment_files', 'convnext segment')} and evaluate it with "
-                + fix(
-                    "convnext_keras.tasks.segment_eval.evaluate_segmentation", "convnext eval-seg"
-                )
-                + "."
-            )
-        if resolved.head != "classifier":
-            what = "a feature extractor" if resolved.head == "pooled" else "an encoder"
-            classifiers = registry.checkpoints_for(resolved.variant.name, 1000)
-            raise ValueError(
-                f"{name!r} is {what} without a classification head; predict and evaluate need "
-                f"a classifier name (e.g. {(classifiers or ['convnext_tiny_1k_224'])[0]}), or "
-                "fine-tune it first (convnext finetune)."
-            )
-        if isinstance(weights, str) and weights == api.OFFICIAL and ckpt is not None:
-            # Download (or fail) before spending time building the network.
-            store.official_weights(ckpt)
+        api.classifier_row(name)  # a segmentation model, a feature extractor: say so
+        if weights is None:  # random weights, seeded (as embed's): the same answers every run
+            keras.utils.set_random_seed(0)
+        # load_model gets the weights (download, or fail) before it builds the network.
         loaded = api.load_model(name, weights=weights, precision=precision)
         return loaded, preprocess.as_config(config or name)
     if isinstance(model, keras.Model):

@@ -268,7 +268,7 @@ class SegmentResult:
         if self.error is not None:
             out["error"] = self.error
             return out
-        out["size"] = list(self.mask.shape)
+        out["height"], out["width"] = (int(n) for n in self.mask.shape)
         out["classes"] = [
             {"index": i, "label": name, "pixels": pixels, "share": share}
             for i, name, pixels, share in self.classes
@@ -370,6 +370,8 @@ def _inference(model, weights, precision, settings):
         settings = segmentation_row(settings).segmentation.eval
     if isinstance(model, (str, os.PathLike)) and not str(model).endswith(".keras"):
         row = segmentation_row(str(model))
+        if weights is None:  # random weights, seeded: the same (meaningless) answers every run
+            keras.utils.set_random_seed(0)
         loaded = load_segmentation_model(str(model), weights=weights, precision=precision)
         return loaded, settings or row.segmentation.eval
     if isinstance(model, (str, os.PathLike)):

@@ -64,16 +64,56 @@ def _offline_help(url: str, reason: str) -> str:
     filename = rows[0].filename if rows else url.rsplit("/", 1)[-1]
     official = rows[0].source.official_url if rows else url
     fetch_it = f"`convnext fetch {rows[0].name} --to DIR`, or " if rows else ""
+    mirror = _mirror_help(url, rows[0].source.path) if rows and url != official else ""
     return (
-        f"Could not download {url} ({reason}).\n"
+        f"Could not download {url} ({reason}).\n{mirror}"
         f"No internet? On a machine that has it, get the official file {filename} ({fetch_it}"
         f"{official}), carry it here and pass "
         + fix("weights='FILE'", "--weights FILE")
-        + "; or set CONVNEXT_BASE_URL to the folder holding it (file:///path/to/folder/, the "
-        "file at its official path below it) or to a mirror; or see the whole pipeline run with "
-        f"random weights ({fix('weights=None', '--weights none')}: the answers then mean "
-        "nothing)."
+        + "; or set CONVNEXT_BASE_URL to the folder holding it (file:///path/to/folder/; "
+        f"{_layout_example(rows[0].source.path if rows else filename)}) or to a mirror; or see "
+        f"the whole pipeline run with random weights ({fix('weights=None', '--weights none')}: "
+        "the answers then mean nothing)."
     )
+
+
+def _layout_example(path: str) -> str:
+    """How a mirror folder holds the file of ``path`` (relative to the official base URL)."""
+    return (
+        f"each file at its path below the official base URL {registry.OFFICIAL_BASE_URL}: "
+        f"FOLDER/{path}, as `convnext fetch --to FOLDER` writes it"
+    )
+
+
+def _mirror_help(url: str, path: str) -> str:
+    """The line that says where a ``CONVNEXT_BASE_URL`` mirror was looked in, for the file at
+    ``path`` below the official base URL: the exact place, and a copy of the file found
+    elsewhere in a local mirror folder."""
+    base = url[: -len(path)] if url.endswith(path) else url
+    local = _local_source(url)
+    where = f"looked for {local}" if local is not None else f"asked for {url}"
+    text = (
+        f"CONVNEXT_BASE_URL={base} is a mirror, which must hold this file at {path} below it "
+        f"({where})"
+    )
+    root = _local_source(base) if local is not None else None
+    if root is not None and root.is_dir():
+        name = path.rsplit("/", 1)[-1]
+        found = _find_below(root, name)
+        if found is not None:
+            text += f"; {found} has that name: move it to {local}"
+    return text + ". The layout: docs/install.md#mirrors.\n"
+
+
+def _find_below(root: Path, name: str, depth: int = 4) -> Path | None:
+    """A file called ``name`` at most ``depth`` folders below ``root``, or None."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        if len(Path(dirpath).relative_to(root).parts) >= depth:
+            dirnames[:] = []
+        dirnames.sort()
+        if name in filenames:
+            return Path(dirpath, name)
+    return None
 
 
 def _local_source(url: str) -> Path | None:

@@ -255,6 +255,63 @@ def _numpy_knows_bfloat16() -> None:
         import ml_dtypes  # noqa: F401  (registers the dtypes with numpy)
     except ImportError:
         pass
+#: The weights file of a folder, in the order looked for: transformers' ``save_pretrained``
+#: names (safetensors first, as transformers loads them).
+FOLDER_FILES = ("model.safetensors", "pytorch_model.bin")
+#: The index of a sharded ``save_pretrained`` folder (``weight_map``: tensor -> shard file).
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+#: Suffixes of checkpoint files, for a folder holding one under another name.
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def folder_files(folder: str | Path) -> list[Path]:
+    """The checkpoint file(s) a folder stands for, as transformers finds them: the shards its
+    ``model.safetensors.index.json`` (or ``pytorch_model.bin.index.json``) names, else its
+    ``model.safetensors``, else its ``pytorch_model.bin``, else its only file ending in
+    ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin``.
+
+    Raises ``CheckpointError`` for a folder with no such file, with several (name one), or
+    with an index that cannot be read or names a shard that is not there.
+    """
+    import json
+
+    folder = Path(folder)
+    for index in INDEX_FILES:
+        path = folder / index
+        if path.is_file():
+            try:
+                mapping = json.loads(path.read_text())["weight_map"]
+                shards = sorted({folder / name for name in mapping.values()})
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(
+                    f"{path} is not a readable shard index ({type(e).__name__}: {e})."
+                ) from None
+            missing = [p.name for p in shards if not p.is_file()]
+            if missing:
+                raise CheckpointError(
+                    f"{path} names shard(s) that are not in {folder}: {', '.join(missing[:3])}."
+                )
+            return shards
+    for name in FOLDER_FILES:
+        if (folder / name).is_file():
+            return [folder / name]
+    found = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES and not p.name.startswith(".")
+    )
+    if len(found) == 1:
+        return found
+    if found:
+        raise CheckpointError(
+            f"{folder} holds several checkpoint files ({', '.join(p.name for p in found[:4])}"
+            f"{', ...' if len(found) > 4 else ''}); name the one to load."
+        )
+    raise CheckpointError(
+        f"{folder} is a folder without a checkpoint file: looked for {', '.join(INDEX_FILES)}, "
+        f"{', '.join(FOLDER_FILES)} (transformers' save_pretrained) or one file ending in "
+        f"{', '.join(CHECKPOINT_SUFFIXES)}."
+    )
 
 
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
@@ -263,11 +320,22 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     PyTorch pickles are read with ``torch.load(weights_only=True)`` (crafted files are refused
     with ``UnsafeCheckpointError``); safetensors files are read without PyTorch, in any of
     their floating-point dtypes (float16, bfloat16, float64 ... made float32), whatever was
-    imported before.
+    imported before.  ``path`` may also be a folder, as transformers' ``save_pretrained``
+    writes one: its weights file(s) (:func:`folder_files`; the shards of a sharded folder are
+    read together).
     """
     path = Path(path)
+    if path.is_dir():
+        state: dict[str, np.ndarray] = {}
+        for file in folder_files(path):
+            part = read_state_dict(file)
+            twice = sorted(set(part) & set(state))
+            if twice:
+                raise CheckpointError(f"{file} repeats tensors of another shard ({twice[0]}).")
+            state.update(part)
+        return state
     if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        raise FileNotFoundError(f"No such checkpoint file or folder: {path}")
     fmt = sniff_format(path)
     if fmt == "safetensors":
         from safetensors.numpy import load_file

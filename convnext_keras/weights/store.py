@@ -3,21 +3,25 @@ official server (:mod:`.download`) or the Hugging Face Hub (:mod:`.hfhub`) - rea
 the official names, converted, checked against the row and cached (:mod:`.cache`).
 
 The second call for the same model reads only the converted cache (fast, offline).  A damaged
-cache file is moved aside and rebuilt, never used.
+cache file is moved aside and rebuilt, never used.  Each cached file gets a provenance record
+(:mod:`.provenance`), and one that did not come from its official source says so once per
+process when it is used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 
 from convnext_keras import registry
 from convnext_keras.errors import plain
-from convnext_keras.weights import convert
+from convnext_keras.weights import convert, provenance
 from convnext_keras.weights.cache import (
     CONVERTED_FORMAT,
     DamagedFileError,
@@ -40,6 +44,9 @@ from convnext_keras.weights.read import CheckpointError, read_state_dict
 
 logger = logging.getLogger("convnext_keras")
 
+#: Converted-weights files this process could not write (a full disk): said once, not per load.
+_UNSAVED: set[str] = set()
+
 
 def is_cached(ckpt: registry.Checkpoint) -> bool:
     """True when the model loads offline (converted weights or the checkpoint are cached; a
@@ -49,6 +56,22 @@ def is_cached(ckpt: registry.Checkpoint) -> bool:
     if ckpt.source.is_hub:
         return hub_cached_path(ckpt) is not None
     return checkpoint_cache_path(ckpt).is_file()
+
+
+def cached_from(ckpt: registry.Checkpoint) -> str | None:
+    """Where the cached copy of ``ckpt``'s weights came from (:mod:`.provenance`):
+    ``"official"``, the URL of a mirror, ``"unknown"`` (cached before provenance records), or
+    None when nothing is cached.  The converted weights answer first, then the checkpoint."""
+    paths = [converted_cache_path(ckpt)]
+    if not ckpt.source.is_hub:
+        paths.append(checkpoint_cache_path(ckpt))
+    for path in paths:
+        if path.is_file():
+            info = provenance.read(path)
+            if info is None or info.get("official") is None:
+                return "unknown"
+            return "official" if info["official"] else str(info.get("url"))
+    return "unknown" if ckpt.source.is_hub and hub_cached_path(ckpt) is not None else None
 
 
 def _check_head(ckpt: registry.Checkpoint, weights: dict, source: str) -> None:
@@ -75,9 +98,19 @@ def convert_official(ckpt: registry.Checkpoint, path: Path) -> dict[str, list[np
     return weights
 
 
-def _downloaded_weights(ckpt: registry.Checkpoint) -> tuple[dict[str, list[np.ndarray]], str]:
-    """``(converted weights, the checkpoint's SHA-256)`` of an official file: the cache's copy,
-    else downloaded (verified)."""
+def _record_provenance(path: Path, ckpt: registry.Checkpoint, kind: str, where: dict) -> None:
+    """Write ``path``'s provenance record (:mod:`.provenance`); a cache that cannot take it
+    (read-only, full) still serves the file."""
+    with contextlib.suppress(OSError):
+        provenance.write(path, ckpt, kind, where, read_record(path) or file_sha256(path))
+
+
+def _downloaded_weights(
+    ckpt: registry.Checkpoint,
+) -> tuple[dict[str, list[np.ndarray]], str, dict]:
+    """``(converted weights, the checkpoint's SHA-256, its provenance record)`` of an official
+    file: the cache's copy, else downloaded (verified).  The record is empty for a file cached
+    before records."""
     source = checkpoint_cache_path(ckpt)
     convert = functools.partial(convert_official, ckpt)
     pinned = expected_sha256(ckpt)
@@ -85,11 +118,18 @@ def _downloaded_weights(ckpt: registry.Checkpoint) -> tuple[dict[str, list[np.nd
         if source.is_file():
             try:
                 digest = check_record(source, pinned)
-                return convert(source), digest
+                weights = convert(source)
+                info = provenance.read(source) or {}
+                provenance.announce(source, info)
+                return weights, digest, info
             except CheckpointError as e:  # DamagedFileError or unreadable
                 _set_aside(source, plain(str(e)).replace(f"{source} ", "it ").splitlines()[0])
+        where = provenance.origin(ckpt)
         weights = fetch(ckpt.url, source, verify=convert, sha256=pinned)
-        return weights, read_record(source) or file_sha256(source)
+        _record_provenance(source, ckpt, "checkpoint", where)
+        info = provenance.read(source) or {**where, "model": ckpt.name}
+        provenance.announce(source, info)
+        return weights, read_record(source) or file_sha256(source), info
 
 
 def _set_aside(path: Path, problem: str) -> None:
@@ -152,16 +192,25 @@ def official_weights(ckpt: registry.Checkpoint) -> dict[str, list[np.ndarray]]:
                 _set_aside(converted, str(e))
                 weights = None
             if weights is not None:
+                provenance.announce(converted, provenance.read(converted))
                 return weights
         if ckpt.source.is_hub:
-            weights, digest = _hub_weights(ckpt)
+            weights, digest, where = _hub_weights(ckpt)
         else:
-            weights, digest = _downloaded_weights(ckpt)
+            weights, digest, where = _downloaded_weights(ckpt)
         metadata = {"source": ckpt.filename, "model": ckpt.name, "source_sha256": digest}
         try:
             save_converted(weights, converted, metadata)
         except OSError as e:  # e.g. a full disk: the weights are good, only the cache is lost
-            logger.warning(f"convnext_keras: {e} The model loads; the next load converts again.")
+            if str(converted) not in _UNSAVED:  # said once per process, however often loaded
+                _UNSAVED.add(str(converted))
+                logger.warning(
+                    f"convnext_keras: {e} The model loads; the next load converts again."
+                )
+        else:
+            if where.get("url"):  # a checkpoint cached before provenance records: unknown
+                _record_provenance(converted, ckpt, "converted", where)
+            provenance._announced.add(str(converted))  # its checkpoint has said so already
         return weights
 
 
@@ -211,13 +260,18 @@ def fetch_official(ckpt: registry.Checkpoint, folder: str | os.PathLike) -> tupl
     return dest, "downloaded"
 
 
-def _hub_weights(ckpt: registry.Checkpoint) -> tuple[dict[str, list[np.ndarray]], str]:
-    """``(converted weights, the file's SHA-256)`` of a Hub row: the file from
-    :func:`hub_file`, checked and converted."""
+def _hub_weights(ckpt: registry.Checkpoint) -> tuple[dict[str, list[np.ndarray]], str, dict]:
+    """``(converted weights, the file's SHA-256, where it came from)`` of a Hub row: the file
+    from :func:`hub_file`, checked and converted; where: the Hub, or the ``HF_ENDPOINT`` it was
+    downloaded from."""
     src = ckpt.source
+    where = provenance.origin(ckpt)
     path = hub_file(src.repo, src.path, src.revision, sha256=expected_sha256(ckpt))
+    blob = Path(path).resolve().name  # the Hugging Face cache names a file's blob by its SHA-256
+    where["sha256"] = blob if re.fullmatch(r"[0-9a-f]{64}", blob) else file_sha256(path)
+    provenance.announce(Path(path), {**where, "model": ckpt.name})
     try:
-        return convert_official(ckpt, path), file_sha256(path)
+        return convert_official(ckpt, path), where["sha256"], where
     except CheckpointError as e:
         raise DownloadError(
             f"{src.url} did not deliver a usable checkpoint for {ckpt.name}, so nothing was "

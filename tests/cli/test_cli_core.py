@@ -33,6 +33,7 @@ def test_list_shows_the_whole_collection():
         "miou": None,
         "licence": "MIT",
         "cached": False,
+        "cached_from": None,
         "url": "https://dl.fbaipublicfiles.com/convnext/convnext_tiny_1k_224_ema.pth",
         "source": "official",
     }

@@ -3,6 +3,8 @@ function as the PyTorch reference and Keras."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -184,7 +186,7 @@ def test_inference_function_picks_the_engine(monkeypatch):
     monkeypatch.setattr(runners, "openvino_available", lambda: False)
     fn, engine = runners.inference_function(classifier)
     assert engine == "onnxruntime" and isinstance(fn, runners.OnnxRunner)
-    with pytest.raises(ImportError, match="pip install openvino"):
+    with pytest.raises(ImportError, match=r'pip install "convnext-keras\[openvino\]"'):
         runners.inference_function(classifier, "openvino")
     monkeypatch.setattr(runners, "onnxruntime_available", lambda: False)
     assert runners.inference_function(classifier)[1] == "keras"
@@ -351,3 +353,126 @@ def test_calibration_images_are_real_photos_through_the_official_transform(tmp_p
     assert images.shape == (2, 64, 64, 3) and images.dtype == np.float32
     expected = preprocess.transform_file(folder / "sub" / "2.png", (64, 0.875, "bicubic"))
     np.testing.assert_array_equal(images[1], expected)  # evenly spaced: first and last
+
+
+# ----------------------------------------------------------------------------------------------
+# Graphs over protobuf's 2 GiB, an engine that gives way to Keras, a graph without duplicates
+
+
+def test_the_external_data_threshold_parts_v2_huge_from_the_rest():
+    """ConvNeXt V2-H's weights (660M parameters, 2.6 GB in float32) are over protobuf's 2 GiB,
+    so its graph needs external data; the largest of the others (ConvNeXt-XL with the 21841-way
+    head) is under the threshold, so every other graph stays one file."""
+    limit = onnx_graph.EXTERNAL_DATA_THRESHOLD
+    assert limit < 2**31 - 1  # what protobuf serialises
+    rows = {r["name"]: r["params"] * 4 for r in ck.api.model_table()}
+    huge = [n for n in rows if n.startswith("convnextv2_huge")]
+    assert len(huge) == 4 and min(rows[n] for n in huge) > 2**31 > limit
+    assert max(b for n, b in rows.items() if n not in huge) < limit
+
+
+@pytest.mark.backends
+def test_a_graph_over_the_threshold_runs_from_external_data(atto_v2_checkpoint, monkeypatch):
+    """The external-data path that ConvNeXt V2-H takes, with the threshold lowered so that
+    ConvNeXt V2-atto (14 MB) crosses it: onnxruntime and OpenVINO load the graph from a file
+    with its weights in a data file beside it, and still equal transformers' ConvNextV2."""
+    import onnx
+
+    hf, path = atto_v2_checkpoint
+    monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_THRESHOLD", 1 << 20)
+    classifier = ck.load_model("convnextv2_atto_1k_224", weights=path)
+    graph = onnx_graph.build_onnx_graph(classifier, 64, 64)
+    assert onnx_graph.weight_bytes(graph) == sum(
+        onnx.numpy_helper.to_array(t).nbytes for t in graph.graph.initializer
+    )
+    assert onnx_graph.needs_external_data(graph)
+    images = _images(2, 64, 64, seed=9)
+    expected = ref.hf_outputs(hf, images)["logits"]
+    runner = runners.OnnxRunner(classifier)
+    np.testing.assert_allclose(runner(images), expected, atol=TOLERANCE, rtol=0)
+    files = runner._sessions[(64, 64)].graph_files
+    graph_file = Path(files.source)
+    assert files.external and onnx_graph.data_file(graph_file).stat().st_size > 1 << 20
+    assert graph_file.stat().st_size < 1 << 20  # the nodes only
+    openvino = runners.OpenVinoRunner(classifier)
+    np.testing.assert_allclose(openvino(images), expected, atol=TOLERANCE, rtol=0)
+    assert openvino._requests[images.shape][1].external
+    del runner, files
+    import gc
+
+    gc.collect()  # the temporary folder goes with the session
+    assert not graph_file.parent.exists()
+
+
+def test_an_engine_that_cannot_run_a_model_gives_way_to_keras(monkeypatch, caplog):
+    """With engine "auto", an engine failure (what protobuf's EncodeError was for V2-H) costs
+    one line saying why, then Keras answers - the same numbers; an engine asked for by name
+    raises instead."""
+    model = ck.build_model("atto")
+    images = _images(2, 64, 64)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Failed to serialize proto\nsecond line")
+
+    monkeypatch.setattr(runners, "build_onnx_graph", broken)
+    for engine in ("openvino", "onnxruntime"):
+        monkeypatch.setattr(runners, "openvino_available", lambda e=engine: e == "openvino")
+        fn, name = runners.inference_function(model)
+        assert name == engine
+        with caplog.at_level("WARNING", logger="convnext_keras"):
+            caplog.clear()
+            first, second = fn(images), fn(images)
+        np.testing.assert_array_equal(first, np.asarray(model.predict_on_batch(images)))
+        np.testing.assert_array_equal(second, first)
+        (record,) = caplog.records  # one line, once
+        assert record.getMessage() == (
+            f"convnext_keras: the {engine} engine cannot run convnext_atto (RuntimeError: "
+            "Failed to serialize proto); running it on Keras instead."
+        )
+        assert fn.fell_back.startswith("RuntimeError")
+        with pytest.raises(RuntimeError, match="serialize"):
+            runners.inference_function(model, engine)[0](images)
+    with pytest.raises(ValueError, match="got shape"):  # a bad input is no engine failure
+        runners.inference_function(model)[0](np.zeros((64, 64, 3), np.float32))
+
+
+def test_graph_initializers_have_unique_names_and_onnxruntime_says_nothing(capfd):
+    """GELU's and GRN's constant 1.0 in one block (opset 17) used to share a name: onnxruntime
+    printed a "Duplicate initializer" warning for each, dozens per export."""
+    import onnxruntime as ort
+
+    model = ck.build_model("convnextv2_atto")
+    for opset in (17, 20):
+        graph = onnx_graph.build_onnx_graph(model, 64, 64, opset=opset)
+        names = [t.name for t in graph.graph.initializer]
+        assert len(names) == len(set(names)), opset
+        capfd.readouterr()
+        ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+        assert "Duplicate" not in capfd.readouterr().err
+    g = onnx_graph._GraphBuilder()
+    assert g.const(np.float32(1), "one") == g.const(np.float32(1), "one") == "one"
+    assert g.const(np.float32(2), "one") == "one_2" and len(g.initializers) == 2
+
+
+def test_openvino_is_imported_without_its_usage_telemetry():
+    """`import openvino` starts its converter's telemetry, which forks a process to send a
+    usage event (JAX warns about the fork); the engine imports OpenVINO with the converter's own
+    stand-in instead, and leaves openvino_telemetry importable for anyone else."""
+    from test_startup import run_python
+
+    result = run_python(
+        """
+        import os, sys
+        forks = []
+        os.register_at_fork(before=lambda: forks.append(1))
+        from convnext_keras.engines.runners import import_openvino
+        ov = import_openvino()
+        import openvino.tools.ovc.telemetry_utils as t
+        print(t.tm.__name__, "openvino_telemetry" in sys.modules, len(forks))
+        import openvino_telemetry
+        print(ov.Core().available_devices[:1])
+        """
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    first = result.stdout.splitlines()[0]
+    assert first == "openvino.tools.ovc.telemetry_stub False 0"

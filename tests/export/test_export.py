@@ -358,6 +358,34 @@ def test_existing_output_needs_overwrite(atto, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.keras"]
 
 
+def test_onnx_over_the_protobuf_limit_is_written_with_its_data_file(atto, tmp_path, monkeypatch):
+    """ConvNeXt V2-H's graph is over protobuf's 2 GiB: the export writes NAME.onnx and its
+    weights in NAME.onnx.data beside it (ONNX's external-data format), verified, moved into
+    place together; here the threshold is lowered so that ConvNeXt-atto crosses it.  Exported
+    again under the threshold (overwrite), the old data file goes."""
+    import onnx
+    import onnxruntime as ort
+
+    from convnext_keras.engines import onnx_graph
+
+    monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_THRESHOLD", 1 << 20)
+    target = tmp_path / "out" / "convnext_atto.onnx"
+    result = ck.export(atto, target, "onnx", image_size=64)
+    assert result.max_abs_diff <= 1e-4 and "onnxruntime" in result.checks[0]
+    data = target.with_name("convnext_atto.onnx.data")
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name, data.name]
+    assert target.stat().st_size < 1 << 20 < data.stat().st_size
+    proto = onnx.load(str(target))  # reads the data file beside it
+    assert onnx_graph.weight_bytes(proto) > 1 << 20
+    x = np.random.default_rng(4).standard_normal((2, 64, 64, 3)).astype(np.float32)
+    session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"images": x})[0]
+    assert _diff(got, atto.predict_on_batch(x)) <= 1e-4
+    monkeypatch.undo()
+    ck.export(atto, target, "onnx", image_size=64, overwrite=True)
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
+
+
 def _perturbing(runner, amount):
     def run(path, plan, inputs):
         for what, i, out in runner(path, plan, inputs):

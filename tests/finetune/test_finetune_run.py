@@ -457,17 +457,26 @@ def test_resume_refuses_a_data_set_whose_files_changed(reference, digits4, tmp_p
     assert "start a new run" in text
 
 
-def test_resume_keeps_every_setting_of_the_run(reference, digits4, tmp_path):
-    """The reference run was made with --no-export: resuming it (complete) exports nothing."""
+def test_resume_of_a_finished_run_changes_nothing(reference, digits4, tmp_path):
+    """The reference run is complete (and was made with --no-export): --resume says so and
+    leaves every file as it was - not one byte or modification time (it used to say "resumed
+    from ... epoch 4" and write best.keras again)."""
     out = tmp_path / "again"
     shutil.copytree(reference[0], out)
     info = json.loads((out / "run.json").read_text())
     assert info["settings"] == {**loop.RUN_SETTINGS, "export": False, "checkpoint_every": 3}
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
     with micro_variant():
         result = CliRunner().invoke(main, ["finetune", str(digits4), "--resume", str(out)])
     assert result.exit_code == 0, result.output + repr(result.exception)
-    assert "already complete" in result.output and "not exported" in result.output
-    assert not (out / "savedmodel").exists()
+    assert "already complete (3 epochs); nothing to do, nothing changed" in result.output
+    assert "not exported" in result.output and "resumed from" not in result.output
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
+    best = state.read_meta(out / "checkpoint.safetensors")["best"]
+    assert f"best: epoch {best['epoch']}, val acc@1 {best['val_acc1']:.4f}" in result.output
+    done = loop.run(digits4, out, resume=True, verbose=0)
+    assert [row["epoch"] for row in done.history] == [1, 2, 3]
+    assert done.files["best"] == out / "best.keras" and done.export is None
 
 
 def test_run_files_get_the_umask_s_permissions(reference):

@@ -6,6 +6,7 @@ reports.  These tests prove that what it reports is computed correctly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import mmap
 
@@ -27,6 +28,43 @@ def test_timing_statistics():
     d = t.as_dict()
     assert d["images_per_second"] == pytest.approx(16.0) and d["repeats"] == 5
     assert "16.0 img/s median of 5" in t.summary()
+
+
+def test_a_noisy_measurement_says_so(monkeypatch):
+    """An IQR over 10 % of the median is called noisy - in the summary, the JSON and the
+    command's output (which used to print a 63 % IQR without a word); a quiet one is not."""
+    quiet = bench.Timing("q", batch_size=8, seconds=[1.0, 1.01, 0.99, 1.0, 1.02])
+    assert quiet.noise is None and "noisy" not in quiet.summary()
+    assert quiet.as_dict()["noisy"] is False
+    noisy = bench.Timing("n", batch_size=8, seconds=[1.0, 1.6, 0.7, 1.9, 1.0, 0.8])
+    assert noisy.iqr_percent > bench.NOISY_IQR_PERCENT and noisy.as_dict()["noisy"] is True
+    assert noisy.noise.startswith("noisy: the timed calls spread over an IQR of ")
+    assert noisy.noise in noisy.summary()
+    result = bench.BenchResult(
+        model="convnext_atto", backend="tensorflow", device="CPU", mode="infer",
+        precision="fp32", resolution=32, engine="keras", timing=noisy,
+    )  # fmt: skip
+    monkeypatch.setattr(bench, "benchmark", lambda *a, **k: result)
+    out = CliRunner().invoke(main, ["bench", "--model", "convnext_atto"])
+    assert out.exit_code == 0 and out.stdout.splitlines()[-1] == (
+        noisy.noise[0].upper() + noisy.noise[1:] + "."
+    )
+    monkeypatch.setattr(
+        bench, "benchmark", lambda *a, **k: dataclasses.replace(result, timing=quiet)
+    )
+    assert "Noisy" not in CliRunner().invoke(main, ["bench", "--model", "convnext_atto"]).stdout
+
+
+def test_resolution_help_states_the_rule_that_is_enforced():
+    """--resolution's help said x>=16 while 32 was enforced for every non-isotropic model."""
+    for command in ("bench", "embed", "finetune"):
+        text = " ".join(CliRunner().invoke(main, [command, "--help"]).stdout.split())
+        assert "x>=16" not in text
+        assert "at least 32 pixels (16 for the isotropic ConvNeXts" in text, command
+    small = CliRunner().invoke(
+        main, ["bench", "--model", "convnext_iso_small", "--resolution", "8"]
+    )
+    assert small.exit_code == 2 and "smallest input, 16 pixels" in small.stderr
 
 
 def test_interleave_warms_up_then_alternates():

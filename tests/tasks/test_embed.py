@@ -89,7 +89,7 @@ def test_one_process_writes_parts_manifest_and_the_model_s_features(single, expe
     assert "RANDOM WEIGHTS (--weights none)" in output  # on stderr: features go to files
     assert "embedding 12 of 12 images with convnext_atto (32px)" in output
     assert "wrote 11 feature vectors in 2 part(s)" in output and "1 unreadable" in output
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["complete"] and manifest["images"] == 11 and manifest["feature_dim"] == 320
     assert manifest["preprocessing"] == {"resolution": 32, "crop_pct": 0.875,
                                          "interpolation": "bicubic"}  # fmt: skip
@@ -104,13 +104,63 @@ def test_one_process_writes_parts_manifest_and_the_model_s_features(single, expe
     _assert_features(out, expected)
 
 
+def test_the_features_folder_is_a_parquet_dataset(single, expected):
+    """What docs/embed.md shows: pandas (and Arrow's dataset discovery) read the folder as one
+    table - the manifest's leading underscore keeps it out, as Spark's _SUCCESS."""
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    out, _ = single
+    frame = pd.read_parquet(out)
+    assert sorted(frame["path"]) == expected[1]
+    by_path = dict(zip(frame["path"], frame["feature"]))
+    np.testing.assert_allclose(
+        np.stack([by_path[p] for p in expected[1]]), expected[0], rtol=1e-4, atol=1e-4
+    )
+    assert ds.dataset(out, format="parquet").count_rows() == 11
+
+
+def test_a_folder_of_an_earlier_version_is_read_and_continued(single, images, expected, tmp_path):
+    """Folders written before the rename hold manifest.json: load_features reads them, and a
+    run that continues one writes _manifest.json in its place."""
+    import shutil
+
+    out = tmp_path / "old"
+    shutil.copytree(single[0], out)
+    (out / "_manifest.json").rename(out / "manifest.json")
+    _assert_features(out, expected)
+    result = CliRunner().invoke(main, ["embed", str(images), "--out", str(out), *CLI])
+    assert result.exit_code == 0, result.output
+    assert "embedding 0 of 12 images" in result.output
+    assert sorted(p.name for p in out.glob("*manifest*")) == ["_manifest.json"]
+    _assert_features(out, expected)
+
+
+def test_load_features_imports_no_backend(single, expected):
+    """Reading features needs numpy and pyarrow only: Keras and the backends are made
+    unimportable in the child, and it still reads them."""
+    from test_first_checks import BACKENDS, HIDE
+
+    code = HIDE.replace("HIDDEN", repr(BACKENDS)) + (
+        "import convnext_keras as ck\n"
+        f"features, paths = ck.load_features({str(single[0])!r})\n"
+        "print(features.shape, len(paths), sorted(m for m in sys.modules if m in "
+        "('keras', 'tensorflow', 'jax', 'torch')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=PROCESS_TIMEOUT
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[0] == "(11, 320) 11 []"
+
+
 def test_two_shards_into_one_folder_and_npy_give_the_same_features(images, expected, tmp_path):
     sharded = tmp_path / "sharded"
     for i in range(2):
         assert ck.embed(images, sharded, shard=f"{i}/2", verbose=0, **OPTIONS) == sharded
-    assert {p.name for p in sharded.glob("manifest*")} == {
-        "manifest-00000-of-00002.json",
-        "manifest-00001-of-00002.json",
+    assert {p.name for p in sharded.glob("*manifest*")} == {
+        "_manifest-00000-of-00002.json",
+        "_manifest-00001-of-00002.json",
     }
     _assert_features(sharded, expected)
     npy = ck.embed(images, tmp_path / "npy", format="npy", verbose=0, **OPTIONS)
@@ -133,7 +183,7 @@ def test_an_interrupted_run_continues_where_it_stopped(images, expected, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         ck.embed(images, out, verbose=0, **OPTIONS)
     monkeypatch.undo()
-    assert len(json.loads((out / "manifest.json").read_text())["parts"]) == 1
+    assert len(json.loads((out / "_manifest.json").read_text())["parts"]) == 1
     result = CliRunner().invoke(main, ["embed", str(images), "--out", str(out), *CLI])
     assert result.exit_code == 0, result.output
     # The first part's 6 images, and the broken file (decoded ahead, listed with that part).
@@ -269,7 +319,7 @@ def test_ray_gives_the_same_features_and_resumes_after_the_driver_is_killed(
          "--ray", ray_address],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
-    manifest = out / "manifest.json"
+    manifest = out / "_manifest.json"
     try:
         deadline = time.monotonic() + PROCESS_TIMEOUT
         while time.monotonic() < deadline and driver.poll() is None:

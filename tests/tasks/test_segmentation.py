@@ -749,7 +749,7 @@ def test_segment_command_writes_label_maps_overlays_and_legends(
     assert np.asarray(Image.open(rows[0]["labels"])).shape == (20, 3000)
     for row, photo in zip(rows[2:], PHOTOS[:2]):
         width, height = Image.open(photo).size
-        assert row["size"] == [height, width]
+        assert (row["width"], row["height"]) == (width, height) and "size" not in row
         labels = Image.open(row["labels"])
         assert labels.mode == "P" and labels.size == (width, height)
         assert labels.getpalette()[:6] == [120, 120, 120, 180, 120, 120]  # wall, building
@@ -765,6 +765,8 @@ def test_segment_command_writes_label_maps_overlays_and_legends(
         main, ["segment", str(PHOTOS[0]), "--model", TINY, "--weights", "none", "--whole"]
     )
     assert text.exit_code == 0 and "RANDOM WEIGHTS" in text.output and "%" in text.output
+    width, height = Image.open(PHOTOS[0]).size  # the text names the same order as --json
+    assert f"{PHOTOS[0]}  (width {width} x height {height}, " in text.output
     for bad_args, message in [
         (["--model", "convnext_tiny_1k_224"], "not a segmentation model"),
         (["--model", TINY + "_fe"], "no '_fe' feature-extractor twin"),

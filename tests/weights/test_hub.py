@@ -145,7 +145,8 @@ def test_two_processes_share_one_download(mirror, isolated_cache):
     assert mirror.requests == [f"/{TINY.filename}"]
     files = [f for f in _cache_files(isolated_cache) if not f.endswith(".lock")]
     cached = [f"checkpoints/{TINY.filename}", "keras/convnext_tiny_1k_224.safetensors"]
-    assert files == sorted(cached + [f + ".sha256" for f in cached])
+    # Each with its SHA-256 record and where it came from (weights.provenance).
+    assert files == sorted(cached + [f + s for f in cached for s in (".sha256", ".source.json")])
     assert cache.load_converted(isolated_cache / cached[1]) is not None
 
 

@@ -255,6 +255,8 @@ def _numpy_knows_bfloat16() -> None:
         import ml_dtypes  # noqa: F401  (registers the dtypes with numpy)
     except ImportError:
         pass
+
+
 #: The weights file of a folder, in the order looked for: transformers' ``save_pretrained``
 #: names (safetensors first, as transformers loads them).
 FOLDER_FILES = ("model.safetensors", "pytorch_model.bin")

@@ -255,7 +255,7 @@ def test_odd_names_fifos_cycles_stale_leftovers_and_damaged_parts(images, tmp_pa
     assert result.exit_code == 0, result.output + repr(result.exception)
     features, paths = ck.load_features(out)
     assert paths == sorted([name, "sub/1.jpg", "sub/2.png", "sub/3.png"])  # once each
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["failed"] == [["pipe.jpg", "a FIFO (named pipe), not an image file"]]
     table = pq.read_table(out / manifest["parts"][0]["file"])
     assert table.column("path").to_pylist()[0] == "caf\\xe9.png"

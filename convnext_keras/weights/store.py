@@ -183,6 +183,7 @@ def official_weights(ckpt: registry.Checkpoint) -> dict[str, list[np.ndarray]]:
         except (DamagedFileError, OSError):
             weights = None  # looked at again under the lock, then rebuilt
         if weights is not None:
+            provenance.announce(converted, provenance.read(converted))
             return weights
     with locked(converted):
         if converted.is_file():

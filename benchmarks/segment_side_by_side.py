@@ -8,9 +8,13 @@ runs per 512x512 crop - by each contender in its own process, with the isolation
 ``side_by_side.py`` (its ``Harness``: one worker per contender, all others stopped during a
 turn, order rotated per round, other load measured during each turn):
 
-* ``ours``: ``convnext segment``'s default engine on a CPU: onnxruntime on this library's
-  graph of the model (``engines.upernet_graph.build_onnx_graph`` at the window's size, the session
-  ``engines.runners.onnx_session`` makes);
+* ``ours``: OpenVINO on this library's graph of the model
+  (``engines.upernet_graph.build_onnx_graph`` at the window's size, dynamic batch) as
+  ``convnext segment`` runs it (``engines.graph_files.GraphRunner``: float32, latency hint);
+* ``ort_ours``: onnxruntime on the same graph file, through the same ``GraphRunner`` (the
+  session ``engines.graph_files.onnx_session`` makes) - the default before OpenVINO was
+  measured here; ``convnext segment``'s ``auto`` takes the faster of the two
+  (``graph_files.SEGMENTATION_ENGINES``);
 * ``keras``: the same model through Keras ``predict_on_batch`` (``--engine keras``);
 * ``torch_eager``: transformers' ``UperNetForSemanticSegmentation`` (ConvNext backbone, no
   auxiliary head), PyTorch eager, ``torch.inference_mode``;
@@ -66,6 +70,16 @@ def keras_calls(params: dict) -> dict:
     return {1: lambda: model.predict_on_batch(x)}
 
 
+def graph_runner_calls(params: dict) -> dict:
+    """``engines.graph_files.GraphRunner`` on this library's graph file: exactly what
+    ``convnext segment`` runs per window (``params["engine"]``: openvino or onnxruntime)."""
+    from convnext_keras.engines.graph_files import GraphRunner
+
+    runner = GraphRunner(params["graph"], params["engine"], threads=params["threads"])
+    x = np.load(Path(params["folder"]) / "batch1.npy")
+    return {1: lambda: runner(x)}
+
+
 def hf_upernet(params: dict):
     import torch
     from transformers import ConvNextConfig, UperNetConfig, UperNetForSemanticSegmentation
@@ -118,11 +132,12 @@ def _prepare(conn, params: dict) -> None:
         export(model, folder / "export.onnx", "onnx", image_size=res)
         x = bench.random_batch(1, res)
         np.save(folder / "batch1.npy", x)
-        runner = upernet_onnx.SegmentationRunner(model)
+        expected = np.asarray(model.predict_on_batch(x))
         checks = {
-            "default_engine_vs_keras_max_abs_diff": float(
-                np.abs(runner(x) - np.asarray(model.predict_on_batch(x))).max()
+            f"{engine}_vs_keras_max_abs_diff": float(
+                np.abs(upernet_onnx.SegmentationRunner(model, engine=engine)(x) - expected).max()
             )
+            for engine in ("openvino", "onnxruntime")
         }
         try:
             net = hf_upernet(params)
@@ -147,9 +162,12 @@ def contenders(params: dict, torch_export: bool) -> list:
     out = [
         c("matmul", f"numpy float32 matmul {sbs.MATMUL_N}^2 (rate reference)", "rate", "matmul",
           {**params, "batch_sizes": [0]}, [0]),
-        c("ours", "convnext segment default (onnxruntime, this library's graph)", "fp32",
-          "onnxruntime", {**params, "graph": str(folder / "ours.onnx"), "session": "library",
-                          "layout": "nhwc"}, [1]),
+        c("ours", "OpenVINO, this library's graph (as convnext segment runs it)", "fp32",
+          f"{MODULE}:graph_runner_calls", {**params, "graph": str(folder / "ours.onnx"),
+                                           "engine": "openvino"}, [1]),
+        c("ort_ours", "onnxruntime, this library's graph (as convnext segment runs it)", "fp32",
+          f"{MODULE}:graph_runner_calls", {**params, "graph": str(folder / "ours.onnx"),
+                                           "engine": "onnxruntime"}, [1]),
         c("keras", "convnext_keras Keras predict_on_batch (--engine keras)", "fp32",
           f"{MODULE}:keras_calls", params, [1]),
         c("torch_eager", "transformers UperNet (ConvNext), PyTorch eager", "fp32",

@@ -21,11 +21,11 @@ Weights are copied when a runner is made: a runner made before training or a
 
 from __future__ import annotations
 
-import os
 import threading
 
 import numpy as np
 
+from convnext_keras.engines import graph_files
 from convnext_keras.engines.onnx_graph import build_onnx_graph, check_input_size, unsupported_reason
 from convnext_keras.engines.quantization import (
     PRECISIONS,
@@ -39,52 +39,13 @@ from convnext_keras.nets.layers import too_small_message
 
 ENGINES = ("auto", "openvino", "onnxruntime", "keras")
 #: Engines that run this library's ONNX graph on the CPU, in the order ``"auto"`` tries them.
-GRAPH_ENGINES = ("openvino", "onnxruntime")
-
-
-def onnxruntime_available() -> bool:
-    """Whether ``import onnxruntime`` works (it ships in the ``export`` extra)."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def openvino_available() -> bool:
-    """Whether OpenVINO is installed (the ``openvino`` extra); found without importing it."""
-    import importlib.util
-
-    return importlib.util.find_spec("openvino") is not None
-
-
-def cpu_graph_engine() -> str | None:
-    """The engine ``"auto"`` runs this library's graph with on a CPU: ``"openvino"`` when
-    OpenVINO is installed, else ``"onnxruntime"`` when that is, else None (Keras)."""
-    available = {"openvino": openvino_available, "onnxruntime": onnxruntime_available}
-    return next((e for e in GRAPH_ENGINES if available[e]()), None)
-
-
-def _threads(threads: int | None) -> int | None:
-    """An engine's thread count: ``threads``, else ``$CONVNEXT_THREADS``, else None (the
-    engine's default, one per physical core)."""
-    env = os.environ.get("CONVNEXT_THREADS")
-    return threads if threads is not None else (int(env) if env else None)
-
-
-def onnx_session(graph, threads: int | None = None):
-    """An onnxruntime CPU session of ``graph`` (an ``onnx.ModelProto`` or its bytes) with the
-    engine's settings: every graph optimisation, ``threads`` intra-op threads (None:
-    onnxruntime's default, one per physical core) and sequential execution."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    data = graph if isinstance(graph, bytes) else graph.SerializeToString()
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+GRAPH_ENGINES = graph_files.GRAPH_ENGINES
+# Which engines are installed, and the session settings: the light module's (no Keras), named
+# here too.  This module calls them through ``graph_files`` (where tests replace them).
+onnxruntime_available = graph_files.onnxruntime_available
+openvino_available = graph_files.openvino_available
+cpu_graph_engine = graph_files.cpu_graph_engine
+onnx_session = graph_files.onnx_session
 
 
 def nhwc_batch(images, min_size: int) -> np.ndarray:
@@ -92,12 +53,7 @@ def nhwc_batch(images, min_size: int) -> np.ndarray:
 
     Raises ``ValueError`` for another shape than ``(batch, height, width, 3)`` or a height or
     width below ``min_size`` pixels."""
-    x = np.ascontiguousarray(np.asarray(images), dtype=np.float32)
-    if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(
-            f"Expected an NHWC batch of RGB images (batch, height, width, 3), got shape "
-            f"{x.shape}; add a batch axis with x[None] for a single image."
-        )
+    x = graph_files.nhwc_images(images)
     if min(x.shape[1:3]) < min_size:
         raise ValueError(too_small_message(x.shape[1], x.shape[2], min_size))
     return x
@@ -143,7 +99,7 @@ class OnnxRunner:
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"OnnxRunner cannot run {model.name!r}: {reason}.")
-        if not onnxruntime_available():
+        if not graph_files.onnxruntime_available():
             raise ImportError(
                 "OnnxRunner needs onnxruntime: pip install onnxruntime "
                 "(or pip install 'convnext-keras[export]')."
@@ -151,7 +107,7 @@ class OnnxRunner:
         self.model = model
         self.min_size = variant_of(model).min_input_size
         self.precision = precision
-        self.threads = _threads(threads)
+        self.threads = graph_files.threads_setting(threads)
         self.calibration = None
         if precision == INT8:
             self.calibration = (
@@ -211,7 +167,7 @@ class OpenVinoRunner:
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"OpenVinoRunner cannot run {model.name!r}: {reason}.")
-        if not openvino_available():
+        if not graph_files.openvino_available():
             raise ImportError(
                 "The openvino engine needs OpenVINO: pip install openvino "
                 "(or pip install 'convnext-keras[openvino]'); engine 'auto' uses onnxruntime "
@@ -219,7 +175,7 @@ class OpenVinoRunner:
             )
         self.model = model
         self.min_size = variant_of(model).min_input_size
-        self.threads = _threads(threads)
+        self.threads = graph_files.threads_setting(threads)
         self._requests: dict[tuple[int, int], object] = {}
         self._lock = threading.Lock()
 
@@ -234,9 +190,7 @@ class OpenVinoRunner:
                 build_onnx_graph(self.model, *shape[1:3]).SerializeToString(), b""
             )
             graph.reshape({graph.inputs[0].get_any_name(): list(shape)})
-            config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
-            if self.threads:
-                config["INFERENCE_NUM_THREADS"] = self.threads
+            config = graph_files.openvino_config(self.threads)
             self._requests[shape] = core.compile_model(graph, "CPU", config).create_infer_request()
         return self._requests[shape]
 
@@ -345,7 +299,7 @@ def inference_function(
     if engine == "auto":
         engine = "keras"
         if not unsupported_reason(model) and not accelerator():
-            engine = cpu_graph_engine() or "keras"
+            engine = graph_files.cpu_graph_engine() or "keras"
     if engine == "keras":
         return model.predict_on_batch, "keras"
     if engine == "openvino":

@@ -49,6 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import side_by_side as sbs  # noqa: E402  (the isolated harness)
 
 NAME = "upernet_convnext_tiny_ade20k_512"
+#: Every contender (``--contenders`` picks some).
+CONTENDERS = ("ours", "ort_ours", "keras", "torch_eager", "ort_export", "ort_torch_export")
 MODULE = "segment_side_by_side"
 
 
@@ -129,7 +131,8 @@ def _prepare(conn, params: dict) -> None:
         (folder / "ours.onnx").write_bytes(
             upernet_onnx.build_onnx_graph(model, res, res).SerializeToString()
         )
-        export(model, folder / "export.onnx", "onnx", image_size=res)
+        if "ort_export" in params["contenders"]:
+            export(model, folder / "export.onnx", "onnx", image_size=res)
         x = bench.random_batch(1, res)
         np.save(folder / "batch1.npy", x)
         expected = np.asarray(model.predict_on_batch(x))
@@ -140,6 +143,8 @@ def _prepare(conn, params: dict) -> None:
             for engine in ("openvino", "onnxruntime")
         }
         try:
+            if "ort_torch_export" not in params["contenders"]:
+                raise RuntimeError("not asked for (--contenders)")
             net = hf_upernet(params)
             sbs_input = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
             torch.onnx.export(
@@ -149,6 +154,8 @@ def _prepare(conn, params: dict) -> None:
             checks["torch_export"] = "ok"
         except Exception as e:  # noqa: BLE001 - the contender is then left out
             checks["torch_export"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        if "ort_torch_export" not in params["contenders"]:
+            checks["torch_export"] = "not asked for (--contenders)"
         conn.send(("ok", checks))
     except Exception as e:  # noqa: BLE001 - reported
         import traceback
@@ -188,6 +195,7 @@ def contenders(params: dict, torch_export: bool) -> list:
                 [1],
             )
         )
+    out = [c for c in out if c.key == "matmul" or c.key in params["contenders"]]
     for each in out:
         each.params = {**each.params, "batch_sizes": each.batch_sizes}
     return out
@@ -207,6 +215,11 @@ def main() -> None:
     parser.add_argument("--turn-seconds", type=float, default=0.0, help="0: one timed call.")
     parser.add_argument("--max-other-load", type=float, default=0.15)
     parser.add_argument("--no-wait", action="store_true", help="Neither wait nor retake.")
+    parser.add_argument(
+        "--contenders",
+        default=",".join(CONTENDERS),
+        help=f"Comma-separated subset of {','.join(CONTENDERS)} ('ours' is always timed).",
+    )
     args = parser.parse_args()
 
     from convnext_keras import registry
@@ -231,6 +244,7 @@ def measure(args, spec, resolution: int, folder: Path) -> dict:
         "dims": list(spec.dims),
         "threads": args.threads,
         "warmup": args.warmup,
+        "contenders": sorted({"ours", *args.contenders.split(",")}),
     }
     started = time.perf_counter()
     load_before = sbs.loadavg()
@@ -310,7 +324,7 @@ def markdown(report: dict) -> str:
         )
     for label, reason in report["unavailable"].items():
         lines.append(f"| {label} | not measured: {reason} | | | |")
-    if report["checks"].get("torch_export") != "ok":
+    if report["checks"].get("torch_export") not in ("ok", "not asked for (--contenders)"):
         lines += ["", f"transformers model's torch.onnx export: {report['checks']['torch_export']}"]
     lines += ["", f"Command: `{report['command']}`", ""]
     return "\n".join(lines)

@@ -34,7 +34,7 @@ import numpy as np
 GRAPH_ENGINES = ("openvino", "onnxruntime")
 #: The order ``"auto"`` tries them in for the UperNet graph (segmentation), measured apart
 #: (BENCHMARKS.md, "CPU: segmentation").
-SEGMENTATION_ENGINES = ("openvino", "onnxruntime")
+SEGMENTATION_ENGINES = ("onnxruntime", "openvino")
 
 
 def openvino_available() -> bool:

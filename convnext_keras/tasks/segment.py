@@ -383,9 +383,13 @@ def segment_files(
         precision: ``"fp32"``, or Keras mixed precision ``"bf16"`` / ``"fp16"`` (float32 logits).
         settings: the test settings for a model object or file whose name is not a
             segmentation checkpoint's: a registry name or a ``registry.SegmentationEval``.
-        engine: ``"auto"`` (onnxruntime on a CPU for a float32 model, when installed: the
-            fastest there, BENCHMARKS.md; else Keras), ``"onnxruntime"`` or ``"keras"``
-            (:func:`convnext_keras.engines.upernet_graph.inference_function`).
+        engine: ``"auto"`` (on a CPU for a float32 model the first installed of
+            :data:`convnext_keras.engines.graph_files.SEGMENTATION_ENGINES`: onnxruntime, else
+            OpenVINO; else Keras), ``"onnxruntime"``, ``"openvino"`` or ``"keras"``
+            (:func:`convnext_keras.engines.upernet_graph.inference_function`).  A registry
+            name with its official weights runs on its cached graph
+            (:func:`convnext_keras.tasks.graph_route.graph_route`): the registry's window
+            size is cached, so a later call imports no Keras.
     """
     from convnext_keras import preprocess
     from convnext_keras.data import ade20k

@@ -595,7 +595,8 @@ def test_warm_segment_imports_no_keras_and_answers_as_the_first(
 ):
     """``convnext segment`` by name: the first call (this process) caches the UperNet graph
     of the registry's window size; the same command in a fresh process imports no Keras, no
-    backend and no onnx (OpenVINO imports its compiled blob) and prints the same label maps."""
+    backend and no onnx (the cached graph runs on ``auto``'s engine for segmentation) and
+    prints the same label maps."""
     from test_graph_route import HEAVY, WARM
 
     _serve(loopback_server, monkeypatch, tiny[1])

@@ -3,14 +3,16 @@ between them and Keras (:func:`inference_function`).
 
 On the CPUs this project measures on, onnxruntime (MLAS kernels, NCHWc convolutions) runs the
 ConvNeXt forward pass faster than Keras' ``predict_on_batch`` on any of the three backends (see
-BENCHMARKS.md).  :class:`OnnxRunner` runs :func:`.graph.build_onnx_graph`'s graph of a built
+BENCHMARKS.md).  :class:`OnnxRunner` runs :func:`.onnx_graph.build_onnx_graph`'s graph of a built
 Keras ConvNeXt (classifier and ``_fe`` models): one graph per input height/width (any batch
-size), built once and cached; in int8 on request (:mod:`.int8`).
+size), built once and cached; in int8 on request (:mod:`.quantization`).  The tasks run a
+registry name's graph from the graph cache instead, without Keras
+(:mod:`convnext_keras.tasks.graph_route`, :mod:`.graph_files`).
 
 The same float32 graph also runs on OpenVINO's CPU plugin (:class:`OpenVinoRunner`, engine
 ``"openvino"``), compiled with float32 inference precision (OpenVINO would otherwise compute in
-bfloat16 on CPUs with ``avx512_bf16`` or AMX).  Where OpenVINO is installed (the ``openvino``
-extra; ``make setup`` installs it) the ``"auto"`` engine picks it on a CPU: on the AVX-512 CPU
+bfloat16 on CPUs with ``avx512_bf16`` or AMX).  Where OpenVINO is installed (a base dependency
+wherever it has wheels) the ``"auto"`` engine picks it on a CPU: on the AVX-512 CPU
 measured (AMD EPYC family 25 model 17) it ran ConvNeXt-T 1.05-1.15x faster than onnxruntime on
 either graph at batch 1, 8 and 32, and on the AVX2-only one (family 23 model 1) level with it
 (BENCHMARKS.md).
@@ -169,9 +171,8 @@ class OpenVinoRunner:
             raise ValueError(f"OpenVinoRunner cannot run {model.name!r}: {reason}.")
         if not graph_files.openvino_available():
             raise ImportError(
-                "The openvino engine needs OpenVINO: pip install openvino "
-                "(or pip install 'convnext-keras[openvino]'); engine 'auto' uses onnxruntime "
-                "without it."
+                "The openvino engine needs OpenVINO: pip install openvino (a base dependency "
+                "where its wheels exist); engine 'auto' uses onnxruntime without it."
             )
         self.model = model
         self.min_size = variant_of(model).min_input_size

@@ -8,9 +8,13 @@ runs per 512x512 crop - by each contender in its own process, with the isolation
 ``side_by_side.py`` (its ``Harness``: one worker per contender, all others stopped during a
 turn, order rotated per round, other load measured during each turn):
 
-* ``ours``: ``convnext segment``'s default engine on a CPU: onnxruntime on this library's
-  graph of the model (``engines.upernet_graph.build_onnx_graph`` at the window's size, the session
-  ``engines.runners.onnx_session`` makes);
+* ``ours``: OpenVINO on this library's graph of the model
+  (``engines.upernet_graph.build_onnx_graph`` at the window's size, dynamic batch) as
+  ``convnext segment`` runs it (``engines.graph_files.GraphRunner``: float32, latency hint);
+* ``ort_ours``: onnxruntime on the same graph file, through the same ``GraphRunner`` (the
+  session ``engines.graph_files.onnx_session`` makes) - the default before OpenVINO was
+  measured here; ``convnext segment``'s ``auto`` takes the faster of the two
+  (``graph_files.SEGMENTATION_ENGINES``);
 * ``keras``: the same model through Keras ``predict_on_batch`` (``--engine keras``);
 * ``torch_eager``: transformers' ``UperNetForSemanticSegmentation`` (ConvNext backbone, no
   auxiliary head), PyTorch eager, ``torch.inference_mode``;
@@ -45,6 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import side_by_side as sbs  # noqa: E402  (the isolated harness)
 
 NAME = "upernet_convnext_tiny_ade20k_512"
+#: Every contender (``--contenders`` picks some).
+CONTENDERS = ("ours", "ort_ours", "keras", "torch_eager", "ort_export", "ort_torch_export")
 MODULE = "segment_side_by_side"
 
 
@@ -64,6 +70,16 @@ def keras_calls(params: dict) -> dict:
     model = ck.load_model(NAME, weights=None)
     x = np.load(Path(params["folder"]) / "batch1.npy")
     return {1: lambda: model.predict_on_batch(x)}
+
+
+def graph_runner_calls(params: dict) -> dict:
+    """``engines.graph_files.GraphRunner`` on this library's graph file: exactly what
+    ``convnext segment`` runs per window (``params["engine"]``: openvino or onnxruntime)."""
+    from convnext_keras.engines.graph_files import GraphRunner
+
+    runner = GraphRunner(params["graph"], params["engine"], threads=params["threads"])
+    x = np.load(Path(params["folder"]) / "batch1.npy")
+    return {1: lambda: runner(x)}
 
 
 def hf_upernet(params: dict):
@@ -115,16 +131,20 @@ def _prepare(conn, params: dict) -> None:
         (folder / "ours.onnx").write_bytes(
             upernet_onnx.build_onnx_graph(model, res, res).SerializeToString()
         )
-        export(model, folder / "export.onnx", "onnx", image_size=res)
+        if "ort_export" in params["contenders"]:
+            export(model, folder / "export.onnx", "onnx", image_size=res)
         x = bench.random_batch(1, res)
         np.save(folder / "batch1.npy", x)
-        runner = upernet_onnx.SegmentationRunner(model)
+        expected = np.asarray(model.predict_on_batch(x))
         checks = {
-            "default_engine_vs_keras_max_abs_diff": float(
-                np.abs(runner(x) - np.asarray(model.predict_on_batch(x))).max()
+            f"{engine}_vs_keras_max_abs_diff": float(
+                np.abs(upernet_onnx.SegmentationRunner(model, engine=engine)(x) - expected).max()
             )
+            for engine in ("openvino", "onnxruntime")
         }
         try:
+            if "ort_torch_export" not in params["contenders"]:
+                raise RuntimeError("not asked for (--contenders)")
             net = hf_upernet(params)
             sbs_input = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
             torch.onnx.export(
@@ -134,6 +154,8 @@ def _prepare(conn, params: dict) -> None:
             checks["torch_export"] = "ok"
         except Exception as e:  # noqa: BLE001 - the contender is then left out
             checks["torch_export"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        if "ort_torch_export" not in params["contenders"]:
+            checks["torch_export"] = "not asked for (--contenders)"
         conn.send(("ok", checks))
     except Exception as e:  # noqa: BLE001 - reported
         import traceback
@@ -147,9 +169,12 @@ def contenders(params: dict, torch_export: bool) -> list:
     out = [
         c("matmul", f"numpy float32 matmul {sbs.MATMUL_N}^2 (rate reference)", "rate", "matmul",
           {**params, "batch_sizes": [0]}, [0]),
-        c("ours", "convnext segment default (onnxruntime, this library's graph)", "fp32",
-          "onnxruntime", {**params, "graph": str(folder / "ours.onnx"), "session": "library",
-                          "layout": "nhwc"}, [1]),
+        c("ours", "OpenVINO, this library's graph (as convnext segment runs it)", "fp32",
+          f"{MODULE}:graph_runner_calls", {**params, "graph": str(folder / "ours.onnx"),
+                                           "engine": "openvino"}, [1]),
+        c("ort_ours", "onnxruntime, this library's graph (as convnext segment runs it)", "fp32",
+          f"{MODULE}:graph_runner_calls", {**params, "graph": str(folder / "ours.onnx"),
+                                           "engine": "onnxruntime"}, [1]),
         c("keras", "convnext_keras Keras predict_on_batch (--engine keras)", "fp32",
           f"{MODULE}:keras_calls", params, [1]),
         c("torch_eager", "transformers UperNet (ConvNext), PyTorch eager", "fp32",
@@ -170,6 +195,7 @@ def contenders(params: dict, torch_export: bool) -> list:
                 [1],
             )
         )
+    out = [c for c in out if c.key == "matmul" or c.key in params["contenders"]]
     for each in out:
         each.params = {**each.params, "batch_sizes": each.batch_sizes}
     return out
@@ -189,6 +215,11 @@ def main() -> None:
     parser.add_argument("--turn-seconds", type=float, default=0.0, help="0: one timed call.")
     parser.add_argument("--max-other-load", type=float, default=0.15)
     parser.add_argument("--no-wait", action="store_true", help="Neither wait nor retake.")
+    parser.add_argument(
+        "--contenders",
+        default=",".join(CONTENDERS),
+        help=f"Comma-separated subset of {','.join(CONTENDERS)} ('ours' is always timed).",
+    )
     args = parser.parse_args()
 
     from convnext_keras import registry
@@ -213,6 +244,7 @@ def measure(args, spec, resolution: int, folder: Path) -> dict:
         "dims": list(spec.dims),
         "threads": args.threads,
         "warmup": args.warmup,
+        "contenders": sorted({"ours", *args.contenders.split(",")}),
     }
     started = time.perf_counter()
     load_before = sbs.loadavg()
@@ -292,7 +324,7 @@ def markdown(report: dict) -> str:
         )
     for label, reason in report["unavailable"].items():
         lines.append(f"| {label} | not measured: {reason} | | | |")
-    if report["checks"].get("torch_export") != "ok":
+    if report["checks"].get("torch_export") not in ("ok", "not asked for (--contenders)"):
         lines += ["", f"transformers model's torch.onnx export: {report['checks']['torch_export']}"]
     lines += ["", f"Command: `{report['command']}`", ""]
     return "\n".join(lines)

@@ -189,8 +189,9 @@ def eval_command(
         )
     if result.config.get("random_weights"):
         click.echo(RANDOM_WEIGHTS_BANNER)
+    backend = result.config["backend"] or "no backend: cached graph"  # None: the warm path
     click.echo(
-        f"model     {result.model}  ({result.config['backend']}, {result.devices} device(s),"
+        f"model     {result.model}  ({backend}, {result.devices} device(s),"
         f" engine {result.config.get('engine', 'keras')}, {result.config.get('precision', 'fp32')})"
     )
     click.echo(f"data      {result.data}  [{result.layout}]")

@@ -76,8 +76,8 @@ def _inference_options(f):
                 help="fp32, or Keras mixed precision bf16 / fp16 (float32 logits).",
             ),
             engine_option(
-                "auto: onnxruntime on the CPU for fp32 when installed (the fastest there), "
-                "else Keras."
+                "auto: onnxruntime on the CPU for fp32 when installed, else OpenVINO, else "
+                "Keras (BENCHMARKS.md)."
             ),
         ]
     ):

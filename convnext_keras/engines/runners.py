@@ -3,14 +3,16 @@ between them and Keras (:func:`inference_function`).
 
 On the CPUs this project measures on, onnxruntime (MLAS kernels, NCHWc convolutions) runs the
 ConvNeXt forward pass faster than Keras' ``predict_on_batch`` on any of the three backends (see
-BENCHMARKS.md).  :class:`OnnxRunner` runs :func:`.graph.build_onnx_graph`'s graph of a built
+BENCHMARKS.md).  :class:`OnnxRunner` runs :func:`.onnx_graph.build_onnx_graph`'s graph of a built
 Keras ConvNeXt (classifier and ``_fe`` models): one graph per input height/width (any batch
-size), built once and cached; in int8 on request (:mod:`.int8`).
+size), built once and cached; in int8 on request (:mod:`.quantization`).  The tasks run a
+registry name's graph from the graph cache instead, without Keras
+(:mod:`convnext_keras.tasks.graph_route`, :mod:`.graph_files`).
 
 The same float32 graph also runs on OpenVINO's CPU plugin (:class:`OpenVinoRunner`, engine
 ``"openvino"``), compiled with float32 inference precision (OpenVINO would otherwise compute in
-bfloat16 on CPUs with ``avx512_bf16`` or AMX).  Where OpenVINO is installed (the ``openvino``
-extra; ``make setup`` installs it) the ``"auto"`` engine picks it on a CPU: on the AVX-512 CPU
+bfloat16 on CPUs with ``avx512_bf16`` or AMX).  Where OpenVINO is installed (a base dependency
+wherever it has wheels) the ``"auto"`` engine picks it on a CPU: on the AVX-512 CPU
 measured (AMD EPYC family 25 model 17) it ran ConvNeXt-T 1.05-1.15x faster than onnxruntime on
 either graph at batch 1, 8 and 32, and on the AVX2-only one (family 23 model 1) level with it
 (BENCHMARKS.md).
@@ -22,12 +24,12 @@ Weights are copied when a runner is made: a runner made before training or a
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import weakref
 
 import numpy as np
 
+from convnext_keras.engines import graph_files
 from convnext_keras.engines.onnx_graph import (
     GraphFiles,
     build_onnx_graph,
@@ -49,91 +51,36 @@ logger = logging.getLogger("convnext_keras")
 
 ENGINES = ("auto", "openvino", "onnxruntime", "keras")
 #: Engines that run this library's ONNX graph on the CPU, in the order ``"auto"`` tries them.
-GRAPH_ENGINES = ("openvino", "onnxruntime")
-
-
-def onnxruntime_available() -> bool:
-    """Whether onnxruntime is installed (the ``int8`` and ``export`` extras); found without
-    importing it."""
-    return installed("onnxruntime")
-
-
-def openvino_available() -> bool:
-    """Whether OpenVINO is installed (the ``openvino`` extra); found without importing it."""
-    return installed("openvino")
+GRAPH_ENGINES = graph_files.GRAPH_ENGINES
+# Which engines are installed, and which "auto" runs: the light module's (no Keras), named here
+# too.  This module calls them through ``graph_files`` (where tests replace them).
+onnxruntime_available = graph_files.onnxruntime_available
+openvino_available = graph_files.openvino_available
+cpu_graph_engine = graph_files.cpu_graph_engine
+import_openvino = graph_files.import_openvino
 
 
 def check_onnxruntime(purpose: str, extra: str = "int8") -> None:
     """:class:`convnext_keras.errors.MissingDependencyError` (one line: ``pip install
     "convnext-keras[int8]"``) unless onnxruntime and onnx are installed; ``purpose`` names what
     needs them."""
-    if not onnxruntime_available():
+    if not graph_files.onnxruntime_available():
         raise missing_dependency("onnxruntime", extra=extra, purpose=purpose)
     if not installed("onnx"):
         raise missing_dependency("onnx", extra=extra, purpose=purpose)
 
 
-def import_openvino():
-    """``import openvino``, without the usage telemetry its model converter sends.
-
-    ``import openvino`` imports its converter (``openvino.tools.ovc``), which starts
-    ``openvino_telemetry``: unless the user opted out, it sends a usage event to Google
-    Analytics from a forked process (JAX then warns that ``os.fork()`` was called in its
-    multithreaded process; offline the child waits for its timeout).  This library never asked
-    its users for that consent, so it imports OpenVINO as OpenVINO does where
-    ``openvino_telemetry`` is not installed: with the converter's own stand-in
-    (``openvino.tools.ovc.telemetry_stub``).  Nothing else changes; the user's own use of
-    OpenVINO's tools in another process is untouched.
-    """
-    import sys
-
-    if "openvino" in sys.modules:
-        return sys.modules["openvino"]
-    hidden = [
-        m for m in ("openvino_telemetry", "openvino_telemetry.backend") if m not in sys.modules
-    ]
-    for name in hidden:
-        sys.modules[name] = None  # an ImportError for `import openvino_telemetry`
-    try:
-        return require("openvino", extra="openvino", purpose="The openvino engine")
-    finally:
-        for name in hidden:
-            if sys.modules.get(name, 0) is None:
-                del sys.modules[name]
-
-
-def cpu_graph_engine() -> str | None:
-    """The engine ``"auto"`` runs this library's graph with on a CPU: ``"openvino"`` when
-    OpenVINO is installed, else ``"onnxruntime"`` when that is, else None (Keras)."""
-    available = {"openvino": openvino_available, "onnxruntime": onnxruntime_available}
-    return next((e for e in GRAPH_ENGINES if available[e]()), None)
-
-
-def _threads(threads: int | None) -> int | None:
-    """An engine's thread count: ``threads``, else ``$CONVNEXT_THREADS``, else None (the
-    engine's default, one per physical core)."""
-    env = os.environ.get("CONVNEXT_THREADS")
-    return threads if threads is not None else (int(env) if env else None)
-
-
 def onnx_session(graph, threads: int | None = None, *, threshold: int | None = None):
     """An onnxruntime CPU session of ``graph`` (an ``onnx.ModelProto`` or its bytes) with the
-    engine's settings: every graph optimisation, ``threads`` intra-op threads (None:
-    onnxruntime's default, one per physical core) and sequential execution.
+    engine's settings (:func:`convnext_keras.engines.graph_files.onnx_session`).
 
     A graph whose weights pass ``threshold`` bytes (default
     :data:`.onnx_graph.EXTERNAL_DATA_THRESHOLD`, protobuf's 2 GiB) is loaded from a temporary
     file with external data (:class:`.onnx_graph.GraphFiles`), kept as long as the session."""
-    ort = require("onnxruntime", extra="int8", purpose="The onnxruntime engine")
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    require("onnxruntime", extra="int8", purpose="The onnxruntime engine")
     files = GraphFiles(graph, threshold)
     try:
-        session = ort.InferenceSession(files.source, options, providers=["CPUExecutionProvider"])
+        session = graph_files.onnx_session(files.source, threads)
     except BaseException:
         files.close()
         raise
@@ -148,12 +95,7 @@ def nhwc_batch(images, min_size: int) -> np.ndarray:
 
     Raises ``ValueError`` for another shape than ``(batch, height, width, 3)`` or a height or
     width below ``min_size`` pixels."""
-    x = np.ascontiguousarray(np.asarray(images), dtype=np.float32)
-    if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(
-            f"Expected an NHWC batch of RGB images (batch, height, width, 3), got shape "
-            f"{x.shape}; add a batch axis with x[None] for a single image."
-        )
+    x = graph_files.nhwc_images(images)
     if min(x.shape[1:3]) < min_size:
         raise ValueError(too_small_message(x.shape[1], x.shape[2], min_size))
     return x
@@ -248,7 +190,7 @@ class OnnxRunner(_GraphRunner):
         self.model = model
         self.min_size = variant_of(model).min_input_size
         self.precision = precision
-        self.threads = _threads(threads)
+        self.threads = graph_files.threads_setting(threads)
         self.calibration = None
         if precision == INT8:
             self.calibration = (
@@ -311,7 +253,7 @@ class OpenVinoRunner(_GraphRunner):
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"OpenVinoRunner cannot run {model.name!r}: {reason}.")
-        if not openvino_available():
+        if not graph_files.openvino_available():
             raise missing_dependency(
                 "openvino",
                 extra="openvino",
@@ -320,7 +262,7 @@ class OpenVinoRunner(_GraphRunner):
             )
         self.model = model
         self.min_size = variant_of(model).min_input_size
-        self.threads = _threads(threads)
+        self.threads = graph_files.threads_setting(threads)
         self._requests: dict[tuple[int, int], object] = {}
         self._lock = threading.Lock()
 
@@ -336,9 +278,7 @@ class OpenVinoRunner(_GraphRunner):
                 source = files.source
                 graph = core.read_model(source) if files.external else core.read_model(source, b"")
                 graph.reshape({graph.inputs[0].get_any_name(): list(shape)})
-                config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
-                if self.threads:
-                    config["INFERENCE_NUM_THREADS"] = self.threads
+                config = graph_files.openvino_config(self.threads)
                 request = core.compile_model(graph, "CPU", config).create_infer_request()
             except BaseException:
                 files.close()
@@ -454,7 +394,7 @@ def inference_function(
     if engine == "auto":
         chosen = "keras"
         if not unsupported_reason(model) and not accelerator():
-            chosen = cpu_graph_engine() or "keras"
+            chosen = graph_files.cpu_graph_engine() or "keras"
     if chosen == "keras":
         return model.predict_on_batch, "keras"
     runner = OpenVinoRunner(model) if chosen == "openvino" else OnnxRunner(model)

@@ -1,5 +1,6 @@
 """UperNet-ConvNeXt as an ONNX graph built from the Keras model's weights: the ONNX export of
-the segmentation models and their onnxruntime CPU engine (no TensorFlow, no tf2onnx).
+the segmentation models and their CPU engines, OpenVINO and onnxruntime (no TensorFlow, no
+tf2onnx).
 
 The backbone is :func:`convnext_keras.engines.onnx_graph.build_onnx_graph`'s (the classifiers' CPU
 engine: its stage outputs); the decoder follows it in NCHW, the layout of ONNX's ``Conv``:
@@ -23,7 +24,8 @@ import threading
 import numpy as np
 
 from convnext_keras import registry
-from convnext_keras.engines import onnx_graph, runners
+from convnext_keras.engines import graph_files, onnx_graph, runners
+from convnext_keras.errors import missing_dependency
 
 #: The opset of the graph (the backbone's: ``Gelu``).
 OPSET = onnx_graph.OPSET
@@ -255,68 +257,77 @@ def build_onnx_graph(
 
 
 class SegmentationRunner(runners._GraphRunner):
-    """Inference of a float32 UperNet-ConvNeXt with onnxruntime (CPU): ``runner(images)``
-    takes an NHWC float batch and returns the logits ``(batch, H, W, classes)`` as numpy, the
-    same as ``model.predict_on_batch(images)``.  One graph per input height/width (built on
-    first use and cached: the sliding windows of a model all share one size).
+    """Inference of a float32 UperNet-ConvNeXt on a CPU graph engine - OpenVINO or
+    onnxruntime: ``runner(images)`` takes an NHWC float batch and returns the logits
+    ``(batch, H, W, classes)`` as numpy, the same as ``model.predict_on_batch(images)``.  One
+    graph per input height/width (a static size per window: built on first use and kept; the
+    sliding windows of a model all share one size), any batch size.  With ``fallback`` set
+    (:func:`inference_function`, ``"auto"``), an engine failure gives way to Keras in one line.
 
     Raises ``ValueError`` for a model it cannot run (:func:`unsupported_reason`),
-    :class:`convnext_keras.errors.MissingDependencyError` without onnxruntime.
+    :class:`convnext_keras.errors.MissingDependencyError` without the engine.
     """
 
-    engine = "onnxruntime"
-    #: Sizes whose sessions are kept (whole-image inference meets a new size per image).
+    #: Sizes whose compiled graphs are kept (whole-image inference meets a new size per image).
     CACHED_SIZES = 4
 
-    def __init__(self, model, *, threads: int | None = None):
+    def __init__(self, model, *, engine: str = "onnxruntime", threads: int | None = None):
         reason = unsupported_reason(model)
         if reason:
-            raise ValueError(f"The onnxruntime engine cannot run {model.name!r}: {reason}.")
-        runners.check_onnxruntime("The onnxruntime engine")
+            raise ValueError(f"The {engine} engine cannot run {model.name!r}: {reason}.")
+        if engine not in graph_files.GRAPH_ENGINES:
+            raise ValueError(f"engine must be 'openvino' or 'onnxruntime', got {engine!r}.")
+        if engine == "onnxruntime":
+            runners.check_onnxruntime("The onnxruntime engine", "export")
+        elif not graph_files.openvino_available():
+            raise missing_dependency(
+                "openvino",
+                extra="openvino",
+                purpose="The openvino engine",
+                alternative="engine 'auto' uses onnxruntime without it",
+            )
         from convnext_keras.nets.convnext import variant_of
 
         self.model = model
+        self.engine = engine
         self.min_size = variant_of(model).min_input_size
         self.threads = threads
-        self._sessions: dict[tuple[int, int], object] = {}
+        self._runners: dict[tuple[int, int], graph_files.GraphRunner] = {}
         self._lock = threading.Lock()
 
-    def session(self, height: int, width: int):
+    def runner(self, height: int, width: int) -> graph_files.GraphRunner:
+        """The engine's runner of the graph for inputs of this size (built once, then kept)."""
         key = (int(height), int(width))
         with self._lock:
-            if key not in self._sessions:
-                if len(self._sessions) >= self.CACHED_SIZES:
-                    self._sessions.pop(next(iter(self._sessions)))
-                graph = build_onnx_graph(self.model, *key)
-                self._sessions[key] = runners.onnx_session(graph, self.threads)
-            return self._sessions[key]
+            if key not in self._runners:
+                if len(self._runners) >= self.CACHED_SIZES:
+                    self._runners.pop(next(iter(self._runners)))
+                graph = build_onnx_graph(self.model, *key).SerializeToString()
+                self._runners[key] = graph_files.GraphRunner(
+                    graph, self.engine, threads=self.threads
+                )
+            return self._runners[key]
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        return self.session(x.shape[1], x.shape[2]).run(None, {"images": x})[0]
+        return self.runner(x.shape[1], x.shape[2])(x)
 
 
 def inference_function(model, engine: str = "auto"):
-    """``(fn, engine name)`` for a segmentation model: onnxruntime on a CPU when it is
-    installed and can run the model (``"auto"``), else Keras' ``predict_on_batch``;
-    ``"onnxruntime"`` insists, ``"keras"`` always uses Keras (see
-    :func:`convnext_keras.engines.runners.inference_function`; with ``"auto"`` an engine
-    failure gives way to Keras with one line saying why)."""
+    """``(fn, engine name)`` for a segmentation model: on a CPU, for a float32 model, the
+    first installed of :data:`convnext_keras.engines.graph_files.SEGMENTATION_ENGINES`
+    (``"auto"``; the faster on the CPUs measured, BENCHMARKS.md), else Keras'
+    ``predict_on_batch``; ``"openvino"`` / ``"onnxruntime"`` insist, ``"keras"`` always uses
+    Keras (see :func:`convnext_keras.engines.runners.inference_function`; with ``"auto"`` an
+    engine failure gives way to Keras with one line saying why)."""
     runners.check_engine(engine)
-    if engine == "openvino":
-        raise ValueError(
-            "Segmentation models run on onnxruntime or Keras (the openvino engine runs "
-            "classifiers and feature extractors); use engine 'auto', 'onnxruntime' or 'keras'."
-        )
-    if engine == "keras" or (
-        engine == "auto"
-        and (
-            unsupported_reason(model)
-            or not runners.onnxruntime_available()
-            or runners.accelerator()
-        )
-    ):
+    chosen = engine
+    if engine == "auto":
+        chosen = "keras"
+        if not unsupported_reason(model) and not runners.accelerator():
+            chosen = graph_files.cpu_graph_engine(segmentation=True) or "keras"
+    if chosen == "keras":
         return model.predict_on_batch, "keras"
-    runner = SegmentationRunner(model)
+    runner = SegmentationRunner(model, engine=chosen)
     if engine == "auto":  # an engine failure gives way to Keras, in one line
         runner.fallback = model.predict_on_batch
-    return runner, "onnxruntime"
+    return runner, chosen

@@ -57,6 +57,7 @@ from convnext_keras import preprocess, registry
 from convnext_keras.data import files as files_lib
 from convnext_keras.errors import check_installed, require
 from convnext_keras.interface import fix
+from convnext_keras.tasks.graph_route import graph_route
 from convnext_keras.weights.cache import atomic_path, clean_stale, file_sha256
 from convnext_keras.weights.hfhub import HF_SCHEME
 
@@ -451,6 +452,22 @@ def _feature_model(model: str, weights):
     return load_model(model, weights=weights, features="pooled")
 
 
+def _features_function(model: str, weights, engine: str, resolution: int):
+    """``(forward, feature dim)``: the pooled features of a batch.  A registry name with its
+    official weights runs on its cached graph (:func:`convnext_keras.tasks.graph_route
+    .graph_route`: no Keras once the graph is cached); anything else on the engine
+    ``inference_function`` picks for the Keras model."""
+    route = graph_route(model, weights, head="pooled", engine=engine)
+    if route is not None:
+        route.runner(resolution, resolution)  # built and cached on the first call
+        return route, route.num_features
+    from convnext_keras.engines import runners
+
+    network = _feature_model(model, weights)
+    forward, _ = runners.inference_function(network, engine)
+    return forward, int(network.output_shape[-1])
+
+
 class _Progress:
     """A rich progress bar on stderr with images/s (a terminal only)."""
 
@@ -655,9 +672,7 @@ def _flush(out, manifest, paths, blocks, failed) -> None:
 
 def _run_local(images, out, todo, manifest, config, *, model, weights, batch_size, part_size,
                workers, engine, progress, **_):  # fmt: skip
-    from convnext_keras.engines import runners
-
-    forward, _ = runners.inference_function(_feature_model(model, weights), engine)
+    forward, _ = _features_function(model, weights, engine, config.resolution)
     batches = preprocess.ImageBatches(
         [images / p for p in todo], config, batch_size, workers=workers, skip_errors=True
     )
@@ -699,12 +714,8 @@ def _ray_decode(row: dict, config: tuple) -> dict:
 class _RayEmbedder:
     """Ray Data actor: one model, batches of crops -> pooled features."""
 
-    def __init__(self, model: str, weights, engine: str):
-        from convnext_keras.engines import runners
-
-        network = _feature_model(model, weights)
-        self.dim = int(network.output_shape[-1])
-        self.forward, _ = runners.inference_function(network, engine)
+    def __init__(self, model: str, weights, engine: str, resolution: int):
+        self.forward, self.dim = _features_function(model, weights, engine, resolution)
 
     def __call__(self, batch: dict) -> dict:
         good = np.asarray([e == "" for e in batch["error"]], dtype=bool)
@@ -782,7 +793,7 @@ def _ray_pipeline(ray, images, out, todo, manifest, config, *, model, weights, b
     ds = ds.map(functools.partial(_ray_decode, config=tuple(config)), num_cpus=0.5)
     ds = ds.map_batches(
         _RayEmbedder,
-        fn_constructor_args=(model, weights, engine),
+        fn_constructor_args=(model, weights, engine, config.resolution),
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),

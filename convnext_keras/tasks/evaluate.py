@@ -23,6 +23,7 @@ import contextlib
 import csv
 import dataclasses
 import json
+import os
 import re
 import sys
 import time
@@ -33,9 +34,8 @@ import numpy as np
 from convnext_keras import preprocess, registry
 from convnext_keras.data import files as files_lib
 from convnext_keras.data import labels as labels_mod
-from convnext_keras.engines import quantization, runners
 from convnext_keras.interface import fix
-from convnext_keras.nets.convnext import precision_of
+from convnext_keras.tasks.graph_route import GraphRoute, graph_route
 
 _WNID = re.compile(r"^n\d{8}$")
 _VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})", re.IGNORECASE)
@@ -376,62 +376,44 @@ def evaluate(
             files, read through the model's transform; default: the sample photos of
             scikit-image and scikit-learn).  Calibrate on photos that are not in ``data``.
     """
-    import keras
+    from convnext_keras.tasks.predict import random_weights
 
-    from convnext_keras.tasks.predict import load_classifier, random_weights
+    route = None
+    if calibration is None:
+        route = graph_route(model, weights, head="classifier", engine=engine, precision=precision)
+    if route is not None and data_parallel and not _one_device_without_keras():
+        route = None  # several devices: the task's Keras path decides
+    if route is None:
+        from convnext_keras.engines import runners
 
-    engine_precision = runners.engine_precision(precision, calibration)
-    runners.check_engine(engine, engine_precision)
+        engine_precision = runners.engine_precision(precision, calibration)
+        runners.check_engine(engine, engine_precision)
     dataset = find_dataset(data, ground_truth=ground_truth).subset(limit)
     if len(dataset) == 0:
         raise ValueError(f"{data}: no images to evaluate.")
     real_labels = _real_targets(dataset) if real else None
-    # int8 is onnxruntime on the CPU: one device.
-    devices = _local_devices() if data_parallel and not engine_precision else ["default"]
-    if len(devices) > 1 and engine in runners.GRAPH_ENGINES:
-        raise ValueError(
-            fix(f"engine={engine!r}", f"--engine {engine}")
-            + f" runs on one device; pass {fix('data_parallel=False', '--single-device')} or "
-            + fix("engine='auto'", "--engine auto")
-            + "."
-        )
-    with _data_parallel(devices):
-        keras_model, config = load_classifier(
-            model, weights=weights, config=config, precision=precision
-        )
-        classes = int(keras_model.output_shape[-1])
-        if classes != registry.NUM_CLASSES_1K:
+    if route is not None:
+        model_name, config, devices, backend, model_precision = _graph_model(route, config)
+        run_batch, engine_used, scope = route, route.engine, contextlib.nullcontext()
+    else:
+        import keras
+
+        # int8 is onnxruntime on the CPU: one device.
+        devices = _local_devices() if data_parallel and not engine_precision else ["default"]
+        if len(devices) > 1 and engine in runners.GRAPH_ENGINES:
             raise ValueError(
-                f"eval measures ImageNet-1k accuracy, but the model has {classes} classes; "
-                "use a 1k model (for the 21k-pre-trained ones: convnext_*_21k_1k_*)."
+                fix(f"engine={engine!r}", f"--engine {engine}")
+                + f" runs on one device; pass {fix('data_parallel=False', '--single-device')} or "
+                + fix("engine='auto'", "--engine auto")
+                + "."
             )
-        run_batch, engine_used = (
-            runners.inference_function(
-                keras_model,
-                engine,
-                precision=engine_precision,
-                calibration=(
-                    quantization.calibration_images(calibration, config)
-                    if engine_precision
-                    else None
-                ),
+        scope = _data_parallel(devices)
+    with scope:
+        if route is None:
+            run_batch, engine_used, model_name, config, model_precision = _keras_model(
+                model, weights, config, precision, engine, engine_precision, calibration, devices
             )
-            if len(devices) == 1
-            else (None, "keras")
-        )
-        if engine_used == "keras":
-            # uint8 crops go to the device and are normalised there: 4x fewer bytes to move,
-            # and no float pass over every batch on the host.
-            runner = preprocess.with_normalization(keras_model, config.resolution)
-            if len(devices) > 1 and keras.backend.backend() == "tensorflow":
-                # predict_on_batch would run the whole batch on every replica; predict()
-                # splits it over the MirroredStrategy's replicas.
-                def run_batch(images):
-                    return runner.predict(images, batch_size=len(images), verbose=0)
-
-            else:
-                run_batch = runner.predict_on_batch
-
+            backend = keras.backend.backend()
         if processes is None:
             processes = len(dataset) >= PROCESSES_FROM
         batches = preprocess.ImageBatches(
@@ -496,14 +478,85 @@ def evaluate(
     )
     settings = {
         **config._asdict(),
-        "backend": keras.backend.backend(),
+        "backend": backend,
         "engine": engine_used,
-        "precision": engine_precision or precision_of(keras_model),
+        "precision": model_precision,
         "random_weights": random_weights(model, weights),
     }
     return _result(
-        keras_model.name, str(data), dataset, top5, done, real_labels, unreadable, settings, timing
+        model_name, str(data), dataset, top5, done, real_labels, unreadable, settings, timing
     )
+
+
+def _one_device_without_keras() -> bool:
+    """Whether evaluation runs on one device, decided without importing Keras where it is not
+    imported yet: several devices need an accelerator (``graph_route`` sends those to Keras)
+    or virtual CPU devices (JAX's ``XLA_FLAGS``; TensorFlow's need TensorFlow imported)."""
+    if "keras" in sys.modules:
+        return len(_local_devices()) == 1
+    return "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
+
+
+def _graph_model(route: GraphRoute, config):
+    """``(model name, preprocessing, devices, backend, precision)`` of a model on its cached
+    graph: one device, no Keras backend, float32; a head of another size than ImageNet-1k's
+    is refused (before any image is read)."""
+    if route.num_classes != registry.NUM_CLASSES_1K:
+        _not_1k(route.num_classes)
+    config = preprocess.as_config(config or route.name)
+    route.runner(config.resolution, config.resolution)  # built and cached on the first call
+    return route.name, config, ["default"], None, "fp32"
+
+
+def _not_1k(classes: int):
+    raise ValueError(
+        f"eval measures ImageNet-1k accuracy, but the model has {classes} classes; "
+        "use a 1k model (for the 21k-pre-trained ones: convnext_*_21k_1k_*)."
+    )
+
+
+def _keras_model(model, weights, config, precision, engine, engine_precision, calibration, devices):
+    """``(run_batch, engine, model name, preprocessing, precision)`` of a model loaded into
+    Keras (inside the data-parallel scope): the engine ``inference_function`` picks on one
+    device, else Keras replicated over ``devices``."""
+    import keras
+
+    from convnext_keras.engines import quantization, runners
+    from convnext_keras.nets.convnext import precision_of
+    from convnext_keras.tasks.predict import load_classifier
+
+    keras_model, config = load_classifier(
+        model, weights=weights, config=config, precision=precision
+    )
+    classes = int(keras_model.output_shape[-1])
+    if classes != registry.NUM_CLASSES_1K:
+        _not_1k(classes)
+    run_batch, engine_used = (
+        runners.inference_function(
+            keras_model,
+            engine,
+            precision=engine_precision,
+            calibration=(
+                quantization.calibration_images(calibration, config) if engine_precision else None
+            ),
+        )
+        if len(devices) == 1
+        else (None, "keras")
+    )
+    if engine_used == "keras":
+        # uint8 crops go to the device and are normalised there: 4x fewer bytes to move,
+        # and no float pass over every batch on the host.
+        runner = preprocess.with_normalization(keras_model, config.resolution)
+        if len(devices) > 1 and keras.backend.backend() == "tensorflow":
+            # predict_on_batch would run the whole batch on every replica; predict()
+            # splits it over the MirroredStrategy's replicas.
+            def run_batch(images):
+                return runner.predict(images, batch_size=len(images), verbose=0)
+
+        else:
+            run_batch = runner.predict_on_batch
+    precision_used = engine_precision or precision_of(keras_model)
+    return run_batch, engine_used, keras_model.name, config, precision_used
 
 
 def _predict(run_batch, images: np.ndarray, call_size: int) -> np.ndarray:

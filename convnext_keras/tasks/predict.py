@@ -17,9 +17,10 @@ import numpy as np
 
 from convnext_keras import preprocess
 from convnext_keras.data import labels as labels_mod
-from convnext_keras.engines import quantization, runners
 from convnext_keras.interface import fix
 from convnext_keras.tasks.gradcam import GradCAM, overlay, save_png
+from convnext_keras.tasks.graph_route import graph_route
+from convnext_keras.weights import store
 
 
 class Prediction(NamedTuple):
@@ -151,6 +152,7 @@ def load_classifier(model, *, weights="official", config=None, precision: str | 
     import keras
 
     from convnext_keras import api
+    from convnext_keras.engines import runners
 
     # A bad value fails before any download.
     precision = runners.split_precision(precision)[0]
@@ -184,6 +186,8 @@ class ImageResult:
     cam_path: str | None = None
     #: The model was a name loaded with ``weights=None``: the predictions mean nothing.
     random_weights: bool = False
+    #: What computed the logits: ``"openvino"``, ``"onnxruntime"`` or ``"keras"``.
+    engine: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -191,6 +195,8 @@ class ImageResult:
 
     def to_dict(self) -> dict:
         out: dict = {"file": self.path, "random_weights": self.random_weights}
+        if self.engine is not None:
+            out["engine"] = self.engine
         if self.error is not None:
             out["error"] = self.error
         else:
@@ -258,11 +264,22 @@ def predict_files(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     paths = [Path(p) for p in paths]
-    engine_precision = runners.engine_precision(precision, calibration)
-    keras_model, config = load_classifier(
-        model, weights=weights, config=config, precision=precision
-    )
-    num_classes = int(keras_model.output_shape[-1])
+    # A named model with its official weights in float32 runs on its cached graph (no Keras
+    # once the graph is cached); Grad-CAM and int8 need the Keras model.
+    route = None
+    if cam_dir is None and calibration is None:
+        route = graph_route(model, weights, head="classifier", precision=precision)
+    if route is not None:
+        config = preprocess.as_config(config or route.name)
+        num_classes = int(route.num_classes)
+        # The graph now (built and cached on the first call): a download or conversion error
+        # comes before any image is read.
+        route.runner(config.resolution, config.resolution)
+        run_batch, engine, cam = route, route.engine, None
+    else:
+        run_batch, engine, config, num_classes, cam = _keras_path(
+            model, weights, config, precision, calibration, cam_dir
+        )
     if labels is None and _is_keras_file(model):
         labels = labels_beside(model)
         if labels is not None and len(labels) != num_classes:
@@ -272,20 +289,13 @@ def predict_files(
                 f"{fix('labels=[...]', '--labels FILE')}."
             )
     names = _as_labels(labels, num_classes)
-    cam = None
-    if cam_dir is not None:
-        cam = GradCAM(keras_model)
+    if cam is not None:
+        from convnext_keras.tasks.gradcam import overlay, save_png
+
         cam_dir = Path(cam_dir)
         cam_paths = _cam_names(paths, cam_dir)
-    # The fastest correct engine for this model (OpenVINO / onnxruntime on a CPU, else Keras).
-    images_for_int8 = (
-        quantization.calibration_images(calibration, config) if engine_precision else None
-    )
-    run_batch, _ = runners.inference_function(
-        keras_model, precision=engine_precision, calibration=images_for_int8
-    )
     random = random_weights(model, weights)
-    results = [ImageResult(str(p), random_weights=random) for p in paths]
+    results = [ImageResult(str(p), random_weights=random, engine=engine) for p in paths]
     batches = preprocess.ImageBatches(
         paths, config, batch_size, exif_transpose=exif_transpose, skip_errors=True
     )
@@ -314,3 +324,25 @@ def predict_files(
         if r.predictions is None and r.error is None:
             r.error = by_path.get(r.path, f"{r.path}: not processed")
     return results
+
+
+def _keras_path(model, weights, config, precision, calibration, cam_dir):
+    """``(run_batch, engine, config, num_classes, GradCAM or None)`` of a model that is loaded
+    as a Keras model: the fastest correct engine for it (OpenVINO / onnxruntime on a CPU, else
+    Keras; int8 on onnxruntime)."""
+    from convnext_keras.engines import quantization, runners
+    from convnext_keras.tasks.gradcam import GradCAM
+
+    engine_precision = runners.engine_precision(precision, calibration)
+    keras_model, config = load_classifier(
+        model, weights=weights, config=config, precision=precision
+    )
+    num_classes = int(keras_model.output_shape[-1])
+    cam = GradCAM(keras_model) if cam_dir is not None else None
+    images_for_int8 = (
+        quantization.calibration_images(calibration, config) if engine_precision else None
+    )
+    run_batch, engine = runners.inference_function(
+        keras_model, precision=engine_precision, calibration=images_for_int8
+    )
+    return run_batch, engine, config, num_classes, cam

@@ -49,6 +49,8 @@ from convnext_keras.interface import fix
 _ROWS_PER_CHUNK = 64
 #: Opacity of the class colours over the photo in the overlay (mmseg's ``show_result``).
 OVERLAY_OPACITY = 0.5
+#: The engines of ``segment_files`` (``engines.runners.ENGINES``).
+ENGINES = ("auto", "openvino", "onnxruntime", "keras")
 #: What ``segment_files`` writes per image, by suffix.
 OUTPUTS = {"labels": "_labels.png", "overlay": "_overlay.png", "legend": "_legend.png"}
 
@@ -360,6 +362,17 @@ def file_error(path, error: BaseException) -> str:
     return f"{path}: {plain(str(error)).strip() or type(error).__name__}"
 
 
+def _row_of(model) -> registry.Checkpoint | None:
+    """The segmentation row of a model name (None for anything else: the Keras path says
+    what is wrong with it)."""
+    if not isinstance(model, str) or model.endswith(".keras"):
+        return None
+    try:
+        return segmentation_row(model)
+    except ValueError:
+        return None
+
+
 def _inference(model, weights, precision, settings):
     """``(keras model, SegmentationEval, num_classes)`` from a name, a ``.keras`` file or a
     model; the settings come from the registry row of the name (or of the model's name), or
@@ -424,25 +437,51 @@ def segment_files(
         precision: ``"fp32"``, or Keras mixed precision ``"bf16"`` / ``"fp16"`` (float32 logits).
         settings: the test settings for a model object or file whose name is not a
             segmentation checkpoint's: a registry name or a ``registry.SegmentationEval``.
-        engine: ``"auto"`` (onnxruntime on a CPU for a float32 model, when installed: the
-            fastest there, BENCHMARKS.md; else Keras), ``"onnxruntime"`` or ``"keras"``
-            (:func:`convnext_keras.engines.upernet_graph.inference_function`).
+        engine: ``"auto"`` (on a CPU for a float32 model the first installed of
+            :data:`convnext_keras.engines.graph_files.SEGMENTATION_ENGINES`: onnxruntime, else
+            OpenVINO; else Keras), ``"onnxruntime"``, ``"openvino"`` or ``"keras"``
+            (:func:`convnext_keras.engines.upernet_graph.inference_function`).  A registry
+            name with its official weights runs on its cached graph
+            (:func:`convnext_keras.tasks.graph_route.graph_route`): the registry's window
+            size is cached, so a later call imports no Keras.
     """
     from convnext_keras import preprocess
     from convnext_keras.data import ade20k
-    from convnext_keras.engines import runners
-    from convnext_keras.engines.upernet_graph import inference_function
+    from convnext_keras.tasks.graph_route import graph_route
     from convnext_keras.tasks.predict import _cam_names, random_weights
 
-    runners.check_engine(engine)
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}.")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if mode is not None and mode not in registry.SEGMENTATION_MODES:
         raise ValueError(f"mode must be one of {registry.SEGMENTATION_MODES}, got {mode!r}.")
     paths = [Path(p) for p in paths]
-    keras_model, test_settings = _inference(model, weights, precision, settings)
+    route = None
+    if settings is None:
+        row = _row_of(model)
+        window = None if row is None else row.segmentation.eval.crop
+        # The registry's windows are cached; other sizes (whole images, images smaller than a
+        # window) run from memory.
+        sizes = None if window is None else ((window, window),)
+        route = graph_route(
+            model, weights, head="segmentation", engine=engine, precision=precision,
+            cached_sizes=sizes,
+        )  # fmt: skip
+    if route is not None:
+        test_settings, classes = route.checkpoint.segmentation.eval, int(route.num_classes)
+        run, engine = route, route.engine
+        min_size = route.checkpoint.variant.min_input_size
+        if (mode or test_settings.mode) == "slide" and not multi_scale:
+            route.runner(test_settings.crop, test_settings.crop)  # cached on the first call
+    else:
+        from convnext_keras.engines.upernet_graph import inference_function
+
+        keras_model, test_settings = _inference(model, weights, precision, settings)
+        classes = int(keras_model.output_shape[-1])
+        run, engine = inference_function(keras_model, engine)
+        min_size = _min_size(keras_model)
     names, colours = ade20k.classes(), ade20k.palette()
-    classes = int(keras_model.output_shape[-1])
     if classes != len(names):
         raise ValueError(
             f"The model has {classes} classes; segment_files names and colours ADE20K's "
@@ -452,8 +491,6 @@ def segment_files(
     if out_dir is not None:
         out_dir = Path(out_dir)
         targets = {kind: _cam_names(paths, out_dir, suffix) for kind, suffix in OUTPUTS.items()}
-    run, _ = inference_function(keras_model, engine)
-    min_size = _min_size(keras_model)
     results = []
     for i, path in enumerate(paths):
         result = SegmentResult(str(path), random_weights=random)

@@ -12,7 +12,7 @@ import torch_reference as ref
 
 import convnext_keras as ck
 from convnext_keras import registry
-from convnext_keras.engines import onnx_graph, quantization, runners
+from convnext_keras.engines import graph_files, onnx_graph, quantization, runners
 from convnext_keras.nets.convnext import dtype_policy
 
 TOLERANCE = 1e-4
@@ -183,12 +183,12 @@ def test_inference_function_picks_the_engine(monkeypatch):
     # auto on a CPU: OpenVINO when installed, else onnxruntime, else Keras.
     fn, engine = runners.inference_function(classifier)
     assert engine == "openvino" and isinstance(fn, runners.OpenVinoRunner)
-    monkeypatch.setattr(runners, "openvino_available", lambda: False)
+    monkeypatch.setattr(graph_files, "openvino_available", lambda: False)
     fn, engine = runners.inference_function(classifier)
     assert engine == "onnxruntime" and isinstance(fn, runners.OnnxRunner)
     with pytest.raises(ImportError, match=r'pip install "convnext-keras\[openvino\]"'):
         runners.inference_function(classifier, "openvino")
-    monkeypatch.setattr(runners, "onnxruntime_available", lambda: False)
+    monkeypatch.setattr(graph_files, "onnxruntime_available", lambda: False)
     assert runners.inference_function(classifier)[1] == "keras"
     monkeypatch.undo()
     fn, engine = runners.inference_function(classifier, "onnxruntime")
@@ -416,7 +416,7 @@ def test_an_engine_that_cannot_run_a_model_gives_way_to_keras(monkeypatch, caplo
 
     monkeypatch.setattr(runners, "build_onnx_graph", broken)
     for engine in ("openvino", "onnxruntime"):
-        monkeypatch.setattr(runners, "openvino_available", lambda e=engine: e == "openvino")
+        monkeypatch.setattr(graph_files, "openvino_available", lambda e=engine: e == "openvino")
         fn, name = runners.inference_function(model)
         assert name == engine
         with caplog.at_level("WARNING", logger="convnext_keras"):

@@ -431,12 +431,10 @@ def test_v2_cli_predict_with_cam_and_encoders_refused(atto_v2, tmp_path):
 def test_cli_predict_never_prints_nan_a_non_finite_logit_fails_that_image(
     atto, monkeypatch, tmp_path
 ):
-    from convnext_keras.tasks import predict as predict_lib
-
     tiny = tmp_path / "tiny.png"  # 16x16: predict owns the resize, so the network can take it
     Image.open(PHOTOS[0]).resize((16, 16)).save(tiny)
 
-    real = predict_lib.runners.inference_function
+    real = runners.inference_function
 
     def broken(model, engine="auto", **options):  # the second image of every batch is NaN
         run, name = real(model, engine, **options)
@@ -448,7 +446,7 @@ def test_cli_predict_never_prints_nan_a_non_finite_logit_fails_that_image(
 
         return run_batch, name
 
-    monkeypatch.setattr(predict_lib.runners, "inference_function", broken)
+    monkeypatch.setattr(runners, "inference_function", broken)
     args = ["predict", str(tiny), str(PHOTOS[1]), "--model", "convnext_atto", "--json"]
     result = _invoke([*args, "--weights", str(atto[1])])
     assert result.exit_code == 1, result.output

@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import keras
@@ -32,6 +33,7 @@ import convnext_keras as ck
 from convnext_keras import registry
 from convnext_keras.cli import main
 from convnext_keras.data import ade20k
+from convnext_keras.engines import graph_files
 from convnext_keras.engines import upernet_graph as upernet_onnx
 from convnext_keras.tasks import segment
 from convnext_keras.tasks import segment_eval as seg_eval
@@ -108,17 +110,22 @@ def test_base_matches_pytorch_at_640(tmp_path):
     np.testing.assert_array_equal(got.argmax(-1), expected.argmax(-1))
 
 
-def test_odd_sizes_and_the_onnx_engine_match(tiny, keras_tiny):
-    """Sizes that are no multiple of 32 (every resize is then non-integer), and the
-    onnxruntime engine's graph, against transformers."""
+def test_odd_sizes_and_the_graph_engines_match(tiny, keras_tiny):
+    """Sizes that are no multiple of 32 (every resize is then non-integer), and the graph
+    engines (onnxruntime and OpenVINO: one static-size graph per window size, any batch),
+    against transformers."""
     images = np.random.default_rng(2).standard_normal((2, 77, 130, 3)).astype(np.float32)
     expected = uref.logits(tiny[0], images)
     assert _max_diff(keras_tiny.predict_on_batch(images), expected) <= TOLERANCE
-    runner, engine = upernet_onnx.inference_function(keras_tiny, "onnxruntime")
-    assert engine == "onnxruntime"
-    with pytest.raises(ValueError, match="Segmentation models run on onnxruntime or Keras"):
-        upernet_onnx.inference_function(keras_tiny, "openvino")
-    assert _max_diff(runner(images), expected) <= TOLERANCE  # (a dynamic-size graph: export)
+    for name in ("onnxruntime", "openvino"):
+        runner, engine = upernet_onnx.inference_function(keras_tiny, name)
+        assert engine == name and isinstance(runner, upernet_onnx.SegmentationRunner)
+        assert _max_diff(runner(images), expected) <= TOLERANCE, name
+        assert _max_diff(runner(images[:1]), expected[:1]) <= TOLERANCE, name  # another batch
+        assert list(runner._runners) == [(77, 130)]
+    assert upernet_onnx.inference_function(keras_tiny)[1] == graph_files.cpu_graph_engine(
+        segmentation=True
+    )
 
 
 @pytest.mark.backends
@@ -697,6 +704,45 @@ def test_eval_seg_command_gives_the_reference_miou(
         main, ["eval-seg", str(tmp_path / "ADEChallengeData2016" / "images"), "--model", TINY]
     )
     assert bad.exit_code == 2 and "not in the ADEChallengeData2016 layout" in bad.output
+
+
+def test_warm_segment_imports_no_keras_and_answers_as_the_first(
+    tiny, small_settings, loopback_server, monkeypatch
+):
+    """``convnext segment`` by name: the first call (this process) caches the UperNet graph
+    of the registry's window size; the same command in a fresh process imports no Keras, no
+    backend and no onnx (the cached graph runs on ``auto``'s engine for segmentation) and
+    prints the same label maps."""
+    from test_graph_route import HEAVY, WARM
+
+    _serve(loopback_server, monkeypatch, tiny[1])
+    args = ["segment", *map(str, PHOTOS[:2]), "--model", TINY, "--json"]
+    cold = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert cold.exit_code == 0, cold.output
+    small = f"registry.SegmentationEval(image_scale={SMALL.image_scale}, crop={SMALL.crop}, " \
+        f"stride={SMALL.stride})"  # fmt: skip
+    patch = textwrap.dedent(
+        f"""
+        import dataclasses
+        from convnext_keras import registry
+        for name in registry.families("upernet_convnext"):
+            row = registry.CHECKPOINTS[name]
+            small = dataclasses.replace(row.segmentation, eval={small})
+            registry.CHECKPOINTS[name] = dataclasses.replace(row, segmentation=small)
+        """
+    )
+    warm = subprocess.run(
+        [sys.executable, "-c", patch + WARM, json.dumps({"segment": args})],
+        capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=300,
+    )  # fmt: skip
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    out = json.loads(warm.stdout.splitlines()[-1])
+    assert out["loaded"] == [] and set(HEAVY) >= {"keras", "onnx"}
+    assert out["segment"] == [0, cold.stdout]
+    rows = json.loads(cold.stdout)
+    assert [r["size"] for r in rows] == [list(Image.open(p).size[::-1]) for p in PHOTOS[:2]]
+    (entry,) = (ck.weights.graphs.graphs_dir() / TINY).iterdir()
+    assert entry.name.startswith(f"segmentation-{SMALL.crop}x{SMALL.crop}-fp32-")
 
 
 def test_eval_seg_names_each_unreadable_image_once_and_refuses_to_score_nothing(

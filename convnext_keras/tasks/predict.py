@@ -18,9 +18,7 @@ import numpy as np
 from convnext_keras import preprocess
 from convnext_keras.data import labels as labels_mod
 from convnext_keras.interface import fix
-from convnext_keras.tasks.gradcam import GradCAM, overlay, save_png
 from convnext_keras.tasks.graph_route import graph_route
-from convnext_keras.weights import store
 
 
 class Prediction(NamedTuple):

@@ -11,8 +11,9 @@ Two generated regions, each between HTML-comment markers that the rest of the fi
 * README.md, ``<!-- family-table:start -->`` ... ``<!-- family-table:end -->``: one row per
   family (checkpoints, licence, where the weights come from), linking docs/models.md.
 
-Only the public API is used (``convnext_keras.registry``, ``convnext_keras.api.count_params`` and
-``count_segmentation_params``, ``count_detection_params``); none of it imports Keras or a backend, so this runs in a second.
+Only the public API is used (``convnext_keras.registry``, ``convnext_keras.api.count_params``,
+``count_segmentation_params`` and ``count_detection_params``); none of it imports Keras or a
+backend, so this runs in a second.
 tests/test_docs.py checks that both files equal what this script writes now.
 """
 

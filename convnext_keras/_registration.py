@@ -21,7 +21,13 @@ import importlib
 PACKAGE = "convnext_keras"
 
 #: The modules that define Keras serializables (relative to the package).
-MODULES = ("nets.layers", "preprocess.layers", "finetune.optim", "nets.upernet")
+MODULES = (
+    "nets.layers",
+    "preprocess.layers",
+    "finetune.optim",
+    "nets.upernet",
+    "nets.detection.layers",
+)
 
 
 def register(keras_module=None) -> None:

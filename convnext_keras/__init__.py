@@ -35,6 +35,7 @@ _PUBLIC = {
     "preprocess": ["ImageError", "eval_transform", "load_image"],
     "registry": ["UnknownModelError"],
     "tasks.segment": ["segment_files"],
+    "tasks.detect": ["detect_files"],
 }
 
 #: Packages reachable as attributes (``ck.weights``, ``ck.tasks``), imported on first use.

@@ -49,9 +49,7 @@ def test_a_mask_rcnn_file_is_not_the_cascade(mask_state):
 def test_another_backbone_names_the_detector_that_fits():
     state = _state("cascade_mask_rcnn_convnext_small_coco")
     head = registry.CHECKPOINTS[CASCADE].detection.head
-    with pytest.raises(
-        CheckpointError, match="load it with cascade_mask_rcnn_convnext_small_coco"
-    ):
+    with pytest.raises(CheckpointError, match="load it with cascade_mask_rcnn_convnext_small_coco"):
         convert_detection.convert_mmdet_state_dict(state, "tiny", head, 80)
 
 

@@ -173,6 +173,7 @@ def evaluate_detection(
         )
     stats = coco_metrics(ground_truth, results, evaluated)
     import keras
+
     return DetEvalResult(
         model=str(getattr(model, "name", model)),
         data=str(data),

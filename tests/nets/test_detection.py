@@ -175,7 +175,12 @@ def assert_same_rpn(got, reference):
         nearest[i] = np.argmin(np.where(free, distance[:, i], np.inf))
         free[nearest[i]] = False
     np.testing.assert_allclose(mine[nearest], proposals, rtol=BOX_RTOL, atol=TOLERANCE)
-    assert np.mean(nearest == np.arange(count)) > 0.95
+    # In the same order up to ties: a proposal found at another position has the score of the
+    # reference's proposal at that position (saturated sigmoids tie in float32).
+    scores = reference["proposals"].numpy()[:, 4]
+    moved = nearest != np.arange(count)
+    assert moved.mean() < 0.25
+    np.testing.assert_allclose(scores[nearest[moved]], scores[moved], atol=TOLERANCE)
 
 
 @pytest.mark.equality

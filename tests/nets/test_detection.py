@@ -205,7 +205,8 @@ def test_mask_rcnn_at_full_scale(files):
     model = ck.load_model(MASK, weights=files[MASK][1])
     settings = registry.CHECKPOINTS[MASK].detection.eval
     got, reference = run_both(files[MASK][0], model, PHOTOS["coffee"](), settings)
-    assert got["levels"][0].shape[1:3] == (800, 1216)
+    # 400 x 600 -> 800 x 1200, padded to 800 x 1216; P2 has stride 4
+    assert got["levels"][0].shape[1:3] == (200, 304)
     assert_same_rpn(got, reference)
     assert_same_detections(got, reference, settings)
 

@@ -19,7 +19,10 @@ __version__ = "0.2.0"
 
 #: Module -> the public names it defines, imported on first access.
 _PUBLIC = {
-    "api": ["OFFICIAL", "convert_checkpoint", "count_params", "list_models", "load_model"],
+    "api": [
+        *("OFFICIAL", "convert_checkpoint", "count_params", "list_models", "load_model"),
+        "load_detection_model",
+    ],
     "weights.read": ["CheckpointError", "UnsafeCheckpointError", "read_state_dict"],
     "weights.convert": ["convert_state_dict"],
     "tasks.embed": ["EmbedError", "embed", "load_features"],
@@ -32,6 +35,7 @@ _PUBLIC = {
     "preprocess": ["ImageError", "eval_transform", "load_image"],
     "registry": ["UnknownModelError"],
     "tasks.segment": ["segment_files"],
+    "tasks.detect": ["detect_files"],
 }
 
 #: Packages reachable as attributes (``ck.weights``, ``ck.tasks``), imported on first use.

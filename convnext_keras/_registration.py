@@ -27,7 +27,13 @@ import importlib
 PACKAGE = "convnext_keras"
 
 #: The modules that define Keras serializables (relative to the package).
-MODULES = ("nets.layers", "preprocess.layers", "finetune.optim", "nets.upernet")
+MODULES = (
+    "nets.layers",
+    "preprocess.layers",
+    "finetune.optim",
+    "nets.upernet",
+    "nets.detection.layers",
+)
 #: The package of the keras-hub classes, imported when keras-hub is (relative to the package).
 KERAS_HUB_PACKAGE = "kerashub"
 

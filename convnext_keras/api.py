@@ -9,7 +9,7 @@ from pathlib import Path
 
 from convnext_keras import registry
 from convnext_keras.interface import fix
-from convnext_keras.weights import convert, hfhub, read, store
+from convnext_keras.weights import convert, convert_detection, hfhub, read, store
 
 #: ``weights=`` value meaning "the official checkpoint of this name" (downloaded and cached).
 OFFICIAL = "official"
@@ -45,18 +45,15 @@ def list_models(pattern: str | None = None, *, include_fe: bool = True) -> list[
 
 def model_table(pattern: str | None = None) -> list[dict]:
     """One row per checkpoint: name, family, params, resolution, classes (None: an encoder
-    without head), dataset, acc1, miou (segmentation models: ADE20K val, single scale), licence
-    (SPDX), cached, cached_from (None, ``"official"``, the mirror's URL or ``"unknown"``:
+    without head), dataset, acc1, miou (segmentation models: ADE20K val, single scale),
+    box_ap and mask_ap (detection models: COCO val2017), licence (SPDX), cached, cached_from
+    (None, ``"official"``, the mirror's URL or ``"unknown"``:
     :func:`convnext_keras.weights.store.cached_from`), url, source (``"official"`` or the Hub
     address ``hf://org/repo[@revision][/file]``, which ``weights=`` takes)."""
     rows = []
     for name in list_models(pattern, include_fe=False):
         c = registry.CHECKPOINTS[name]
-        params = (
-            count_params(c.variant, c.num_classes)
-            if c.segmentation is None
-            else count_segmentation_params(c.variant, c.segmentation.head, c.num_classes)
-        )
+        params = checkpoint_params(c)
         rows.append(
             {
                 "name": name,
@@ -67,6 +64,8 @@ def model_table(pattern: str | None = None) -> list[dict]:
                 "dataset": c.dataset,
                 "acc1": c.reported_acc1,
                 "miou": c.segmentation.reported_miou if c.segmentation else None,
+                "box_ap": c.detection.reported_box_ap if c.detection else None,
+                "mask_ap": c.detection.reported_mask_ap if c.detection else None,
                 "licence": c.licence,
                 "cached": store.is_cached(c),
                 "cached_from": store.cached_from(c),
@@ -109,6 +108,47 @@ def count_params(variant: str | registry.Variant, num_classes: int | None = None
     return total
 
 
+def checkpoint_params(c: registry.Checkpoint) -> int:
+    """The parameter count of a registry row's model, as Keras counts it, without building it."""
+    if c.detection is not None:
+        return count_detection_params(c.variant, c.detection.head, c.num_classes)
+    if c.segmentation is not None:
+        return count_segmentation_params(c.variant, c.segmentation.head, c.num_classes)
+    return count_params(c.variant, c.num_classes)
+
+
+def count_detection_params(
+    variant: str | registry.Variant, head: registry.DetectorHead, num_classes: int
+) -> int:
+    """Parameter count of a Mask R-CNN / Cascade Mask R-CNN
+    (:func:`convnext_keras.nets.detection.model.build_detector`) without building it, as Keras
+    counts it: BatchNorm's moving mean and variance included."""
+    spec = registry.variant(variant)
+    c = head.fpn_channels
+    backbone = count_params(spec) - 2 * spec.num_features + 2 * sum(spec.dims)  # stage norms
+    fpn = sum(dim * c + c for dim in spec.dims) + len(spec.dims) * (9 * c * c + c)
+    a = head.anchors_per_position
+    rpn = (9 * c * c + c) + (c * a + a) + (c * 4 * a + 4 * a)
+    boxes = 0
+    for box in head.box_heads:
+        width = c
+        for _ in range(box.num_convs):
+            boxes += 9 * width * box.conv_channels + (
+                4 * box.conv_channels if box.conv_norm else box.conv_channels
+            )
+            width = box.conv_channels
+        inputs = width * head.box_roi_size**2
+        for _ in range(box.num_fcs):
+            boxes += inputs * box.fc_channels + box.fc_channels
+            inputs = box.fc_channels
+        deltas = 4 if box.class_agnostic else 4 * num_classes
+        boxes += inputs * (num_classes + 1) + (num_classes + 1) + inputs * deltas + deltas
+    m = head.mask_channels
+    mask = 9 * c * m + m + (head.mask_convs - 1) * (9 * m * m + m)  # 3x3 convs
+    mask += 4 * m * m + m + m * num_classes + num_classes  # 2x2 transposed conv, 1x1 logits
+    return backbone + fpn + rpn + boxes + head.num_stages * mask
+
+
 def count_segmentation_params(
     variant: str | registry.Variant, head: registry.UperNetHead, num_classes: int
 ) -> int:
@@ -149,7 +189,9 @@ def load_model(
             and Hub repository names too), its feature-extractor twin (``..._fe``), an
             architecture (``convnext_atto``, ``convnextv2_atto``, ``convnext_iso_small``), or a
             semantic-segmentation model (``upernet_convnext_tiny_ade20k_512``: images ->
-            per-pixel logits, see :func:`load_segmentation_model`).
+            per-pixel logits, see :func:`load_segmentation_model`), or an object-detection model
+            (``mask_rcnn_convnext_tiny_coco``, ``cascade_mask_rcnn_convnext_tiny_coco``: boxes,
+            classes, scores and masks, see :func:`load_detection_model`).
             Licences differ (ConvNeXt V2: CC BY-NC 4.0, non-commercial; DINOv3: the DINOv3
             License; timm's: Apache-2.0): ``registry.CHECKPOINTS[name].licence`` and
             ``convnext list`` show each.
@@ -193,6 +235,16 @@ def load_model(
 
     # 1. The name -> its registry row, architecture and head.
     resolved = registry.resolve(name)
+    if resolved.head == "detection":
+        if features is not None or num_classes is not None:
+            raise ValueError(
+                f"{name!r} is an object-detection model (boxes, classes, scores and masks of "
+                f"its {resolved.num_classes} classes): features= and num_classes= are for "
+                "classification names."
+            )
+        return load_detection_model(
+            name, weights=weights, input_shape=input_shape, precision=precision
+        )
     if resolved.head == "segmentation":
         if features is not None or num_classes is not None:
             raise ValueError(
@@ -333,6 +385,75 @@ def load_segmentation_model(
         if converted is None:
             return build_upernet(ckpt.variant, **options)
         model = build_for_loading(ckpt.variant, builder=build_upernet, **options)
+    convert.assign_weights(model, converted, source=source)
+    return model
+
+
+def detection_row(name: str) -> registry.Checkpoint:
+    """The registry row of a detection model name; ``ValueError`` naming the detection models
+    for any other name."""
+    resolved = registry.resolve(name)
+    if resolved.head != "detection":
+        names = [c.name for c in registry.CHECKPOINTS.values() if c.detection is not None]
+        raise ValueError(
+            f"{name!r} is not an object-detection model; detection takes one of {', '.join(names)}."
+        )
+    return resolved.checkpoint
+
+
+def load_detection_model(
+    name: str,
+    *,
+    weights="official",
+    input_shape: tuple = (None, None, 3),
+    precision: str | None = None,
+    settings: registry.DetectionEval | None = None,
+):
+    """The Mask R-CNN / Cascade Mask R-CNN of a detection name with its weights (what
+    :func:`load_model` does for the ``*mask_rcnn_convnext_*_coco`` names), by the same steps.
+
+    ``weights``: ``"official"`` (download -> verify -> convert -> cache), None (random
+    initialisation) or a local mmdetection checkpoint file (the official ``.pth``).
+    ``precision``: as ``load_model``'s (boxes, scores and masks stay float32).  ``settings``:
+    other test-time settings than the row's (``registry.DetectionEval``; the score threshold,
+    NMS and per-image limits are part of the graph).  ``input_shape`` must keep any height and
+    width (the default): the model takes padded images of any size.
+
+    The model: inputs ``images`` (B, H, W, 3) float32 (normalised, padded), ``image_sizes``
+    (B, 2) int32, ``scale_factors`` (B, 2) float32; outputs ``boxes``, ``scores``, ``labels``,
+    ``masks``, ``num_detections`` (:mod:`convnext_keras.nets.detection.model`).
+    """
+    from convnext_keras.nets.convnext import build_for_loading, dtype_policy, policy_name
+    from convnext_keras.nets.detection.model import build_detector
+
+    ckpt = detection_row(name)
+    if precision:
+        policy_name(precision)  # a bad value fails before any download
+    if tuple(input_shape) != (None, None, 3):
+        raise ValueError(
+            f"A detector takes images of any size (padded per batch): input_shape must be "
+            f"(None, None, 3), got {tuple(input_shape)}."
+        )
+    resolved = registry.resolve(name)
+    converted, source = _converted_weights(
+        name,
+        resolved,
+        weights,
+        lambda state: convert_detection.convert_mmdet_state_dict(
+            state, ckpt.variant, ckpt.detection.head, ckpt.num_classes
+        ),
+        hub=False,
+    )
+    options = dict(
+        head=ckpt.detection.head,
+        settings=settings or ckpt.detection.eval,
+        num_classes=ckpt.num_classes,
+        name=ckpt.name,
+    )
+    with dtype_policy(precision) if precision else contextlib.nullcontext():
+        if converted is None:
+            return build_detector(ckpt.variant, **options)
+        model = build_for_loading(ckpt.variant, builder=build_detector, **options)
     convert.assign_weights(model, converted, source=source)
     return model
 

@@ -11,8 +11,9 @@ Two generated regions, each between HTML-comment markers that the rest of the fi
 * README.md, ``<!-- family-table:start -->`` ... ``<!-- family-table:end -->``: one row per
   family (checkpoints, licence, where the weights come from), linking docs/models.md.
 
-Only the public API is used (``convnext_keras.registry``, ``convnext_keras.api.count_params`` and
-``count_segmentation_params``); none of it imports Keras or a backend, so this runs in a second.
+Only the public API is used (``convnext_keras.registry``, ``convnext_keras.api.count_params``,
+``count_segmentation_params`` and ``count_detection_params``); none of it imports Keras or a
+backend, so this runs in a second.
 tests/test_docs.py checks that both files equal what this script writes now.
 """
 
@@ -50,17 +51,27 @@ FAMILY_ROWS = (
         "upernet-convnext-semantic-segmentation",
         lambda c: c.family == "upernet_convnext",
     ),
+    (
+        "Mask R-CNN / Cascade Mask R-CNN ConvNeXt (COCO)",
+        "mask-r-cnn--cascade-mask-r-cnn-convnext-object-detection",
+        lambda c: c.family == "mask_rcnn_convnext",
+    ),
 )
 
 
 def params(c: registry.Checkpoint) -> int:
+    if c.detection is not None:
+        return api.count_detection_params(c.variant, c.detection.head, c.num_classes)
     if c.segmentation is None:
         return api.count_params(c.variant, c.num_classes)
     return api.count_segmentation_params(c.variant, c.segmentation.head, c.num_classes)
 
 
 def score(c: registry.Checkpoint) -> str:
-    """The reported ImageNet-1k acc@1, or a segmentation model's ADE20K val mIoU (single scale)."""
+    """The reported ImageNet-1k acc@1, a segmentation model's ADE20K val mIoU (single scale), or
+    a detection model's COCO val2017 box / mask AP."""
+    if c.detection is not None:
+        return f"{c.detection.reported_box_ap:.1f} box / {c.detection.reported_mask_ap:.1f} mask AP"
     if c.segmentation is not None:
         return f"{c.segmentation.reported_miou:.1f} mIoU"
     return "-" if c.reported_acc1 is None else f"{c.reported_acc1:.1f}"

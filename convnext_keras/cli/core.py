@@ -10,7 +10,10 @@ from convnext_keras.cli._app import echo_table, main, quiet_backend_logs
 
 
 def _score(row: dict) -> str:
-    """The reported acc@1, or a segmentation model's mIoU (ADE20K val, single scale)."""
+    """The reported acc@1, a segmentation model's mIoU (ADE20K val, single scale), or a
+    detection model's box / mask AP (COCO val2017)."""
+    if row.get("box_ap") is not None:
+        return f"{row['box_ap']:.1f} box / {row['mask_ap']:.1f} mask AP"
     if row.get("miou") is not None:
         return f"{row['miou']:.1f} mIoU"
     return "-" if row["acc1"] is None else f"{row['acc1']:.1f}"

@@ -29,6 +29,12 @@ Checkpoints:
   (``semantic_segmentation/README.md``), named ``upernet_convnext_<size>_ade20k_<crop>``
   (the files' ``upernet_convnext_<size>_<1k|22k>_<crop>x<crop>`` spellings are accepted); their
   rows carry a :class:`Segmentation` (decoder, test-time settings, reported mIoU).
+* the 7 COCO object-detection / instance-segmentation files (Mask R-CNN and Cascade Mask R-CNN,
+  mmdetection 2.x) of facebookresearch/ConvNeXt (``object_detection/README.md``), named
+  ``mask_rcnn_convnext_tiny_coco``, ``cascade_mask_rcnn_convnext_<size>_coco`` and
+  ``cascade_mask_rcnn_convnext_<size>_in22k_coco`` (the files' spellings,
+  ``cascade_mask_rcnn_convnext_base_22k_3x``, are accepted); their rows carry a
+  :class:`Detection` (detector, test-time settings, reported box and mask AP).
 
 Rows are of one type, :class:`Checkpoint`, whatever the family: a new family (isotropic, DINOv3,
 timm's, segmentation backbones) adds a :class:`Family`, its :class:`Variant` rows when its
@@ -36,7 +42,7 @@ architecture is new, and :class:`Checkpoint` rows whose :class:`Source` says whe
 
 Layout: :mod:`.rows` (the row types and the architecture's constants), one file of rows per
 family (:mod:`.convnext`, :mod:`.convnextv2`, :mod:`.isotropic`, :mod:`.dinov3`, :mod:`.timm`,
-:mod:`.upernet`), and here the tables they form and the lookup of names.
+:mod:`.upernet`, :mod:`.detection`), and here the tables they form and the lookup of names.
 """
 
 from __future__ import annotations
@@ -46,13 +52,23 @@ import difflib
 import re
 
 from convnext_keras.interface import fix
-from convnext_keras.registry import convnext, convnextv2, dinov3, isotropic, timm, upernet
+from convnext_keras.registry import (
+    convnext,
+    convnextv2,
+    detection,
+    dinov3,
+    isotropic,
+    timm,
+    upernet,
+)
 from convnext_keras.registry.rows import (
     BATCH_NORM_EPSILON,
     BLOCKS,
     CROP_MODES,
     DEFAULT_INTERPOLATION,
     DEFAULT_RESOLUTION,
+    DELTA_WH_RATIO_CLIP,
+    DETECTION_METHODS,
     DOWNSAMPLE_STRIDE,
     DWCONV_KERNEL,
     EVAL_CROP_PCT,
@@ -70,12 +86,17 @@ from convnext_keras.registry.rows import (
     NUM_CLASSES_1K,
     NUM_CLASSES_21K,
     NUM_CLASSES_ADE20K,
+    NUM_CLASSES_COCO,
     OFFICIAL_BASE_URL,
     SEGMENTATION_MODES,
     SQUASH_RESOLUTION,
     STEM_PATCH,
     VARIANTS,
+    BoxHead,
     Checkpoint,
+    Detection,
+    DetectionEval,
+    DetectorHead,
     Family,
     FinetuneDefaults,
     Segmentation,
@@ -89,7 +110,7 @@ from convnext_keras.registry.rows import (
 )
 
 #: The family files, in registry order.
-_FAMILY_FILES = (convnext, convnextv2, isotropic, dinov3, timm, upernet)
+_FAMILY_FILES = (convnext, convnextv2, isotropic, dinov3, timm, upernet, detection)
 
 FAMILIES.update((f.FAMILY.name, f.FAMILY) for f in _FAMILY_FILES if hasattr(f, "FAMILY"))
 VARIANTS.update((v.name, v) for f in _FAMILY_FILES for v in getattr(f, "VARIANTS", ()))
@@ -150,8 +171,9 @@ class ResolvedName:
     #: The checkpoint entry, or None for an architecture-only name such as ``convnext_atto``.
     checkpoint: Checkpoint | None
     variant: Variant
-    #: "classifier", "pooled" (``_fe`` names), "pyramid" (an encoder without head, FCMAE) or
-    #: "segmentation" (a UperNet checkpoint: per-pixel logits).
+    #: "classifier", "pooled" (``_fe`` names), "pyramid" (an encoder without head, FCMAE),
+    #: "segmentation" (a UperNet checkpoint: per-pixel logits) or "detection" (a Mask R-CNN /
+    #: Cascade Mask R-CNN checkpoint: boxes, classes, scores and masks).
     head: str
     #: The name in the registry's spelling (``convnextv2_tiny_22k_384_ema_fe`` ->
     #: ``convnextv2_tiny_21k_1k_384_fe``).
@@ -199,15 +221,16 @@ def resolve(name: str) -> ResolvedName:
     key = ALIASES.get(key, key)
     if key in CHECKPOINTS:
         ckpt = CHECKPOINTS[key]
-        if ckpt.segmentation is not None:
+        task = {"segmentation": "semantic-segmentation model (per-pixel logits)"}
+        task["detection"] = "object-detection model (boxes, classes, scores, masks)"
+        if ckpt.task in task:
             if head is not None:
                 raise UnknownModelError(
-                    f"{name!r}: {key} is a semantic-segmentation model (per-pixel logits), "
-                    f"which has no '{FEATURE_EXTRACTOR_SUFFIX}' feature-extractor twin; use "
-                    f"{key}, or a classifier's '{FEATURE_EXTRACTOR_SUFFIX}' name for pooled "
-                    "features."
+                    f"{name!r}: {key} is a {task[ckpt.task]}, which has no "
+                    f"'{FEATURE_EXTRACTOR_SUFFIX}' feature-extractor twin; use {key}, or a "
+                    f"classifier's '{FEATURE_EXTRACTOR_SUFFIX}' name for pooled features."
                 )
-            return ResolvedName(ckpt, ckpt.spec, "segmentation", key)
+            return ResolvedName(ckpt, ckpt.spec, ckpt.task, key)
         default = "classifier" if ckpt.has_head else "pyramid"
         return ResolvedName(ckpt, ckpt.spec, head or default, key + suffix)
     spec = _by_arch_name().get(key)
@@ -238,9 +261,11 @@ def resolve(name: str) -> ResolvedName:
 def model_names(include_fe: bool = True, include_variants: bool = False) -> list[str]:
     """Every loadable name: checkpoints, their ``_fe`` twins, optionally bare architectures."""
     names = list(CHECKPOINTS)
-    if include_fe:  # segmentation models have no _fe twin
+    if include_fe:  # segmentation and detection models have no _fe twin
         names += [
-            n + FEATURE_EXTRACTOR_SUFFIX for n, c in CHECKPOINTS.items() if not c.segmentation
+            n + FEATURE_EXTRACTOR_SUFFIX
+            for n, c in CHECKPOINTS.items()
+            if c.task == "classification"
         ]
     if include_variants:
         names += list(_by_arch_name())

@@ -2,7 +2,8 @@
 
 :class:`Family` (a published line of models), :class:`Variant` (an architecture),
 :class:`Checkpoint` (one released file, with its :class:`Source` and, for a segmentation
-checkpoint, its :class:`Segmentation`) and :class:`FinetuneDefaults`.  The tables the rows
+checkpoint, its :class:`Segmentation`; for a detection checkpoint, its :class:`Detection`) and
+:class:`FinetuneDefaults`.  The tables the rows
 belong to, :data:`FAMILIES` and :data:`VARIANTS`, are declared here (rows look them up) and
 filled by :mod:`convnext_keras.registry` from the family files.  Imports no Keras.
 """
@@ -311,6 +312,143 @@ class Segmentation:
     labels: str = "ade20k"
 
 
+# Object detection and instance segmentation (Mask R-CNN and Cascade Mask R-CNN on COCO).
+# Sources: facebookresearch/ConvNeXt object_detection/configs/_base_/models/
+# {mask_rcnn,cascade_mask_rcnn}_convnext_fpn.py (network, test_cfg) and configs/convnext/*.py
+# (backbone, the cascade's box heads); the dataset config they inherit,
+# SwinTransformer/Swin-Transformer-Object-Detection@6a979e2 configs/_base_/datasets/
+# coco_instance.py (test pipeline); mmdetection 2.11 (that repository's mmdet/) and mmcv 1.3 for
+# the modules the configs name.
+
+#: COCO's 80 "thing" classes (mmdetection ``CocoDataset.CLASSES``); the box heads add a
+#: background score after them (index 80, mmdetection 2.x's position).
+NUM_CLASSES_COCO = 80
+#: ``DeltaXYWHBBoxCoder.decode``'s ``wh_ratio_clip``: log-width/height deltas are clamped to
+#: ``+-|log(16 / 1000)|`` (a box grows or shrinks at most 62.5 times per decoding).
+DELTA_WH_RATIO_CLIP = 16 / 1000
+#: The methods a detection row can be (mmdetection ``MaskRCNN`` / ``CascadeRCNN``).
+DETECTION_METHODS = ("mask_rcnn", "cascade_mask_rcnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class BoxHead:
+    """One R-CNN box head (mmdetection ``ConvFCBBoxHead``): ``num_convs`` 3x3 convolutions of
+    ``conv_channels`` (each conv -> BatchNorm -> ReLU when ``conv_norm``, else conv with bias
+    -> ReLU), flattened, ``num_fcs`` fully connected layers of ``fc_channels`` + ReLU, then the
+    class scores (``NUM_CLASSES_COCO + 1`` logits, background last) and the box deltas (4 per
+    class, or 4 shared when ``class_agnostic``), decoded with ``target_means`` /
+    ``target_stds`` (``DeltaXYWHBBoxCoder``).  ``Shared2FCBBoxHead`` is ``num_convs=0,
+    num_fcs=2``; the cascade configs' ``ConvFCBBoxHead`` is ``num_convs=4, num_fcs=1`` with
+    SyncBN ("4conv1f")."""
+
+    target_stds: tuple[float, float, float, float]
+    num_convs: int = 0
+    num_fcs: int = 2
+    conv_channels: int = 256
+    fc_channels: int = 1024
+    conv_norm: bool = False
+    class_agnostic: bool = False
+    target_means: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorHead:
+    """The network on the backbone's four stage outputs (each with its LayerNorm, as the
+    segmentation backbone): FPN, RPN and the R-CNN heads of a detection checkpoint.
+
+    * FPN (mmdetection ``FPN``): 1x1 lateral convolutions to ``fpn_channels``, the top-down
+      path (nearest upsampling, added), a 3x3 output convolution per level, and
+      ``fpn_levels - 4`` extra levels by max-pooling the last with kernel 1, stride 2 (P6);
+    * RPN (``RPNHead``): a shared 3x3 conv + ReLU, per level one sigmoid objectness and four
+      deltas per anchor; anchors (``AnchorGenerator``) of size ``stride x scale`` at each ratio
+      (height / width), centred on the grid points ``(x * stride, y * stride)``; deltas decoded
+      with ``rpn_target_means`` / ``rpn_target_stds``;
+    * R-CNN: RoIAlign (mmcv, ``aligned=True``, ``sampling_ratio`` 0 = adaptive) of
+      ``box_roi_size`` / ``mask_roi_size`` on the first four FPN levels, a RoI going to level
+      ``floor(log2(sqrt(area) / finest_scale + 1e-6))`` (clamped to 0..3, mmdetection
+      ``SingleRoIExtractor``); one :class:`BoxHead` per stage (one for Mask R-CNN, three for
+      the cascade); per stage a mask head (``FCNMaskHead``): ``mask_convs`` 3x3 conv + ReLU of
+      ``mask_channels``, a 2x2 stride-2 transposed conv + ReLU, a 1x1 conv to 80 mask logits
+      (28 x 28).
+    """
+
+    method: str
+    box_heads: tuple[BoxHead, ...]
+    fpn_channels: int = 256
+    fpn_levels: int = 5
+    anchor_scales: tuple[float, ...] = (8.0,)
+    anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    anchor_strides: tuple[int, ...] = (4, 8, 16, 32, 64)
+    rpn_target_means: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    rpn_target_stds: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    roi_strides: tuple[int, ...] = (4, 8, 16, 32)
+    box_roi_size: int = 7
+    mask_roi_size: int = 14
+    sampling_ratio: int = 0
+    finest_scale: int = 56
+    mask_convs: int = 4
+    mask_channels: int = 256
+
+    def __post_init__(self):
+        if self.method not in DETECTION_METHODS:
+            raise ValueError(f"method must be one of {DETECTION_METHODS}, got {self.method!r}.")
+        if len(self.anchor_strides) != self.fpn_levels:
+            raise ValueError("one anchor stride per FPN level is needed.")
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.box_heads)
+
+    @property
+    def anchors_per_position(self) -> int:
+        return len(self.anchor_scales) * len(self.anchor_ratios)
+
+    @property
+    def mask_size(self) -> int:
+        """The mask head's output (the transposed conv doubles the RoI size): 28."""
+        return 2 * self.mask_roi_size
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectionEval:
+    """The test-time procedure of a detection checkpoint (the test pipeline and ``test_cfg``).
+
+    The photo (RGB, 0-255) resized keeping its aspect ratio to fit ``image_scale`` (long side
+    at most ``image_scale[0]``, short side at most ``image_scale[1]``; mmcv ``imrescale``,
+    bilinear), normalised with the ImageNet mean/std on 0-255 pixels, padded with zeros at the
+    bottom and right to a multiple of ``size_divisor``.  RPN: the ``rpn_pre_nms`` best anchors
+    of each level, decoded and clipped to the image, NMS at IoU ``rpn_iou`` within each level,
+    the ``rpn_max`` best kept (boxes narrower or lower than ``rpn_min_size`` dropped, when it
+    is above 0).  R-CNN: class scores (softmax) above ``score_threshold`` per class, their
+    boxes decoded, clipped and mapped back to the photo's pixels, NMS at IoU ``iou`` within
+    each class, the ``max_detections`` best kept; masks binarised at ``mask_threshold``.
+    """
+
+    image_scale: tuple[int, int] = (1333, 800)
+    size_divisor: int = 32
+    rpn_pre_nms: int = 1000
+    rpn_max: int = 1000
+    rpn_iou: float = 0.7
+    rpn_min_size: float = 0.0
+    score_threshold: float = 0.05
+    iou: float = 0.5
+    max_detections: int = 100
+    mask_threshold: float = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection:
+    """What a detection checkpoint adds to its backbone's row: the detector, the test-time
+    procedure and the box / mask AP (%) the original reports on COCO val2017."""
+
+    head: DetectorHead
+    eval: DetectionEval
+    reported_box_ap: float
+    reported_mask_ap: float
+    #: The label set (``convnext_keras.data.coco`` ships COCO's names and category ids).
+    labels: str = "coco"
+
+
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
     """One released checkpoint and everything needed to use it faithfully."""
@@ -346,6 +484,10 @@ class Checkpoint:
     #: classifier or encoder).  ``num_classes`` is then the number of segmentation classes and
     #: ``resolution`` the crop size.
     segmentation: Segmentation | None = None
+    #: An object-detection checkpoint's detector and test-time settings (None: not a detector).
+    #: ``num_classes`` is then the number of object classes and ``resolution`` the test
+    #: scale's short side.
+    detection: Detection | None = None
 
     @property
     def filename(self) -> str:
@@ -366,7 +508,10 @@ class Checkpoint:
 
     @property
     def task(self) -> str:
-        """``"segmentation"`` or ``"classification"`` (classifiers and encoders)."""
+        """``"segmentation"``, ``"detection"`` or ``"classification"`` (classifiers and
+        encoders)."""
+        if self.detection is not None:
+            return "detection"
         return "classification" if self.segmentation is None else "segmentation"
 
     @property

@@ -11,7 +11,8 @@ Conversion is a chain of pure functions on ``{name: numpy array}`` dictionaries:
 Every tensor is accounted for: missing, unexpected or wrongly shaped tensors raise a
 ``CheckpointError`` naming the key, both shapes and what to do about it.  A ConvNeXt checkpoint
 given to a ConvNeXt V2 name (or the reverse) is an error naming the model it fits.  The
-segmentation files (mmsegmentation's UperNet) convert with :func:`convert_mmseg_state_dict`.
+segmentation files (mmsegmentation's UperNet) convert with :func:`convert_mmseg_state_dict`, the
+detection files (mmdetection's Mask R-CNN) with :mod:`.convert_detection`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 
 from convnext_keras import registry
 from convnext_keras.interface import fix
-from convnext_keras.weights.layouts import mmseg, to_official_layout
+from convnext_keras.weights.layouts import mmdet, mmseg, models_for, to_official_layout
 from convnext_keras.weights.read import CheckpointError
 
 _LOG = logging.getLogger(__name__)
@@ -420,10 +421,14 @@ def convert_mmseg_state_dict(
     spec = registry.variant(variant)
     head = head or registry.UperNetHead()
     if not mmseg.matches(state_dict):
+        detector = ""
+        if mmdet.matches(state_dict):
+            fits = models_for(state_dict, "detection")
+            detector = f" It is an mmdetection detection checkpoint: {fits}."
         raise CheckpointError(
             "Not an mmsegmentation segmentation checkpoint (backbone.* and decode_head.* "
             f"tensors); first keys: {list(state_dict)[:5]}. A segmentation model loads the "
-            "official ADE20K files (upernet_convnext_*_512x512.pth / *_640x640.pth)."
+            f"official ADE20K files (upernet_convnext_*_512x512.pth / *_640x640.pth).{detector}"
         )
     in_backbone = mmseg.backbone_keys(state_dict)
     backbone = mmseg.backbone(state_dict)

@@ -21,7 +21,7 @@ import numpy as np
 
 from convnext_keras import registry
 from convnext_keras.errors import plain
-from convnext_keras.weights import convert, provenance
+from convnext_keras.weights import convert, convert_detection, provenance
 from convnext_keras.weights.cache import (
     CONVERTED_FORMAT,
     DamagedFileError,
@@ -87,8 +87,14 @@ def _check_head(ckpt: registry.Checkpoint, weights: dict, source: str) -> None:
 def convert_official(ckpt: registry.Checkpoint, path: Path) -> dict[str, list[np.ndarray]]:
     """Keras weights of the checkpoint file ``path`` of ``ckpt``; CheckpointError if the file is
     not that checkpoint (unreadable, another architecture or head size).  A segmentation
-    row's file is an mmsegmentation checkpoint (:func:`.convert.convert_mmseg_state_dict`)."""
+    row's file is an mmsegmentation checkpoint (:func:`.convert.convert_mmseg_state_dict`), a
+    detection row's an mmdetection one
+    (:func:`.convert_detection.convert_mmdet_state_dict`)."""
     state = read_state_dict(path)
+    if ckpt.detection is not None:
+        return convert_detection.convert_mmdet_state_dict(
+            state, ckpt.variant, ckpt.detection.head, ckpt.num_classes
+        )
     if ckpt.segmentation is not None:
         return convert.convert_mmseg_state_dict(
             state, ckpt.variant, ckpt.segmentation.head, ckpt.num_classes

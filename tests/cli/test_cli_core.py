@@ -20,7 +20,8 @@ def test_list_shows_the_whole_collection():
     result = CliRunner().invoke(main, ["list", "--json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
-    assert len(rows) == 21 + 26 + 3 + 4 + 6 + 6  # V1, V2, isotropic, DINOv3, timm, UperNet
+    # V1, V2, isotropic, DINOv3, timm, UperNet, Mask R-CNN / Cascade Mask R-CNN
+    assert len(rows) == 21 + 26 + 3 + 4 + 6 + 6 + 7
     tiny = next(r for r in rows if r["name"] == "convnext_tiny_1k_224")
     assert tiny == {
         "name": "convnext_tiny_1k_224",
@@ -31,12 +32,16 @@ def test_list_shows_the_whole_collection():
         "dataset": "imagenet-1k",
         "acc1": 82.1,
         "miou": None,
+        "box_ap": None,
+        "mask_ap": None,
         "licence": "MIT",
         "cached": False,
         "cached_from": None,
         "url": "https://dl.fbaipublicfiles.com/convnext/convnext_tiny_1k_224_ema.pth",
         "source": "official",
     }
+    detection = next(r for r in rows if r["name"] == "cascade_mask_rcnn_convnext_tiny_coco")
+    assert (detection["box_ap"], detection["mask_ap"], detection["classes"]) == (50.4, 43.7, 80)
     table = CliRunner().invoke(main, ["list", "xlarge"])
     assert table.exit_code == 0
     assert "convnext_xlarge_21k_1k_384" in table.output and "tiny" not in table.output

@@ -17,8 +17,10 @@ import pytest
 from convnext_keras import registry
 
 V2_URL = "https://dl.fbaipublicfiles.com/convnext/convnextv2/"
-#: Rows per family: ConvNeXt, ConvNeXt V2, isotropic (family "convnext"), DINOv3, timm, UperNet.
+#: Rows per family: ConvNeXt, ConvNeXt V2, isotropic (family "convnext"), DINOv3, timm, UperNet,
+#: Mask R-CNN / Cascade Mask R-CNN.
 COUNTS = {"convnext": 21 + 3, "convnextv2": 26, "dinov3": 4, "timm": 6, "upernet_convnext": 6}
+COUNTS["mask_rcnn_convnext"] = 7
 TOTAL = sum(COUNTS.values())
 #: (name, file under V2_URL, resolution, classes, acc@1) from the ConvNeXt-V2 README.
 V2_TABLE = [
@@ -121,7 +123,8 @@ def test_encoders_have_no_head():
 
 def test_model_names_and_unknown_names():
     names = registry.model_names()
-    assert len(names) == 2 * TOTAL - COUNTS["upernet_convnext"]  # segmentation: no _fe twin
+    # segmentation and detection models: no _fe twin
+    assert len(names) == 2 * TOTAL - COUNTS["upernet_convnext"] - COUNTS["mask_rcnn_convnext"]
     assert "convnextv2_huge_21k_1k_512_fe" in names and "convnextv2_atto_fcmae_fe" in names
     assert "convnextv2_huge" in registry.model_names(include_variants=True)
     with pytest.raises(registry.UnknownModelError, match="Did you mean convnextv2_tiny_1k_224"):

@@ -605,7 +605,7 @@ def _failing_write(code):
 def test_cli_export_to_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     import onnx
 
-    monkeypatch.setattr(onnx, "save", _failing_write(errno.ENOSPC))
+    monkeypatch.setattr(onnx, "save_model", _failing_write(errno.ENOSPC))
     out = tmp_path / "out"
     args = ["export", "convnext_atto", "--weights", "none", "--format", "onnx", "--out", str(out)]
     result = CliRunner().invoke(main, args)
@@ -622,7 +622,7 @@ def test_cli_export_to_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monk
 def test_export_to_a_read_only_or_forbidden_folder_names_it(atto, tmp_path, monkeypatch, code):
     import onnx
 
-    monkeypatch.setattr(onnx, "save", _failing_write(code))
+    monkeypatch.setattr(onnx, "save_model", _failing_write(code))
     with pytest.raises(WriteError) as info:
         ck.export(atto, tmp_path / "m.onnx", "onnx")
     assert info.value.errno == code and info.value.filename == str(tmp_path / "m.onnx")

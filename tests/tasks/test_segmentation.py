@@ -31,6 +31,7 @@ from PIL import Image
 
 import convnext_keras as ck
 from convnext_keras import registry
+from convnext_keras.cli import _checks as cli_checks
 from convnext_keras.cli import main
 from convnext_keras.data import ade20k
 from convnext_keras.engines import graph_files
@@ -759,6 +760,8 @@ def test_eval_seg_names_each_unreadable_image_once_and_refuses_to_score_nothing(
     row = registry.CHECKPOINTS[TINY].segmentation.eval
     monkeypatch.setattr(segment, "_inference", lambda *args: (None, row))
     monkeypatch.setattr(upernet_onnx, "inference_function", lambda *args: (None, "keras"))
+    # Nor are its official weights fetched (the command line fetches them before a backend loads).
+    monkeypatch.setattr(cli_checks, "weights", lambda *args, **kwargs: None)
     result = CliRunner().invoke(main, ["eval-seg", str(tmp_path), "--model", TINY])
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert "None of the 1 image(s)" in result.output and "nan" not in result.output.lower()

@@ -471,7 +471,7 @@ def segment_files(
     if route is not None:
         test_settings, classes = route.checkpoint.segmentation.eval, int(route.num_classes)
         run, engine = route, route.engine
-        min_size = route.checkpoint.variant.min_input_size
+        min_size = registry.resolve(route.checkpoint.name).variant.min_input_size
         if (mode or test_settings.mode) == "slide" and not multi_scale:
             route.runner(test_settings.crop, test_settings.crop)  # cached on the first call
     else:

@@ -794,7 +794,7 @@ def test_segment_command_writes_label_maps_overlays_and_legends(
     rows = json.loads(result.stdout)
     assert [r["random_weights"] for r in rows] == [True] * 4
     assert "cannot read as an image" in rows[1]["error"]
-    assert rows[0]["size"] == [20, 3000] and "error" not in rows[0]  # one bad file only
+    assert (rows[0]["height"], rows[0]["width"]) == (20, 3000) and "error" not in rows[0]  # one bad file only
     assert np.asarray(Image.open(rows[0]["labels"])).shape == (20, 3000)
     for row, photo in zip(rows[2:], PHOTOS[:2]):
         width, height = Image.open(photo).size

@@ -741,7 +741,9 @@ def test_warm_segment_imports_no_keras_and_answers_as_the_first(
     assert out["loaded"] == [] and set(HEAVY) >= {"keras", "onnx"}
     assert out["segment"] == [0, cold.stdout]
     rows = json.loads(cold.stdout)
-    assert [r["size"] for r in rows] == [list(Image.open(p).size[::-1]) for p in PHOTOS[:2]]
+    assert [[r["height"], r["width"]] for r in rows] == [
+        list(Image.open(p).size[::-1]) for p in PHOTOS[:2]
+    ]
     (entry,) = (ck.weights.graphs.graphs_dir() / TINY).iterdir()
     assert entry.name.startswith(f"segmentation-{SMALL.crop}x{SMALL.crop}-fp32-")
 
@@ -794,7 +796,8 @@ def test_segment_command_writes_label_maps_overlays_and_legends(
     rows = json.loads(result.stdout)
     assert [r["random_weights"] for r in rows] == [True] * 4
     assert "cannot read as an image" in rows[1]["error"]
-    assert (rows[0]["height"], rows[0]["width"]) == (20, 3000) and "error" not in rows[0]  # one bad file only
+    assert "error" not in rows[0]  # one bad file only
+    assert (rows[0]["height"], rows[0]["width"]) == (20, 3000)
     assert np.asarray(Image.open(rows[0]["labels"])).shape == (20, 3000)
     for row, photo in zip(rows[2:], PHOTOS[:2]):
         width, height = Image.open(photo).size

@@ -175,5 +175,5 @@ def test_readme_install_figures_are_the_measured_ones_and_name_every_extra():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
     ]
-    named = set(re.findall(r'"\.\[(\w+)\]"', readme))
+    named = set(re.findall(r'"\.\[([\w-]+)\]"', readme))
     assert named == set(extras) - {"test"}, named ^ (set(extras) - {"test"})

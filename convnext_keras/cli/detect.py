@@ -51,10 +51,20 @@ _SHOWN = 10
     help="fp32, or Keras mixed precision bf16 / fp16 (float32 boxes, scores and masks).",
 )
 @click.option(
+    "--score",
+    "score_threshold",
+    type=click.FloatRange(0.0, 1.0, max_open=True),
+    default=None,
+    help="Keep detections whose class score is above this (default: the checkpoint's test "
+    "setting, 0.05, as COCO AP is measured; 0.3 for a picture).",
+)
+@click.option(
     "--no-exif", is_flag=True, help="Ignore EXIF orientation (default: photos turned upright)."
 )
 @backend_option
-def detect_command(images, model_name, weights, out_dir, as_json, precision, no_exif):
+def detect_command(
+    images, model_name, weights, out_dir, as_json, precision, score_threshold, no_exif
+):  # fmt: skip
     """Find the objects of COCO's 80 classes in IMAGES: boxes, classes, scores and masks.
 
     Prints the detections of each image, best first; --out writes an overlay and the COCO
@@ -70,6 +80,7 @@ def detect_command(images, model_name, weights, out_dir, as_json, precision, no_
         out_dir=out_dir,
         exif_transpose=not no_exif,
         precision=precision,
+        score_threshold=score_threshold,
     )
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=2, allow_nan=False))

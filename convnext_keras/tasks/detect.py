@@ -180,7 +180,7 @@ class DetectResult:
         if self.error is not None:
             out["error"] = self.error
             return out
-        out["size"] = list(self.masks.shape[1:])
+        out["height"], out["width"] = (int(n) for n in self.masks.shape[1:])
         out["detections"] = [
             {
                 "label": name,
@@ -278,15 +278,23 @@ def _write(path: Path, write) -> str:
 # Files in, detections out
 
 
-def _inference(model, weights, precision, settings):
-    """``(keras model, DetectionEval)`` from a name, a ``.keras`` file or a model."""
+def _inference(model, weights, precision, settings, score_threshold=None):
+    """``(keras model, DetectionEval)`` from a name, a ``.keras`` file or a model; a
+    ``score_threshold`` replaces the settings' (a name's model is built with it; a model
+    object's outputs are filtered by it, which needs it at least the one it was built with)."""
     import keras
 
     if isinstance(settings, str):
         settings = detection_row(settings).detection.eval
+    if score_threshold is not None and not 0.0 <= float(score_threshold) < 1.0:
+        raise ValueError(
+            f"score_threshold must be a class score in [0, 1), got {score_threshold!r}."
+        )
     if isinstance(model, (str, os.PathLike)) and not str(model).endswith(".keras"):
         row = detection_row(str(model))
         settings = settings or row.detection.eval
+        if score_threshold is not None:
+            settings = dataclasses.replace(settings, score_threshold=float(score_threshold))
         loaded = load_detection_model(
             str(model), weights=weights, precision=precision, settings=settings
         )
@@ -304,6 +312,16 @@ def _inference(model, weights, precision, settings):
                 f"settings ({fix('settings=NAME', '--settings NAME')}, the registry name whose "
                 "image scale to use)."
             ) from None
+    if score_threshold is not None:
+        built = settings.score_threshold
+        if float(score_threshold) < built:
+            raise ValueError(
+                f"{model.name} keeps detections scoring above {built:g} (part of its graph): a "
+                f"lower threshold ({float(score_threshold):g}) needs the model built with it - "
+                f"load it by name with {fix('score_threshold=', '--score ')}"
+                f"{float(score_threshold):g}."
+            )
+        settings = dataclasses.replace(settings, score_threshold=float(score_threshold))
     return model, settings
 
 
@@ -326,8 +344,12 @@ def detect_photo(model, photo: np.ndarray, settings: registry.DetectionEval) -> 
             "the model returned NaN or infinite outputs (its weights are damaged or the image "
             "breaks it); no detections"
         )
-    masks = paste_masks(probs, boxes, photo.shape[0], photo.shape[1], settings.mask_threshold)
     labels = np.asarray(out["labels"])[0, :n].astype(np.int64)
+    # A threshold above the graph's keeps the same detections as a graph built with it (NMS
+    # only lets a higher score suppress a lower one); for a graph built with it, a no-op.
+    keep = scores > settings.score_threshold
+    boxes, scores, probs, labels = boxes[keep], scores[keep], probs[keep], labels[keep]
+    masks = paste_masks(probs, boxes, photo.shape[0], photo.shape[1], settings.mask_threshold)
     return DetectResult("", boxes=boxes, scores=scores, labels=labels, masks=masks)
 
 
@@ -340,6 +362,7 @@ def detect_files(
     exif_transpose: bool = True,
     precision: str | None = None,
     settings=None,
+    score_threshold: float | None = None,
 ) -> list[DetectResult]:
     """Detect objects (and their masks) in image files; unreadable ones (and any whose outputs
     are not finite) come back with ``error`` set, never raise.
@@ -359,6 +382,11 @@ def detect_files(
             scores and masks).
         settings: other test settings (a registry name or a ``registry.DetectionEval``), or
             those of a model object or file whose name is not a detection checkpoint's.
+        score_threshold: keep detections whose class score is above this (default: the
+            checkpoint's test setting, 0.05, as mmdetection evaluates; 0.3 for a picture).
+
+    Raises ``ValueError`` for a ``score_threshold`` outside [0, 1), or below the one a model
+    object was built with (a name's model is built with it).
     """
     from convnext_keras import preprocess
     from convnext_keras.tasks.predict import _cam_names, random_weights
@@ -366,7 +394,7 @@ def detect_files(
     paths = [Path(p) for p in paths]
     if out_dir is not None:
         _coco_mask_api()  # missing: said before any download
-    keras_model, test_settings = _inference(model, weights, precision, settings)
+    keras_model, test_settings = _inference(model, weights, precision, settings, score_threshold)
     random = random_weights(model, weights)
     if out_dir is not None:
         out_dir = Path(out_dir)

@@ -159,6 +159,20 @@ def test_the_detect_command(reference, tmp_path, monkeypatch):
     assert result.exit_code == 1
     listed = json.loads(result.stdout)
     assert listed[0]["detections"] and "error" in listed[1]
+    assert (listed[0]["width"], listed[0]["height"]) == (600, 400)
+    # --score: the model built with a higher threshold keeps exactly the detections above it
+    every = listed[0]["detections"]
+    median = every[len(every) // 2]["score"]
+    strict = CliRunner().invoke(main, [*args, "--json", "--score", repr(median)])
+    assert strict.exit_code == 0, strict.output
+    kept = json.loads(strict.stdout)[0]["detections"]
+    assert 0 < len(kept) < len(every)
+    assert [d["label"] for d in kept] == [d["label"] for d in every if d["score"] > median]
+    np.testing.assert_allclose(
+        [d["box"] for d in kept], [d["box"] for d in every if d["score"] > median], atol=1e-3
+    )
+    bad = CliRunner().invoke(main, [*args, "--score", "1.5"])
+    assert bad.exit_code == 2 and "--score" in bad.output
     for bad_args, message in [
         (["--model", "convnext_tiny_1k_224"], "not an object-detection model"),
         (["--model", MASK + "_fe"], "no '_fe' feature-extractor twin"),

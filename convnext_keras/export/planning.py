@@ -255,10 +255,13 @@ def _detection(model) -> bool:
 def detection_refusal(fmt: str) -> str:
     """The one-line error of a detector exported to a format it does not support."""
     savedmodel = fix("format='savedmodel'", "--format savedmodel")
+    why = {
+        "onnx": "tf2onnx has no conversion for the TensorFlow operations of its RoIAlign and "
+        "box refinement",
+    }.get(fmt, "only its SavedModel and .keras exports are verified")
     return (
-        f"{fmt} export of a detector (Mask R-CNN / Cascade Mask R-CNN) is not supported: its "
-        "NMS, top-k and RoIAlign over data-dependent box counts are exported and verified as a "
-        f"TensorFlow SavedModel (or a .keras file); use {savedmodel}."
+        f"{fmt} export of a detector (Mask R-CNN / Cascade Mask R-CNN) is not supported "
+        f"({why}); a detector exports as a TensorFlow SavedModel: use {savedmodel}."
     )
 
 

@@ -91,6 +91,13 @@ def test_detector_savedmodel_equals_the_keras_model(detector, tmp_path):
     assert json.loads(obj.metadata().numpy()) == meta
 
 
+def test_detector_keras_file_equals_the_keras_model(detector, tmp_path):
+    """The .keras export (every backend, in-process) reloads with the detector's layers."""
+    result = ck.export(detector, tmp_path / "det.keras", "keras", image_size=64)
+    assert result.max_abs_diff <= 1e-4 and result.outputs == list(OUTPUTS)
+    assert [c.split(" on ")[0] for c in result.checks] == ["keras.saving.load_model(path)"] * 2
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "tflite"])
 def test_detector_onnx_and_tflite_are_refused_naming_savedmodel(detector, tmp_path, fmt):
     """From Python (a built model) and from the command line (a detection name, refused

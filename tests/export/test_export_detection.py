@@ -117,11 +117,15 @@ def test_detector_onnx_and_tflite_are_refused_naming_savedmodel(detector, tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
-def test_detector_export_options_are_refused(detector, tmp_path):
+def test_detector_export_options_are_refused(detector, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="include_preprocessing.* is for classifiers"):
         ck.export(detector, tmp_path / "d", image_size=64, include_preprocessing=True)
     with pytest.raises(ValueError, match="images of any size"):
         ck.export(detector, tmp_path / "d", image_size=64, dynamic_size=False)
     with pytest.raises(ValueError, match="pass image_size=N"):
         ck.export(detector, tmp_path / "d")
+    # Under another backend the SavedModel is refused (the .keras file is written in-process).
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(ck.ExportError, match="KERAS_BACKEND=tensorflow, or export format='keras'"):
+        ck.export(detector, tmp_path / "d", image_size=64)
     assert list(tmp_path.iterdir()) == []

@@ -245,6 +245,12 @@ def export(
     # ONNX of a ConvNeXt or UperNet built by this library: the graph is written from the
     # weights (no TensorFlow, any backend); tf2onnx only for models with layers of their own.
     direct_onnx = fmt == "onnx" and writers._onnx_graph_builder(model) is not None
+    if plan.detection and fmt != "keras" and keras.backend.backend() != "tensorflow":
+        raise ExportError(
+            f"A detector's SavedModel is written with the TensorFlow backend (Keras backend "
+            f"here: {keras.backend.backend()}): run the export with KERAS_BACKEND=tensorflow, "
+            "or export format='keras' on this backend."
+        )
     if fmt != "keras" and not direct_onnx and keras.backend.backend() != "tensorflow":
         return tf_subprocess._export_via_tensorflow(model, path, plan, overwrite, source)
 
@@ -295,8 +301,12 @@ def check_named(
     the extras it needs: ``pip install "convnext-keras[export]"``) and each path (an existing
     export needs ``overwrite``).  Returns ``(formats, paths)``.  Keras-free: the command line
     runs it before a backend loads."""
-    registry.resolve(name)  # an unknown name, with the close ones
+    resolved = registry.resolve(name)  # an unknown name, with the close ones
     fmts = [canonical_format(f) for f in formats]
+    if resolved.head == "detection":
+        for fmt in fmts:
+            if fmt not in planning.DETECTION_FORMATS:
+                raise ValueError(planning.detection_refusal(fmt))
     paths = [default_path(name, out_dir, f) for f in fmts]
     for fmt, path in zip(fmts, paths):
         _check_path(path, fmt, overwrite)

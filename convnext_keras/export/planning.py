@@ -29,6 +29,22 @@ INPUT_CONTRACT = (
     "RGB images, NHWC (batch, height, width, 3), float32, scaled to [0, 1] and then normalised "
     "with the ImageNet mean {mean} and standard deviation {std} per channel."
 )
+DETECTION_CONTRACT = (
+    "images: RGB images, NHWC (batch, height, width, 3), float32, normalised with the ImageNet "
+    "mean {mean} and standard deviation {std} on 0-255 pixels, padded with zeros at the bottom "
+    "and right (to a multiple of 32 in the original's pipeline); image_sizes: (batch, 2) int32, "
+    "the (height, width) of each resized image before padding; scale_factors: (batch, 2) "
+    "float32, the resized (height, width) over the photo's (ones for boxes in input pixels)."
+)
+#: The inputs of a detector (convnext_keras.nets.detection.model.build_detector), in order.
+DETECTION_INPUTS = ("images", "image_sizes", "scale_factors")
+#: The formats a detector exports to: its NMS, top-k and RoIAlign over data-dependent counts are
+#: written, reloaded and verified as a SavedModel (or a ``.keras`` file); ONNX and TFLite are
+#: refused (:func:`detection_refusal`).
+DETECTION_FORMATS = ("savedmodel", "keras")
+#: The smallest image a detector runs on (its coarsest pyramid level, stride 32).
+DETECTION_MIN_SIZE = 32
+
 RAW_INPUT_CONTRACT = (
     "RGB images, NHWC (batch, height, width, 3), uint8 in [0, 255], any height and width: "
     "the export does the official evaluation transform itself ({interpolation} resize, "
@@ -108,6 +124,8 @@ def _check_model(model) -> None:
             f"export() takes a keras.Model or a model name (str), got {type(model).__name__}."
         )
     inputs = model.inputs
+    if _detection(model):
+        inputs = inputs[:1]  # images; image_sizes and scale_factors are the detector's own
     if len(inputs) != 1 or len(inputs[0].shape) != 4 or inputs[0].shape[-1] != 3:
         raise ValueError(
             f"Model {model.name!r} must take one NHWC RGB image input (batch, H, W, 3); its "
@@ -179,7 +197,12 @@ class _Plan:
     def input_dtype(self) -> str:
         return "uint8" if self.preprocessing else "float32"
 
+    #: A detector (three inputs, five outputs: :mod:`convnext_keras.nets.detection.model`).
+    detection: bool = False
+
     def contract(self) -> str:
+        if self.detection:
+            return DETECTION_CONTRACT.format(mean=registry.IMAGENET_MEAN, std=registry.IMAGENET_STD)
         if self.preprocessing:
             return RAW_INPUT_CONTRACT.format(
                 interpolation=self.transform.interpolation,
@@ -196,12 +219,50 @@ class _Plan:
             return [(self.image_size, self.image_size), (self.image_size + 32, self.image_size)]
         return [(self.image_size, self.image_size)]
 
-    def inputs(self) -> list[np.ndarray]:
+    def inputs(self) -> list:
+        """The verification inputs, one per size: arrays, or a detector's dicts of three."""
         rng = np.random.default_rng(self.seed)
         shapes = [(self.verify_batch, h, w, 3) for h, w in self.check_sizes()]
+        if self.detection:
+            return [_detection_inputs(rng, s) for s in shapes]
         if self.preprocessing:
             return [rng.integers(0, 256, s).astype("uint8") for s in shapes]
         return [rng.standard_normal(s).astype("float32") for s in shapes]
+
+
+def _detection_inputs(rng, shape) -> dict:
+    """A detector's verification batch: images padded with zeros past each ``image_sizes``
+    (the first image fills the batch's size, the others are smaller), and scale factors of
+    one and below (boxes in the photo's pixels)."""
+    b, h, w, _ = shape
+    sizes = np.array([[h, w]] + [[max(32, h - 16 * i), max(32, w - 8 * i)] for i in range(1, b)])
+    images = rng.standard_normal(shape).astype("float32")
+    for i, (ih, iw) in enumerate(sizes):
+        images[i, ih:] = 0.0
+        images[i, :, iw:] = 0.0
+    scales = rng.uniform(0.5, 1.0, (b, 2)).astype("float32")
+    scales[0] = 1.0
+    return {"images": images, "image_sizes": sizes.astype("int32"), "scale_factors": scales}
+
+
+def _detection(model) -> bool:
+    """Whether ``model`` is a Mask R-CNN / Cascade Mask R-CNN
+    (:func:`convnext_keras.nets.detection.model.build_detector`)."""
+    names = {layer.name for layer in model.layers}
+    return {"rpn_proposals", "detections"} <= names
+
+
+def detection_refusal(fmt: str) -> str:
+    """The one-line error of a detector exported to a format it does not support."""
+    savedmodel = fix("format='savedmodel'", "--format savedmodel")
+    why = {
+        "onnx": "tf2onnx has no conversion for the TensorFlow operations of its RoIAlign and "
+        "box refinement",
+    }.get(fmt, "only its SavedModel and .keras exports are verified")
+    return (
+        f"{fmt} export of a detector (Mask R-CNN / Cascade Mask R-CNN) is not supported "
+        f"({why}); a detector exports as a TensorFlow SavedModel: use {savedmodel}."
+    )
 
 
 def _segmentation(model) -> bool:
@@ -210,6 +271,10 @@ def _segmentation(model) -> bool:
 
 
 def _plan(model, fmt, image_size, dynamic_size, include_preprocessing, verify_batch, seed):
+    if _detection(model):
+        return _detection_plan(
+            model, fmt, image_size, dynamic_size, include_preprocessing, verify_batch, seed
+        )
     if _segmentation(model) and fmt == "tflite":
         # TFLite's converter writes the UperNet graph with tensors it then cannot allocate
         # ("BytesRequired number of elements overflowed"), at 512 and at 64 pixels.
@@ -267,4 +332,50 @@ def _plan(model, fmt, image_size, dynamic_size, include_preprocessing, verify_ba
         _output_names(model),
         verify_batch,
         seed,
+    )
+
+
+def _detection_plan(
+    model, fmt, image_size, dynamic_size, include_preprocessing, verify_batch, seed
+):
+    """A detector's plan: images of any size (padded per batch, as the model takes them),
+    verified at ``image_size`` (default: the registry row's shorter test side, 800) and at a
+    second, non-square size."""
+    if fmt not in DETECTION_FORMATS:
+        raise ValueError(detection_refusal(fmt))
+    if include_preprocessing:
+        raise ValueError(
+            f"{fix('include_preprocessing', '--include-preprocessing')} is for classifiers: a "
+            "detector's test-time procedure (keep-ratio resize, padding, mask pasting) runs "
+            "around the model (convnext_keras.tasks.detect); its export takes the model's "
+            "three inputs."
+        )
+    if dynamic_size is False:
+        raise ValueError(
+            "A detector's export takes padded images of any size: drop "
+            f"{fix('dynamic_size=False', '--fixed-size')}."
+        )
+    if image_size is None:
+        image_size = _default_image_size(model)
+    if image_size is None:
+        raise ValueError(
+            f"Cannot tell the image size to verify {model.name!r} at (its name is not in the "
+            f"registry); pass {fix('image_size=N', '--image-size N')}."
+        )
+    if not isinstance(image_size, int) or image_size < DETECTION_MIN_SIZE:
+        raise ValueError(
+            f"image_size must be an integer >= {DETECTION_MIN_SIZE}, got {image_size!r}."
+        )
+    if not isinstance(verify_batch, int) or verify_batch < 1:
+        raise ValueError(f"verify_batch must be a positive integer, got {verify_batch!r}.")
+    return _Plan(
+        fmt,
+        image_size,
+        True,
+        False,
+        _eval_config(model.name, image_size),
+        _output_names(model),
+        verify_batch,
+        seed,
+        detection=True,
     )

@@ -48,6 +48,12 @@ def _run_savedmodel(path: Path, plan: _Plan, inputs):
 
     obj = tf.saved_model.load(str(path))
     signature = obj.signatures["serving_default"]
+    if plan.detection:  # {"images", "image_sizes", "scale_factors"} -> the model's dict
+        for i, x in enumerate(inputs):
+            feed = {k: tf.constant(v) for k, v in x.items()}
+            yield "tf.saved_model.load(path)(inputs)", i, dict(obj(feed, training=False))
+            yield "serving_default signature", i, signature(**feed)
+        return
     for i, x in enumerate(inputs):
         out = obj(tf.constant(x), training=False)
         out = dict(out) if isinstance(out, dict) else {plan.outputs[0]: out}
@@ -91,6 +97,9 @@ def _run_keras(path: Path, plan: _Plan, inputs):
 
     from convnext_keras.nets import layers  # noqa: F401  (registers LayerScale / StochasticDepth)
 
+    if plan.detection:  # registers the detector's layers
+        from convnext_keras.nets.detection import layers as _detection  # noqa: F401
+
     reloaded = keras.saving.load_model(str(path), compile=False)
     for i, x in enumerate(inputs):
         yield "keras.saving.load_model(path)", i, _keras_outputs(reloaded, x, plan.outputs)
@@ -104,9 +113,11 @@ _RUNNERS = {
 }
 
 
-def _compare(what: str, got: dict, expected: dict, x: np.ndarray, tolerance: float) -> tuple:
+def _compare(what: str, got: dict, expected: dict, x, tolerance: float) -> tuple:
     got = {k: np.asarray(v) for k, v in got.items()}
     diff = _max_diff(got, expected)
+    if isinstance(x, dict):  # a detector's inputs: the images tell the size
+        x = x[INPUT_NAME]
     line = f"{what} on {x.dtype.name}{list(x.shape)}: max |diff| = {diff:.3g}"
     if not diff <= tolerance:  # `not <=` also catches NaN
         raise VerificationError(

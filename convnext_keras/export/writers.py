@@ -47,8 +47,17 @@ def _with_preprocessing(model, plan: _Plan):
 
 
 def _tensor_spec(plan: _Plan):
+    """The input's ``tf.TensorSpec``; a detector's: a dict of its three
+    (:data:`~convnext_keras.export.planning.DETECTION_INPUTS`)."""
     import tensorflow as tf
 
+    if plan.detection:
+        images, sizes, scales = planning.DETECTION_INPUTS
+        return {
+            images: tf.TensorSpec((None, None, None, 3), tf.float32, name=images),
+            sizes: tf.TensorSpec((None, 2), tf.int32, name=sizes),
+            scales: tf.TensorSpec((None, 2), tf.float32, name=scales),
+        }
     return tf.TensorSpec(plan.input_shape, tf.as_dtype(plan.input_dtype), name=INPUT_NAME)
 
 
@@ -77,6 +86,10 @@ def _metadata(model, plan: _Plan, source: str | None) -> dict:
     # timm) comes before its architecture's.
     family_name = ckpt.family if ckpt else resolved.variant.family if resolved else "convnext"
     family = registry.FAMILIES[family_name]
+    task = "segmentation" if planning._segmentation(model) else "classification"
+    detection = ckpt.detection if ckpt else None
+    if plan.detection:
+        task = "detection"
     return {
         "model": model.name,
         "outputs": plan.outputs,
@@ -94,8 +107,10 @@ def _metadata(model, plan: _Plan, source: str | None) -> dict:
         },
         "dataset": ckpt.dataset if ckpt else None,
         "reported_acc1": ckpt.reported_acc1 if ckpt else None,
-        "task": "segmentation" if planning._segmentation(model) else "classification",
+        "task": task,
         "reported_miou": ckpt.segmentation.reported_miou if ckpt and ckpt.segmentation else None,
+        "reported_box_ap": detection.reported_box_ap if detection else None,
+        "reported_mask_ap": detection.reported_mask_ap if detection else None,
         "weights": source,
         "family": family.name,
         # The official weights' licence (None: other weights, whose licence is their owner's).
@@ -133,9 +148,17 @@ def _write_savedmodel(model, path: Path, plan: _Plan, metadata: dict) -> None:
       trained with weight decay in the optimiser, not with regularisation losses).
     * ``serving_default``: ``images`` -> ``{"logits"|"features": ...}``.
     * ``metadata()``: the input contract and provenance as a JSON string.
+
+    A detector (``plan.detection``): ``__call__(inputs, training=False)`` takes the dict
+    ``{"images", "image_sizes", "scale_factors"}`` and returns the model's dict; its
+    ``serving_default`` takes the three as named inputs, ``images`` (B, H, W, 3) float32,
+    ``image_sizes`` (B, 2) int32, ``scale_factors`` (B, 2) float32, and returns ``boxes``,
+    ``scores``, ``labels``, ``masks`` and ``num_detections``.
     """
     import tensorflow as tf
 
+    if plan.detection:
+        return _write_detector_savedmodel(model, path, plan, metadata)
     spec = _tensor_spec(plan)
     names = plan.outputs
     root = tf.__internal__.tracking.AutoTrackable()
@@ -159,6 +182,42 @@ def _write_savedmodel(model, path: Path, plan: _Plan, metadata: dict) -> None:
     with _save_context(options):
         for training in (False, True):
             root.__call__.get_concrete_function(spec, training=training)
+        root.serve.get_concrete_function()
+    tf.saved_model.save(
+        root, str(path), signatures={"serving_default": root.serve}, options=options
+    )
+    extra = path / METADATA_FILE
+    extra.parent.mkdir(parents=True, exist_ok=True)
+    extra.write_text(text + "\n")
+
+
+def _write_detector_savedmodel(model, path: Path, plan: _Plan, metadata: dict) -> None:
+    """:func:`_write_savedmodel` for a detector: three inputs, a dict of five outputs."""
+    import tensorflow as tf
+
+    specs = _tensor_spec(plan)
+    root = tf.__internal__.tracking.AutoTrackable()
+    root.variables = list(model.variables)
+    root.trainable_variables = list(model.trainable_variables)
+    root.non_trainable_variables = list(model.non_trainable_variables)
+    root.regularization_losses = []
+
+    def call(inputs, training=False):
+        return dict(model(dict(inputs), training=training))
+
+    def serve(images, image_sizes, scale_factors):
+        inputs = dict(zip(planning.DETECTION_INPUTS, (images, image_sizes, scale_factors)))
+        return root.__call__(inputs, training=False)
+
+    root.__call__ = tf.function(call, autograph=False)
+    root.serve = tf.function(
+        serve, input_signature=[specs[k] for k in planning.DETECTION_INPUTS], autograph=False
+    )
+    text = json.dumps(metadata, indent=2)
+    root.metadata = tf.function(lambda: tf.constant(text), input_signature=[])
+    options = tf.saved_model.SaveOptions()
+    with _save_context(options):
+        root.__call__.get_concrete_function(specs, training=False)
         root.serve.get_concrete_function()
     tf.saved_model.save(
         root, str(path), signatures={"serving_default": root.serve}, options=options

@@ -229,8 +229,10 @@ class RefineBoxes(keras.layers.Layer):
 
     def call(self, rois, logits, deltas, image_sizes):
         batch, k = ops.shape(rois)[0], rois.shape[1]
-        logits = ops.reshape(ops.cast(logits, "float32"), (batch, k, -1))
-        deltas = ops.reshape(ops.cast(deltas, "float32"), (batch, k, -1))
+        # The last axis by its static size: with a dynamic batch, -1 would leave it unknown in
+        # a traced graph (tf.function, SavedModel), and ``classes`` needs it.
+        logits = ops.reshape(ops.cast(logits, "float32"), (batch, k, logits.shape[-1]))
+        deltas = ops.reshape(ops.cast(deltas, "float32"), (batch, k, deltas.shape[-1]))
         classes = logits.shape[-1] - 1
         labels = ops.cast(ops.argmax(logits[..., :classes], axis=-1), "int32")
         chosen = _class_deltas(deltas, labels, classes, self.class_agnostic)
@@ -294,9 +296,10 @@ class Detections(keras.layers.Layer):
 
     def call(self, rois, counts, logits, deltas, image_sizes, scale_factors):
         batch, k = ops.shape(rois)[0], rois.shape[1]
-        logits = [ops.reshape(ops.cast(x, "float32"), (batch, k, -1)) for x in logits]
+        # (static last axes, as in RefineBoxes.call)
+        logits = [ops.reshape(ops.cast(x, "float32"), (batch, k, x.shape[-1])) for x in logits]
         logits = logits[0] if len(logits) == 1 else sum(logits) / float(len(logits))
-        deltas = ops.reshape(ops.cast(deltas, "float32"), (batch, k, -1))
+        deltas = ops.reshape(ops.cast(deltas, "float32"), (batch, k, deltas.shape[-1]))
         if self.zero_top_rois:
             top = (rois[..., 3] == 0.0)[:, :, None]
             logits = ops.where(top, 0.0, logits)

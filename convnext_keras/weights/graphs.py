@@ -47,6 +47,7 @@ from convnext_keras.weights.cache import (
     check_record,
     clean_stale,
     converted_cache_path,
+    expected_sha256,
     file_sha256,
     locked,
     quarantine,
@@ -128,9 +129,30 @@ def graph_key(
     digest = read_record(converted) if converted.is_file() else None
     if digest is None:
         return None
+    pinned = expected_sha256(ckpt)
+    if pinned is not None and converted_source(converted) != pinned[0]:
+        return None  # a pin the weights were not made from: the cold path says so, and rebuilds
     return GraphKey(
         ckpt.name, head, int(height), int(width), precision, engine, engine_version, digest
     )
+
+
+def converted_source(path: Path) -> str | None:
+    """The SHA-256 of the checkpoint a converted-weights file was made from (its
+    ``source_sha256`` metadata), read from the safetensors header alone (8 bytes of length,
+    then JSON), or None when the file has none or cannot be read."""
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100_000_000:
+                return None
+            header = json.loads(f.read(length))
+        return (header.get("__metadata__") or {}).get("source_sha256")
+    except (OSError, ValueError, struct.error, AttributeError):
+        return None
 
 
 @contextlib.contextmanager

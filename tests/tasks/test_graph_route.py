@@ -330,3 +330,21 @@ def test_accelerator_visible_without_a_backend(monkeypatch, tmp_path):
     assert not graph_files.accelerator_visible(tmp_path)
     (tmp_path / "accel0").touch()
     assert graph_files.accelerator_visible(tmp_path)
+
+
+def test_a_pin_set_after_caching_is_checked_on_the_warm_path(official, served, monkeypatch):
+    """A warm call reads no weights, but a ``CONVNEXT_SHA256_<NAME>`` pin set after the model
+    was cached still decides: the graph is keyed only while the converted weights were made
+    from the pinned file (their ``source_sha256``); another pin sends the call down the cold
+    path, which refuses the cached files."""
+    _route()(_images()[:1])  # cached: weights and graph
+    converted = converted_cache_path(CKPT)
+    source = graphs.converted_source(converted)
+    assert source == graphs.file_sha256(official[1] / CKPT.source.path)
+    variable = "CONVNEXT_SHA256_" + NAME.upper()
+    monkeypatch.setenv(variable, source)
+    assert graphs.graph_key(CKPT, "classifier", 224, 224, "fp32", "openvino", "1") is not None
+    monkeypatch.setenv(variable, "0" * 64)
+    assert graphs.graph_key(CKPT, "classifier", 224, 224, "fp32", "openvino", "1") is None
+    with pytest.raises(Exception, match="SHA-256"):
+        graph_route(NAME, "official", head="classifier")(_images()[:1])

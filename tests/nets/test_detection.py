@@ -183,17 +183,21 @@ def assert_same_rpn(got, reference):
     np.testing.assert_allclose(scores[nearest[moved]], scores[moved], atol=TOLERANCE)
 
 
+#: The (detector, photo) pairs proved on each backend (CI time): the landscape photo at full
+#: scale below (Mask R-CNN), the square one at full scale for the cascade.
+PROVED_ON = {
+    "tensorflow": {(MASK, "astronaut"), (MASK, "portrait"), (CASCADE, "portrait")},
+    "jax": {(MASK, "portrait"), (CASCADE, "portrait")},
+    "torch": {(MASK, "portrait")},
+}
+
+
 @pytest.mark.equality
-@pytest.mark.parametrize("photo", ["astronaut", "coffee", "portrait"])
+@pytest.mark.parametrize("photo", ["astronaut", "portrait"])
 @pytest.mark.parametrize("name", [MASK, CASCADE])
 def test_detections_match_the_reference(files, small_models, name, photo):
-    backend = keras.backend.backend()
-    if backend == "torch" and (name == CASCADE or photo != "coffee"):
-        pytest.skip("on PyTorch one detector and one photo prove the same graph (CI time)")
-    if (backend == "jax" or name == CASCADE) and photo == "astronaut":
-        pytest.skip("the cascade and JAX: two photos (CI time)")
-    if backend == "jax" and name == CASCADE and photo == "coffee":
-        pytest.skip("on JAX the cascade on one photo (CI time)")
+    if (name, photo) not in PROVED_ON[keras.backend.backend()]:
+        pytest.skip("proved on another backend or at full scale (CI time)")
     photo = PHOTOS[photo]()
     got, reference = run_both(files[name][0], small_models[name], photo, SMALL, pad_to=CANVAS)
     assert_same_rpn(got, reference)

@@ -74,7 +74,7 @@ def test_fetch_into_a_folder_then_use_it_as_base_url_without_a_server(
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert (carry / (TINY.filename + ".sha256")).read_text().split() == [digest, TINY.filename]
     assert "downloaded" in result.stdout and f"CONVNEXT_BASE_URL=file://{carry}/" in result.stdout
-    assert f"convnext predict ... --model NAME, or --weights {carry / TINY.filename}." in (
+    assert f"convnext predict IMAGES ... --model NAME, or --weights {carry / TINY.filename}." in (
         result.stdout
     )
     assert (carry / TINY.filename).read_bytes() == checkpoint.read_bytes()

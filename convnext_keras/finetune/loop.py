@@ -197,11 +197,12 @@ def run(
     state_path = out / rundir.STATE_FILE
     if resume:
         info, meta = _check_resume(out, options)
+        # What a killed run left (its temporaries, and safetensors' own of older versions):
+        # removed also when the run is complete (none of its files changes).
+        cache.clean_stale(out, legacy=True)
         if meta is not None and meta.get("complete"):
             return _finished(out, info, meta, export, say)
         recipe = recipe_lib.Recipe.from_json(info["recipe"])
-        # What a killed run left (its temporaries, and safetensors' own of older versions).
-        cache.clean_stale(out, legacy=True)
     else:
         # A run that never saved a training step (its start failed: no weights, bad data) is
         # no run: a new one may take its place.  Nothing is written before that point anyway.

@@ -84,6 +84,9 @@ def test_every_registry_entry_is_covered():
     # The segmentation rows: tests/tasks/test_segmentation.py (tiny and base against transformers'
     # UperNet, every row's conversion and parameter count).
     covered |= set(registry.families("upernet_convnext"))
+    # The detection rows: tests/nets/test_detection.py (Mask R-CNN-T and Cascade-T against the
+    # mmdetection reference, every row's layout and parameter count).
+    covered |= {c.name for c in registry.CHECKPOINTS.values() if c.detection is not None}
     # test_families.py: isotropic (each size), DINOv3 (tiny; large), timm (each architecture)
     others = {
         c.name
@@ -91,7 +94,7 @@ def test_every_registry_entry_is_covered():
         if c.spec.isotropic or c.family in ("dinov3", "timm")
     }
     assert covered | others == set(registry.CHECKPOINTS) and not covered & others
-    assert len(registry.CHECKPOINTS) == 21 + 26 + 3 + 4 + 6 + 6
+    assert len(registry.CHECKPOINTS) == 21 + 26 + 3 + 4 + 6 + 6 + 7  # ... UperNet, detection
 
 
 def _max_diff(a, b):

@@ -114,7 +114,7 @@ def test_config_for_reads_the_registry():
     for name, ckpt in registry.CHECKPOINTS.items():
         cfg = pp.config_for(name)
         assert cfg == (ckpt.resolution, ckpt.crop_pct, ckpt.interpolation, ckpt.crop_mode)
-        if ckpt.segmentation is None:  # segmentation models have no _fe twin
+        if ckpt.segmentation is None and ckpt.detection is None:  # no _fe twin for these
             assert pp.config_for(name + "_fe") == cfg
     assert pp.config_for("convnext_tiny_1k_224") == (224, 0.875, "bicubic", None)
     assert pp.config_for("convnext_base_22k_1k_384") == (384, 1.0, "bicubic", None)

@@ -70,6 +70,18 @@ def check_onnxruntime(purpose: str, extra: str = "int8") -> None:
         raise missing_dependency("onnx", extra=extra, purpose=purpose)
 
 
+def check_openvino() -> None:
+    """:class:`convnext_keras.errors.MissingDependencyError` (one line naming the ``openvino``
+    extra) unless OpenVINO is installed."""
+    if not graph_files.openvino_available():
+        raise missing_dependency(
+            "openvino",
+            extra="openvino",
+            purpose="The openvino engine",
+            alternative="engine 'auto' uses onnxruntime without it",
+        )
+
+
 def onnx_session(graph, threads: int | None = None, *, threshold: int | None = None):
     """An onnxruntime CPU session of ``graph`` (an ``onnx.ModelProto`` or its bytes) with the
     engine's settings (:func:`convnext_keras.engines.graph_files.onnx_session`).
@@ -253,13 +265,7 @@ class OpenVinoRunner(_GraphRunner):
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"OpenVinoRunner cannot run {model.name!r}: {reason}.")
-        if not graph_files.openvino_available():
-            raise missing_dependency(
-                "openvino",
-                extra="openvino",
-                purpose="The openvino engine",
-                alternative="engine 'auto' uses onnxruntime without it",
-            )
+        check_openvino()
         self.model = model
         self.min_size = variant_of(model).min_input_size
         self.threads = graph_files.threads_setting(threads)

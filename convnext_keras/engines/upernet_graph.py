@@ -25,7 +25,6 @@ import numpy as np
 
 from convnext_keras import registry
 from convnext_keras.engines import graph_files, onnx_graph, runners
-from convnext_keras.errors import missing_dependency
 
 #: The opset of the graph (the backbone's: ``Gelu``).
 OPSET = onnx_graph.OPSET
@@ -279,13 +278,8 @@ class SegmentationRunner(runners._GraphRunner):
             raise ValueError(f"engine must be 'openvino' or 'onnxruntime', got {engine!r}.")
         if engine == "onnxruntime":
             runners.check_onnxruntime("The onnxruntime engine", "export")
-        elif not graph_files.openvino_available():
-            raise missing_dependency(
-                "openvino",
-                extra="openvino",
-                purpose="The openvino engine",
-                alternative="engine 'auto' uses onnxruntime without it",
-            )
+        else:
+            runners.check_openvino()
         from convnext_keras.nets.convnext import variant_of
 
         self.model = model

@@ -295,6 +295,8 @@ def _inference(model, weights, precision, settings, score_threshold=None):
         settings = settings or row.detection.eval
         if score_threshold is not None:
             settings = dataclasses.replace(settings, score_threshold=float(score_threshold))
+        if weights is None:  # random weights, seeded: the same (meaningless) answers every run
+            keras.utils.set_random_seed(0)
         loaded = load_detection_model(
             str(model), weights=weights, precision=precision, settings=settings
         )

@@ -287,7 +287,6 @@ def upernet(tmp_path_factory):
         yield path, folder / "preset"
 
 
-@pytest.mark.backends
 def test_segmenter_preset_equals_load_model(upernet):
     """ImageSegmenter.from_preset gives ck.load_model's UperNet logits, on normalised input and
     on a raw photo through its converter (mmseg's test resize; scaled down here)."""

@@ -154,22 +154,24 @@ def test_the_detect_command(reference, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "coffee.png  (600x400, " in result.output and "overlay: " in result.output
     assert (out / "coffee_detections.json").exists()
+    # --score (and --json, and a missing file): the model built with a higher threshold keeps
+    # exactly the detections the default run kept above it
+    every = json.loads((out / "coffee_detections.json").read_text())  # COCO entries, best first
+    median = every[len(every) // 2]["score"]
     missing = tmp_path / "missing.jpg"
-    result = CliRunner().invoke(main, [*args, str(missing), "--json"])
+    result = CliRunner().invoke(main, [*args, str(missing), "--json", "--score", repr(median)])
     assert result.exit_code == 1
     listed = json.loads(result.stdout)
-    assert listed[0]["detections"] and "error" in listed[1]
-    assert (listed[0]["width"], listed[0]["height"]) == (600, 400)
-    # --score: the model built with a higher threshold keeps exactly the detections above it
-    every = listed[0]["detections"]
-    median = every[len(every) // 2]["score"]
-    strict = CliRunner().invoke(main, [*args, "--json", "--score", repr(median)])
-    assert strict.exit_code == 0, strict.output
-    kept = json.loads(strict.stdout)[0]["detections"]
-    assert 0 < len(kept) < len(every)
-    assert [d["label"] for d in kept] == [d["label"] for d in every if d["score"] > median]
+    assert "error" in listed[1] and (listed[0]["width"], listed[0]["height"]) == (600, 400)
+    kept = listed[0]["detections"]
+    above = [e for e in every if e["score"] > median]
+    assert 0 < len(kept) == len(above) < len(every)
+    ids = coco.category_ids()
+    assert [ids[d["index"]] for d in kept] == [e["category_id"] for e in above]
     np.testing.assert_allclose(
-        [d["box"] for d in kept], [d["box"] for d in every if d["score"] > median], atol=1e-3
+        [[x0, y0, x1 - x0, y1 - y0] for x0, y0, x1, y1 in (d["box"] for d in kept)],
+        [e["bbox"] for e in above],
+        atol=1e-3,
     )
     bad = CliRunner().invoke(main, [*args, "--score", "1.5"])
     assert bad.exit_code == 2 and "--score" in bad.output

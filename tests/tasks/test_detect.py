@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import mmdet_reference as mref
 import numpy as np
@@ -242,3 +243,23 @@ def test_eval_det_scores_the_references_detections_as_ground_truth(reference, tm
         ran = CliRunner().invoke(main, [*args, "--report", str(report)])
     assert ran.exit_code == 1 and "1 image(s) could not be evaluated" in ran.output
     assert "box       AP " in ran.output and json.loads(report.read_text())["evaluated"] == 1
+
+
+def test_the_official_path_serves_a_detector(reference, loopback_server, monkeypatch):
+    """download -> verify -> convert -> cache for a detection row: a loopback server holds the
+    mmdetection file at its official path; the second call reads the converted cache alone
+    (no request) and gives the same detections."""
+    _, path, photo_path = reference
+    row = registry.CHECKPOINTS[MASK]
+    served = loopback_server.root / row.source.path
+    served.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, served)
+    monkeypatch.setenv("CONVNEXT_BASE_URL", loopback_server.url)
+    (first,) = ck.detect_files(MASK, [photo_path], settings=SMALL)
+    requests = len(loopback_server.requests)
+    assert first.ok and len(first.scores) > 5 and requests >= 1
+    assert ck.weights.cache.converted_cache_path(row).is_file()
+    (again,) = ck.detect_files(MASK, [photo_path], settings=SMALL)
+    assert len(loopback_server.requests) == requests  # the cache alone
+    np.testing.assert_array_equal(again.boxes, first.boxes)
+    np.testing.assert_array_equal(again.labels, first.labels)

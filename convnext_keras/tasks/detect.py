@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from convnext_keras import registry
-from convnext_keras.api import detection_row, load_detection_model, load_keras_file
+from convnext_keras.api import detection_row, load_detection_model
 from convnext_keras.interface import fix
 
 #: What ``detect_files`` writes per image, by suffix.
@@ -301,19 +301,11 @@ def _inference(model, weights, precision, settings, score_threshold=None):
             str(model), weights=weights, precision=precision, settings=settings
         )
         return loaded, settings
-    if isinstance(model, (str, os.PathLike)):
-        model = load_keras_file(model)
-    if not isinstance(model, keras.Model):
-        raise ValueError(f"Expected a model name, a .keras file or a keras.Model, got {model!r}.")
-    if settings is None:
-        try:
-            settings = detection_row(model.name).detection.eval
-        except (ValueError, registry.UnknownModelError):
-            raise ValueError(
-                f"Model {model.name!r} is not named after a detection checkpoint: pass its test "
-                f"settings ({fix('settings=NAME', '--settings NAME')}, the registry name whose "
-                "image scale to use)."
-            ) from None
+    from convnext_keras.tasks.predict import file_or_object
+
+    model, settings = file_or_object(
+        model, settings, lambda n: detection_row(n).detection.eval, "detection", "image scale"
+    )
     if score_threshold is not None:
         built = settings.score_threshold
         if float(score_threshold) < built:

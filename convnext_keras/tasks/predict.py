@@ -174,6 +174,33 @@ def load_classifier(model, *, weights="official", config=None, precision: str | 
     raise ValueError(f"Expected a model name, a .keras file or a keras.Model, got {model!r}.")
 
 
+def file_or_object(model, settings, eval_of, task: str, needs: str):
+    """``(keras.Model, test settings)`` of a ``.keras`` file or a model object given to a task
+    (segmentation, detection): ``settings`` as given, else ``eval_of(model.name)`` - the test
+    settings of the registry row the model is named after.
+
+    Raises ``ValueError`` for anything but a file or a model, and for a model named after no
+    ``task`` checkpoint without ``settings`` (``needs``: what the settings give)."""
+    import keras
+
+    from convnext_keras import api, registry
+
+    if isinstance(model, (str, os.PathLike)):
+        model = api.load_keras_file(model)
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"Expected a model name, a .keras file or a keras.Model, got {model!r}.")
+    if settings is None:
+        try:
+            settings = eval_of(model.name)
+        except (ValueError, registry.UnknownModelError):
+            raise ValueError(
+                f"Model {model.name!r} is not named after a {task} checkpoint: pass its test "
+                f"settings ({fix('settings=NAME', '--settings NAME')}, the registry name whose "
+                f"{needs} to use)."
+            ) from None
+    return model, settings
+
+
 @dataclasses.dataclass
 class ImageResult:
     """What happened to one input file."""

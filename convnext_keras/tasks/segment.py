@@ -42,8 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from convnext_keras import registry
-from convnext_keras.api import load_keras_file, load_segmentation_model, segmentation_row
-from convnext_keras.interface import fix
+from convnext_keras.api import load_segmentation_model, segmentation_row
 
 #: Rows of the photo-sized logits resized at a time (bounds the memory of the last step).
 _ROWS_PER_CHUNK = 64
@@ -387,20 +386,15 @@ def _inference(model, weights, precision, settings):
             keras.utils.set_random_seed(0)
         loaded = load_segmentation_model(str(model), weights=weights, precision=precision)
         return loaded, settings or row.segmentation.eval
-    if isinstance(model, (str, os.PathLike)):
-        model = load_keras_file(model)
-    if not isinstance(model, keras.Model):
-        raise ValueError(f"Expected a model name, a .keras file or a keras.Model, got {model!r}.")
-    if settings is None:
-        try:
-            settings = segmentation_row(model.name).segmentation.eval
-        except (ValueError, registry.UnknownModelError):
-            raise ValueError(
-                f"Model {model.name!r} is not named after a segmentation checkpoint: pass its "
-                f"test settings ({fix('settings=NAME', '--settings NAME')}, the registry name "
-                "whose image scale, crop and stride to use)."
-            ) from None
-    return model, settings
+    from convnext_keras.tasks.predict import file_or_object
+
+    return file_or_object(
+        model,
+        settings,
+        lambda n: segmentation_row(n).segmentation.eval,
+        "segmentation",
+        "image scale, crop and stride",
+    )
 
 
 def segment_files(

@@ -263,3 +263,22 @@ def test_the_official_path_serves_a_detector(reference, loopback_server, monkeyp
     assert len(loopback_server.requests) == requests  # the cache alone
     np.testing.assert_array_equal(again.boxes, first.boxes)
     np.testing.assert_array_equal(again.labels, first.labels)
+
+
+def test_a_model_object_takes_its_settings_from_its_name_or_from_settings():
+    """Segmentation and detection share one rule for a ``.keras`` file or a model object: the
+    settings given, else those of the checkpoint it is named after, else one clear error."""
+    import keras
+
+    from convnext_keras.tasks import segment
+
+    mine = keras.Sequential(name="mine")
+    for task, inference in (("segmentation", segment._inference), ("detection", detect._inference)):
+        with pytest.raises(ValueError, match=f"'mine' is not named after a {task} checkpoint"):
+            inference(mine, None, None, None)
+        with pytest.raises(ValueError, match="Expected a model name, a .keras file or a keras"):
+            inference(42, None, None, None)
+    assert detect._inference(mine, None, None, SMALL) == (mine, SMALL)
+    named = keras.Sequential(name=MASK)
+    row = registry.CHECKPOINTS[MASK].detection.eval
+    assert detect._inference(named, None, None, None) == (named, row)

@@ -221,12 +221,12 @@ def resolve(name: str) -> ResolvedName:
     key = ALIASES.get(key, key)
     if key in CHECKPOINTS:
         ckpt = CHECKPOINTS[key]
-        task = {"segmentation": "semantic-segmentation model (per-pixel logits)"}
-        task["detection"] = "object-detection model (boxes, classes, scores, masks)"
+        task = {"segmentation": "a semantic-segmentation model (per-pixel logits)"}
+        task["detection"] = "an object-detection model (boxes, classes, scores, masks)"
         if ckpt.task in task:
             if head is not None:
                 raise UnknownModelError(
-                    f"{name!r}: {key} is a {task[ckpt.task]}, which has no "
+                    f"{name!r}: {key} is {task[ckpt.task]}, which has no "
                     f"'{FEATURE_EXTRACTOR_SUFFIX}' feature-extractor twin; use {key}, or a "
                     f"classifier's '{FEATURE_EXTRACTOR_SUFFIX}' name for pooled features."
                 )

@@ -236,8 +236,8 @@ def _coco_mask_api():
 
 def overlay_image(photo: np.ndarray, result: DetectResult, *, opacity: float = MASK_OPACITY):
     """The photo with each detection's mask blended in its class colour, its box outlined and a
-    legend (class and score per detection, best first) drawn in a white panel at the right
-    (RGB PIL image)."""
+    legend (class and score per detection, best first; as many as fit beside the photo, then
+    how many more) drawn in a white panel at the right (RGB PIL image)."""
     from PIL import Image, ImageDraw
 
     from convnext_keras.data import coco
@@ -253,6 +253,9 @@ def overlay_image(photo: np.ndarray, result: DetectResult, *, opacity: float = M
         draw.rectangle([float(v) for v in box], outline=tuple(int(c) for c in colours[label]))
     row, panel = 16, 220
     lines = [f"{s:.2f}  {n}" for n, s in zip(result.names, result.scores)] or ["no detections"]
+    fit = max(2, (image.height - 8) // row)  # the legend stays as tall as the photo
+    if len(lines) > fit:
+        lines = lines[: fit - 1] + [f"... {len(lines) - fit + 1} more (see the JSON)"]
     height = max(image.height, row * len(lines) + 8)
     canvas = Image.new("RGB", (image.width + panel, height), "white")
     canvas.paste(image, (0, 0))

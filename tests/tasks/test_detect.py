@@ -135,6 +135,7 @@ def test_detect_files_matches_the_reference(reference, tmp_path):
     overlay = Image.open(out / "coffee_overlay.png")
     # the photo and the legend panel at its right (taller than the photo for many detections)
     assert overlay.size[0] > 600 and overlay.size[1] >= 400
+    assert overlay.size[1] == 400  # the legend is cut to the photo's height ("... N more")
     assert json.dumps(got.to_dict())  # JSON-ready
 
 

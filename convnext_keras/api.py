@@ -46,7 +46,8 @@ def list_models(pattern: str | None = None, *, include_fe: bool = True) -> list[
 def model_table(pattern: str | None = None) -> list[dict]:
     """One row per checkpoint: name, family, params, resolution, classes (None: an encoder
     without head), dataset, acc1, miou (segmentation models: ADE20K val, single scale),
-    box_ap and mask_ap (detection models: COCO val2017), licence (SPDX), cached, cached_from
+    box_ap and mask_ap (detection models: COCO val2017), reported (the one of those the row
+    has, with its unit: :func:`reported_score`), licence (SPDX), cached, cached_from
     (None, ``"official"``, the mirror's URL or ``"unknown"``:
     :func:`convnext_keras.weights.store.cached_from`), url, source (``"official"`` or the Hub
     address ``hf://org/repo[@revision][/file]``, which ``weights=`` takes)."""
@@ -66,6 +67,7 @@ def model_table(pattern: str | None = None) -> list[dict]:
                 "miou": c.segmentation.reported_miou if c.segmentation else None,
                 "box_ap": c.detection.reported_box_ap if c.detection else None,
                 "mask_ap": c.detection.reported_mask_ap if c.detection else None,
+                "reported": reported_score(c),
                 "licence": c.licence,
                 "cached": store.is_cached(c),
                 "cached_from": store.cached_from(c),
@@ -74,6 +76,18 @@ def model_table(pattern: str | None = None) -> list[dict]:
             }
         )
     return rows
+
+
+def reported_score(c: registry.Checkpoint) -> str:
+    """What the original reports for a checkpoint, with its unit: ``"82.1 acc@1"`` (ImageNet-1k
+    top-1, %), ``"46.0 mIoU"`` (ADE20K val, single scale), ``"46.2 box / 41.7 mask AP"`` (COCO
+    val2017), or ``"-"`` where nothing is reported (a pre-training or an encoder)."""
+    if c.detection is not None:
+        d = c.detection
+        return f"{d.reported_box_ap:.1f} box / {d.reported_mask_ap:.1f} mask AP"
+    if c.segmentation is not None:
+        return f"{c.segmentation.reported_miou:.1f} mIoU"
+    return "-" if c.reported_acc1 is None else f"{c.reported_acc1:.1f} acc@1"
 
 
 def _source_text(source: registry.Source) -> str:

@@ -6,14 +6,14 @@
 Two generated regions, each between HTML-comment markers that the rest of the file leaves alone:
 
 * docs/models.md, ``<!-- model-table:start -->`` ... ``<!-- model-table:end -->``: one row per
-  registry checkpoint (name, family, parameters, resolution, classes, pre-training, acc@1 or
-  mIoU, licence, source);
+  registry checkpoint (name, family, parameters, resolution, classes, pre-training, what the
+  original reports: acc@1, mIoU or box / mask AP, licence, source);
 * README.md, ``<!-- family-table:start -->`` ... ``<!-- family-table:end -->``: one row per
   family (checkpoints, licence, where the weights come from), linking docs/models.md.
 
 Only the public API is used (``convnext_keras.registry``, ``convnext_keras.api.count_params``,
-``count_segmentation_params`` and ``count_detection_params``); none of it imports Keras or a
-backend, so this runs in a second.
+``count_segmentation_params``, ``count_detection_params`` and ``reported_score``); none of it
+imports Keras or a backend, so this runs in a second.
 tests/test_docs.py checks that both files equal what this script writes now.
 """
 
@@ -67,16 +67,6 @@ def params(c: registry.Checkpoint) -> int:
     return api.count_segmentation_params(c.variant, c.segmentation.head, c.num_classes)
 
 
-def score(c: registry.Checkpoint) -> str:
-    """The reported ImageNet-1k acc@1, a segmentation model's ADE20K val mIoU (single scale), or
-    a detection model's COCO val2017 box / mask AP."""
-    if c.detection is not None:
-        return f"{c.detection.reported_box_ap:.1f} box / {c.detection.reported_mask_ap:.1f} mask AP"
-    if c.segmentation is not None:
-        return f"{c.segmentation.reported_miou:.1f} mIoU"
-    return "-" if c.reported_acc1 is None else f"{c.reported_acc1:.1f}"
-
-
 def source(c: registry.Checkpoint) -> str:
     text = f"hf://{c.source.repo}" if c.source.is_hub else "official"
     return f"[{text}]({c.source.page})"
@@ -85,7 +75,7 @@ def source(c: registry.Checkpoint) -> str:
 def model_table() -> str:
     """docs/models.md's table: every registry row, in registry order."""
     lines = [
-        "| name | family | params | res | classes | pre-training | acc@1 | licence | source |",
+        "| name | family | params | res | classes | pre-training | reported | licence | source |",
         "|---|---|---:|---:|---:|---|---:|---|---|",
     ]
     for c in registry.CHECKPOINTS.values():
@@ -96,7 +86,7 @@ def model_table() -> str:
             c.resolution,
             "-" if c.num_classes is None else c.num_classes,
             c.dataset,
-            score(c),
+            api.reported_score(c),
             c.licence,
             source(c),
         ]

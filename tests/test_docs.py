@@ -54,7 +54,7 @@ def test_models_md_agrees_with_convnext_list_markdown():
     ]
     table = models_md.model_table().splitlines()
     ours = [[c.strip() for c in line.strip("|").split("|")] for line in table]
-    # ours: name, family, params, res, classes, pre-training, acc@1, licence, source
+    # ours: name, family, params, res, classes, pre-training, reported, licence, source
     assert [[r[0], *r[2:8]] for r in ours[2:]] == listed[2:]
 
 

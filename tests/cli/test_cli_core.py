@@ -34,6 +34,7 @@ def test_list_shows_the_whole_collection():
         "miou": None,
         "box_ap": None,
         "mask_ap": None,
+        "reported": "82.1 acc@1",
         "licence": "MIT",
         "cached": False,
         "cached_from": None,
@@ -42,6 +43,9 @@ def test_list_shows_the_whole_collection():
     }
     detection = next(r for r in rows if r["name"] == "cascade_mask_rcnn_convnext_tiny_coco")
     assert (detection["box_ap"], detection["mask_ap"], detection["classes"]) == (50.4, 43.7, 80)
+    assert detection["reported"] == "50.4 box / 43.7 mask AP"
+    upernet = next(r for r in rows if r["family"] == "upernet_convnext")
+    assert upernet["reported"].endswith(" mIoU") and upernet["acc1"] is None
     table = CliRunner().invoke(main, ["list", "xlarge"])
     assert table.exit_code == 0
     assert "convnext_xlarge_21k_1k_384" in table.output and "tiny" not in table.output

@@ -347,16 +347,39 @@ def _stage_norms(converted, head: str, resolved, source) -> list[int]:
     return normed
 
 
-def segmentation_row(name: str) -> registry.Checkpoint:
-    """The registry row of a segmentation model name; ``ValueError`` naming the segmentation
-    models for any other name."""
-    resolved = registry.resolve(name)
-    if resolved.head != "segmentation":
-        names = [c.name for c in registry.CHECKPOINTS.values() if c.segmentation is not None]
+def _task_row(name: str, head: str, task: str, article: str) -> registry.Checkpoint:
+    """The registry row of a ``head`` model name; for any other name a ``ValueError`` naming
+    that task's models (a typo's hint among them alone: an architecture name or a classifier
+    is no answer to a task that takes none)."""
+    names = [c.name for c in registry.CHECKPOINTS.values() if _row_head(c) == head]
+    try:
+        resolved = registry.resolve(name)
+    except registry.UnknownModelError:
+        import difflib
+
+        close = difflib.get_close_matches(str(name), names, n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise registry.UnknownModelError(
+            f"Unknown {task} model {name!r}.{hint} The {task} models: {', '.join(names)}."
+        ) from None
+    if resolved.head != head:
         raise ValueError(
-            f"{name!r} is not a segmentation model; segmentation takes one of {', '.join(names)}."
+            f"{name!r} is not {article} {task} model; the {task} models: {', '.join(names)}."
         )
     return resolved.checkpoint
+
+
+def _row_head(c: registry.Checkpoint) -> str | None:
+    if c.detection is not None:
+        return "detection"
+    return "segmentation" if c.segmentation is not None else None
+
+
+def segmentation_row(name: str) -> registry.Checkpoint:
+    """The registry row of a segmentation model name; ``ValueError`` naming the segmentation
+    models for any other name (``registry.UnknownModelError`` for a name not in the
+    registry)."""
+    return _task_row(name, "segmentation", "segmentation", "a")
 
 
 def load_segmentation_model(
@@ -405,14 +428,8 @@ def load_segmentation_model(
 
 def detection_row(name: str) -> registry.Checkpoint:
     """The registry row of a detection model name; ``ValueError`` naming the detection models
-    for any other name."""
-    resolved = registry.resolve(name)
-    if resolved.head != "detection":
-        names = [c.name for c in registry.CHECKPOINTS.values() if c.detection is not None]
-        raise ValueError(
-            f"{name!r} is not an object-detection model; detection takes one of {', '.join(names)}."
-        )
-    return resolved.checkpoint
+    for any other name (``registry.UnknownModelError`` for a name not in the registry)."""
+    return _task_row(name, "detection", "object-detection", "an")
 
 
 def load_detection_model(

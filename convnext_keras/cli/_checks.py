@@ -50,8 +50,18 @@ def segmentation(name: str) -> None:
     """A segmentation name (``segment``, ``eval-seg``) or an existing ``.keras`` file."""
     from convnext_keras import api
 
-    if model_name(name, keras_file=True) is not None:
+    if not is_keras_file(name):  # the row's own error: a typo's hint among segmenters alone
         api.segmentation_row(name)
+    model_name(name, keras_file=True)
+
+
+def detection(name: str) -> None:
+    """A detection name (``detect``, ``eval-det``) or an existing ``.keras`` file."""
+    from convnext_keras import api
+
+    if not is_keras_file(name):  # the row's own error: a typo's hint among detectors alone
+        api.detection_row(name)
+    model_name(name, keras_file=True)
 
 
 def images(paths) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from convnext_keras.cli import _checks as checks
 from convnext_keras.cli._app import (
     PRECISIONS,
     RANDOM_WEIGHTS_BANNER,
@@ -71,6 +72,8 @@ def detect_command(
     results JSON per image. Unreadable files are reported and skipped: exit status 1 if any
     failed, 2 for a bad command.
     """
+    checks.detection(model_name)
+    checks.images(images)
     from convnext_keras.tasks.detect import detect_files
 
     results = detect_files(
@@ -122,6 +125,7 @@ def eval_det_command(
 ):  # fmt: skip
     """Box and mask AP on COCO DATA (annotations/instances_val2017.json and val2017/*.jpg),
     through the COCO API (pycocotools)."""
+    checks.detection(model_name)
     from convnext_keras.tasks.detect_eval import evaluate_detection
 
     result = evaluate_detection(

@@ -145,6 +145,18 @@ def test_bad_names_paths_flags_and_weights_fail_before_a_backend_loads(tmp_path)
             *["--precision", "int8", "--engine", "keras"],
         ],
         "not a segmentation model": ["segment", str(PHOTO), "--model", "convnext_tiny_1k_224"],
+        # A typo's hint names the task's models alone (no classifier, no architecture name).
+        "Unknown object-detection model 'mask_rcnn_convnext_tinyy_coco'. Did you mean "
+        "mask_rcnn_convnext_tiny_coco,": [
+            *["detect", str(PHOTO), "--model", "mask_rcnn_convnext_tinyy_coco"],
+        ],
+        "not an object-detection model": [
+            *["eval-det", str(images), "--model", "convnext_tiny_1k_224"],
+        ],
+        "Unknown segmentation model 'upernet_convnext_tinny_ade20k_512'. Did you mean "
+        "upernet_convnext_tiny_ade20k_512,": [
+            *["segment", str(PHOTO), "--model", "upernet_convnext_tinny_ade20k_512"],
+        ],
         "No such model file": ["predict", str(PHOTO), "--model", "nope.keras"],
         "image folder": ["embed", str(tmp_path / "nope"), "--model", "convnext_atto", "--out", out],
         "resolution must be at least 32": [
@@ -168,6 +180,8 @@ def test_bad_names_paths_flags_and_weights_fail_before_a_backend_loads(tmp_path)
             assert code == 2 and err.startswith("error: Could not download"), err
             continue
         assert expected in _one_line(code, err), (args, err)
+        if expected.startswith("Unknown") and args[0] in ("detect", "segment"):
+            assert "convnext_atto" not in err and "convnext_tiny_1k_224" not in err, err
         assert seconds < 10, (args, seconds)  # the registry and a few stat calls, no backend
     assert not Path(out).exists()
 

@@ -137,7 +137,7 @@ def _check_image(path: Path) -> str | None:
     except (MemoryError, KeyboardInterrupt):
         raise
     except Image.UnidentifiedImageError:
-        return "not an image format PIL knows"
+        return files_lib.unidentified_reason(path)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on corrupt files
         return f"{type(e).__name__}: {e}"
     return None

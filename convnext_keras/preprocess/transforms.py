@@ -195,7 +195,7 @@ def load_image(path, *, exif_transpose: bool = False) -> Image.Image:
     except IsADirectoryError:
         raise ImageError(path, "it is a directory") from None
     except Image.UnidentifiedImageError:
-        raise ImageError(path, "not an image format PIL knows") from None
+        raise ImageError(path, files.unidentified_reason(path)) from None
     except (MemoryError, KeyboardInterrupt):
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on corrupt files

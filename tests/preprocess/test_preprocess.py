@@ -235,8 +235,11 @@ def _truncated_jpeg(tmp_path) -> Path:
 def test_unreadable_files_raise_image_error_naming_the_file(tmp_path):
     text = tmp_path / "notes.jpg"
     text.write_text("this is not an image")
+    empty = tmp_path / "interrupted.jpg"
+    empty.write_bytes(b"")
     cases = {
         text: "not an image format",
+        empty: r"an empty file \(0 bytes\)",
         tmp_path / "missing.jpg": "no such file",
         _truncated_jpeg(tmp_path): "truncated",
         tmp_path: "directory",

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from convnext_keras import registry
+from convnext_keras.weights import provenance
 from convnext_keras.weights.cache import (
     _TEMP_NAME,
     RECORD_SUFFIX,
@@ -124,7 +125,8 @@ def graph_key(
     carry no SHA-256 record): a graph is only ever keyed by weights that are.
 
     The converted weights are not read (their record is: 64 hex digits); the graph is checked
-    against its own record when it is read (:func:`cached_graph`)."""
+    against its own record when it is read (:func:`cached_graph`).  Weights that did not come
+    from their official source say so (:func:`convnext_keras.weights.provenance.announce`)."""
     converted = converted_cache_path(ckpt)
     digest = read_record(converted) if converted.is_file() else None
     if digest is None:
@@ -132,6 +134,9 @@ def graph_key(
     pinned = expected_sha256(ckpt)
     if pinned is not None and converted_source(converted) != pinned[0]:
         return None  # a pin the weights were not made from: the cold path says so, and rebuilds
+    # Weights from a mirror say so on the warm path too, once per process, as the cold path
+    # does (the record is a few hundred bytes).
+    provenance.announce(converted, provenance.read(converted))
     return GraphKey(
         ckpt.name, head, int(height), int(width), precision, engine, engine_version, digest
     )

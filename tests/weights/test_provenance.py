@@ -22,7 +22,7 @@ import convnext_keras as ck
 from convnext_keras import registry
 from convnext_keras.cli import main
 from convnext_keras.registry import rows
-from convnext_keras.weights import cache, provenance, store
+from convnext_keras.weights import cache, graphs, provenance, store
 from convnext_keras.weights.read import CheckpointError, folder_files
 
 ATTO = registry.CHECKPOINTS["convnextv2_atto_1k_224"]  # a file two folders deep on the server
@@ -96,6 +96,15 @@ def test_a_mirror_s_file_is_recorded_and_says_so_once_in_every_process(
     listed = json.loads(_invoke(["list", "convnextv2_atto_1k", "--json"]).stdout)
     assert [(r["cached"], r["cached_from"]) for r in listed] == [(True, url)]
     assert "yes (mirror)" in _invoke(["list", "convnextv2_atto_1k"]).stdout
+
+    # A warm call (the cached graph, no Keras, no store) says so too, once in its process.
+    monkeypatch.setattr(provenance, "_announced", set())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="convnext_keras"):
+        for _ in range(2):
+            key = graphs.graph_key(ATTO, "classifier", 224, 224, "fp32", "onnxruntime", "1.0")
+            assert key is not None
+    assert _notices(caplog) == [notice]
 
 
 def test_the_official_source_is_recorded_and_says_nothing(atto_file, tmp_path, monkeypatch, caplog):

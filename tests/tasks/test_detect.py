@@ -136,7 +136,10 @@ def test_detect_files_matches_the_reference(reference, tmp_path):
     # the photo and the legend panel at its right (taller than the photo for many detections)
     assert overlay.size[0] > 600 and overlay.size[1] >= 400
     assert overlay.size[1] == 400  # the legend is cut to the photo's height ("... N more")
-    assert json.dumps(got.to_dict())  # JSON-ready
+    listed = json.loads(json.dumps(got.to_dict()))  # JSON-ready, naming the files written
+    assert listed["overlay"] == str(out / "coffee_overlay.png") and listed["json"] == str(
+        out / "coffee_detections.json"
+    )
 
 
 def test_the_detect_command(reference, tmp_path, monkeypatch):

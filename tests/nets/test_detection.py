@@ -183,10 +183,11 @@ def assert_same_rpn(got, reference):
     np.testing.assert_allclose(scores[nearest[moved]], scores[moved], atol=TOLERANCE)
 
 
-#: The (detector, photo) pairs proved on each backend (CI time): the landscape photo at full
-#: scale below (Mask R-CNN), the square one at full scale for the cascade.
+#: The (detector, photo) pairs proved on each backend at the small settings (CI time).  On
+#: TensorFlow the full-scale proofs below cover the landscape photo (Mask R-CNN) and the square
+#: one (the cascade), so the small settings add the portrait photo alone.
 PROVED_ON = {
-    "tensorflow": {(MASK, "astronaut"), (MASK, "portrait"), (CASCADE, "portrait")},
+    "tensorflow": {(MASK, "portrait")},
     "jax": {(MASK, "portrait"), (CASCADE, "portrait")},
     "torch": {(MASK, "portrait")},
 }

@@ -355,6 +355,8 @@ def _task_row(name: str, head: str, task: str, article: str) -> registry.Checkpo
     try:
         resolved = registry.resolve(name)
     except registry.UnknownModelError:
+        if str(name).removesuffix("_fe") in names:
+            raise  # the registry's own words: this model has no '_fe' twin
         import difflib
 
         close = difflib.get_close_matches(str(name), names, n=3, cutoff=0.6)

@@ -19,7 +19,11 @@ _LICENCE_NOTES = {
 @main.command("list")
 @click.argument("pattern", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--markdown", is_flag=True, help="A Markdown table (docs/models.md's columns).")
+@click.option(
+    "--markdown",
+    is_flag=True,
+    help="A Markdown table (docs/models.md's columns but family and source).",
+)
 def list_command(pattern, as_json, markdown):
     """Show the collection: name, params, resolution, classes, what the original reports (acc@1,
     mIoU or box / mask AP), licence, source
@@ -62,11 +66,11 @@ def list_command(pattern, as_json, markdown):
         ]
         for r in rows
     ]
-    if markdown:
-        click.echo("| " + " | ".join(header) + " |")
-        click.echo("|" + "|".join(["---", "---:", "---:", "---:", "---", "---:", "---"]) + "|")
-        for row in cells:
-            click.echo("| " + " | ".join(str(c) for c in row) + " |")
+    if markdown:  # one write: `| head` closing the pipe early is not an error of a line
+        lines = ["| " + " | ".join(header) + " |"]
+        lines.append("|" + "|".join(["---", "---:", "---:", "---:", "---", "---:", "---"]) + "|")
+        lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in cells]
+        click.echo("\n".join(lines))
         return
     twins = set(registry.model_names(include_fe=True))
     notes = [f"{len(rows)} checkpoint{'s' if len(rows) != 1 else ''}"]

@@ -61,14 +61,14 @@ def not_regular(path) -> str | None:
 
 
 def unidentified_reason(path) -> str:
-    """Why PIL could not identify the regular file ``path`` as an image: ``"an empty file
-    (0 bytes)"`` for an empty one (an interrupted copy or download), else ``"not an image
+    """Why PIL could not identify the regular file ``path`` as an image: ``"an empty file,
+    0 bytes"`` for an empty one (an interrupted copy or download), else ``"not an image
     format PIL knows"``."""
     try:
         empty = os.stat(path).st_size == 0
     except (OSError, TypeError, ValueError):  # a file object, or gone since
         empty = False
-    return "an empty file (0 bytes)" if empty else "not an image format PIL knows"
+    return "an empty file, 0 bytes" if empty else "not an image format PIL knows"
 
 
 class Skipped(NamedTuple):

@@ -119,7 +119,7 @@ def test_scan_skips_unreadable_files_and_reports_them(tmp_path):
     skipped = {Path(p).name: why for p, why in folder.skipped}
     assert set(skipped) == {"notes.txt", "empty.jpg", "truncated.png"}
     assert "not an image format" in skipped["notes.txt"]
-    assert skipped["empty.jpg"] == "an empty file (0 bytes)"
+    assert skipped["empty.jpg"] == "an empty file, 0 bytes"
     assert len(folder.train) == 9 and folder.summary()["skipped"] == 3
 
 

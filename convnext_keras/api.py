@@ -548,8 +548,35 @@ def _converted_weights(
 def classifier_row(name: str) -> registry.ResolvedName:
     """The resolved name of a classifier (what predict and evaluate take); ``ValueError``
     naming the right command or name for a segmentation model, a feature extractor or an
-    encoder.  Keras-free (the command line checks ``--model`` with it first)."""
-    resolved = registry.resolve(name)
+    encoder.  Keras-free (the command line checks ``--model`` with it first).  A name not in
+    the registry is a ``registry.UnknownModelError`` whose hint is among the classifiers and the
+    architecture names alone (what predict and evaluate can run)."""
+    try:
+        resolved = registry.resolve(name)
+    except registry.UnknownModelError as e:
+        if not str(e).startswith("Unknown model name"):
+            raise  # a file given as a name, a task model's '_fe': the registry's own words
+        import difflib
+
+        classifiers = [n for n, c in registry.CHECKPOINTS.items() if c.task == "classification"]
+        classifiers = [n for n in classifiers if registry.CHECKPOINTS[n].has_head]
+        architectures = [
+            n for n in registry.model_names(include_fe=False, include_variants=True)
+            if n not in registry.CHECKPOINTS
+        ]  # fmt: skip
+        close = difflib.get_close_matches(str(name), classifiers, n=2, cutoff=0.6)
+        close += difflib.get_close_matches(str(name), architectures, n=1, cutoff=0.6)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        others = {"segmentation": "a semantic-segmentation model: convnext segment",
+                  "detection": "an object-detection model: convnext detect"}  # fmt: skip
+        tasks = [n for n, c in registry.CHECKPOINTS.items() if c.task in others]
+        for other in difflib.get_close_matches(str(name), tasks, n=1, cutoff=0.9):
+            hint += f" ({other} is {others[registry.CHECKPOINTS[other].task]})"
+        raise registry.UnknownModelError(
+            f"Unknown classifier {name!r}.{hint} `convnext list` shows the classifiers; an "
+            f"architecture name (e.g. convnext_tiny) takes "
+            f"{fix('weights=None', '--weights none')} or a local file."
+        ) from None
     if resolved.head == "segmentation":
         raise ValueError(
             f"{name!r} is a semantic-segmentation model: label images with "

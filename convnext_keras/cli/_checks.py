@@ -42,8 +42,9 @@ def classifier(name: str) -> None:
     """A classifier name (``predict``, ``eval``) or an existing ``.keras`` file."""
     from convnext_keras import api
 
-    if model_name(name, keras_file=True) is not None:
+    if not is_keras_file(name):  # the row's own error: a typo's hint among classifiers alone
         api.classifier_row(name)
+    model_name(name, keras_file=True)
 
 
 def segmentation(name: str) -> None:

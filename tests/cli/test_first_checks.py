@@ -110,7 +110,14 @@ def test_bad_names_paths_flags_and_weights_fail_before_a_backend_loads(tmp_path)
     (tmp_path / "empty").mkdir()
     out = str(tmp_path / "out")
     runs = {
-        "Unknown model name 'convnext_tinny'": ["predict", str(PHOTO), "--model", "convnext_tinny"],
+        # predict's hint: classifiers and architecture names alone (no encoder, no detector)
+        "Unknown classifier 'convnext_tinny'. Did you mean convnext_tiny_1k_224, "
+        "convnext_tiny_21k_224, convnext_tiny?": [
+            *["predict", str(PHOTO), "--model", "convnext_tinny"],
+        ],
+        "(mask_rcnn_convnext_tiny_coco is an object-detection model: convnext detect)": [
+            *["predict", str(PHOTO), "--model", "mask_rcnn_convnext_tiny_coc"],
+        ],
         "No such image file: missing.jpg": ["predict", "missing.jpg", "--model", "convnext_atto"],
         "is a feature extractor": ["predict", str(PHOTO), "--model", "convnext_tiny_1k_224_fe"],
         "semantic-segmentation model": [
@@ -182,6 +189,8 @@ def test_bad_names_paths_flags_and_weights_fail_before_a_backend_loads(tmp_path)
         assert expected in _one_line(code, err), (args, err)
         if expected.startswith("Unknown") and args[0] in ("detect", "segment"):
             assert "convnext_atto" not in err and "convnext_tiny_1k_224" not in err, err
+        if "classifier" in err:
+            assert "fcmae" not in err, err
         assert seconds < 10, (args, seconds)  # the registry and a few stat calls, no backend
     assert not Path(out).exists()
 

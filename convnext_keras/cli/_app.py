@@ -91,7 +91,8 @@ def echo_table(title: str, columns: list[str], rows: list[list], justify=None, d
 
     The first column (the names) is never cut or wrapped: when the table is wider than the
     terminal, the columns of ``drop`` (indices, least needed first) are left out one by one
-    until it fits, and the title says which; what still does not fit wraps in the other
+    until it fits, then any of them that fits again in the room left is put back (most needed
+    first); the title says which are left out; what still does not fit wraps in the other
     columns.
     """
     from rich.console import Console
@@ -103,11 +104,16 @@ def echo_table(title: str, columns: list[str], rows: list[list], justify=None, d
     widths = [max([len(col), *(len(row[i]) for row in cells)]) for i, col in enumerate(columns)]
     shown = list(range(len(columns)))
     left_out = []
+    fits = lambda cols: sum(widths[j] + 3 for j in cols) + 1 <= console.width  # noqa: E731
     for i in drop:  # a column takes its text, one space each side and one rule
-        if sum(widths[j] + 3 for j in shown) + 1 <= console.width:
+        if fits(shown):
             break
         shown.remove(i)
         left_out.append(columns[i])
+    for i in [i for i in reversed(drop) if columns[i] in left_out]:  # a narrow one fits again
+        if fits([*shown, i]):
+            shown = sorted([*shown, i])
+            left_out.remove(columns[i])
     if left_out:
         title = f"{title} - left out for the terminal's width: {', '.join(left_out)}"
     table = Table(title=escape(title), show_lines=False)

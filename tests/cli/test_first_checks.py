@@ -317,3 +317,5 @@ def test_list_never_cuts_a_name_in_a_narrow_terminal(columns):
     assert shown[0] == "name"
     if columns == 80:
         assert "licence" in shown  # what matters most stays (the README promises it)
+        # nothing left out would have fitted in the room left (params: 6 characters + 3)
+        assert "params" in shown or max(len(line) for line in lines) + 9 > columns

@@ -66,7 +66,7 @@ def _offline_help(url: str, reason: str) -> str:
     fetch_it = f"`convnext fetch {rows[0].name} --to DIR`, or " if rows else ""
     mirror = _mirror_help(url, rows[0].source.path) if rows and url != official else ""
     return (
-        f"Could not download {url} ({reason}).\n{mirror}"
+        f"Could not download {url} ({reason}). {mirror}"
         f"No internet? On a machine that has it, get the official file {filename} ({fetch_it}"
         f"{official}), carry it here and pass "
         + fix("weights='FILE'", "--weights FILE")
@@ -85,8 +85,28 @@ def _layout_example(path: str) -> str:
     )
 
 
+def _network_reason(url: str, error: Exception) -> str:
+    """A failed request in a few words: its type and, for the usual offline causes, what
+    happened instead of urllib3's nested reprs (``HTTPSConnectionPool(host=...) ... Caused by
+    NameResolutionError(...)``)."""
+    from urllib.parse import urlparse
+
+    text = plain(str(error))
+    host = urlparse(url).hostname or url
+    for pattern, words in (
+        ("Failed to resolve|Name or service not known|nodename nor servname",
+         f"{host} could not be resolved: no network, or no DNS"),
+        ("Connection refused", f"{host} refused the connection"),
+        ("timed out|Timeout", f"no answer from {host} in time"),
+        ("Network is unreachable", "the network is unreachable"),
+    ):  # fmt: skip
+        if re.search(pattern, text):
+            return f"{type(error).__name__}: {words}"
+    return f"{type(error).__name__}: {text}"
+
+
 def _mirror_help(url: str, path: str) -> str:
-    """The line that says where a ``CONVNEXT_BASE_URL`` mirror was looked in, for the file at
+    """The sentence that says where a ``CONVNEXT_BASE_URL`` mirror was looked in, for the file at
     ``path`` below the official base URL: the exact place, and a copy of the file found
     elsewhere in a local mirror folder."""
     base = url[: -len(path)] if url.endswith(path) else url
@@ -102,7 +122,7 @@ def _mirror_help(url: str, path: str) -> str:
         found = _find_below(root, name)
         if found is not None:
             text += f"; {found} has that name: move it to {local}"
-    return text + ". The layout: docs/install.md#mirrors.\n"
+    return text + ". The layout: docs/install.md#mirrors. "
 
 
 def _find_below(root: Path, name: str, depth: int = 4) -> Path | None:
@@ -254,9 +274,7 @@ def _download(url: str, tmp: Path, dest: Path, timeout: float, window: float) ->
                         tries += 1
                         time.sleep(RESUME_PAUSE_SECONDS * tries)
                         continue
-                    raise DownloadError(
-                        _offline_help(url, f"{type(e).__name__}: {plain(str(e))}")
-                    ) from e
+                    raise DownloadError(_offline_help(url, _network_reason(url, e))) from e
                 with response:
                     first, size = _content_range(response.headers.get("Content-Range"))
                     if response.status_code == 206 and received and first == received:

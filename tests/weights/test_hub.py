@@ -110,8 +110,27 @@ def test_offline_machine(monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("CONVNEXT_BASE_URL", f"http://127.0.0.1:{port}/convnext")
-    with pytest.raises(ck.DownloadError, match="Could not download .*ConnectionError"):
+    with pytest.raises(ck.DownloadError, match="Could not download .*ConnectionError") as info:
         store.official_weights(TINY)
+    # one line, the cause in a few words (not urllib3's nested HTTPConnectionPool reprs)
+    text = str(info.value)
+    assert "\n" not in text and "(ConnectionError: 127.0.0.1 refused the connection)" in text
+    assert "HTTPConnectionPool" not in text
+
+
+def test_a_name_that_does_not_resolve_says_so_in_a_few_words():
+    import requests
+
+    error = requests.ConnectionError(
+        "HTTPSConnectionPool(host='dl.fbaipublicfiles.com', port=443): Max retries exceeded "
+        "(Caused by NameResolutionError(\"Failed to resolve 'dl.fbaipublicfiles.com' ([Errno "
+        '-2] Name or service not known)"))'
+    )
+    assert download._network_reason(TINY.url, error) == (
+        "ConnectionError: dl.fbaipublicfiles.com could not be resolved: no network, or no DNS"
+    )
+    other = requests.ConnectionError("something else")
+    assert download._network_reason(TINY.url, other) == "ConnectionError: something else"
 
 
 def test_base_url_default_is_official():

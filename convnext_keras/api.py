@@ -351,12 +351,10 @@ def _task_row(name: str, head: str, task: str, article: str) -> registry.Checkpo
     """The registry row of a ``head`` model name; for any other name a ``ValueError`` naming
     that task's models (a typo's hint among them alone: an architecture name or a classifier
     is no answer to a task that takes none)."""
-    names = [c.name for c in registry.CHECKPOINTS.values() if _row_head(c) == head]
+    names = [c.name for c in registry.CHECKPOINTS.values() if c.task == head]
     try:
         resolved = registry.resolve(name)
-    except registry.UnknownModelError:
-        if str(name).removesuffix("_fe") in names:
-            raise  # the registry's own words: this model has no '_fe' twin
+    except registry.UnlistedNameError:
         import difflib
 
         close = difflib.get_close_matches(str(name), names, n=3, cutoff=0.6)
@@ -369,12 +367,6 @@ def _task_row(name: str, head: str, task: str, article: str) -> registry.Checkpo
             f"{name!r} is not {article} {task} model; the {task} models: {', '.join(names)}."
         )
     return resolved.checkpoint
-
-
-def _row_head(c: registry.Checkpoint) -> str | None:
-    if c.detection is not None:
-        return "detection"
-    return "segmentation" if c.segmentation is not None else None
 
 
 def segmentation_row(name: str) -> registry.Checkpoint:
@@ -553,13 +545,12 @@ def classifier_row(name: str) -> registry.ResolvedName:
     architecture names alone (what predict and evaluate can run)."""
     try:
         resolved = registry.resolve(name)
-    except registry.UnknownModelError as e:
-        if not str(e).startswith("Unknown model name"):
-            raise  # a file given as a name, a task model's '_fe': the registry's own words
+    except registry.UnlistedNameError:
         import difflib
 
-        classifiers = [n for n, c in registry.CHECKPOINTS.items() if c.task == "classification"]
-        classifiers = [n for n in classifiers if registry.CHECKPOINTS[n].has_head]
+        classifiers = [
+            n for n, c in registry.CHECKPOINTS.items() if c.task == "classification" and c.has_head
+        ]
         architectures = [
             n for n in registry.model_names(include_fe=False, include_variants=True)
             if n not in registry.CHECKPOINTS

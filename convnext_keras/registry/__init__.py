@@ -193,6 +193,12 @@ class UnknownModelError(ValueError):
     """A model name that is not in the registry."""
 
 
+class UnlistedNameError(UnknownModelError):
+    """A name that is no checkpoint, ``_fe`` twin or architecture (a typo, most often): the
+    case a task may answer with a hint among its own models (the other unknown-model errors -
+    a file given as a name, a task model's ``_fe`` - keep the registry's words)."""
+
+
 def _aliases() -> dict[str, str]:
     aliases = {}
     for c in CHECKPOINTS.values():
@@ -249,7 +255,7 @@ def resolve(name: str) -> ResolvedName:
     choices = model_names()
     close = difflib.get_close_matches(key, choices, n=3, cutoff=0.6)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise UnknownModelError(
+    raise UnlistedNameError(
         f"Unknown model name {name!r}.{hint} Run `convnext list` (or "
         f"convnext_keras.list_models()) for the {len(CHECKPOINTS)} checkpoints; add "
         f"'{FEATURE_EXTRACTOR_SUFFIX}' for a feature extractor, or use an architecture name "

@@ -157,6 +157,10 @@ def test_bad_names_paths_flags_and_weights_fail_before_a_backend_loads(tmp_path)
         "mask_rcnn_convnext_tiny_coco,": [
             *["detect", str(PHOTO), "--model", "mask_rcnn_convnext_tinyy_coco"],
         ],
+        # a checkpoint file given as the name keeps the registry's words, not a typo's hint
+        "is a file, not a model name": [
+            *["detect", str(PHOTO), "--model", "weights/mask_rcnn.pth"],
+        ],
         "not an object-detection model": [
             *["eval-det", str(images), "--model", "convnext_tiny_1k_224"],
         ],
